@@ -1,0 +1,182 @@
+"""The run lifecycle behind ``python train.py``.
+
+1. validate the config (nothing loads before it passes);
+2. find the run's directory (a function of its config: reruns land in the same place);
+3. skip it if it already completed (``+rerun=all`` forces); for a deterministic
+   method, reuse a completed run of another seed with the same config;
+4. run ``method=<name>``; write ``result.json`` on every exit path: completed,
+   failed (error type, traceback, out-of-memory flag) or interrupted (preempted:
+   the requeued job resumes from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from telepathy import config as tconfig
+from telepathy import features, methods
+from telepathy.models import LoadedModel, load_model
+from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, SCHEMA_VERSION, environment, now, peak_memory,
+                               read_result, write_json, write_jsonl)
+
+log = logging.getLogger("telepathy")
+
+
+def placement(cfg) -> dict[str, torch.device]:
+    """Where each model runs: 2 visible GPUs → sender on the first, receiver (+ bridge) on the second."""
+    want = cfg.get("device", "auto")
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        cpu = torch.device("cpu")
+        return {"sender": cpu, "receiver": cpu}
+    n = torch.cuda.device_count()
+    return {"sender": torch.device("cuda:0"), "receiver": torch.device("cuda:1" if n > 1 else "cuda:0")}
+
+
+@dataclass
+class RunContext:
+    cfg: DictConfig
+    run_dir: Path
+    devices: dict[str, torch.device]
+    _models: dict = field(default_factory=dict)
+
+    def model(self, role: str) -> LoadedModel:
+        """``sender`` or ``receiver``, loaded once per run on its device."""
+        if role not in self._models:
+            self._models[role] = load_model(self.cfg[role], self.devices[role])
+        return self._models[role]
+
+    def sender_features(self, lm: LoadedModel, ids: list[list[int]], layer: int, split: str) -> list[torch.Tensor]:
+        """The sender's ``hidden_states[layer]`` for each prompt (cached when ``cache.mode=on``)."""
+        return features.encode(lm, ids, [layer], batch_size=self.cfg.eval.batch_size,
+                               desc=f"sender features ({split})")[layer]
+
+
+def _output_dir(cfg) -> Path:
+    """Hydra's output dir for this job (set from ``telepathy.run_dir``), or the same path computed directly."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):
+        return tconfig.run_dir(cfg)
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def _find_reusable(cfg, run_dir: Path) -> dict | None:
+    """A completed run of a deterministic method with the same config except the seed."""
+    key = tconfig.config_hash(cfg, exclude=("seed",))
+    for other in sorted(run_dir.parent.glob("*")):
+        if other == run_dir:
+            continue
+        record = read_result(other)
+        if record and record.get("status") == "completed" and record.get("seedless_hash") == key \
+                and not record.get("reused_from"):
+            return record
+    return None
+
+
+def main(cfg: DictConfig) -> dict | None:
+    tconfig.validate(cfg)
+    run_dir = _output_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    existing = read_result(run_dir)
+    rerun = cfg.get("rerun")
+    if existing and existing.get("status") == "completed" and rerun != "all":
+        log.info("skipped: %s already completed (+rerun=all to force)", run_dir)
+        return existing.get("metrics")
+    if rerun == "all":
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        (run_dir / "log.jsonl").unlink(missing_ok=True)
+
+    method = methods.get(cfg.method.name)
+    devices = placement(cfg)
+    base = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_dir.name,
+        "run_dir": str(run_dir),
+        "method": cfg.method.name,
+        "task": cfg.task.name,
+        "seed": cfg.seed,
+        "config_hash": tconfig.config_hash(cfg),
+        "seedless_hash": tconfig.config_hash(cfg, exclude=("seed",)),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "overrides": _overrides(),
+        "env": environment(device=str(devices["receiver"])),
+        "resources": OmegaConf.to_container(cfg.get("resources", {}), resolve=True),
+        "reused_from": None,
+    }
+    started = now()
+    t0 = time.time()
+
+    if getattr(method, "DETERMINISTIC", False):
+        source = _find_reusable(cfg, run_dir)
+        if source is not None:
+            log.info("deterministic method: reusing %s for seed %s", source["run_dir"], cfg.seed)
+            src_pred = Path(source["run_dir"]) / PREDICTIONS_FILE
+            if src_pred.exists():
+                shutil.copyfile(src_pred, run_dir / PREDICTIONS_FILE)
+            record = {**base, "status": "completed", "reused_from": source["run_dir"],
+                      **{k: source.get(k) for k in ("metrics", "params", "bridge", "timing", "extra") if k in source},
+                      "started_at": started, "finished_at": now()}
+            write_json(run_dir / RESULT_FILE, record)
+            return record["metrics"]
+
+    write_json(run_dir / RESULT_FILE, {**base, "status": "running", "started_at": started})
+    try:
+        out = method.run(cfg, RunContext(cfg, run_dir, devices))
+    except SystemExit as stop:  # preempted after a checkpoint: the requeued job resumes
+        write_json(run_dir / RESULT_FILE, {**base, "status": "interrupted", "started_at": started,
+                                           "finished_at": now(), "error": {"type": "SystemExit",
+                                                                          "message": str(stop)}})
+        raise
+    except BaseException as err:
+        write_json(run_dir / RESULT_FILE, {
+            **base, "status": "failed", "started_at": started, "finished_at": now(),
+            "memory": peak_memory(),
+            "error": {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc(),
+                      "oom": _is_oom(err)},
+        })
+        log.error("run failed (%s: %s); record in %s", type(err).__name__, err, run_dir / RESULT_FILE)
+        raise
+    predictions = out.pop("predictions", None)
+    if predictions is not None:
+        write_jsonl(run_dir / PREDICTIONS_FILE, predictions)
+    timing = {**out.pop("timing", {}), "total_s": time.time() - t0, "started_at": started, "finished_at": now()}
+    record = {**base, "status": "completed", **out, "timing": timing, "memory": peak_memory(),
+              "started_at": started, "finished_at": timing["finished_at"]}
+    write_json(run_dir / RESULT_FILE, record)
+    _print_summary(record)
+    return record["metrics"]
+
+
+def _overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return []
+
+
+def _print_summary(record: dict) -> None:
+    m = record["metrics"]
+    rows = [(k, v) for k, v in m.items() if isinstance(v, (int, float))]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{record['method']} on {record['task']} (seed {record['seed']}) → {record['run_dir']}"]
+    lines += [f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in rows]
+    if "bridge" in record:
+        b = record["bridge"]
+        lines.append(f"  {'soft tokens (M)':<{width}}  {b['num_latents']} "
+                     f"(compression {b['compression_ratio']:.1f}x of {b['mean_sender_tokens']:.1f} sender tokens)")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,108 @@
+"""The bridge: a Perceiver-style resampler from sender hidden states to receiver soft tokens.
+
+    sender states [B, T, d_sender] --in_proj--> [B, T, dim]
+    M learned latent queries [M, dim]
+    depth x (pre-LN cross-attention to the states, using the sender's padding mask
+             -> pre-LN self-attention among latents -> pre-LN GELU MLP)
+    --out_proj--> [B, M, d_receiver], then each token rescaled to RMS 1 x a learnable
+    scale initialised to the median RMS of the receiver's input-embedding rows.
+
+The output RMS matters: a frozen receiver has only ever seen inputs of the size of
+its own embeddings, and soft tokens far off that size are read as noise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        self.norm_latents = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(dim)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        ctx = self.norm_context(context)
+        q = self.norm_latents(latents)
+        latents = latents + self.cross_attn(q, ctx, ctx, key_padding_mask=pad_mask, need_weights=False)[0]
+        q = self.norm_self(latents)
+        latents = latents + self.self_attn(q, q, q, need_weights=False)[0]
+        return latents + self.mlp(self.norm_mlp(latents))
+
+
+class PerceiverBridge(nn.Module):
+    def __init__(
+        self,
+        sender_dim: int,
+        receiver_dim: int,
+        num_latents: int,
+        dim: int = 256,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        target_rms: float = 1.0,
+    ):
+        super().__init__()
+        self.num_latents = num_latents
+        self.in_proj = nn.Linear(sender_dim, dim)
+        self.latents = nn.Parameter(torch.randn(num_latents, dim) * dim**-0.5)
+        self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio, dropout) for _ in range(depth))
+        self.out_norm = nn.LayerNorm(dim)
+        self.out_proj = nn.Linear(dim, receiver_dim)
+        self.scale = nn.Parameter(torch.tensor(float(target_rms)))
+
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """states [B, T, sender_dim], attention_mask [B, T] (1 = real token) -> [B, M, receiver_dim]."""
+        pad_mask = attention_mask == 0
+        context = self.in_proj(states.float())
+        latents = self.latents.unsqueeze(0).expand(states.shape[0], -1, -1)
+        for block in self.blocks:
+            latents = block(latents, context, pad_mask)
+        out = self.out_proj(self.out_norm(latents))
+        rms = out.pow(2).mean(dim=-1, keepdim=True).add(1e-6).sqrt()
+        return out / rms * self.scale
+
+
+def diversity_loss(soft_tokens: torch.Tensor) -> torch.Tensor:
+    """Penalise soft tokens that are the same for every input of a batch.
+
+    Mean pairwise cosine similarity between the (flattened) soft-token sequences of
+    different examples; 0 for a batch of one. A bridge that collapses to one
+    constant prompt scores the majority class and this loss is then 1.
+    """
+    b = soft_tokens.shape[0]
+    if b < 2:
+        return soft_tokens.new_zeros(())
+    flat = F.normalize(soft_tokens.flatten(1).float(), dim=-1)
+    sim = flat @ flat.T
+    off_diag = sim.sum() - sim.diagonal().sum()
+    return off_diag / (b * (b - 1))
+
+
+def build_bridge(cfg, sender_dim: int, receiver_dim: int, num_latents: int, target_rms: float) -> PerceiverBridge:
+    b = cfg.bridge
+    return PerceiverBridge(
+        sender_dim=sender_dim,
+        receiver_dim=receiver_dim,
+        num_latents=num_latents,
+        dim=b.dim,
+        depth=b.depth,
+        heads=b.heads,
+        mlp_ratio=b.mlp_ratio,
+        dropout=b.dropout,
+        target_rms=target_rms,
+    )
+
+
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

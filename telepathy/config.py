@@ -1,0 +1,177 @@
+"""Configuration checks and the derived values every part of the code agrees on.
+
+* ``validate(cfg)`` runs before any model loads or any job is submitted. A bad value
+  raises ``ConfigError`` naming the key and the allowed values.
+* ``num_latents(cfg)`` is M, the number of soft tokens.
+* ``run_dir(cfg)`` is the one place that says where a run's outputs live. It is a
+  pure function of the resolved config, so a relaunched sweep finds its old runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the key and what is allowed."""
+
+
+def group_options(group: str) -> list[str]:
+    """The option names of a config group, read from ``conf/<group>/*.yaml``."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _fail(key: str, value, allowed) -> None:
+    allowed_text = ", ".join(str(a) for a in allowed) if isinstance(allowed, (list, tuple)) else allowed
+    raise ConfigError(f"{key}={value!r} is not allowed; allowed: {allowed_text}")
+
+
+def _check_choice(cfg, key: str, allowed) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in allowed:
+        _fail(key, value, allowed)
+
+
+def _check_range(cfg, key: str, lo=None, hi=None, integer=False) -> None:
+    value = OmegaConf.select(cfg, key)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok and lo is not None:
+        ok = value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        bounds = f" in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        _fail(key, value, kind + bounds)
+
+
+def resolve_layer(layer: int, num_layers: int, key: str = "sender.layer") -> int:
+    """Map a Hugging Face ``hidden_states`` index (negatives allowed) to 0..num_layers.
+
+    ``hidden_states`` has ``num_layers + 1`` entries: index 0 is the embedding
+    output, index i the output of block i; -1 is the last entry.
+    """
+    if not isinstance(layer, int) or isinstance(layer, bool) or not -(num_layers + 1) <= layer <= num_layers:
+        raise ConfigError(
+            f"{key}={layer!r} is out of range for a {num_layers}-layer model; "
+            f"allowed: integers in [{-(num_layers + 1)}, {num_layers}] (hidden_states indexing)"
+        )
+    return layer % (num_layers + 1)
+
+
+def num_latents(cfg) -> int:
+    """M = ceil(max_input_tokens / compression factor), unless ``bridge.num_latents`` is set."""
+    if cfg.bridge.get("num_latents"):
+        return int(cfg.bridge.num_latents)
+    return math.ceil(cfg.task.max_input_tokens / cfg.compression.factor)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check a composed config; raise ConfigError on the first bad value."""
+    from telepathy import methods  # local import: methods imports the recipes
+
+    _check_choice(cfg, "method.name", sorted(methods.REGISTRY))
+    _check_choice(cfg, "task.name", group_options("task"))
+    _check_choice(cfg, "task.type", ["classification", "generation"])
+    for role in ("sender", "receiver"):
+        _check_choice(cfg, f"{role}.name", group_options("model"))
+        _check_choice(cfg, f"{role}.dtype", ["auto", "float32", "bfloat16", "float16"])
+    _check_range(cfg, "compression.factor", lo=1, integer=True)
+    resolve_layer(cfg.sender.layer, cfg.sender.num_layers)
+    if cfg.bridge.get("num_latents") is not None:
+        _check_range(cfg, "bridge.num_latents", lo=1, integer=True)
+    for key, lo in [("bridge.dim", 1), ("bridge.depth", 1), ("bridge.heads", 1)]:
+        _check_range(cfg, key, lo=lo, integer=True)
+    if cfg.bridge.dim % cfg.bridge.heads:
+        raise ConfigError(f"bridge.dim={cfg.bridge.dim} must be divisible by bridge.heads={cfg.bridge.heads}")
+    _check_range(cfg, "bridge.mlp_ratio", lo=0.25)
+    _check_choice(cfg, "bridge.placement", ["primer_soft_prompt", "soft_primer_prompt", "primer_prompt_soft"])
+    _check_range(cfg, "trainer.lr", lo=0)
+    _check_range(cfg, "trainer.batch_size", lo=1, integer=True)
+    _check_range(cfg, "trainer.grad_accum", lo=1, integer=True)
+    _check_range(cfg, "trainer.max_steps", lo=0, integer=True)
+    _check_range(cfg, "trainer.diversity_weight", lo=0)
+    _check_choice(cfg, "trainer.schedule", ["cosine", "constant"])
+    _check_choice(cfg, "eval.readout", ["score", "generate"])
+    _check_range(cfg, "eval.batch_size", lo=1, integer=True)
+    _check_choice(cfg, "cache.mode", ["on", "off"])
+    if cfg.task.type == "classification":
+        labels = cfg.task.labels
+        if not labels or len(set(labels)) != len(labels):
+            raise ConfigError(f"task.labels must be a non-empty list of distinct verbalisers; got {labels}")
+    for key in ("task.train_samples", "task.test_samples"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            _check_range(cfg, key, lo=1, integer=True)
+    method_validate = methods.validator(cfg.method.name)
+    if method_validate is not None:
+        method_validate(cfg)
+
+
+# --- run identity -------------------------------------------------------------------
+
+def _drop(tree: dict, dotted: str) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            return
+    node.pop(parts[-1], None)
+
+
+def identity(cfg) -> dict:
+    """The part of the resolved config that defines a run's result.
+
+    Keys listed in ``run.id_exclude`` (output/cache paths, cluster settings, rerun
+    flags, ...) do not change what a run computes, so they do not change its id.
+    """
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("hydra", None)  # resolving it would recurse into hydra.run.dir itself
+    tree = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    for key in list(cfg.run.id_exclude):
+        _drop(tree, key)
+    return tree
+
+
+def config_hash(cfg, exclude: tuple[str, ...] = ()) -> str:
+    tree = identity(cfg)
+    for key in exclude:
+        _drop(tree, key)
+    blob = json.dumps(tree, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def _slug(text) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", str(text))
+
+
+def run_name(cfg) -> str:
+    """``{task}-{method}-{models}-c{factor}-s{seed}-{hash8}``: readable, and unique per config."""
+    models = cfg.method.get("models") or ["sender", "receiver"]
+    model_names = "_".join(_slug(cfg[role].name) for role in models)
+    parts = [cfg.task.name, cfg.method.name, model_names]
+    if "bridge" in cfg.method.get("uses", []):
+        parts.append(f"c{cfg.compression.factor}")
+    parts += [f"s{cfg.seed}", config_hash(cfg)]
+    return "-".join(_slug(p) for p in parts)
+
+
+def run_dir(cfg) -> Path:
+    return Path(cfg.paths.output_dir).expanduser().resolve() / "runs" / run_name(cfg)
+
+
+def register_resolvers() -> None:
+    """``${telepathy.run_dir:}`` lets Hydra put each job's output dir where ``run_dir`` says."""
+    if not OmegaConf.has_resolver("telepathy.run_dir"):
+        OmegaConf.register_new_resolver("telepathy.run_dir", lambda *, _root_: str(run_dir(_root_)))

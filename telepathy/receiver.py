@@ -1,0 +1,174 @@
+"""How any model reads a prompt made of text and soft tokens, and how its answer is read out.
+
+A *sequence* is a list of parts: ``str`` (text, tokenised without special tokens),
+``list[int]`` (token ids, e.g. a label verbaliser) or a float tensor ``[M, d]``
+(soft tokens, already in the model's embedding space). ``PromptIO.embed`` turns a
+batch of sequences into ``inputs_embeds`` + ``attention_mask``; the model's own BOS
+token (when its tokenizer adds one) or its chat template frames every sequence.
+
+Readouts:
+* ``score_labels``: log-likelihood of each label verbaliser after the prompt, argmax.
+  Single-token verbalisers take one forward pass; multi-token ones one per label.
+* ``generate`` + ``parse_label``: greedy text, then a strict parser that accepts an
+  output only if it starts with exactly one label (case-insensitive).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from telepathy.models import LoadedModel
+
+SOFT = "<<telepathy-soft-tokens>>"  # placeholder for the soft tokens in a prompt template
+
+
+class PromptIO:
+    def __init__(self, lm: LoadedModel):
+        self.lm = lm
+        self.tok = lm.tokenizer
+        self.model = lm.model
+        self.embed_layer = self.model.get_input_embeddings()
+        # BOS as the tokenizer would add it (Gemma: <bos>; SmolLM2: none)
+        self.prefix_ids = [] if lm.chat_template else self.tok("", add_special_tokens=True).input_ids
+        text_cfg = self.model.config.get_text_config()
+        self.softcap = getattr(text_cfg, "final_logit_softcapping", None)
+        self._ids_cache: dict[str, list[int]] = {}
+
+    # --- prompt templates ---------------------------------------------------------
+    def frame(self, content: str) -> list[str]:
+        """Split a user-message template at SOFT into text pieces, applying the chat
+        template when the model uses one. Returns ``[before, after]`` (or ``[text]``)."""
+        if self.lm.chat_template:
+            content = self.tok.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+        return content.split(SOFT)
+
+    def soft_prompt(self, primer: str, answer_prompt: str, placement: str = "primer_soft_prompt") -> list:
+        """A template with the soft tokens placed as configured (``bridge.placement``)."""
+        layouts = {
+            "primer_soft_prompt": primer + SOFT + answer_prompt,
+            "soft_primer_prompt": SOFT + primer + answer_prompt,
+            "primer_prompt_soft": primer + answer_prompt + SOFT,
+        }
+        pieces = self.frame(layouts[placement])
+        return [pieces[0], SOFT, pieces[1]]
+
+    @staticmethod
+    def fill(template: list, soft: torch.Tensor) -> list:
+        return [soft if part is SOFT or part == SOFT else part for part in template]
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._ids_cache:
+            self._ids_cache[text] = self.tok(text, add_special_tokens=False).input_ids
+        return self._ids_cache[text]
+
+    # --- embedding ----------------------------------------------------------------
+    def _part_embeds(self, part, device) -> torch.Tensor:
+        if isinstance(part, torch.Tensor):
+            return part
+        ids = self.ids(part) if isinstance(part, str) else list(part)
+        if not ids:
+            return self.embed_layer.weight.new_zeros(0, self.embed_layer.weight.shape[1])
+        return self.embed_layer(torch.tensor(ids, device=device))
+
+    def embed(self, sequences: list[list], pad_side: str = "right"):
+        """Embed a batch of sequences. Returns (inputs_embeds [B, L, d], attention_mask [B, L], lengths)."""
+        device = self.embed_layer.weight.device
+        prefix = [self.prefix_ids] if self.prefix_ids else []
+        rows = [torch.cat([self._part_embeds(p, device).to(device) for p in prefix + list(seq)]) for seq in sequences]
+        lengths = [r.shape[0] for r in rows]
+        width = max(lengths)
+        dtype = self.embed_layer.weight.dtype
+        embeds = torch.zeros(len(rows), width, rows[0].shape[1], device=device, dtype=dtype)
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            span = slice(0, lengths[i]) if pad_side == "right" else slice(width - lengths[i], width)
+            embeds[i, span] = row.to(dtype)
+            mask[i, span] = 1
+        return embeds, mask, lengths
+
+    # --- forward pieces -----------------------------------------------------------
+    def hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Final hidden states, with position ids that ignore padding on either side."""
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model.get_decoder()(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
+        )
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits for selected hidden rows only: the 262k-word head of Gemma
+        costs more than its body, so we never apply it to every position."""
+        logits = self.model.get_output_embeddings()(hidden).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def continuation_logprobs(self, prefixes: list[list], continuations: list[list[int]]) -> list[torch.Tensor]:
+        """Per-token log p(continuation | prefix) for each example (one forward pass)."""
+        seqs = [list(p) + [c] for p, c in zip(prefixes, continuations)]
+        embeds, mask, lengths = self.embed(seqs, pad_side="right")
+        h = self.hidden(embeds, mask)
+        rows, cols, targets = [], [], []
+        for i, (n, cont) in enumerate(zip(lengths, continuations)):
+            start = n - len(cont)  # first continuation position; predicted from start-1
+            rows += [i] * len(cont)
+            cols += list(range(start - 1, n - 1))
+            targets += list(cont)
+        logp = F.log_softmax(self.logits(h[rows, cols]), dim=-1)
+        token_logp = logp[torch.arange(len(targets)), torch.tensor(targets, device=logp.device)]
+        return list(token_logp.split([len(c) for c in continuations]))
+
+    def label_loss(self, prefixes: list[list], label_ids: list[list[int]]) -> torch.Tensor:
+        """Cross-entropy on the label tokens only (mean over label tokens of the batch)."""
+        return -torch.cat(self.continuation_logprobs(prefixes, label_ids)).mean()
+
+    @torch.no_grad()
+    def score_labels(self, prefixes: list[list], label_ids: list[list[int]]) -> torch.Tensor:
+        """[B, K] summed log-likelihood of each label's verbaliser after each prefix."""
+        if all(len(ids) == 1 for ids in label_ids):
+            embeds, mask, lengths = self.embed(prefixes, pad_side="right")
+            h = self.hidden(embeds, mask)
+            last = h[torch.arange(len(prefixes)), torch.tensor(lengths, device=h.device) - 1]
+            logp = F.log_softmax(self.logits(last), dim=-1)
+            return logp[:, [ids[0] for ids in label_ids]]
+        scores = torch.empty(len(prefixes), len(label_ids))
+        for k, ids in enumerate(label_ids):
+            per_example = self.continuation_logprobs(prefixes, [ids] * len(prefixes))
+            scores[:, k] = torch.stack([lp.sum() for lp in per_example]).cpu()
+        return scores
+
+    @torch.no_grad()
+    def generate(self, sequences: list[list], max_new_tokens: int, num_beams: int = 1,
+                 repetition_penalty: float = 1.0) -> list[str]:
+        """Greedy (or beam) continuation of each sequence, decoded without special tokens."""
+        embeds, mask, _ = self.embed(sequences, pad_side="left")
+        out = self.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
+            pad_token_id=self.tok.pad_token_id,
+        )
+        return [self.tok.decode(row, skip_special_tokens=True) for row in out]
+
+
+def label_token_ids(io: PromptIO, labels: list[str], prefix: str = " ") -> list[list[int]]:
+    """Token ids of each label verbaliser as it follows the answer prompt."""
+    ids = [io.ids(prefix + label) for label in labels]
+    if len({tuple(i) for i in ids}) != len(ids):
+        raise ValueError(f"label verbalisers {labels} tokenise to identical ids for {io.lm.name}")
+    return ids
+
+
+def parse_label(text: str, labels: list[str]) -> int:
+    """Strict parser: the index of the one label the output starts with, or -1."""
+    cleaned = text.strip().lower()
+    hits = [k for k, label in enumerate(labels) if re.match(re.escape(label.lower()) + r"\b", cleaned)]
+    return hits[0] if len(hits) == 1 else -1

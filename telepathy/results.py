@@ -1,0 +1,128 @@
+"""Results are data: one ``result.json`` per run, written atomically, never lost.
+
+This module writes records; ``telepathy.analysis`` reads them into tables. The
+schema is in docs/ARCHITECTURE.md. Every write goes to a temporary file in the
+same folder and is renamed over the target, so a reader (or a job killed
+mid-write) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+RESULT_FILE = "result.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+LOG_FILE = "log.jsonl"
+PACKAGES = ("torch", "transformers", "hydra-core", "submitit", "peft", "llmlingua", "numpy", "scikit-learn")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_jsonl(path: Path, rows) -> None:
+    _atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """One line per call (the per-step training log). A line is written whole by one write()."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+
+
+def read_result(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / RESULT_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def git_info(repo: Path | None = None) -> dict:
+    repo = repo or Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10)
+
+    try:
+        rev = git("rev-parse", "HEAD")
+        if rev.returncode != 0:
+            return {"git_rev": None, "git_dirty": None}
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+        return {"git_rev": rev.stdout.strip(), "git_dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_rev": None, "git_dirty": None}
+
+
+def environment(device: str | None = None) -> dict:
+    packages = {}
+    for name in PACKAGES:
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    env = {
+        **git_info(),
+        "hostname": socket.gethostname(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": device,
+        "packages": packages,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
+    }
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            env["gpu_names"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    return env
+
+
+def peak_memory() -> dict:
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_gpu_mb": None}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            out["peak_gpu_mb"] = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
+    except ImportError:
+        pass
+    return out

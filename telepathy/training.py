@@ -1,0 +1,252 @@
+"""The one training loop: bridge, prompt tuning and LoRA all train through ``fit``.
+
+Everything that decides the result is seeded or saved, so an interrupted run that
+resumes from its last checkpoint ends with the same weights as one that never
+stopped (on CPU): the data order is a function of (seed, epoch); the checkpoint
+holds the trainable weights (safetensors), optimizer, scheduler, every RNG state
+and the data position.
+
+Preemption: SLURM sends SIGUSR2 (submitit) or SIGTERM before it stops a job.
+``fit`` notes the signal, finishes the current step, writes a checkpoint and then
+hands the signal to the handler that was installed before it (submitit's, which
+requeues the job). The requeued job finds the checkpoint and resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from telepathy.data import epoch_order
+from telepathy.results import append_jsonl
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class DataStream:
+    """Batches of example indices in a seeded order, resumable from ``position``."""
+
+    n: int
+    batch_size: int
+    seed: int
+    position: int = 0
+
+    def next(self) -> list[int]:
+        out = []
+        while len(out) < self.batch_size:
+            epoch, offset = divmod(self.position, self.n)
+            take = min(self.batch_size - len(out), self.n - offset)
+            out += epoch_order(self.n, self.seed, epoch)[offset: offset + take]
+            self.position += take
+        return out
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: p.detach().cpu().contiguous() for k, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(run_dir: Path, module, optimizer, scheduler, stream: DataStream, step: int) -> Path:
+    """Write ``checkpoints/step_N`` via a temp folder + rename; keep the newest two."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
+    torch.save({
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "data_position": stream.position,
+    }, tmp / "state.pt")
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in sorted(root.glob("step_*"))[:-2]:
+        import shutil
+
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step_*"))
+    return found[-1] if found else None
+
+
+def load_trainable(module: torch.nn.Module, checkpoint: Path) -> None:
+    weights = load_file(str(Path(checkpoint) / "trainable.safetensors"))
+    missing = module.load_state_dict(weights, strict=False)
+    unexpected = [k for k in missing.unexpected_keys]
+    if unexpected:
+        raise RuntimeError(f"checkpoint {checkpoint} has unknown weights: {unexpected[:5]}")
+
+
+class _PreemptionGuard:
+    """Remember SIGUSR2/SIGTERM; after the step, checkpoint and pass it on."""
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, _frame):
+        log.warning("received signal %s: will checkpoint after this step", signum)
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def pass_on(self) -> None:
+        signum = self.received
+        handler = self.previous.get(signum)
+        for sig, h in self.previous.items():
+            signal.signal(sig, h)
+        if callable(handler):
+            handler(signum, None)  # submitit: requeue + exit
+        raise SystemExit(f"stopped by signal {signum} after checkpointing")
+
+
+@dataclass
+class FitResult:
+    steps: int
+    resumed_from: int | None
+    train_s: float
+    final_loss: float | None
+    examples_seen: int
+
+
+def fit(
+    module: torch.nn.Module,
+    loss_fn: Callable[[list[int]], tuple[torch.Tensor, dict]],
+    n_examples: int,
+    trainer_cfg,
+    seed: int,
+    run_dir: Path,
+    eval_fn: Callable[[], dict] | None = None,
+    device: torch.device | None = None,
+) -> FitResult:
+    """Train ``module``'s trainable parameters on ``loss_fn(batch_indices)``.
+
+    ``loss_fn`` returns (loss, stats); stats (floats) go to ``log.jsonl`` with the
+    step, learning rate, grad norm and examples/s. ``eval_fn`` runs every
+    ``trainer.eval_every`` steps and its dict goes to the same log.
+    """
+    t = trainer_cfg
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+    warmup = int(t.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, warmup, t.max_steps))
+    stream = DataStream(n_examples, t.batch_size, seed)
+    seed_everything(seed)
+    start, resumed_from = 0, None
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        state = torch.load(checkpoint / "state.pt", weights_only=False)
+        load_trainable(module, checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        stream.position = state["data_position"]
+        start = resumed_from = state["step"]
+        log.info("resumed from %s (step %d)", checkpoint, start)
+    log_path = Path(run_dir) / "log.jsonl"
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device is not None and device.type == "cuda"
+                else contextlib.nullcontext())
+    t0 = time.time()
+    last_loss = None
+    module.train()
+    with _PreemptionGuard() as guard, tqdm(total=t.max_steps, initial=start, desc="train", unit="step") as bar:
+        for step in range(start + 1, t.max_steps + 1):
+            step_t0 = time.time()
+            optimizer.zero_grad(set_to_none=True)
+            stats_sum: dict[str, float] = {}
+            for _ in range(t.grad_accum):
+                with autocast:
+                    loss, stats = loss_fn(stream.next())
+                (loss / t.grad_accum).backward()
+                for k, v in stats.items():
+                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / t.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            last_loss = stats_sum.get("loss")
+            row = {"step": step, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                   "examples_per_s": t.batch_size * t.grad_accum / max(time.time() - step_t0, 1e-9), **stats_sum}
+            append_jsonl(log_path, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "-")
+            if step % max(1, t.log_every) == 0:
+                log.info("step %d/%d loss %.4f lr %.2e", step, t.max_steps, last_loss or float("nan"), row["lr"])
+            if eval_fn is not None and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
+                module.eval()
+                append_jsonl(log_path, {"step": step, **eval_fn()})
+                module.train()
+            if step % max(1, t.checkpoint_every) == 0 or step == t.max_steps or guard.received:
+                save_checkpoint(run_dir, module, optimizer, scheduler, stream, step)
+            if guard.received:
+                guard.pass_on()
+    module.eval()
+    return FitResult(steps=t.max_steps, resumed_from=resumed_from, train_s=time.time() - t0,
+                     final_loss=last_loss, examples_seen=stream.position)

@@ -1,0 +1,18 @@
+"""Train and evaluate one run (or a sweep with -m). All options live in conf/; see README."""
+
+import hydra
+from omegaconf import DictConfig
+
+from telepathy.app import main as run
+from telepathy.config import register_resolvers
+
+register_resolvers()
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig):
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
