@@ -208,6 +208,9 @@ def load_model(model_cfg, device: str | torch.device = "cpu") -> LoadedModel:
             text_config = config.get_text_config()
             for key, value in overrides.items():
                 setattr(text_config, key, value)
+            # per-layer attention patterns (Gemma 3: sliding/full) must match the new depth
+            if getattr(text_config, "layer_types", None) is not None:
+                text_config.layer_types = list(text_config.layer_types)[: text_config.num_hidden_layers]
             torch.manual_seed(int(model_cfg.get("init_seed", 0)))
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         else:
