@@ -27,8 +27,9 @@ def _isna(v):
 def _label(row, vary):
     parts = [str(row["method"])]
     for k in vary:
-        if not _isna(row[k]):
-            parts.append(f"{k}={row[k]}")
+        v = row[k]
+        if not _isna(v):
+            parts.append(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}")
     return " ".join(parts)
 
 
