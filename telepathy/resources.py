@@ -1,0 +1,251 @@
+"""How much GPU memory a run needs, and which resources to ask SLURM for.
+
+``estimate(cfg)`` adds up, in GB, from the config alone (nothing is loaded):
+
+* the frozen weights of each model the method uses (``num_params`` x bytes of
+  ``dtype``; ``auto`` is bfloat16 on a GPU);
+* what training adds: the trainable parameters (the Perceiver bridge, LoRA
+  adapters, ...) with their gradients and AdamW state in float32, and the
+  activations kept for backward through the receiver;
+* forward activations of the models: the sender's hidden states of every layer,
+  the logits over the vocabulary, one layer's transient buffers.
+
+Sequence lengths come from ``task.max_input_tokens`` plus a fixed prompt
+overhead (``resources.prompt_tokens``); the receiver of a bridge reads
+``num_latents(cfg)`` soft tokens instead of the text. The sum is multiplied by
+``resources.margin``. These are deliberately simple upper-bound style formulas
+(see ``tests/test_resources.py`` for the numbers they give); the margin absorbs
+allocator fragmentation and CUDA context.
+
+``plan(cfg)`` turns the estimate into a SLURM request: 1 GPU when everything fits
+on one ``cluster.gpu_mem_gb`` GPU, 2 GPUs (sender on ``cuda:0``, receiver and
+bridge on ``cuda:1``) when only the split fits, ``ConfigError`` naming the
+estimate when even that does not fit. Methods that use a single model always
+get one GPU and the smaller ``cluster.single_model`` CPU/memory request.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from omegaconf import OmegaConf
+
+from telepathy.config import ConfigError, num_latents
+
+GB = 1024**3
+BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
+# float32 master weight + gradient + two AdamW moments
+TRAINABLE_BYTES_PER_PARAM = 16
+# activation bytes kept for backward per token, per hidden unit, per layer with
+# bf16 mixed precision and no recomputation (Korthikanti et al., 2022)
+BACKWARD_BYTES_PER_TOKEN_HIDDEN_LAYER = 34
+# transient buffers of one forward layer (attention + MLP intermediates), per token and hidden unit
+FORWARD_BYTES_PER_TOKEN_HIDDEN = 16
+# methods whose training back-propagates through the receiver, and the fraction of the
+# receiver's parameters they train (adapters) on top of the bridge
+BACKPROP_THROUGH_RECEIVER = {"bridge": 0.0, "prompt_tuning": 0.0, "lora": 0.01}
+# methods that put several copies of the input in the receiver's prompt
+FEWSHOT_METHODS = {"fewshot": "shots"}
+
+
+def _get(cfg, key: str, default=None):
+    value = OmegaConf.select(cfg, key, default=default) if OmegaConf.is_config(cfg) else default
+    return default if value is None else value
+
+
+def models_used(cfg) -> list[str]:
+    """The roles the method loads: ``method.models`` (default: both)."""
+    roles = list(_get(cfg, "method.models", ["sender", "receiver"]))
+    unknown = [r for r in roles if r not in ("sender", "receiver")]
+    if not roles or unknown:
+        raise ConfigError(f"method.models={roles} is not allowed; allowed: a non-empty subset of [sender, receiver]")
+    return roles
+
+
+def uses_bridge(cfg) -> bool:
+    return "bridge" in list(_get(cfg, "method.uses", []))
+
+
+def _weights_gb(model_cfg) -> float:
+    dtype = str(_get(model_cfg, "dtype", "auto"))
+    if dtype not in BYTES:
+        raise ConfigError(f"{_get(model_cfg, 'role', 'model')}.dtype={dtype!r} is not allowed; "
+                          f"allowed: {', '.join(BYTES)}")
+    return float(model_cfg.num_params) * BYTES[dtype] / GB
+
+
+def _dtype_bytes(model_cfg) -> int:
+    return BYTES[str(_get(model_cfg, "dtype", "auto"))]
+
+
+def bridge_params(cfg) -> int:
+    """Parameter count of the Perceiver bridge: latents, in/out projections, ``depth`` blocks
+    of cross-attention + self-attention (4 d² each) + MLP (2 x mlp_ratio x d²)."""
+    d = int(cfg.bridge.dim)
+    blocks = int(cfg.bridge.depth) * (8 + 2 * float(_get(cfg, "bridge.mlp_ratio", 4.0))) * d * d
+    return int(num_latents(cfg) * d + cfg.sender.hidden_size * d + d * cfg.receiver.hidden_size + blocks)
+
+
+def _forward_activations_gb(model_cfg, batch: int, tokens: int, keep_all_layers: bool) -> float:
+    """Inference peak: one layer's buffers + the logits (+ every layer's hidden states for a sender)."""
+    h, layers, b = int(model_cfg.hidden_size), int(model_cfg.num_layers), _dtype_bytes(model_cfg)
+    vocab = int(_get(model_cfg, "vocab_size", 0))
+    kept = (layers + 1) * batch * tokens * h * b if keep_all_layers else 0
+    transient = batch * tokens * h * FORWARD_BYTES_PER_TOKEN_HIDDEN
+    logits = batch * tokens * vocab * 4
+    return (kept + transient + logits) / GB
+
+
+def _backward_activations_gb(model_cfg, batch: int, tokens: int) -> float:
+    """Training peak through a frozen model: every layer's saved activations + fp32 logits and their grad."""
+    h, layers = int(model_cfg.hidden_size), int(model_cfg.num_layers)
+    vocab = int(_get(model_cfg, "vocab_size", 0))
+    saved = layers * batch * tokens * h * BACKWARD_BYTES_PER_TOKEN_HIDDEN_LAYER
+    logits = 2 * batch * tokens * vocab * 4
+    return (saved + logits) / GB
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """GPU memory in GB, before the margin, per part; ``*_device_gb`` include the margin."""
+
+    sender_gb: float
+    receiver_gb: float
+    bridge_gb: float
+    sender_activations_gb: float
+    receiver_activations_gb: float
+    margin: float
+
+    @property
+    def activations_gb(self) -> float:
+        return self.sender_activations_gb + self.receiver_activations_gb
+
+    @property
+    def total_gb(self) -> float:
+        """Everything on one device, with the margin."""
+        return self.margin * (self.sender_gb + self.receiver_gb + self.bridge_gb + self.activations_gb)
+
+    @property
+    def sender_device_gb(self) -> float:
+        """The first device of a 2-GPU split: the sender and its activations."""
+        return self.margin * (self.sender_gb + self.sender_activations_gb)
+
+    @property
+    def receiver_device_gb(self) -> float:
+        """The second device of a 2-GPU split: receiver, bridge and their activations."""
+        return self.margin * (self.receiver_gb + self.bridge_gb + self.receiver_activations_gb)
+
+    def describe(self) -> str:
+        return (f"{self.total_gb:.1f} GB = {self.margin:g} x (sender {self.sender_gb:.1f} + receiver "
+                f"{self.receiver_gb:.1f} + bridge/trainable {self.bridge_gb:.2f} + activations "
+                f"{self.activations_gb:.1f})")
+
+
+def estimate(cfg) -> Estimate:
+    roles = models_used(cfg)
+    method = str(_get(cfg, "method.name", "bridge"))
+    overhead = int(_get(cfg, "resources.prompt_tokens", 32))
+    text_tokens = int(cfg.task.max_input_tokens) + overhead
+    if _get(cfg, "task.type", "classification") == "generation":
+        text_tokens += int(_get(cfg, "eval.max_new_tokens", 0))
+    train_batch = int(cfg.trainer.batch_size)
+    eval_batch = int(_get(cfg, "eval.batch_size", train_batch))
+    trains_through_receiver = method in BACKPROP_THROUGH_RECEIVER and "receiver" in roles
+
+    sender_gb = sender_act = 0.0
+    if "sender" in roles:
+        sender_gb = _weights_gb(cfg.sender)
+        sender_act = _forward_activations_gb(cfg.sender, max(train_batch, eval_batch), text_tokens,
+                                             keep_all_layers=True)
+
+    receiver_gb = receiver_act = bridge_gb = 0.0
+    if "receiver" in roles:
+        receiver_gb = _weights_gb(cfg.receiver)
+        if uses_bridge(cfg):
+            receiver_tokens = num_latents(cfg) + overhead
+        elif method in FEWSHOT_METHODS:
+            shots = int(_get(cfg, f"method.{FEWSHOT_METHODS[method]}", 4))
+            receiver_tokens = (shots + 1) * text_tokens
+        else:
+            receiver_tokens = text_tokens + int(_get(cfg, "method.num_virtual_tokens", 0))
+        receiver_act = _forward_activations_gb(cfg.receiver, eval_batch, receiver_tokens, keep_all_layers=False)
+        if trains_through_receiver:
+            receiver_act = max(receiver_act, _backward_activations_gb(cfg.receiver, train_batch, receiver_tokens))
+            adapter_params = BACKPROP_THROUGH_RECEIVER[method] * float(cfg.receiver.num_params)
+            bridge_gb += adapter_params * TRAINABLE_BYTES_PER_PARAM / GB
+    if uses_bridge(cfg):
+        bridge_gb += bridge_params(cfg) * TRAINABLE_BYTES_PER_PARAM / GB
+
+    margin = float(_get(cfg, "resources.margin", 1.25))
+    if margin < 1:
+        raise ConfigError(f"resources.margin={margin} is not allowed; allowed: a number >= 1")
+    return Estimate(sender_gb, receiver_gb, bridge_gb, sender_act, receiver_act, margin)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """One job's SLURM request and where its models go."""
+
+    gpus: int
+    cpus: int
+    mem_gb: int
+    timeout_min: int
+    placement: dict = field(default_factory=dict)
+    estimate_gb: float = 0.0
+    device_gb: tuple = ()
+
+    @property
+    def resource_class(self) -> tuple[int, int, int, int]:
+        """Jobs with the same class share one SLURM job array."""
+        return (self.gpus, self.cpus, self.mem_gb, self.timeout_min)
+
+    @property
+    def class_name(self) -> str:
+        return f"{self.gpus}gpu-{self.cpus}cpu-{self.mem_gb}gb-{self.timeout_min}min"
+
+    @property
+    def gpu_hours(self) -> float:
+        """GPU-hours reserved if the job runs to its time limit (an upper bound)."""
+        return self.gpus * self.timeout_min / 60
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["device_gb"] = list(self.device_gb)
+        out["estimate_gb"] = round(self.estimate_gb, 3)
+        return out
+
+
+def plan(cfg) -> Resources:
+    """1 or 2 GPUs, CPUs, host memory and time limit for the run ``cfg`` describes."""
+    est = estimate(cfg)
+    roles = models_used(cfg)
+    gpu_mem = float(_get(cfg, "cluster.gpu_mem_gb", 80))
+    timeout_min = int(_get(cfg, "cluster.timeout_min", 240))
+    weights_gb = est.sender_gb + est.receiver_gb
+
+    if est.total_gb <= gpu_mem:
+        gpus, placement, device_gb = 1, {role: "cuda:0" for role in roles}, (round(est.total_gb, 3),)
+    elif len(roles) == 2 and est.sender_device_gb <= gpu_mem and est.receiver_device_gb <= gpu_mem:
+        gpus, placement = 2, {"sender": "cuda:0", "receiver": "cuda:1"}
+        device_gb = (round(est.sender_device_gb, 3), round(est.receiver_device_gb, 3))
+    else:
+        split = ""
+        if len(roles) == 2:
+            split = (f" nor two (sender {est.sender_device_gb:.1f} GB on the first, receiver + bridge "
+                     f"{est.receiver_device_gb:.1f} GB on the second)")
+        raise ConfigError(
+            f"resources: run needs an estimated {est.describe()} of GPU memory, which does not fit one "
+            f"{gpu_mem:g} GB GPU (cluster.gpu_mem_gb){split}; lower trainer.batch_size, eval.batch_size or "
+            f"task.max_input_tokens, or use bigger GPUs")
+
+    if len(roles) == 1:
+        cpus = int(_get(cfg, "cluster.single_model.cpus", 4))
+        mem_gb = int(_get(cfg, "cluster.single_model.mem_gb", 32))
+    else:
+        cpus = gpus * int(_get(cfg, "cluster.cpus_per_gpu", 8))
+        mem_gb = gpus * int(_get(cfg, "cluster.mem_gb_per_gpu", 64))
+    # host RAM must hold the weights while they load, plus the Python process itself
+    mem_gb = max(mem_gb, math.ceil(1.2 * weights_gb + 4))
+    return Resources(gpus=gpus, cpus=cpus, mem_gb=mem_gb, timeout_min=timeout_min, placement=placement,
+                     estimate_gb=est.total_gb, device_gb=device_gb)
