@@ -91,7 +91,7 @@ def run(cfg, ctx) -> dict:
         "predictions": predictions,
         "bridge": {
             "num_latents": m,
-            "compression_factor": cfg.compression.factor,
+            "compression_factor": cfg.compression,
             "sender_layer": layer,
             "mean_sender_tokens": mean_tokens,
             "compression_ratio": mean_tokens / m,

@@ -73,7 +73,7 @@ def num_latents(cfg) -> int:
     """M = ceil(max_input_tokens / compression factor), unless ``bridge.num_latents`` is set."""
     if cfg.bridge.get("num_latents"):
         return int(cfg.bridge.num_latents)
-    return math.ceil(cfg.task.max_input_tokens / cfg.compression.factor)
+    return math.ceil(cfg.task.max_input_tokens / cfg.compression)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -86,7 +86,7 @@ def validate(cfg: DictConfig) -> None:
     for role in ("sender", "receiver"):
         _check_choice(cfg, f"{role}.name", group_options("model"))
         _check_choice(cfg, f"{role}.dtype", ["auto", "float32", "bfloat16", "float16"])
-    _check_range(cfg, "compression.factor", lo=1, integer=True)
+    _check_range(cfg, "compression", lo=1, integer=True)
     resolve_layer(cfg.sender.layer, cfg.sender.num_layers)
     if cfg.bridge.get("num_latents") is not None:
         _check_range(cfg, "bridge.num_latents", lo=1, integer=True)
@@ -162,7 +162,7 @@ def run_name(cfg) -> str:
     model_names = "_".join(_slug(cfg[role].name) for role in models)
     parts = [cfg.task.name, cfg.method.name, model_names]
     if "bridge" in cfg.method.get("uses", []):
-        parts.append(f"c{cfg.compression.factor}")
+        parts.append(f"c{cfg.compression}")
     parts += [f"s{cfg.seed}", config_hash(cfg)]
     return "-".join(_slug(p) for p in parts)
 

@@ -168,7 +168,13 @@ def label_token_ids(io: PromptIO, labels: list[str], prefix: str = " ") -> list[
 
 
 def parse_label(text: str, labels: list[str]) -> int:
-    """Strict parser: the index of the one label the output starts with, or -1."""
-    cleaned = text.strip().lower()
-    hits = [k for k, label in enumerate(labels) if re.match(re.escape(label.lower()) + r"\b", cleaned)]
-    return hits[0] if len(hits) == 1 else -1
+    """Strict parser: the label the output's first line starts with, or -1.
+
+    -1 also when that line names any other label too ("positive or negative"):
+    an answer that hedges between labels is not an answer.
+    """
+    line = text.strip().split("\n")[0].lower()
+    named = [k for k, label in enumerate(labels) if re.search(r"\b" + re.escape(label.lower()) + r"\b", line)]
+    if len(named) == 1 and re.match(re.escape(labels[named[0]].lower()) + r"\b", line):
+        return named[0]
+    return -1

@@ -63,3 +63,24 @@ def results(outputs: Path) -> list[dict]:
 @pytest.fixture
 def outputs(tmp_path) -> Path:
     return tmp_path / "outputs"
+
+
+def compose(*overrides: str):
+    """The composed train config, as train.py would see it (without running anything)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from telepathy.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """(sender, receiver) as LoadedModel: 2-layer random weights, real demo tokenizers."""
+    from telepathy.models import load_model
+
+    cfg = compose(*TINY)
+    return load_model(cfg.sender), load_model(cfg.receiver)
