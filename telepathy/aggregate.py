@@ -94,7 +94,7 @@ def metric_table(summary, metric="accuracy", scale=100.0, digits=1):
         if len(vals) > 1:
             keys.append(k)
         elif len(vals) == 1:
-            constant[k] = vals[0]
+            constant[k] = vals[0] + (" (where used)" if summary[k].isna().any() else "")
     name = METRIC_NAMES.get(metric, metric) + (" (%)" if scale == 100 else "")
     header = [COLUMN_NAMES[k] for k in keys] + [f"{name}, mean ± 95% CI", "n seeds"]
     show_incomplete = summary.apply(_not_completed, axis=1).ne("").any()

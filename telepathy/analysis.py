@@ -31,12 +31,14 @@ LOG_FILE = "log.jsonl"
 # any of these marks a directory as a run directory (a run that died early
 # may only have its Hydra config or a step log)
 RUN_MARKERS = (RESULT_FILE, LOG_FILE, PREDICTIONS_FILE, "checkpoints", ".hydra")
-RESULT_STATUSES = ("running", "completed", "failed")
-STATUSES = RESULT_STATUSES + ("missing", "malformed")
+# statuses result.json may carry (telepathy/app.py); loaders add the last two
+STATUSES = ("completed", "running", "failed", "interrupted", "missing", "malformed")
 SCHEMA_VERSION = 1
-
-# result.json sections flattened into `section.key` columns
-SECTIONS = ("metrics", "bridge", "params", "timing", "memory", "resources", "env")
+# result.json objects that must be objects when present; every top-level object
+# (these and any other) becomes `section.key` columns
+SECTIONS = ("config", "metrics", "bridge", "params", "timing", "memory", "resources", "env", "error")
+# top-level keys that are not copied as columns under their own name
+OWN_COLUMNS = ("run_dir", "run_id", "status", "task", "method", "seed")
 # friendly column -> flattened keys to read it from, first present wins
 FRIENDLY = {
     "task": ("config.task.name", "config.task", "task"),
@@ -44,7 +46,7 @@ FRIENDLY = {
     "sender": ("config.sender.name", "config.sender"),
     "receiver": ("config.receiver.name", "config.receiver"),
     "seed": ("config.seed", "seed"),
-    "compression": ("config.compression.factor", "bridge.compression_factor"),
+    "compression": ("config.compression", "config.compression.factor", "bridge.compression_factor"),
     "num_latents": ("bridge.num_latents", "config.bridge.num_latents", "config.method.num_latents"),
     "layer": ("config.sender.layer",),
     "model": ("config.method.model",),
@@ -143,11 +145,11 @@ def _check_record(rec):
         return f"top level is {type(rec).__name__}, not an object"
     if rec.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
         return f"schema_version {rec['schema_version']!r}, this reader knows {SCHEMA_VERSION}"
-    if rec.get("status") not in RESULT_STATUSES:
-        return f"status {rec.get('status')!r} not one of {RESULT_STATUSES}"
+    if not isinstance(rec.get("status"), str) or rec["status"] in ("missing", "malformed", ""):
+        return f"status {rec.get('status')!r} is not a run status"
     if not isinstance(rec.get("config"), dict):
         return "no 'config' object"
-    for s in SECTIONS + ("error",):
+    for s in SECTIONS:
         if rec.get(s) is not None and not isinstance(rec[s], dict):
             return f"'{s}' is {type(rec[s]).__name__}, not an object"
     if rec["status"] == "completed" and not isinstance(rec.get("metrics"), dict):
@@ -179,26 +181,42 @@ def read_run(run_dir):
         else:
             row["status"] = rec["status"]
             row["run_id"] = rec.get("run_id") or run_dir.name
-            row["reused_from"] = rec.get("reused_from")
-            for k in ("task", "method", "seed"):
-                if k in rec:
-                    flat[k] = rec[k]
-            _flatten(rec["config"], "config", flat)
-            for s in SECTIONS:
-                section = dict(rec.get(s) or {})
-                if s == "env":
-                    section.pop("packages", None)  # dozens of columns; still in result.json
-                _flatten(section, s, flat)
-            err = rec.get("error") or {}
-            for k in ("type", "message", "oom"):
-                if k in err:
-                    row[f"error.{k}"] = err[k]
+            row["recorded_run_dir"] = rec.get("run_dir")  # differs when copied from a cluster
+            for k, v in rec.items():
+                if isinstance(v, dict):
+                    v = dict(v)
+                    if k == "env":
+                        v.pop("packages", None)  # dozens of columns; still in result.json
+                    if k == "error":
+                        v.pop("traceback", None)  # long; still in result.json
+                    _flatten(v, k, flat)
+                elif k in ("task", "method", "seed"):
+                    flat[k] = v
+                elif k not in OWN_COLUMNS:
+                    row[k] = json.dumps(v) if isinstance(v, list) else v
     for name, keys in FRIENDLY.items():
         row[name] = next((flat[k] for k in keys if flat.get(k) is not None), None)
+    _drop_unused(row, flat)
     for k, v in flat.items():
         if k not in ("task", "method", "seed"):
             row[k] = v
     return row
+
+
+def _drop_unused(row, flat):
+    """Blank the friendly columns a method does not use, so that, e.g., a text
+    baseline is not grouped or plotted by the (default) compression factor its
+    config happens to carry. `method.uses` / `method.models` as in conf/method/."""
+    uses, models = flat.get("config.method.uses"), flat.get("config.method.models")
+    if uses is not None and not {"bridge", "compression"} & set(json.loads(uses)):
+        row["compression"] = row["num_latents"] = None
+    if models is not None:
+        models = set(json.loads(models))
+        for role in ("sender", "receiver"):
+            if role not in models:
+                row[role] = None
+        if "sender" not in models:
+            row["layer"] = None
 
 
 def load_runs(paths):
@@ -216,6 +234,7 @@ def load_runs(paths):
     df["num_latents"] = pd.array([_as_int(v) for v in df["num_latents"]], dtype="Int64")
     df["compression"] = pd.to_numeric(df["compression"], errors="coerce").astype("float64")
     first = ["run_dir", "run_id", "status", *FRIENDLY, "reused_from", "error.type", "error.message"]
+    first += [c for c in ("error.oom",) if c in df]
     rest = sorted(c for c in df.columns if c not in first)
     return df[first + rest]
 

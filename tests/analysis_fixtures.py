@@ -15,13 +15,15 @@ def write_run(root, task="sst2", method="bridge", seed=0, metrics=None, status="
     log: list of dicts -> log.jsonl.
     """
     has_bridge = method == "bridge"
+    # like conf/method/*.yaml: which models and parts a method uses
+    models = ["receiver"] if method == "receiver_only" else ["sender", "receiver"]
     config = {
         "seed": seed,
         "task": {"name": task},
-        "method": {"name": method},
+        "method": {"name": method, "models": models, "uses": ["bridge"] if has_bridge else []},
         "sender": {"name": sender, "layer": layer},
         "receiver": {"name": receiver},
-        "compression": {"factor": compression},
+        "compression": 8 if compression is None else compression,  # every config has one
     }
     for k, v in (config_extra or {}).items():
         config[k] = v
@@ -103,5 +105,5 @@ def write_sweep(root, n_items=40):
     (died / ".hydra").mkdir(parents=True)
     (died / ".hydra" / "config.yaml").write_text(
         "seed: 3\ntask:\n  name: sst2\nmethod:\n  name: bridge\nsender:\n  name: tiny-sender\n  layer: -1\n"
-        "receiver:\n  name: tiny-receiver\ncompression:\n  factor: 8\n")
+        "receiver:\n  name: tiny-receiver\ncompression: 8\n")
     return root

@@ -1,0 +1,273 @@
+"""telepathy.analysis on synthetic run directories with known values."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis_fixtures import training_log, write_run, write_sweep
+from telepathy import analysis
+
+
+# -----------------------------------------------------------------------------
+# statistics, against hand-computed values
+
+def test_mean_ci_matches_t_table():
+    ci = analysis.mean_ci([0.70, 0.72, 0.74])
+    # sd = 0.02, sem = 0.02 / sqrt(3), t(0.975, df=2) = 4.30265 (t table)
+    assert ci["n"] == 3
+    assert ci["mean"] == pytest.approx(0.72)
+    assert ci["std"] == pytest.approx(0.02)
+    assert ci["ci_half"] == pytest.approx(4.30265 * 0.02 / math.sqrt(3), rel=1e-5)
+    assert ci["ci_low"] == pytest.approx(0.72 - 0.0496827, abs=1e-6)
+    assert ci["ci_high"] == pytest.approx(0.72 + 0.0496827, abs=1e-6)
+
+
+def test_mean_ci_two_seeds_is_wide_not_collapsed():
+    ci = analysis.mean_ci([0.70, 0.74])
+    # t(0.975, df=1) = 12.706; sem = 0.02
+    assert ci["ci_half"] == pytest.approx(12.7062 * 0.02, rel=1e-4)
+
+
+def test_mean_ci_one_seed_has_no_interval():
+    ci = analysis.mean_ci([0.7])
+    assert ci["mean"] == 0.7
+    assert math.isnan(ci["ci_low"]) and math.isnan(ci["ci_high"]) and math.isnan(ci["std"])
+    assert math.isnan(analysis.mean_ci([])["mean"])
+
+
+def test_mean_ci_refuses_nan():
+    with pytest.raises(ValueError):
+        analysis.mean_ci([0.7, float("nan")])
+
+
+def test_holm_hand_computed():
+    # sorted: 0.005*4 = 0.02; 0.01*3 = 0.03; 0.03*2 = 0.06; 0.04*1 = 0.04 -> max(0.06, 0.04) = 0.06
+    adj = analysis.holm([0.01, 0.04, 0.03, 0.005])
+    np.testing.assert_allclose(adj, [0.03, 0.06, 0.06, 0.02])
+
+
+def test_holm_caps_at_one_and_skips_nan():
+    adj = analysis.holm([0.5, float("nan"), 0.4])
+    # m = 2: 0.4*2 = 0.8; 0.5*1 = 0.5 -> 0.8 (monotone)
+    assert adj[0] == pytest.approx(0.8) and adj[2] == pytest.approx(0.8) and math.isnan(adj[1])
+    np.testing.assert_allclose(analysis.holm([0.6, 0.7]), [1.0, 1.0])
+
+
+def test_mcnemar_exact():
+    # two-sided exact binomial: 2 * P(X <= 2 | n=12, p=1/2) = 2 * (1 + 12 + 66) / 4096
+    assert analysis.mcnemar(10, 2) == pytest.approx(158 / 4096)
+    assert analysis.mcnemar(2, 10) == pytest.approx(158 / 4096)
+    assert analysis.mcnemar(0, 0) == 1.0
+
+
+def test_paired_bootstrap_keeps_strata_sizes():
+    # seed A: every item +1 (10 items); seed B: every item 0 (30 items).
+    # Resampling within strata keeps 10 and 30 items, so every resample is 0.25;
+    # pooled resampling would not.
+    est, lo, hi = analysis.paired_bootstrap([np.ones(10), np.zeros(30)], n_boot=2000)
+    assert est == pytest.approx(0.25) and lo == pytest.approx(0.25) and hi == pytest.approx(0.25)
+
+
+def test_paired_bootstrap_interval_covers_estimate():
+    rng = np.random.default_rng(1)
+    d = rng.choice([-1.0, 0.0, 1.0], size=200, p=[0.2, 0.5, 0.3])
+    est, lo, hi = analysis.paired_bootstrap([d], n_boot=4000)
+    assert est == pytest.approx(d.mean())
+    assert lo < est < hi
+    assert hi - lo == pytest.approx(2 * 1.96 * d.std() / math.sqrt(len(d)), rel=0.15)
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def test_loader_keeps_failed_missing_and_malformed_runs(tmp_path):
+    write_run(tmp_path, seed=0, metrics={"accuracy": 0.8})
+    write_run(tmp_path, seed=1, metrics={}, status="failed",
+              error={"type": "OutOfMemoryError", "message": "CUDA out of memory", "traceback": "tb", "oom": True})
+    (tmp_path / "only-log").mkdir()
+    (tmp_path / "only-log" / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    bad = tmp_path / "broken"
+    bad.mkdir()
+    (bad / "result.json").write_text('{"status": "completed", "metrics": {')
+    with pytest.warns(UserWarning, match="broken"):
+        runs = analysis.load_runs(tmp_path)
+    by_id = runs.set_index("run_id")
+    assert len(runs) == 4
+    assert by_id.loc["sst2-bridge-c4-s1", "status"] == "failed"
+    assert by_id.loc["sst2-bridge-c4-s1", "error.type"] == "OutOfMemoryError"
+    assert bool(by_id.loc["sst2-bridge-c4-s1", "error.oom"]) is True
+    assert math.isnan(by_id.loc["sst2-bridge-c4-s1", "metrics.accuracy"])  # not 0
+    assert by_id.loc["only-log", "status"] == "missing"
+    assert by_id.loc["broken", "status"] == "malformed"
+    assert str(bad / "result.json") in by_id.loc["broken", "error.message"]
+
+
+def test_loader_columns_and_no_default_seed(tmp_path):
+    run = write_run(tmp_path, seed=7, metrics={"accuracy": 0.5}, compression=8, layer=16)
+    rec = json.loads((run / "result.json").read_text())
+    write_run(tmp_path, seed=None, metrics={"accuracy": 0.6}, name="no-seed")
+    rec2 = json.loads((tmp_path / "no-seed" / "result.json").read_text())
+    del rec2["seed"], rec2["config"]["seed"]
+    (tmp_path / "no-seed" / "result.json").write_text(json.dumps(rec2))
+    runs = analysis.load_runs(tmp_path).set_index("run_id")
+    r = runs.loc[rec["run_id"]]
+    assert (r["task"], r["method"], r["sender"], r["receiver"]) == ("sst2", "bridge", "tiny-sender", "tiny-receiver")
+    assert (r["seed"], r["compression"], r["num_latents"], r["layer"]) == (7, 8.0, 8, 16)
+    assert r["config.compression"] == 8 and r["timing.total_s"] == 12.0
+    assert r["resources.estimate_gb"] == 1.0 and r["run_dir"] == str(run.resolve())
+    assert pd.isna(runs.loc["no-seed", "seed"])  # never 42
+
+
+def test_columns_a_method_does_not_use_are_blank(tmp_path):
+    write_run(tmp_path, method="text_relay", compression=8, seed=0, metrics={"accuracy": 0.5})
+    write_run(tmp_path, method="receiver_only", compression=8, seed=0, metrics={"accuracy": 0.5})
+    runs = analysis.load_runs(tmp_path).set_index("method")
+    assert runs.loc["text_relay", "config.compression"] == 8
+    assert pd.isna(runs.loc["text_relay", "compression"]) and runs.loc["text_relay", "sender"] == "tiny-sender"
+    assert pd.isna(runs.loc["receiver_only", "sender"]) and pd.isna(runs.loc["receiver_only", "layer"])
+    assert runs.loc["receiver_only", "receiver"] == "tiny-receiver"
+
+
+def test_missing_run_recovers_config_from_hydra(tmp_path):
+    write_sweep(tmp_path)
+    runs = analysis.load_runs(tmp_path)
+    died = runs[runs["status"] == "missing"].iloc[0]
+    assert (died["task"], died["method"], died["seed"], died["compression"]) == ("sst2", "bridge", 3, 8.0)
+
+
+def test_glob_mix_and_no_double_counting(tmp_path):
+    sweep = write_sweep(tmp_path / "multirun")
+    single = write_run(tmp_path / "single", task="trec", seed=0, metrics={"accuracy": 0.3})
+    n_sweep = len(analysis.load_runs(sweep))
+    runs = analysis.load_runs([str(tmp_path / "multi*"), single, single / "result.json", sweep])
+    assert len(runs) == n_sweep + 1
+    assert runs["run_dir"].is_unique
+
+
+def test_glob_that_matches_nothing_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        analysis.load_runs(str(tmp_path / "outptus" / "*"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no run directories"):
+        analysis.load_runs(tmp_path / "empty")
+
+
+def test_predictions_and_logs_carry_run_columns(tmp_path):
+    write_run(tmp_path, seed=0, metrics={"accuracy": 0.5}, correct=[1, 0, 1, 0], log=training_log(4))
+    preds = analysis.load_predictions(tmp_path)
+    assert len(preds) == 4 and set(preds["seed"]) == {0} and preds["correct"].sum() == 2
+    logs = analysis.load_logs(tmp_path)
+    assert logs["loss"].notna().sum() == 4 and logs["eval_accuracy"].notna().sum() == 2
+
+
+def test_reused_run_reads_source_predictions(tmp_path):
+    src = write_run(tmp_path, method="receiver_only", seed=0, metrics={"accuracy": 0.5}, correct=[1, 0])
+    write_run(tmp_path, method="receiver_only", seed=1, metrics={"accuracy": 0.5}, reused_from=src)
+    preds = analysis.load_predictions(tmp_path)
+    assert sorted(preds["seed"]) == [0, 0, 1, 1]
+
+
+# -----------------------------------------------------------------------------
+# aggregation across seeds
+
+def test_summarize_known_means_and_cis(tmp_path):
+    for seed, acc in enumerate([0.70, 0.72, 0.74]):
+        write_run(tmp_path, seed=seed, metrics={"accuracy": acc})
+    for seed, acc in enumerate([0.60, 0.64]):
+        write_run(tmp_path, method="text_relay", compression=None, seed=seed, metrics={"accuracy": acc})
+    write_run(tmp_path, method="text_relay", compression=None, seed=2, status="failed", metrics={},
+              error={"type": "RuntimeError", "message": "boom", "traceback": "", "oom": False})
+    s = analysis.summarize(analysis.load_runs(tmp_path)).set_index("method")
+    assert s.loc["bridge", "mean"] == pytest.approx(0.72)
+    assert s.loc["bridge", "ci_half"] == pytest.approx(0.0496827, abs=1e-6)
+    assert s.loc["bridge", "n_independent"] == 3
+    assert s.loc["text_relay", "mean"] == pytest.approx(0.62)  # the failed run is not a 0
+    assert s.loc["text_relay", "n_independent"] == 2 and s.loc["text_relay", "n_runs"] == 3
+    assert s.loc["text_relay", "status_counts"] == {"completed": 2, "failed": 1}
+
+
+def test_reused_runs_count_once(tmp_path):
+    src = write_run(tmp_path, method="receiver_only", compression=None, seed=0, metrics={"accuracy": 0.5})
+    for seed in (1, 2):
+        write_run(tmp_path, method="receiver_only", compression=None, seed=seed, metrics={"accuracy": 0.5},
+                  reused_from=src)
+    g = analysis.summarize(analysis.load_runs(tmp_path)).iloc[0]
+    assert g["n_independent"] == 1 and g["n_completed"] == 3 and bool(g["deterministic"])
+    assert math.isnan(g["ci_low"]) and g["seeds"] == [0, 1, 2]
+
+
+def test_missing_metric_is_an_error_not_zero(tmp_path):
+    write_run(tmp_path, seed=0, metrics={"accuracy": 0.7})
+    write_run(tmp_path, seed=1, metrics={"macro_f1": 0.6})  # completed, but no accuracy
+    runs = analysis.load_runs(tmp_path)
+    assert runs["metrics.accuracy"].isna().sum() == 1
+    with pytest.raises(analysis.MissingMetricError, match="s1"):
+        analysis.summarize(runs)
+
+
+def test_task_without_the_metric_is_left_out(tmp_path):
+    write_run(tmp_path, seed=0, metrics={"accuracy": 0.7})
+    write_run(tmp_path, task="xsum", seed=0, metrics={"rougeL": 0.2})
+    s = analysis.summarize(analysis.load_runs(tmp_path))
+    assert list(s["task"]) == ["sst2"]
+    with pytest.raises(analysis.MissingMetricError):
+        analysis.summarize(analysis.load_runs(tmp_path), metric="bleu")
+
+
+def test_same_run_in_two_places_is_refused(tmp_path):
+    write_run(tmp_path / "a", seed=0, metrics={"accuracy": 0.7})
+    write_run(tmp_path / "b", seed=0, metrics={"accuracy": 0.7})
+    with pytest.raises(ValueError, match="same run_id"):
+        analysis.summarize(analysis.load_runs(tmp_path))
+
+
+# -----------------------------------------------------------------------------
+# paired comparisons
+
+def test_compare_to_baseline_counts_and_holm(tmp_path):
+    n = 20
+    bridge = [1] * 15 + [0] * 5
+    relay_a = [1] * 10 + [0] * 10        # vs bridge: 0 wins, 5 losses per seed
+    relay_b = [0] * 15 + [1] * 5         # vs bridge: 5 wins, 15 losses per seed
+    for seed in (0, 1):
+        write_run(tmp_path, seed=seed, metrics={"accuracy": 0.75}, correct=bridge)
+        write_run(tmp_path, method="relay_a", compression=None, seed=seed, metrics={"accuracy": 0.5},
+                  correct=relay_a)
+        write_run(tmp_path, method="relay_b", compression=None, seed=seed, metrics={"accuracy": 0.25},
+                  correct=relay_b)
+    runs = analysis.load_runs(tmp_path)
+    s = analysis.summarize(runs)
+    c = analysis.compare_to_baseline(runs, analysis.load_predictions(runs), s, n_boot=500).set_index("method")
+    assert (c.loc["relay_a", "b"], c.loc["relay_a", "c"]) == (0, 10)
+    assert (c.loc["relay_b", "b"], c.loc["relay_b", "c"]) == (10, 30)
+    assert c.loc["relay_a", "n_pairs"] == 2 * n and c.loc["relay_a", "n_strata"] == 2
+    assert c.loc["relay_a", "delta"] == pytest.approx(-0.25)
+    assert c.loc["relay_b", "delta"] == pytest.approx(-0.5)
+    pa, pb = analysis.mcnemar(0, 10), analysis.mcnemar(10, 30)
+    assert c.loc["relay_a", "p"] == pytest.approx(pa)
+    assert c.loc["relay_a", "p_holm"] == pytest.approx(min(1, 2 * pa) if pa < pb else max(pa, 2 * pb))
+    assert c.loc["relay_b", "p_holm"] == pytest.approx(min(1, 2 * pb) if pb < pa else max(pb, 2 * pa))
+
+
+def test_pairs_by_item_id_not_by_row_order(tmp_path):
+    write_run(tmp_path, seed=0, metrics={"accuracy": 0.5}, correct=[1, 0, 1, 0])
+    other = write_run(tmp_path, method="relay", compression=None, seed=0, metrics={"accuracy": 0.5},
+                      correct=[1, 0, 1, 0])
+    rows = [json.loads(x) for x in (other / "predictions.jsonl").read_text().splitlines()]
+    (other / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    runs = analysis.load_runs(tmp_path)
+    c = analysis.compare_to_baseline(runs, analysis.load_predictions(runs), analysis.summarize(runs), n_boot=200)
+    assert (c.iloc[0]["b"], c.iloc[0]["c"], c.iloc[0]["delta"]) == (0, 0, 0.0)
+
+
+def test_sweep_comparisons_use_deterministic_baseline_for_every_seed(tmp_path):
+    write_sweep(tmp_path, n_items=20)
+    runs = analysis.load_runs(tmp_path)
+    s = analysis.summarize(runs)
+    c = analysis.compare_to_baseline(runs, analysis.load_predictions(runs), s, n_boot=200)
+    ro = c[(c["method"] == "receiver_only") & (c["task"] == "sst2") & (c["baseline.compression"] == 4)].iloc[0]
+    assert ro["n_strata"] == 3 and ro["n_pairs"] == 60
+    assert c["p_holm"].notna().all() and (c["p_holm"] >= c["p"]).all()
