@@ -107,6 +107,8 @@ def alive_runs(output_dir: Path) -> dict[str, str]:
 
 def run_state(job: dict, live: dict[str, str] | None, finished: dict[str, str]) -> tuple[str, str]:
     """(state, detail) of one manifest entry."""
+    if job.get("state") == "duplicate":
+        return "skipped", job.get("reason", "duplicate of another job of the sweep")
     record = _read_result(job["run_dir"]) or {}
     status = record.get("status")
     job_id = job.get("slurm_job_id")

@@ -53,7 +53,9 @@ class PlannedJob:
     idx: int
     overrides: List[str]
     run_dir: str
-    state: str  # "queue" | "skipped" (completed) | "active" (its earlier SLURM job is still alive)
+    # "queue" | "skipped" (completed) | "active" (its earlier SLURM job is still alive)
+    # | "duplicate" (an earlier job of this sweep has the same run dir)
+    state: str
     resources: Any = None  # telepathy.resources.Resources
     reason: str = ""
     slurm_job_id: Optional[str] = None
@@ -115,6 +117,12 @@ class _TelepathyMixin:
             except Exception as err:  # noqa: BLE001 - every composition/validation error is reported together
                 errors.append(f"  #{idx} [{' '.join(filter_overrides(overrides))}]\n"
                               f"      {type(err).__name__}: {err}")
+        first: Dict[str, int] = {}
+        for job in planned:  # e.g. a sweep over a key that run.id_exclude leaves out of the run id
+            if job.run_dir in first:
+                job.state, job.reason = "duplicate", f"same run dir as job #{first[job.run_dir]}"
+            else:
+                first[job.run_dir] = job.idx
         if errors:
             raise LaunchError(f"{len(errors)} of {len(job_overrides)} jobs are invalid; nothing was submitted:\n"
                               + "\n".join(errors))
@@ -126,7 +134,7 @@ class _TelepathyMixin:
         rows = [("#", "state", "gpus", "cpus", "mem", "time", "est GB", "GPU-h", "run", "overrides")]
         for j in planned:
             r = j.resources
-            state = {"queue": "queue", "skipped": "skip", "active": "active"}[j.state]
+            state = {"queue": "queue", "skipped": "skip", "active": "active", "duplicate": "dup"}[j.state]
             rows.append((str(j.idx), state, str(r.gpus), str(r.cpus), f"{r.mem_gb}G", f"{r.timeout_min}m",
                          "/".join(f"{g:.1f}" for g in r.device_gb), f"{r.gpu_hours:.1f}",
                          Path(j.run_dir).name, " ".join(filter_overrides(j.overrides))))
@@ -143,7 +151,8 @@ class _TelepathyMixin:
         total = sum(j.resources.gpu_hours for j in planned if j.state == "queue")
         lines.append(f"total: {n_queue} to run in {len(classes)} arrays, "
                      f"{sum(j.state == 'skipped' for j in planned)} skipped (completed), "
-                     f"{sum(j.state == 'active' for j in planned)} still queued/running; "
+                     f"{sum(j.state == 'active' for j in planned)} still queued/running, "
+                     f"{sum(j.state == 'duplicate' for j in planned)} duplicates; "
                      f"up to {total:.1f} GPU-hours (GPUs x time limit)")
         return "\n".join(lines)
 

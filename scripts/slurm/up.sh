@@ -16,14 +16,16 @@
 #   TELEPATHY_SLURM_DIR   state dir (default /tmp/telepathy-slurm)
 #   TELEPATHY_SLURM_CPUS  CPUs the node advertises (default 8; may exceed the
 #                         real count so that small test jobs run side by side)
-#   TELEPATHY_SLURM_MEM_MB  memory the node advertises (default 65536)
+#   TELEPATHY_SLURM_MEM_MB  memory the node advertises (default 262144; not enforced)
+#   TELEPATHY_SLURM_GPUS  fake GPUs on the node (default 8)
 #   TELEPATHY_SLURM_DB_PORT mariadb TCP port on 127.0.0.1 (default 3307)
 #   TELEPATHY_SLURM_TIMEOUT seconds to wait for the node to become idle (default 120)
 set -euo pipefail
 
 STATE="${TELEPATHY_SLURM_DIR:-/tmp/telepathy-slurm}"
 CPUS="${TELEPATHY_SLURM_CPUS:-8}"
-MEM_MB="${TELEPATHY_SLURM_MEM_MB:-65536}"
+MEM_MB="${TELEPATHY_SLURM_MEM_MB:-262144}"
+GPUS="${TELEPATHY_SLURM_GPUS:-8}"
 DB_PORT="${TELEPATHY_SLURM_DB_PORT:-3307}"
 WAIT_S="${TELEPATHY_SLURM_TIMEOUT:-120}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -50,8 +52,20 @@ all_alive() {
   done
 }
 
+render() {  # render <template> <dest>
+  sed -e "s|@STATE@|$STATE|g" -e "s|@NODE@|$NODE|g" -e "s|@CPUS@|$CPUS|g" \
+      -e "s|@MEM_MB@|$MEM_MB|g" -e "s|@DB_PORT@|$DB_PORT|g" -e "s|@GPUS@|$GPUS|g" \
+      -e "s|@LAST_GPU@|$((GPUS - 1))|g" -e "s|@CLUSTER@|$CLUSTER|g" "$HERE/templates/$1.in"
+}
+
+configs_current() {  # the running daemons were started from exactly these configs
+  for f in slurm.conf gres.conf slurmdbd.conf; do
+    [ -f "$STATE/etc/$f" ] && [ "$(render "$f")" = "$(cat "$STATE/etc/$f")" ] || return 1
+  done
+}
+
 # ---------------------------------------------------------------- fast path
-if [ -f "$CONF" ] && command -v sinfo >/dev/null && all_alive; then
+if configs_current && command -v sinfo >/dev/null && all_alive; then
   case "$(node_state)" in
     idle|mixed|allocated|completing)
       log "cluster already up ($STATE)"; echo "$CONF"; exit 0 ;;
@@ -78,18 +92,12 @@ mkdir -p "$STATE"/{etc,run,log,spool/ctld,spool/d,gpu,db}
 getent hosts "$NODE" >/dev/null || echo "127.0.0.1 $NODE" >> /etc/hosts
 
 # fake GPUs: character devices with the NVIDIA major number
-for i in 0 1 2 3; do
+for i in $(seq 0 $((GPUS - 1))); do
   [ -c "$STATE/gpu/nvidia$i" ] || { rm -f "$STATE/gpu/nvidia$i"; mknod "$STATE/gpu/nvidia$i" c 195 "$i"; }
 done
 
-render() {  # render <template> <dest>
-  sed -e "s|@STATE@|$STATE|g" -e "s|@NODE@|$NODE|g" -e "s|@CPUS@|$CPUS|g" \
-      -e "s|@MEM_MB@|$MEM_MB|g" -e "s|@DB_PORT@|$DB_PORT|g" \
-      -e "s|@CLUSTER@|$CLUSTER|g" "$1" > "$2"
-}
-render "$HERE/templates/slurm.conf.in" "$CONF"
-render "$HERE/templates/gres.conf.in" "$STATE/etc/gres.conf"
-render "$HERE/templates/slurmdbd.conf.in" "$STATE/etc/slurmdbd.conf"
+
+for f in slurm.conf gres.conf slurmdbd.conf; do render "$f" > "$STATE/etc/$f"; done
 chmod 600 "$STATE/etc/slurmdbd.conf"
 
 start() {  # start <name> <cmd...>: detached, logs appended, pid recorded
