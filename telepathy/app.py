@@ -53,10 +53,17 @@ class RunContext:
             self._models[role] = load_model(self.cfg[role], self.devices[role])
         return self._models[role]
 
-    def sender_features(self, lm: LoadedModel, ids: list[list[int]], layer: int, split: str) -> list[torch.Tensor]:
-        """The sender's ``hidden_states[layer]`` for each prompt (cached when ``cache.mode=on``)."""
-        return features.encode(lm, ids, [layer], batch_size=self.cfg.eval.batch_size,
-                               desc=f"sender features ({split})")[layer]
+    def sender_features(self, lm: LoadedModel, ids: list[list[int]], layer: int | list[int],
+                        split: str) -> list[torch.Tensor] | dict[int, list[torch.Tensor]]:
+        """The sender's ``hidden_states[layer]`` for each prompt (cached when ``cache.mode=on``).
+
+        A list of layers returns {layer: features}, all computed in one forward pass.
+        """
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        model_cfg = self.cfg.receiver if lm is self._models.get("receiver") else self.cfg.sender
+        out = features.cached_encode(lm, ids, layers, self.cfg.get("cache"), model_cfg,
+                                     batch_size=self.cfg.eval.batch_size, desc=f"sender features ({split})")
+        return out[layer] if isinstance(layer, int) else out
 
 
 def _output_dir(cfg) -> Path:

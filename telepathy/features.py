@@ -4,13 +4,30 @@
 requested ``hidden_states`` index, one ``[T_i, d]`` tensor per example (padding
 removed). Blocks above the highest requested layer are skipped: a forward hook
 captures each needed block output and stops the pass early.
+
+``cached_encode`` is ``encode`` behind an on-disk cache. The sender is frozen, so
+its hidden states depend only on the model, the prompt token ids and the layer:
+a sweep over seeds and compression factors, or a probe over several layers,
+computes them once. One safetensors file per (model, token ids, layer) holds all
+examples concatenated (``data`` [sum T_i, d]) and an ``offsets`` index [N + 1];
+missing layers are computed together in one forward pass. Files are written to a
+temporary name and renamed, so concurrent jobs never see half a file; a file that
+does not load or whose stored key differs from the expected one is recomputed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import tempfile
+from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from telepathy.data import Example, batches, format_prompt
@@ -119,3 +136,128 @@ def collate(states: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Ten
         batch[i, : s.shape[0]] = s
         mask[i, : s.shape[0]] = 1
     return batch.to(device), mask.to(device)
+
+
+# --- on-disk cache ------------------------------------------------------------------
+
+# Model-config keys that decide the weights (and so the hidden states). Paths of the
+# model caches are left out: the same weights in another folder give the same states.
+IDENTITY_KEYS = ("name", "hub_id", "path", "gguf_package", "gguf_file", "revision", "random_init",
+                 "config_overrides", "init_seed", "trust_remote_code")
+CACHE_VERSION = 1  # bump when the stored layout or the meaning of the features changes
+
+
+def _plain(value):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def model_identity(lm: LoadedModel, model_cfg) -> dict:
+    """What makes two sender models compute the same hidden states: weights source,
+    random-init overrides, and the dtype and device kind they ran in."""
+    ident = {k: _plain(model_cfg.get(k)) for k in IDENTITY_KEYS}
+    ident.update(dtype=str(lm.dtype).replace("torch.", ""), device=lm.device.type, version=CACHE_VERSION)
+    return ident
+
+
+def ids_digest(ids: list[list[int]]) -> str:
+    """sha256 of the prompt token ids (with their lengths): robust to any template or cap change."""
+    lengths = np.array([len(row) for row in ids], dtype=np.int64)
+    flat = np.array([t for row in ids for t in row], dtype=np.int64)
+    h = hashlib.sha256(lengths.tobytes())
+    h.update(flat.tobytes())
+    return h.hexdigest()
+
+
+def cache_key(identity: dict, digest: str, layer: int) -> tuple[str, str]:
+    """(key text stored in the file, its sha256 used as the file name)."""
+    text = json.dumps({"model": identity, "ids": digest, "layer": layer}, sort_keys=True)
+    return text, hashlib.sha256(text.encode()).hexdigest()
+
+
+def cache_path(cache_dir, model_name: str, key_hash: str, layer: int) -> Path:
+    return Path(cache_dir).expanduser() / model_name / f"L{layer}-{key_hash[:32]}.safetensors"
+
+
+def save_entry(path: Path, states: list[torch.Tensor], key_text: str) -> None:
+    """Write one layer's features atomically: temp file in the same folder, fsync, rename.
+
+    Two jobs writing the same key both write complete files; the last rename wins and
+    either one is correct, so no lock is needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = torch.tensor([s.shape[0] for s in states], dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    data = torch.cat([s.contiguous() for s in states]) if states else torch.zeros(0)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"data": data, "offsets": offsets}, tmp, metadata={"key": key_text})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; other jobs (and users of a shared scratch) read it
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_entry(path: Path, key_text: str, lengths: list[int]) -> list[torch.Tensor] | None:
+    """One layer's features from ``path``, or None when absent, unreadable or not this key.
+
+    The stored key and every example's length are checked, so a truncated file, a
+    file from another model or prompt set, or a hash collision is never used.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("key") != key_text:
+                log.warning("feature cache %s: key mismatch, recomputing", path)
+                return None
+            data, offsets = f.get_tensor("data"), f.get_tensor("offsets")
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        log.warning("feature cache %s unreadable (%s), recomputing", path, err)
+        return None
+    stored = (offsets[1:] - offsets[:-1]).tolist()
+    if stored != list(lengths) or int(offsets[-1]) != data.shape[0]:
+        log.warning("feature cache %s: lengths do not match the prompts, recomputing", path)
+        return None
+    return list(data.split(stored)) if stored else []
+
+
+def cached_encode(lm: LoadedModel, ids: list[list[int]], layers: list[int], cache_cfg, model_cfg,
+                  batch_size: int = 16, desc: str = "sender features") -> dict[int, list[torch.Tensor]]:
+    """``encode`` with the on-disk cache (``cache.mode``, ``cache.dir``).
+
+    ``layers`` are non-negative ``hidden_states`` indices (``config.resolve_layer``).
+    Layers found in the cache are loaded; the rest are computed together in one pass
+    and stored, one file per layer, so a later run asking for any subset reuses them.
+    With ``cache.mode=off`` this is exactly ``encode``.
+    """
+    if cache_cfg is None or cache_cfg.get("mode", "on") == "off":
+        return encode(lm, ids, layers, batch_size=batch_size, desc=desc)
+    identity, digest = model_identity(lm, model_cfg), ids_digest(ids)
+    lengths = [len(row) for row in ids]
+    out: dict[int, list[torch.Tensor]] = {}
+    entries = {}
+    for layer in layers:
+        key_text, key_hash = cache_key(identity, digest, layer)
+        path = cache_path(cache_cfg.dir, lm.name, key_hash, layer)
+        entries[layer] = (path, key_text)
+        found = load_entry(path, key_text, lengths)
+        if found is not None:
+            out[layer] = found
+    missing = [layer for layer in layers if layer not in out]
+    if out:
+        log.info("%s: layers %s from the feature cache", desc, sorted(out))
+    if missing:
+        computed = encode(lm, ids, missing, batch_size=batch_size, desc=desc)
+        for layer in missing:
+            path, key_text = entries[layer]
+            save_entry(path, computed[layer], key_text)
+            out[layer] = computed[layer]
+    return {layer: out[layer] for layer in layers}
