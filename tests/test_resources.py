@@ -1,0 +1,111 @@
+"""GPU-memory estimates and the 1-GPU / 2-GPU / does-not-fit decision (no GPU, no SLURM)."""
+
+import math
+
+import pytest
+
+from conftest import compose
+from telepathy.config import ConfigError, num_latents
+from telepathy.resources import GB, Resources, bridge_params, estimate, models_used, plan
+
+
+def test_weights_follow_num_params_and_dtype():
+    cfg = compose()  # demo pair: SmolLM2-135M -> Gemma-3-270M, dtype auto (bf16 on a GPU)
+    est = estimate(cfg)
+    assert est.sender_gb == pytest.approx(134.5e6 * 2 / GB)
+    assert est.receiver_gb == pytest.approx(268.1e6 * 2 / GB)
+    fp32 = estimate(compose("sender.dtype=float32", "receiver.dtype=float32"))
+    assert fp32.sender_gb == pytest.approx(2 * est.sender_gb)
+    assert fp32.receiver_gb == pytest.approx(2 * est.receiver_gb)
+
+
+def test_bridge_is_counted_with_its_optimizer_state():
+    cfg = compose()
+    d, m = cfg.bridge.dim, num_latents(cfg)
+    expected = m * d + cfg.sender.hidden_size * d + d * cfg.receiver.hidden_size \
+        + cfg.bridge.depth * (8 + 2 * cfg.bridge.mlp_ratio) * d * d
+    assert bridge_params(cfg) == int(expected)
+    assert estimate(cfg).bridge_gb == pytest.approx(bridge_params(cfg) * 16 / GB)
+
+
+def test_margin_batch_and_sequence_length_raise_the_estimate():
+    base = estimate(compose())
+    assert estimate(compose("resources.margin=2.5")).total_gb == pytest.approx(2 * base.total_gb)
+    assert estimate(compose("trainer.batch_size=64", "eval.batch_size=64")).activations_gb > base.activations_gb
+    assert estimate(compose("task.max_input_tokens=512")).activations_gb > base.activations_gb
+    assert base.total_gb == pytest.approx(base.margin * (base.sender_gb + base.receiver_gb + base.bridge_gb
+                                                         + base.activations_gb))
+
+
+def test_margin_below_one_is_rejected():
+    with pytest.raises(ConfigError, match="resources.margin"):
+        estimate(compose("resources.margin=0.5"))
+
+
+def test_demo_pair_fits_one_gpu_with_both_models_on_it():
+    cfg = compose()
+    res = plan(cfg)
+    assert res.gpus == 1
+    assert res.placement == {"sender": "cuda:0", "receiver": "cuda:0"}
+    assert res.cpus == cfg.cluster.cpus_per_gpu
+    assert res.mem_gb == cfg.cluster.mem_gb_per_gpu
+    assert res.timeout_min == cfg.cluster.timeout_min
+    assert res.estimate_gb == pytest.approx(estimate(cfg).total_gb)
+
+
+def test_two_8b_models_split_over_two_32gb_gpus():
+    cfg = compose("sender=llama31_8b", "receiver=mistral7b", "budget=paper", "cluster.gpu_mem_gb=32")
+    est = estimate(cfg)
+    assert est.total_gb > 32 >= max(est.sender_device_gb, est.receiver_device_gb)
+    res = plan(cfg)
+    assert res.gpus == 2
+    assert res.placement == {"sender": "cuda:0", "receiver": "cuda:1"}
+    assert res.device_gb == (round(est.sender_device_gb, 3), round(est.receiver_device_gb, 3))
+    assert res.cpus == 2 * cfg.cluster.cpus_per_gpu
+    # host RAM holds both models' weights while they load
+    assert res.mem_gb >= math.ceil(est.sender_gb + est.receiver_gb)
+    # the same pair fits one 80 GB GPU
+    assert plan(compose("sender=llama31_8b", "receiver=mistral7b", "budget=paper", "cluster.gpu_mem_gb=80")).gpus == 1
+
+
+def test_does_not_fit_even_two_gpus_names_the_estimate():
+    cfg = compose("sender=llama31_8b", "receiver=mistral7b", "cluster.gpu_mem_gb=16")
+    with pytest.raises(ConfigError) as err:
+        plan(cfg)
+    message = str(err.value)
+    assert f"{estimate(cfg).total_gb:.1f} GB" in message
+    assert "16 GB GPU (cluster.gpu_mem_gb)" in message
+    assert "nor two" in message
+
+
+def test_single_model_method_gets_one_gpu_and_the_small_request():
+    cfg = compose("method.models=[receiver]", "method.uses=[]", "receiver=mistral7b", "cluster.gpu_mem_gb=40")
+    assert models_used(cfg) == ["receiver"]
+    est = estimate(cfg)
+    assert est.sender_gb == 0 and est.bridge_gb == 0
+    res = plan(cfg)
+    assert res.gpus == 1 and res.placement == {"receiver": "cuda:0"}
+    assert res.cpus == cfg.cluster.single_model.cpus
+    assert res.mem_gb == max(cfg.cluster.single_model.mem_gb, math.ceil(1.2 * est.receiver_gb + 4))
+
+
+def test_single_model_that_does_not_fit_is_an_error_not_a_split():
+    cfg = compose("method.models=[receiver]", "method.uses=[]", "receiver=llama31_8b", "cluster.gpu_mem_gb=10")
+    with pytest.raises(ConfigError, match="does not fit one 10 GB GPU") as err:
+        plan(cfg)
+    assert "nor two" not in str(err.value)
+
+
+def test_unknown_role_in_method_models_is_rejected():
+    with pytest.raises(ConfigError, match="method.models"):
+        plan(compose("method.models=[teacher]"))
+
+
+def test_resource_class_groups_identical_requests():
+    a = Resources(gpus=1, cpus=8, mem_gb=64, timeout_min=240, placement={"sender": "cuda:0"})
+    b = Resources(gpus=1, cpus=8, mem_gb=64, timeout_min=240, placement={"receiver": "cuda:0"}, estimate_gb=3.0)
+    c = Resources(gpus=2, cpus=16, mem_gb=128, timeout_min=240)
+    assert a.resource_class == b.resource_class != c.resource_class
+    assert c.class_name == "2gpu-16cpu-128gb-240min"
+    assert c.gpu_hours == pytest.approx(8.0)
+    assert b.to_dict()["estimate_gb"] == 3.0
