@@ -1,5 +1,6 @@
-"""Evaluation shared by all classification methods: one prompt builder in, metrics and
-per-example predictions out.
+"""Evaluation shared by all methods: one prompt builder in, metrics and per-example
+predictions out (``evaluate_classification`` or, for ``task.type=generation``,
+``evaluate_generation``).
 
 A method hands ``evaluate_classification`` a function that turns a batch of test
 examples into prompt *sequences* for the model (see ``telepathy.receiver``); the
@@ -9,6 +10,7 @@ every method is scored the same way on the same items.
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -16,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from telepathy.data import Example, batches
-from telepathy.metrics import classification
+from telepathy.metrics import classification, rouge_scores, rouge_summary
 from telepathy.receiver import PromptIO, label_token_ids, parse_label
 
 
@@ -53,6 +55,52 @@ def evaluate_classification(
     if eval_cfg.readout == "generate":
         metrics["unparseable"] = sum(r["pred"] == -1 for r in rows)
     metrics["eval_s"] = time.time() - t0
+    return metrics, rows
+
+
+def summary_text(output: str, first_line: bool = True) -> str:
+    """The summary a generation is scored as: its first non-empty line when ``first_line``
+    (a base model that has written its one sentence tends to go on with a new article)."""
+    text = output.strip()
+    return text.split("\n")[0].strip() if first_line else text
+
+
+def evaluate_generation(
+    io: PromptIO,
+    examples: list[Example],
+    build: Callable[[list[Example]], list[list]],
+    task_cfg,
+    eval_cfg,
+    desc: str = "eval",
+) -> tuple[dict, list[dict]]:
+    """Generate an output for each of ``examples`` and score it against ``example.target``
+    with ROUGE-1/2/L F1; returns (metrics, prediction rows), like ``evaluate_classification``.
+
+    Decoding follows ``eval_cfg.generation`` (greedy by default; ``max_new_tokens`` null
+    means ``task_cfg.max_target_tokens``). Metrics: mean ROUGE with 95% bootstrap CIs over
+    items, ``n_test``, output length in tokens (mean, median), ``empty_outputs`` and ``eval_s``.
+    """
+    gen = eval_cfg.generation
+    max_new = gen.get("max_new_tokens") or task_cfg.max_target_tokens
+    rows = []
+    t0 = time.time()
+    with torch.no_grad(), tqdm(total=len(examples), desc=desc, unit="ex", mininterval=5) as bar:
+        for chunk in batches(examples, eval_cfg.batch_size):
+            outputs = io.generate(build(chunk), max_new_tokens=max_new, num_beams=gen.num_beams,
+                                  repetition_penalty=gen.repetition_penalty)
+            for ex, raw in zip(chunk, outputs):
+                text = summary_text(raw, gen.get("first_line", True))
+                rows.append({"idx": ex.idx, "id": ex.id, "reference": ex.target, "output": text,
+                             "raw_output": raw, "output_tokens": len(io.tok(text, add_special_tokens=False).input_ids)})
+            bar.update(len(chunk))
+    per_item = rouge_scores([r["reference"] for r in rows], [r["output"] for r in rows])
+    for row, scores in zip(rows, per_item):
+        row.update({k: round(v, 4) for k, v in scores.items()})
+    lengths = [r["output_tokens"] for r in rows]
+    metrics = rouge_summary(per_item)
+    metrics.update(n_test=len(rows), mean_output_tokens=statistics.mean(lengths),
+                   median_output_tokens=statistics.median(lengths), empty_outputs=lengths.count(0),
+                   eval_s=time.time() - t0)
     return metrics, rows
 
 

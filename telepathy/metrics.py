@@ -1,4 +1,5 @@
-"""Metrics. Each takes plain lists so every method reports them the same way."""
+"""Metrics. Each takes plain lists so every method reports them the same way: accuracy and
+macro-F1 for classification, ROUGE (mean + bootstrap CI over items) for generation."""
 
 from __future__ import annotations
 
@@ -22,3 +23,36 @@ def majority(train_labels: list[int], test_labels: list[int]) -> dict:
     """Accuracy of always predicting the most frequent training label."""
     top = Counter(train_labels).most_common(1)[0][0]
     return {"majority_label": top, "majority_accuracy": sum(y == top for y in test_labels) / len(test_labels)}
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_scores(references: list[str], outputs: list[str]) -> list[dict]:
+    """Per-example ROUGE-1/2/L F1 (``rouge-score``, Porter stemming), as in the XSum papers.
+
+    An empty output scores 0 against any reference; the scorer's tokenizer lowercases
+    and drops punctuation, so casing and final full stops do not matter.
+    """
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    return [{k: s.fmeasure for k, s in scorer.score(ref, out).items()} for ref, out in zip(references, outputs)]
+
+
+def rouge_summary(per_item: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Mean ROUGE-1/2/L F1 over test items (rows of ``rouge_scores``) with a 95% percentile
+    bootstrap CI over items.
+
+    Keys: ``rouge1``, ``rouge1_ci_low``, ``rouge1_ci_high`` (and the same for rouge2, rougeL).
+    The bootstrap is the one of ``telepathy.analysis`` (a single stratum of per-item scores).
+    """
+    from telepathy.analysis import paired_bootstrap
+
+    if not per_item:
+        raise ValueError("no test items to score")
+    out = {}
+    for k in ROUGE_TYPES:
+        mean, lo, hi = paired_bootstrap([[s[k] for s in per_item]], n_boot=n_boot, seed=seed)
+        out.update({k: mean, f"{k}_ci_low": lo, f"{k}_ci_high": hi})
+    return out
