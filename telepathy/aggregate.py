@@ -31,8 +31,9 @@ COLUMN_NAMES = {"task": "Task", "method": "Method", "sender": "Sender", "receive
 
 
 def build(paths, metric="accuracy", baseline_method="bridge", confidence=0.95, n_boot=10_000, seed=0):
-    """Load runs and compute everything the tables show. Returns a dict of DataFrames."""
-    runs = analysis.load_runs(paths)
+    """Load runs (or take a load_runs DataFrame) and compute everything the
+    tables show. Returns a dict of DataFrames: runs, summary, comparisons, logs."""
+    runs = paths if isinstance(paths, pd.DataFrame) else analysis.load_runs(paths)
     summary = analysis.summarize(runs, metric, confidence)
     predictions = analysis.load_predictions(runs[runs["status"] == "completed"])
     comparisons = analysis.compare_to_baseline(runs, predictions, summary, metric, baseline_method,
@@ -167,7 +168,8 @@ def _pfmt(p):
 def to_markdown(header, rows, notes):
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n\n" + "\n\n".join(f"_{n}_" for n in notes) + "\n"
+    text = "\n".join(lines) + "\n"
+    return text + "".join(f"\n_{n}_\n" for n in notes)
 
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",

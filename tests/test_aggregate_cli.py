@@ -1,0 +1,167 @@
+"""`python -m telepathy.aggregate`, `python -m telepathy.report` and the plots,
+on synthetic run directories with known values."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+from analysis_fixtures import write_run, write_sweep
+from telepathy import aggregate, analysis, plots, report
+
+matplotlib.use("Agg")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_module(module, *args):
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def strict_json(path):
+    def no_constants(name):
+        raise ValueError(f"{path} contains {name}, which is not JSON")
+    return json.loads(Path(path).read_text(), parse_constant=no_constants)
+
+
+def test_aggregate_cli_writes_tables_json_and_plots(tmp_path):
+    runs = write_sweep(tmp_path / "runs")
+    out = tmp_path / "summary"
+    proc = run_module("telepathy.aggregate", runs, "--out", out, "--n-boot", 500)
+    assert proc.returncode == 0, proc.stderr
+    # incomplete runs are reported, with their path and error type
+    assert re.search(r"NOT COMPLETED \[failed\] .*sst2-bridge-c4-s3 \(OutOfMemoryError", proc.stderr)
+    assert re.search(r"NOT COMPLETED \[missing\] .*sst2-bridge-c8-s3", proc.stderr)
+
+    summary = strict_json(out / "summary.json")
+    assert summary["runs"]["by_status"] == {"completed": 30, "failed": 1, "missing": 1}
+    g = next(g for g in summary["groups"]
+             if (g["task"], g["method"], g["compression"]) == ("sst2", "bridge", 4.0))
+    # accuracies 30/40, 30/40, 31/40 (fixture: round((0.75 + 0.01 * seed) * 40) / 40)
+    assert g["values"] == [0.75, 0.75, 0.775]
+    assert g["mean"] == pytest.approx(0.758333, abs=1e-6)
+    # sd = 0.0144338, t(0.975, 2) = 4.30265
+    assert g["ci_half"] == pytest.approx(4.30265 * 0.0144338 / 3 ** 0.5, rel=1e-5)
+    assert g["status_counts"] == {"completed": 3, "failed": 1}
+    ro = next(g for g in summary["groups"] if (g["task"], g["method"]) == ("sst2", "receiver_only"))
+    assert ro["n_independent"] == 1 and ro["deterministic"] and ro["ci_low"] is None
+    assert len(summary["comparisons"]) == 12 and all(c["p_holm"] is not None for c in summary["comparisons"])
+
+    md = (out / "summary.md").read_text()
+    assert "| sst2 | bridge | 4 | 75.8 ± 3.6 | 3 | 1 failed |" in md
+    assert "| sst2 | bridge | 8 | 65.8 ± 3.6 | 3 | 1 missing |" in md
+    assert "| sst2 | receiver_only |  | 50.0 | 1 (det.) |  |" in md
+    tex = (out / "summary.tex").read_text()
+    assert r"sst2 & bridge & 4 & 75.8 $\pm$ 3.6 & 3 & 1 failed \\" in tex
+    assert r"receiver\_only" in tex and tex.count(r"\begin{tabular}") == 2
+    for stem in ("accuracy_vs_compression", "training_curves"):
+        for ext in ("png", "pdf"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 1000
+
+
+def test_every_table_number_comes_from_summary_json(tmp_path):
+    runs = write_sweep(tmp_path / "runs")
+    out = tmp_path / "summary"
+    assert run_module("telepathy.aggregate", runs, "--out", out, "--n-boot", 200).returncode == 0
+    summary = strict_json(out / "summary.json")
+    md = (out / "summary.md").read_text()
+    for g in summary["groups"]:
+        if g["n_independent"] >= 2:
+            assert f"{100 * g['mean']:.1f} ± {100 * g['ci_half']:.1f}" in md
+
+
+def test_aggregate_cli_fails_loudly_on_a_bad_glob(tmp_path):
+    proc = run_module("telepathy.aggregate", str(tmp_path / "outptus" / "*"), "--out", tmp_path / "s")
+    assert proc.returncode != 0 and "no files match" in proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_aggregate_refuses_a_completed_run_without_the_metric(tmp_path):
+    write_run(tmp_path / "runs", seed=0, metrics={"accuracy": 0.7})
+    write_run(tmp_path / "runs", seed=1, metrics={"n_test": 10})
+    proc = run_module("telepathy.aggregate", tmp_path / "runs", "--out", tmp_path / "s")
+    assert proc.returncode != 0 and "MissingMetricError" in proc.stderr and "s1" in proc.stderr
+
+
+def test_single_seed_table_says_no_ci(tmp_path):
+    write_run(tmp_path, seed=0, metrics={"accuracy": 0.7})
+    s = analysis.summarize(analysis.load_runs(tmp_path))
+    header, rows, notes = aggregate.metric_table(s)
+    assert rows == [["sst2", "bridge", "4", "70.0", "1 (no CI)"]]
+    assert any("no CI" in n for n in notes)
+
+
+def test_latency_plot_from_benchmark_records(tmp_path):
+    for path, base in (("bridge", 10.0), ("text_relay", 30.0)):
+        for bs in (1, 4, 16):
+            for seed in (0, 1):
+                write_run(tmp_path, task="sst2", method="latency", seed=seed, compression=None,
+                          name=f"lat-{path}-b{bs}-s{seed}",
+                          metrics={"p50_ms": base * bs ** 0.5 + seed, "p90_ms": base * bs ** 0.5 + 2,
+                                   "p99_ms": base * bs ** 0.5 + 5, "throughput_eps": bs * 1000 / (base * bs ** 0.5)},
+                          config_extra={"batch_size": bs, "path": path})
+    runs = analysis.load_runs(tmp_path)
+    assert sorted(runs["batch_size"].unique()) == [1, 4, 16]
+    fig = plots.latency(runs, tmp_path / "plots" / "latency")
+    lat, thr = fig.axes
+    bridge_p50 = next(l for l in lat.lines if l.get_label() == "bridge p50")
+    assert list(bridge_p50.get_xdata()) == [1, 4, 16]
+    assert list(bridge_p50.get_ydata()) == pytest.approx([10.5, 20.5, 40.5])  # mean over the two seeds
+    assert {l.get_label() for l in thr.lines} == {"bridge", "text_relay"}
+    assert (tmp_path / "plots" / "latency.png").exists() and (tmp_path / "plots" / "latency.pdf").exists()
+    # benchmark runs never enter the metric tables
+    write_run(tmp_path, seed=0, metrics={"accuracy": 0.7})
+    assert list(analysis.summarize(analysis.load_runs(tmp_path))["method"]) == ["bridge"]
+
+
+def test_accuracy_plot_bands_follow_the_ci(tmp_path):
+    write_sweep(tmp_path)
+    s = analysis.summarize(analysis.load_runs(tmp_path))
+    fig = plots.accuracy_vs_compression(s)
+    ax = fig.axes[[a.get_title() for a in fig.axes].index("sst2")]
+    line = next(l for l in ax.lines if l.get_label() == "bridge")
+    bridge = s[(s["task"] == "sst2") & (s["method"] == "bridge")].sort_values("compression")
+    assert list(line.get_ydata()) == pytest.approx(list(100 * bridge["mean"]))
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.max() == pytest.approx(100 * bridge["ci_high"].max())
+    assert band.min() == pytest.approx(100 * bridge["ci_low"].min())
+
+
+def test_report_counts_failures_gpu_hours_and_checks(tmp_path):
+    phase = tmp_path / "phase1"
+    gpu = {"gpus": 2, "cpus": 16, "mem_gb": 128, "estimate_gb": 10.0, "placement": {}}
+    for seed in (0, 1, 2):
+        write_run(phase, seed=seed, metrics={"accuracy": 0.7 + 0.01 * seed}, resources=gpu,
+                  timing={"total_s": 1800.0}, memory={"peak_gpu_mb": 12 * 1024, "peak_rss_mb": 1024})
+    src = write_run(phase, method="receiver_only", compression=None, seed=0, metrics={"accuracy": 0.5},
+                    resources={**gpu, "gpus": 1}, timing={"total_s": 3600.0})
+    write_run(phase, method="receiver_only", compression=None, seed=1, metrics={"accuracy": 0.5},
+              resources={**gpu, "gpus": 1}, timing={"total_s": 3600.0}, reused_from=src)
+    md, rec = report.build_report(phase)
+    # 3 x 2 GPUs x 0.5 h + 1 GPU x 1 h; the reused run computed nothing
+    assert rec["gpu_hours_total"] == pytest.approx(4.0)
+    # 3 seeds of bridge, and a deterministic baseline counted once, pass every check
+    assert all(c["passed"] for c in rec["checks"]), rec["checks"]
+    assert "1 runs peaked above their estimate" not in md and "3 runs peaked above their estimate" in md
+
+    write_run(phase, seed=3, metrics={}, status="failed", resources=gpu, timing={"total_s": 60.0},
+              error={"type": "OutOfMemoryError", "message": "CUDA out of memory.\nmore", "traceback": "",
+                     "oom": True})
+    (phase / "broken").mkdir()
+    (phase / "broken" / "result.json").write_text("{")
+    with pytest.warns(UserWarning):
+        proc_md, rec = report.build_report(phase)
+    checks = {c["check"]: c for c in rec["checks"]}
+    assert not checks["all runs completed"]["passed"] and "5/7" in checks["all runs completed"]["detail"]
+    assert not checks["no out-of-memory failure"]["passed"]
+    assert not checks["valid result.json for every run"]["passed"] and "broken" in checks[
+        "valid result.json for every run"]["detail"]
+    assert "| OutOfMemoryError | yes | CUDA out of memory. |" in proc_md
+    # the CLI's --check turns a failed check into a non-zero exit
+    proc = run_module("telepathy.report", phase, "--check", "--out", tmp_path / "rep")
+    assert proc.returncode == 1 and "## Success checks" in proc.stdout
+    strict_json(tmp_path / "rep" / "report.json")

@@ -1,0 +1,63 @@
+"""notebooks/results.ipynb runs top to bottom (nbclient) on a sweep's results, so it never rots."""
+
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from analysis_fixtures import write_sweep
+from conftest import TINY, needs_data, run_train
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK = REPO / "notebooks" / "results.ipynb"
+
+
+def execute(results, monkeypatch):
+    """Run the notebook with TELEPATHY_RESULTS=results; return (markdown outputs, png count)."""
+    monkeypatch.setenv("TELEPATHY_RESULTS", str(results))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    # raises CellExecutionError, with the cell and traceback, if any cell fails
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    pngs = sum("image/png" in o.get("data", {}) for o in outputs)
+    return markdown, pngs
+
+
+def test_notebook_is_committed_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+
+
+def test_notebook_on_synthetic_sweep(tmp_path, monkeypatch):
+    runs = write_sweep(tmp_path / "runs")
+    markdown, pngs = execute(runs, monkeypatch)
+    table = markdown[0]
+    assert "| sst2 | bridge | 4 | 75.8 ± 3.6 | 3 | 1 failed |" in table
+    assert "| sst2 | receiver_only |  | 50.0 | 1 (det.) |  |" in table
+    assert "p (Holm)" in markdown[1]
+    assert pngs == 2
+
+
+@pytest.mark.slow
+@needs_data
+def test_notebook_on_a_real_tiny_sweep(tmp_path, monkeypatch):
+    """A real 2 seeds x 2 compression sweep through train.py (random 2-layer models), then the notebook."""
+    outputs = tmp_path / "outputs"
+    run_train("-m", *TINY, "seed=0,1", "compression=4,8", outputs=outputs)
+    runs_dir = outputs / "runs"
+    records = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*/result.json"))]
+    assert len(records) == 4 and all(r["status"] == "completed" for r in records)
+    markdown, pngs = execute(runs_dir, monkeypatch)
+    table = markdown[0]
+    for c in (4, 8):
+        accs = [r["metrics"]["accuracy"] for r in records if r["config"]["compression"] == c]
+        assert len(accs) == 2
+        row = next(line for line in table.splitlines() if line.startswith(f"| sst2 | bridge | {c} |"))
+        assert f"| {100 * sum(accs) / 2:.1f} ± " in row and row.endswith("| 2 |")
+    assert pngs == 2
