@@ -1,6 +1,6 @@
 """The bridge: a Perceiver-style resampler from sender hidden states to receiver soft tokens.
 
-    sender states [B, T, d_sender] --in_proj--> [B, T, dim]
+    sender states [B, T, d_sender] --LayerNorm, in_proj--> [B, T, dim]
     M learned latent queries [M, dim]
     depth x (pre-LN cross-attention to the states, using the sender's padding mask
              -> pre-LN self-attention among latents -> pre-LN GELU MLP)
@@ -54,6 +54,9 @@ class PerceiverBridge(nn.Module):
     ):
         super().__init__()
         self.num_latents = num_latents
+        # LLM hidden states carry a few huge "massive activation" dimensions; without
+        # normalising first they dominate the projection and every input looks alike.
+        self.in_norm = nn.LayerNorm(sender_dim)
         self.in_proj = nn.Linear(sender_dim, dim)
         self.latents = nn.Parameter(torch.randn(num_latents, dim) * dim**-0.5)
         self.blocks = nn.ModuleList(_Block(dim, heads, mlp_ratio, dropout) for _ in range(depth))
@@ -64,7 +67,7 @@ class PerceiverBridge(nn.Module):
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """states [B, T, sender_dim], attention_mask [B, T] (1 = real token) -> [B, M, receiver_dim]."""
         pad_mask = attention_mask == 0
-        context = self.in_proj(states.float())
+        context = self.in_proj(self.in_norm(states.float()))
         latents = self.latents.unsqueeze(0).expand(states.shape[0], -1, -1)
         for block in self.blocks:
             latents = block(latents, context, pad_mask)

@@ -45,7 +45,7 @@ def test_param_count_matches_architecture():
     ln = 2 * d
     attn = 4 * d * d + 4 * d  # in_proj (3 d x d + 3 d) + out_proj (d x d + d)
     block = 4 * ln + 2 * attn + (d * hidden + hidden) + (hidden * d + d)
-    expected = (s * d + d) + m * d + depth * block + ln + (d * r + r) + 1
+    expected = 2 * s + (s * d + d) + m * d + depth * block + ln + (d * r + r) + 1
     assert count_params(make()) == expected
 
 

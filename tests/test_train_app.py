@@ -1,0 +1,99 @@
+"""`python train.py` end to end through Hydra: single runs, multiruns, skip, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY, needs_data, results, run_env, run_train
+
+pytestmark = needs_data
+
+
+def test_single_run_writes_a_complete_record(outputs):
+    run_train(*TINY, outputs=outputs)
+    (record,) = results(outputs)
+    assert record["status"] == "completed"
+    run_dir = Path(record["run_dir"])
+    assert run_dir.parent == outputs.resolve() / "runs"
+    for key in ("accuracy", "macro_f1", "n_test", "majority_accuracy", "receiver_zeroshot_accuracy"):
+        assert isinstance(record["metrics"][key], (int, float)), key
+    assert record["metrics"]["n_test"] == 16
+    assert record["bridge"]["num_latents"] == 8  # ceil(64 / 8)
+    assert record["bridge"]["compression_ratio"] == pytest.approx(record["bridge"]["mean_sender_tokens"] / 8)
+    assert record["params"]["trainable"] == record["params"]["bridge"] > 0
+    assert record["config"]["trainer"]["max_steps"] == 4 and record["overrides"] == ["budget=tiny"]
+    assert {"git_rev", "git_dirty", "hostname", "packages", "device"} <= set(record["env"])
+    assert record["timing"]["train_s"] > 0 and record["memory"]["peak_rss_mb"] > 0
+    predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 16 and {"idx", "label", "pred", "correct", "scores"} <= set(predictions[0])
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    assert any("eval_accuracy" in r for r in log)
+    assert (run_dir / "checkpoints").is_dir()
+
+
+def test_rerun_of_a_completed_run_is_skipped(outputs):
+    run_train(*TINY, outputs=outputs)
+    first = results(outputs)[0]
+    proc = run_train(*TINY, outputs=outputs)
+    assert "skipped" in proc.stderr + proc.stdout
+    assert results(outputs)[0]["finished_at"] == first["finished_at"]
+
+
+def test_local_multirun_makes_one_dir_per_config(outputs):
+    run_train("-m", *TINY, "seed=1,2", outputs=outputs)
+    records = results(outputs)
+    assert [r["seed"] for r in records] == [1, 2]
+    assert all(r["status"] == "completed" for r in records)
+    assert len({r["run_dir"] for r in records}) == 2
+    # the same sweep again finds the same dirs and skips them
+    run_train("-m", *TINY, "seed=1,2", outputs=outputs)
+    assert [r["finished_at"] for r in results(outputs)] == [r["finished_at"] for r in records]
+
+
+def test_failed_run_records_the_error(outputs):
+    proc = run_train(*TINY, "task.answer_prompt=", "task.labels=[a,a]", outputs=outputs, check=False)
+    assert proc.returncode != 0
+    assert "task.labels must be a non-empty list of distinct verbalisers" in proc.stderr
+
+
+def _interrupt_after_first_step(overrides, outputs):
+    """Start a run, send SIGTERM once it has logged a step, wait for it to stop."""
+    cmd = [sys.executable, "train.py", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(outputs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        logs = list((outputs / "runs").glob("*/log.jsonl")) if (outputs / "runs").exists() else []
+        if logs and logs[0].read_text().strip():
+            proc.send_signal(signal.SIGTERM)
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=300)
+    return proc.returncode, out
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+    overrides = [*TINY, "trainer.max_steps=12", "trainer.checkpoint_every=100", "trainer.eval_every=0"]
+    run_train(*overrides, outputs=tmp_path / "straight")
+    (straight,) = results(tmp_path / "straight")
+
+    code, out = _interrupt_after_first_step(overrides, tmp_path / "interrupted")
+    assert code != 0, "the run finished before it could be interrupted:\n" + out[-2000:]
+    (stopped,) = results(tmp_path / "interrupted")
+    assert stopped["status"] == "interrupted"
+    run_train(*overrides, outputs=tmp_path / "interrupted")  # the same command again resumes
+    (resumed,) = results(tmp_path / "interrupted")
+    assert resumed["status"] == "completed"
+    assert resumed["training"]["resumed_from"] >= 1
+    assert resumed["metrics"] == straight["metrics"]
+    pred = lambda root, r: (Path(r["run_dir"]) / "predictions.jsonl").read_text()  # noqa: E731
+    assert pred(tmp_path / "interrupted", resumed) == pred(tmp_path / "straight", straight)
