@@ -3,9 +3,13 @@
     sender reads the task prompt  → hidden_states[sender.layer]      (frozen, computed once)
     bridge (Perceiver resampler) → M soft tokens in the receiver's embedding space (trained)
     receiver reads [primer] + [M soft tokens] + [answer prompt]      (frozen)
-    readout: log-likelihood of each label verbaliser (or generation + strict parser)
+    readout: log-likelihood of each label verbaliser (or generation + strict parser);
+             task.type=generation (XSum): the receiver writes the output, scored with ROUGE
 
-Loss: receiver cross-entropy on the label tokens only + λ · batch-diversity loss.
+Loss: receiver cross-entropy on the target tokens only + λ · batch-diversity loss. The
+target is the label verbaliser (classification) or the reference summary + EOS
+(generation); prompt and soft tokens are never scored. Both task types share the data,
+models and loop; only the targets and the evaluation differ.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ import torch
 from telepathy.bridge import build_bridge, count_params, diversity_loss
 from telepathy.config import num_latents, resolve_layer
 from telepathy.data import load_task
-from telepathy.evaluation import evaluate_classification, text_prompt
+from telepathy.evaluation import evaluate_classification, evaluate_generation, text_prompt
 from telepathy.features import collate, sender_prompts
-from telepathy.metrics import majority
+from telepathy.metrics import ROUGE_TYPES, majority
 from telepathy.models import embedding_rms_median
 from telepathy.receiver import PromptIO, label_token_ids
 from telepathy.training import fit
@@ -27,6 +31,28 @@ from telepathy.training import fit
 log = logging.getLogger(__name__)
 
 DETERMINISTIC = False
+
+
+def classification_targets(io: PromptIO, examples, task_cfg) -> list[list[int]]:
+    """Each example's label verbaliser token ids: the loss scores the label only."""
+    label_ids = label_token_ids(io, list(task_cfg.labels), task_cfg.label_prefix)
+    return [label_ids[ex.label] for ex in examples]
+
+
+def generation_targets(io: PromptIO, examples, task_cfg) -> list[list[int]]:
+    """Each example's reference tokens (at most ``max_target_tokens`` with EOS) after the answer prompt.
+
+    EOS ends every target so the receiver learns where to stop; the summary is tokenised
+    with ``target_prefix`` as it follows the answer prompt.
+    """
+    keep = task_cfg.max_target_tokens - 1
+    return [io.ids(task_cfg.target_prefix + ex.target)[:keep] + [io.tok.eos_token_id] for ex in examples]
+
+
+def evaluate(io: PromptIO, examples, build, cfg, desc: str) -> tuple[dict, list[dict]]:
+    """The task type's evaluation: label accuracy, or generated text scored with ROUGE."""
+    fn = evaluate_generation if cfg.task.type == "generation" else evaluate_classification
+    return fn(io, examples, build, cfg.task, cfg.eval, desc=desc)
 
 
 def run(cfg, ctx) -> dict:
@@ -48,7 +74,8 @@ def run(cfg, ctx) -> dict:
     bridge = build_bridge(cfg, sender.hidden_size, receiver.hidden_size, m,
                           target_rms=embedding_rms_median(receiver.model)).to(receiver.device)
     template = io.soft_prompt(cfg.task.receiver_primer, cfg.task.answer_prompt, cfg.bridge.placement)
-    label_ids = label_token_ids(io, list(cfg.task.labels), cfg.task.label_prefix)
+    generation = cfg.task.type == "generation"
+    targets = (generation_targets if generation else classification_targets)(io, train, cfg.task)
 
     def soft_tokens(feats, indices):
         states, mask = collate([feats[i] for i in indices], receiver.device)
@@ -60,16 +87,22 @@ def run(cfg, ctx) -> dict:
 
     def loss_fn(indices):
         seqs, soft = prompts(train_feats, indices)
-        ce = io.label_loss(seqs, [label_ids[train[i].label] for i in indices])
+        ce = io.label_loss(seqs, [targets[i] for i in indices])
         div = diversity_loss(soft)
         loss = ce + cfg.trainer.diversity_weight * div
         return loss, {"loss": loss.item(), "ce": ce.item(), "diversity": div.item()}
 
     probe = test[: cfg.trainer.eval_samples]
 
+    def test_prompts(chunk):
+        return prompts(test_feats, [e.idx for e in chunk])[0]
+
     def eval_probe():
-        metrics, _ = evaluate_classification(io, probe, lambda chunk: prompts(test_feats, [e.idx for e in chunk])[0],
-                                             cfg.task, cfg.eval, desc="eval@step")
+        if generation:  # held-out summary cross-entropy: generating every few steps costs too much on CPU
+            probe_targets = generation_targets(io, probe, cfg.task)
+            with torch.no_grad():
+                return {"eval_loss": io.label_loss(test_prompts(probe), probe_targets).item()}
+        metrics, _ = evaluate_classification(io, probe, test_prompts, cfg.task, cfg.eval, desc="eval@step")
         return {"eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"]}
 
     # 3. train
@@ -77,14 +110,13 @@ def run(cfg, ctx) -> dict:
                  device=receiver.device)
 
     # 4. evaluate on the test items; the receiver's own zero-shot on the same items
-    metrics, predictions = evaluate_classification(
-        io, test, lambda chunk: prompts(test_feats, [e.idx for e in chunk])[0], cfg.task, cfg.eval, desc="eval")
-    metrics.update(majority([e.label for e in train], [e.label for e in test]))
+    metrics, predictions = evaluate(io, test, test_prompts, cfg, desc="eval")
+    if not generation:
+        metrics.update(majority([e.label for e in train], [e.label for e in test]))
     if cfg.eval.receiver_zeroshot:
-        zs, _ = evaluate_classification(io, test, text_prompt(io, cfg.task.prompt), cfg.task, cfg.eval,
-                                        desc="receiver zero-shot")
-        metrics["receiver_zeroshot_accuracy"] = zs["accuracy"]
-        metrics["receiver_zeroshot_macro_f1"] = zs["macro_f1"]
+        zs, _ = evaluate(io, test, text_prompt(io, cfg.task.prompt), cfg, desc="receiver zero-shot")
+        keys = list(ROUGE_TYPES) if generation else ["accuracy", "macro_f1"]
+        metrics.update({f"receiver_zeroshot_{k}": zs[k] for k in keys})
     eval_s = metrics.pop("eval_s")
     return {
         "metrics": metrics,
