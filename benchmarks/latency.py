@@ -1,0 +1,238 @@
+"""Latency and throughput: bridge vs text relay vs direct, same device, same inputs, same answer budget.
+
+    python benchmarks/latency.py -m compression=4,8,16,32 batch_size=1,4,8,16 [bridge_checkpoint=<run dir>]
+
+Each job loads the sender and receiver once and times three paths on the same
+``num_inputs`` test inputs, ``batch_size`` at a time, after ``warmup_batches``
+untimed batches of other inputs:
+
+* bridge:     tokenise → sender forward (up to ``sender.layer``) → bridge → receiver answers
+* text_relay: the sender generates a ``relay_tokens``-token message → the receiver reads it and answers
+* direct:     the receiver reads the whole text prompt and answers
+
+"Answers" is the same for all three: label scoring (one receiver pass, ``answer=score``)
+or ``answer_tokens`` greedy tokens (``answer=generate``). Latency is the wall time of
+the call that returns an example's answer (its batch's), with ``torch.cuda.synchronize``
+on GPU; throughput is examples / total timed seconds.
+
+Output (the analysis code reads it like any run): one run directory per path,
+``<job dir>/<path>/result.json`` with method "latency", ``config.path``,
+``config.batch_size``, ``config.compression`` and metrics ``p50_ms, p90_ms, p99_ms,
+throughput_eps``; ``<job dir>/summary.json`` holds all three with the ratios.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from telepathy.app import placement  # noqa: E402
+from telepathy.bridge import build_bridge, count_params  # noqa: E402
+from telepathy.config import num_latents, resolve_layer  # noqa: E402
+from telepathy.data import Example, batches, load_split  # noqa: E402
+from telepathy.evaluation import text_prompt  # noqa: E402
+from telepathy.features import collate, encode, sender_prompts  # noqa: E402
+from telepathy.models import embedding_rms_median, load_model  # noqa: E402
+from telepathy.receiver import PromptIO, label_token_ids  # noqa: E402
+from telepathy.results import RESULT_FILE, SCHEMA_VERSION, environment, now, write_json  # noqa: E402
+from telepathy.training import latest_checkpoint, load_trainable  # noqa: E402
+
+log = logging.getLogger("telepathy.latency")
+PATHS = ("bridge", "text_relay", "direct")
+
+
+def _sync(devices) -> None:
+    for d in {d for d in devices if d.type == "cuda"}:
+        torch.cuda.synchronize(d)
+
+
+class Timer:
+    """Accumulates synchronised wall time per named stage of one call."""
+
+    def __init__(self, devices):
+        self.devices = devices
+        self.stages: dict[str, float] = {}
+
+    def stage(self, name: str, fn):
+        _sync(self.devices)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(self.devices)
+        self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+
+def load_bridge(cfg, sender, receiver, m: int):
+    """The bridge to time: trained weights from ``bridge_checkpoint`` when given, else a seeded init."""
+    torch.manual_seed(cfg.seed)
+    bridge = build_bridge(cfg, sender.hidden_size, receiver.hidden_size, m,
+                          target_rms=embedding_rms_median(receiver.model)).to(receiver.device).eval()
+    source = None
+    if cfg.bridge_checkpoint:
+        path = Path(cfg.bridge_checkpoint).expanduser()
+        checkpoint = path if (path / "trainable.safetensors").exists() else latest_checkpoint(path)
+        if checkpoint is None:
+            raise FileNotFoundError(f"bridge_checkpoint={path}: no checkpoints/step_*/trainable.safetensors")
+        load_trainable(bridge, checkpoint)
+        source = str(checkpoint)
+    return bridge, source
+
+
+class Paths:
+    """The three ways to answer a batch of examples; each returns the receiver's readout."""
+
+    def __init__(self, cfg, sender, receiver, bridge, layer: int):
+        self.cfg, self.sender, self.receiver, self.bridge, self.layer = cfg, sender, receiver, bridge, layer
+        self.rio, self.sio = PromptIO(receiver), PromptIO(sender)
+        self.template = self.rio.soft_prompt(cfg.task.receiver_primer, cfg.task.answer_prompt, cfg.bridge.placement)
+        self.label_ids = label_token_ids(self.rio, list(cfg.task.labels), cfg.task.label_prefix)
+        self.read_text = text_prompt(self.rio, cfg.task.prompt)
+        self.relay_prompt = text_prompt(self.sio, cfg.relay_prompt)
+        self.lengths: dict[str, list[int]] = {"sender_tokens": [], "relay_message_tokens": []}
+
+    def answer(self, seqs: list[list]):
+        if self.cfg.answer == "score":
+            return self.rio.score_labels(seqs, self.label_ids)
+        return self.rio.generate(seqs, max_new_tokens=self.cfg.answer_tokens)
+
+    @torch.no_grad()
+    def bridge_path(self, chunk: list[Example], timer: Timer):
+        ids = timer.stage("sender", lambda: sender_prompts(self.sender, chunk, self.cfg.task.prompt,
+                                                           self.cfg.task.max_input_tokens))
+        self.lengths["sender_tokens"] += [len(x) for x in ids]
+        feats = timer.stage("sender", lambda: encode(self.sender, ids, [self.layer], batch_size=len(ids))[self.layer])
+        soft = timer.stage("bridge", lambda: self.bridge(*collate(feats, self.receiver.device)).to(self.receiver.dtype))
+        seqs = [self.rio.fill(self.template, soft[j]) for j in range(len(chunk))]
+        return timer.stage("receiver", lambda: self.answer(seqs))
+
+    @torch.no_grad()
+    def text_relay_path(self, chunk: list[Example], timer: Timer):
+        messages = timer.stage("sender", lambda: self.sio.generate(self.relay_prompt(chunk),
+                                                                   max_new_tokens=self.cfg.relay_tokens))
+        self.lengths["relay_message_tokens"] += [len(self.sio.ids(m)) for m in messages]
+        relayed = [Example(idx=ex.idx, text=m.strip()) for ex, m in zip(chunk, messages)]
+        return timer.stage("receiver", lambda: self.answer(self.read_text(relayed)))
+
+    @torch.no_grad()
+    def direct_path(self, chunk: list[Example], timer: Timer):
+        return timer.stage("receiver", lambda: self.answer(self.read_text(chunk)))
+
+
+def measure(run, warmup: list[Example], timed: list[Example], batch_size: int, devices) -> dict:
+    """Warm up on ``warmup``, then time every batch of ``timed``; latency stats in ms."""
+    for chunk in batches(warmup, batch_size):
+        run(chunk, Timer(devices))
+    latencies, stages = [], {}
+    for chunk in batches(timed, batch_size):
+        timer = Timer(devices)
+        _sync(devices)
+        t0 = time.perf_counter()
+        run(chunk, timer)
+        _sync(devices)
+        latencies.append(time.perf_counter() - t0)
+        for k, v in timer.stages.items():
+            stages[k] = stages.get(k, 0.0) + v
+    total = sum(latencies)
+    ms = np.array(latencies) * 1000
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "mean_ms": float(ms.mean()),
+        "throughput_eps": len(timed) / total,
+        "n_examples": len(timed),
+        "n_batches": len(latencies),
+        "total_s": total,
+        **{f"{k}_share": v / total for k, v in stages.items()},
+    }
+
+
+@hydra.main(config_path="../conf", config_name="latency", version_base="1.3")
+def main(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    devices = placement(cfg)
+    sender, receiver = load_model(cfg.sender, devices["sender"]), load_model(cfg.receiver, devices["receiver"])
+    layer = resolve_layer(cfg.sender.layer, sender.num_layers)
+    m = num_latents(cfg)
+    bridge, checkpoint = load_bridge(cfg, sender, receiver, m)
+    bs = int(cfg.batch_size)
+    n_warm = bs * int(cfg.warmup_batches)
+    examples = load_split(cfg.task, cfg.data, "test", cap=cfg.num_inputs + n_warm, seed=cfg.data.sample_seed)
+    if len(examples) < cfg.num_inputs + n_warm:
+        raise ValueError(f"the test split has {len(examples)} examples; num_inputs + warm-up need "
+                         f"{cfg.num_inputs + n_warm}")
+    warmup, timed = examples[:n_warm], examples[n_warm:]
+    paths = Paths(cfg, sender, receiver, bridge, layer)
+    runners = {"bridge": paths.bridge_path, "text_relay": paths.text_relay_path, "direct": paths.direct_path}
+    dev_list = list(devices.values())
+
+    results = {name: measure(runners[name], warmup, timed, bs, dev_list) for name in PATHS}
+    paths.lengths["sender_tokens"] = paths.lengths["sender_tokens"][-len(timed):]  # timed inputs only
+    paths.lengths["relay_message_tokens"] = paths.lengths["relay_message_tokens"][-len(timed):]
+    mean_len = {k: float(np.mean(v)) for k, v in paths.lengths.items()}
+    direct_lens = [paths.rio.embed(paths.read_text([ex]))[2][0] for ex in timed]
+    info = {
+        "device": {k: str(v) for k, v in devices.items()},
+        "gpu": torch.cuda.get_device_name(devices["receiver"]) if devices["receiver"].type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+        "dtype": {"sender": str(sender.dtype), "receiver": str(receiver.dtype)},
+        "models": {"sender": cfg.sender.get("hub_id") or cfg.sender.name,
+                   "receiver": cfg.receiver.get("hub_id") or cfg.receiver.name,
+                   "random_init": bool(cfg.sender.random_init or cfg.receiver.random_init)},
+        "bridge_trained": checkpoint is not None,
+        "bridge_checkpoint": checkpoint,
+        "bridge_params": count_params(bridge),
+        "num_latents": m,
+        "sender_layer": layer,
+        "answer": cfg.answer if cfg.answer == "score" else f"generate {cfg.answer_tokens} tokens",
+        "mean_sender_tokens": mean_len["sender_tokens"],
+        "mean_relay_message_tokens": mean_len["relay_message_tokens"],
+        "mean_direct_receiver_tokens": float(np.mean(direct_lens)),
+        "bridge_receiver_tokens": paths.rio.embed([paths.rio.fill(
+            paths.template, torch.zeros(m, receiver.hidden_size, dtype=receiver.dtype))])[2][0],
+    }
+    ratios = {
+        "text_relay_over_bridge_p50": results["text_relay"]["p50_ms"] / results["bridge"]["p50_ms"],
+        "direct_over_bridge_p50": results["direct"]["p50_ms"] / results["bridge"]["p50_ms"],
+        "bridge_over_text_relay_throughput": results["bridge"]["throughput_eps"] / results["text_relay"]["throughput_eps"],
+        "bridge_over_direct_throughput": results["bridge"]["throughput_eps"] / results["direct"]["throughput_eps"],
+        "bridge_share_of_bridge_path": results["bridge"].get("bridge_share", 0.0),
+    }
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for name in PATHS:
+        write_json(job_dir / name / RESULT_FILE, {
+            "schema_version": SCHEMA_VERSION, "run_id": f"{job_dir.name}-{name}", "run_dir": str(job_dir / name),
+            "status": "completed", "method": "latency", "task": cfg.task.name, "seed": cfg.seed,
+            "config": {**config, "method": "latency", "path": name, "batch_size": bs},
+            "metrics": results[name], "latency": info, "env": environment(device=str(devices["receiver"])),
+            "finished_at": now(),
+        })
+    write_json(job_dir / "summary.json", {"config": config, "info": info, "paths": results, "ratios": ratios})
+
+    print(f"latency c{cfg.compression} batch {bs} on {info['device']['receiver']} "
+          f"({'trained' if checkpoint else 'UNTRAINED'} bridge, M={m}, answer: {info['answer']})")
+    for name in PATHS:
+        r = results[name]
+        print(f"  {name:<10} p50 {r['p50_ms']:8.1f} ms  p90 {r['p90_ms']:8.1f}  p99 {r['p99_ms']:8.1f}  "
+              f"{r['throughput_eps']:7.2f} ex/s")
+    print(f"  text_relay/bridge p50 {ratios['text_relay_over_bridge_p50']:.2f}x  "
+          f"direct/bridge p50 {ratios['direct_over_bridge_p50']:.2f}x  "
+          f"bridge share of bridge path {100 * ratios['bridge_share_of_bridge_path']:.2f}%")
+    print(f"  written: {job_dir}")
+    return ratios
+
+
+if __name__ == "__main__":
+    main()
