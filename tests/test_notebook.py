@@ -9,6 +9,7 @@ from nbclient import NotebookClient
 
 from analysis_fixtures import write_sweep
 from conftest import TINY, needs_data, run_train
+from telepathy import report
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "results.ipynb"
@@ -46,18 +47,21 @@ def test_notebook_on_synthetic_sweep(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @needs_data
-def test_notebook_on_a_real_tiny_sweep(tmp_path, monkeypatch):
-    """A real 2 seeds x 2 compression sweep through train.py (random 2-layer models), then the notebook."""
+def test_notebook_and_report_on_a_real_tiny_sweep(tmp_path, monkeypatch):
+    """A real 3-seed sweep through train.py (random 2-layer models), then the notebook and the phase report."""
     outputs = tmp_path / "outputs"
-    run_train("-m", *TINY, "seed=0,1", "compression=4,8", outputs=outputs)
+    run_train("-m", *TINY, "seed=0,1,2", outputs=outputs)
     runs_dir = outputs / "runs"
     records = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*/result.json"))]
-    assert len(records) == 4 and all(r["status"] == "completed" for r in records)
+    assert len(records) == 3 and all(r["status"] == "completed" for r in records)
+    accs = [r["metrics"]["accuracy"] for r in records]
+    c = records[0]["config"]["compression"]
+
     markdown, pngs = execute(runs_dir, monkeypatch)
-    table = markdown[0]
-    for c in (4, 8):
-        accs = [r["metrics"]["accuracy"] for r in records if r["config"]["compression"] == c]
-        assert len(accs) == 2
-        row = next(line for line in table.splitlines() if line.startswith(f"| sst2 | bridge | {c} |"))
-        assert f"| {100 * sum(accs) / 2:.1f} ± " in row and row.endswith("| 2 |")
+    row = next(line for line in markdown[0].splitlines() if line.startswith(f"| sst2 | bridge | {c} |"))
+    assert f"| {100 * sum(accs) / 3:.1f} ± " in row and row.endswith("| 3 |")
     assert pngs == 2
+
+    md, rec = report.build_report(outputs)
+    assert all(check["passed"] for check in rec["checks"]), rec["checks"]
+    assert rec["runs_by_status"] == {"completed": 3}
