@@ -14,7 +14,6 @@ Writes, under --out (default: <first input dir>/summary):
 import argparse
 import datetime
 import json
-import math
 import sys
 from pathlib import Path
 

@@ -250,41 +250,45 @@ def _runs(runs_or_paths):
 
 
 def _read_jsonl(path):
+    """Rows of a JSON Lines file. A cut-off last line (a run still appending to
+    its log) is skipped with a warning; a bad line anywhere else is an error."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not text.endswith("\n"):
+                warnings.warn(f"{path}:{i}: skipped a partly written last line")
                 continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: invalid JSON line: {e}") from None
+            raise ValueError(f"{path}:{i}: invalid JSON line: {e}") from None
     return rows
 
 
-def _source_dir(run):
-    """Directory whose files belong to this run: itself, or the run it reuses."""
-    d = Path(run["run_dir"])
-    src = run.get("reused_from")
-    if isinstance(src, str) and src:
-        for cand in (Path(src), d.parent / Path(src).name):
-            if cand.is_dir():
-                return d, cand
-    return d, None
+def _run_file(run, filename, follow_reuse):
+    """The run's own file, else (follow_reuse) the file of the run it reuses; None if neither exists."""
+    own = Path(run["run_dir"]) / filename
+    if own.exists():
+        return own
+    if follow_reuse and _is_reused(run):
+        src = Path(run["reused_from"])
+        for cand in (src / filename, own.parent.parent / src.name / filename):  # as recorded, or a sibling
+            if cand.exists():
+                return cand
+    return None
 
 
-def _per_run_rows(runs, filename):
+def _per_run_rows(runs, filename, follow_reuse):
     out = []
     keep = ["run_dir", "run_id", "status", "seed", "reused_from"] + GROUP_KEYS
     for run in runs.to_dict("records"):
-        own, src = _source_dir(run)
-        path = own / filename
-        if not path.exists() and src is not None:
-            path = src / filename
-        if not path.exists():
-            continue
-        for r in _read_jsonl(path):
-            out.append({**{k: run[k] for k in keep}, **r})
+        path = _run_file(run, filename, follow_reuse)
+        if path is not None:
+            cols = {k: run[k] for k in keep}
+            out.extend({**cols, **r} for r in _read_jsonl(path))
     return out
 
 
@@ -295,13 +299,14 @@ def load_predictions(runs_or_paths):
     A reused run reads its source run's predictions if it has none of its own.
     """
     runs = _runs(runs_or_paths)
-    return pd.DataFrame(_per_run_rows(runs, PREDICTIONS_FILE))
+    return pd.DataFrame(_per_run_rows(runs, PREDICTIONS_FILE, follow_reuse=True))
 
 
 def load_logs(runs_or_paths):
-    """Per-step rows (log.jsonl: training rows and eval rows) with their run's columns."""
+    """Per-step rows (log.jsonl: training rows and eval rows) with their run's
+    columns. A reused run trained nothing and has no rows."""
     runs = _runs(runs_or_paths)
-    return pd.DataFrame(_per_run_rows(runs, LOG_FILE))
+    return pd.DataFrame(_per_run_rows(runs, LOG_FILE, follow_reuse=False))
 
 
 # -----------------------------------------------------------------------------

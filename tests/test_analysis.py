@@ -163,11 +163,24 @@ def test_predictions_and_logs_carry_run_columns(tmp_path):
     assert logs["loss"].notna().sum() == 4 and logs["eval_accuracy"].notna().sum() == 2
 
 
+def test_log_of_a_running_run_with_a_cut_off_line(tmp_path):
+    run = write_run(tmp_path, seed=0, status="running", metrics={}, log=training_log(4))
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    with pytest.warns(UserWarning, match="partly written"):
+        assert analysis.load_logs(tmp_path)["step"].max() == 4
+    (run / "log.jsonl").write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match="log.jsonl:1"):
+        analysis.load_logs(tmp_path)
+
+
 def test_reused_run_reads_source_predictions(tmp_path):
     src = write_run(tmp_path, method="receiver_only", seed=0, metrics={"accuracy": 0.5}, correct=[1, 0])
     write_run(tmp_path, method="receiver_only", seed=1, metrics={"accuracy": 0.5}, reused_from=src)
     preds = analysis.load_predictions(tmp_path)
     assert sorted(preds["seed"]) == [0, 0, 1, 1]
+    (src / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    assert list(analysis.load_logs(tmp_path)["seed"]) == [0]  # the reused run trained nothing
 
 
 # -----------------------------------------------------------------------------
