@@ -39,11 +39,7 @@ def evaluate_classification(
         for chunk in batches(examples, eval_cfg.batch_size):
             seqs = build(chunk)
             if eval_cfg.readout == "score":
-                scores = io.score_labels(seqs, label_ids).float().cpu()
-                preds = scores.argmax(-1).tolist()
-                for ex, pred, s in zip(chunk, preds, scores.tolist()):
-                    rows.append({"idx": ex.idx, "id": ex.id, "label": ex.label, "pred": pred,
-                                 "correct": pred == ex.label, "scores": [round(v, 4) for v in s]})
+                rows += score_rows(chunk, io.score_labels(seqs, label_ids))
             else:
                 outputs = io.generate(seqs, max_new_tokens=eval_cfg.max_new_tokens)
                 for ex, text in zip(chunk, outputs):
@@ -56,6 +52,18 @@ def evaluate_classification(
         metrics["unparseable"] = sum(r["pred"] == -1 for r in rows)
     metrics["eval_s"] = time.time() - t0
     return metrics, rows
+
+
+def score_rows(examples: list[Example], scores: torch.Tensor) -> list[dict]:
+    """Prediction rows of a score readout: ``scores`` [N, K] (one column per label id), argmax wins.
+
+    Every classifier that scores labels (the receiver's log-likelihoods, a linear probe's
+    log-probabilities) writes its predictions through here, so the rows look the same.
+    """
+    scores = scores.float().cpu()
+    preds = scores.argmax(-1).tolist()
+    return [{"idx": ex.idx, "id": ex.id, "label": ex.label, "pred": pred, "correct": pred == ex.label,
+             "scores": [round(v, 4) for v in s]} for ex, pred, s in zip(examples, preds, scores.tolist())]
 
 
 def summary_text(output: str, first_line: bool = True) -> str:

@@ -16,6 +16,9 @@ from types import ModuleType
 
 REGISTRY = {
     "bridge": "telepathy.bridge_recipe",
+    "linear_probe": "baselines.linear_probe",
+    "prompt_tuning": "baselines.prompt_tuning",
+    "lora": "baselines.lora",
 }
 
 
