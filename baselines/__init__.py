@@ -1,0 +1,1 @@
+"""Baselines the latent bridge is compared with (one module per ``method``)."""
