@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from telepathy import analysis
+from telepathy.analysis import is_missing
 
 METRIC_NAMES = {"accuracy": "Accuracy", "macro_f1": "Macro-F1", "rouge1": "ROUGE-1",
                 "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
@@ -44,16 +45,12 @@ def build(paths, metric="accuracy", baseline_method="bridge", confidence=0.95, n
 # -----------------------------------------------------------------------------
 # formatting
 
-def _isna(v):
-    return analysis._isna(v)
-
-
 def _fmt(v, scale, digits):
-    return "—" if _isna(v) else f"{v * scale:.{digits}f}"
+    return "—" if is_missing(v) else f"{v * scale:.{digits}f}"
 
 
 def _plain(v):
-    if _isna(v):
+    if is_missing(v):
         return ""
     if isinstance(v, float) and v.is_integer():
         return f"{v:g}"
@@ -121,16 +118,16 @@ def _baseline_desc(c, vary):
     parts = []
     for k in vary:
         v = c.get(f"baseline.{k}")
-        if not _isna(v):
+        if not is_missing(v):
             parts.append(f"{COLUMN_NAMES[k].lower()}={_plain(v)}")
     return f"{c['baseline.method']}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def comparison_table(comparisons, summary, metric="accuracy", scale=100.0, digits=1):
+def comparison_table(comparisons, metric="accuracy", scale=100.0, digits=1):
     keys = ["task", "method"]
     if comparisons["compression"].notna().any():
         keys.append("compression")
-    keys += [k for k in OPTIONAL_COLUMNS if summary[k].dropna().astype(str).nunique() > 1]
+    keys += [k for k in OPTIONAL_COLUMNS if comparisons[k].dropna().map(_plain).nunique() > 1]
     unit = " (pp)" if scale == 100 else ""
     mcnemar = (comparisons["test"] == "mcnemar").all()
     header = [COLUMN_NAMES[k] for k in keys] + ["vs", f"Δ{unit} [95% CI]", "pairs",
@@ -141,12 +138,12 @@ def comparison_table(comparisons, summary, metric="accuracy", scale=100.0, digit
                  if comparisons[f"baseline.{k}"].dropna().map(_plain).nunique() > 1]
     rows = []
     for c in comparisons.to_dict("records"):
-        delta = "—" if _isna(c["delta"]) else (
+        delta = "—" if is_missing(c["delta"]) else (
             f"{c['delta'] * scale:+.{digits}f} [{c['delta_ci_low'] * scale:+.{digits}f}, "
             f"{c['delta_ci_high'] * scale:+.{digits}f}]")
         row = [_plain(c[k]) for k in keys] + [_baseline_desc(c, base_keys), delta, str(int(c["n_pairs"]))]
         if mcnemar:
-            row.append("—" if _isna(c.get("b")) else f"{int(c['b'])} / {int(c['c'])}")
+            row.append("—" if is_missing(c.get("b")) else f"{int(c['b'])} / {int(c['c'])}")
         row += [_pfmt(c["p"]), _pfmt(c["p_holm"])]
         rows.append(row)
     notes = ["Paired on the same test items and seeds; Δ = method − baseline with a paired bootstrap "
@@ -159,7 +156,7 @@ def comparison_table(comparisons, summary, metric="accuracy", scale=100.0, digit
 
 
 def _pfmt(p):
-    if _isna(p):
+    if is_missing(p):
         return "—"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
@@ -199,7 +196,7 @@ def _jsonable(v):
         return {str(k): _jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple, np.ndarray)):
         return [_jsonable(x) for x in v]
-    if _isna(v):
+    if is_missing(v):
         return None
     if isinstance(v, np.bool_):
         return bool(v)
@@ -241,7 +238,7 @@ def write_outputs(result, out, paths, metric="accuracy", baseline_method="bridge
     tables = [(f"{name} per task and method.", metric_table(summary, metric, scale, digits))]
     if len(comparisons):
         tables.append((f"{name}: paired comparison with {baseline_method}.",
-                       comparison_table(comparisons, summary, metric, scale, digits)))
+                       comparison_table(comparisons, metric, scale, digits)))
     md = "\n".join(f"### {cap}\n\n{to_markdown(*t)}" for cap, t in tables)
     (out / "summary.md").write_text(md)
     (out / "summary.tex").write_text("\n".join(to_latex(*t, caption=cap) for cap, t in tables))

@@ -63,6 +63,17 @@ class MissingMetricError(ValueError):
     """A completed run lacks a metric that other runs of its task report."""
 
 
+def is_missing(v):
+    """None, NaN or <NA>: a value that was not recorded."""
+    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+
+
+def is_reused(run):
+    """The run copied the result of another seed's run (deterministic method)."""
+    src = run.get("reused_from")
+    return isinstance(src, str) and bool(src)
+
+
 # -----------------------------------------------------------------------------
 # finding run directories
 
@@ -273,7 +284,7 @@ def _run_file(run, filename, follow_reuse):
     own = Path(run["run_dir"]) / filename
     if own.exists():
         return own
-    if follow_reuse and _is_reused(run):
+    if follow_reuse and is_reused(run):
         src = Path(run["reused_from"])
         for cand in (src / filename, own.parent.parent / src.name / filename):  # as recorded, or a sibling
             if cand.exists():
@@ -393,20 +404,11 @@ def paired_permutation_p(x, y, n_resamples=9_999, seed=0):
 # aggregation across seeds
 
 def _group_key(row):
-    return tuple(None if _isna(row[k]) else row[k] for k in GROUP_KEYS)
-
-
-def _isna(v):
-    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+    return tuple(None if is_missing(row[k]) else row[k] for k in GROUP_KEYS)
 
 
 def metric_column(metric):
     return metric if metric.startswith("metrics.") else f"metrics.{metric}"
-
-
-def _is_reused(run):
-    src = run.get("reused_from")
-    return isinstance(src, str) and bool(src)
 
 
 def _independent(completed):
@@ -416,10 +418,10 @@ def _independent(completed):
     obs = {}
     for run in completed:
         own = Path(run["run_dir"]).name
-        key = Path(run["reused_from"]).name if _is_reused(run) else own
+        key = Path(run["reused_from"]).name if is_reused(run) else own
         if key not in obs or own == key:
             obs[key] = run
-    return list(obs.values()), any(_is_reused(r) for r in completed)
+    return list(obs.values()), any(is_reused(r) for r in completed)
 
 
 def _groups(runs):
@@ -447,9 +449,9 @@ def _groups(runs):
 def summarize(runs, metric="accuracy", confidence=0.95):
     """One row per experiment (GROUP_KEYS), with mean and CI of `metric` across seeds.
 
-    Runs of BENCHMARK_METHODS and of tasks where no completed run reports the
-    metric are left out (e.g. accuracy for xsum); the caller can list them
-    from `runs`. Within a task that reports it, a completed run without the
+    Runs of BENCHMARK_METHODS, and of tasks whose completed runs do not report
+    the metric (e.g. accuracy for xsum), are left out; the caller can list them
+    from `runs`. A task with no completed run stays in, its groups without a value. Within a task that reports it, a completed run without the
     metric raises MissingMetricError.
     """
     col = metric_column(metric)
@@ -457,7 +459,9 @@ def summarize(runs, metric="accuracy", confidence=0.95):
     if col not in runs:
         raise MissingMetricError(f"no run reports {col}")
     completed = runs[runs["status"] == "completed"]
-    tasks = set(completed.loc[completed[col].notna(), "task"])
+    # tasks that report the metric, and tasks with no completed run at all
+    # (which might: their failures must show, not vanish from the table)
+    tasks = set(completed.loc[completed[col].notna(), "task"]) | (set(runs["task"]) - set(completed["task"]))
     bad = completed[completed["task"].isin(tasks) & completed[col].isna()]
     if len(bad):
         raise MissingMetricError(f"completed runs without {col}:\n  " + "\n  ".join(bad["run_dir"]))
@@ -489,7 +493,7 @@ def summarize(runs, metric="accuracy", confidence=0.95):
         })
     df = pd.DataFrame(out)
     return df.sort_values(["task", "method", "compression"], na_position="first", kind="stable",
-                          key=lambda s: s.astype(str) if s.dtype == object else s).reset_index(drop=True)
+                          ignore_index=True)
 
 
 # -----------------------------------------------------------------------------
@@ -519,7 +523,7 @@ def _matches(a, b):
     for k in GROUP_KEYS:
         if k in ("method", "model"):
             continue
-        if not _isna(a[k]) and not _isna(b[k]) and a[k] != b[k]:
+        if not is_missing(a[k]) and not is_missing(b[k]) and a[k] != b[k]:
             return False
     return a["task"] == b["task"]
 

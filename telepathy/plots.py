@@ -2,13 +2,12 @@
 (built without pyplot, so no global state and no display needed) and, given
 `stem`, writes stem.png and stem.pdf."""
 
-import math
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from telepathy.analysis import BENCHMARK_METHODS
+from telepathy.analysis import BENCHMARK_METHODS, is_missing
 
 
 def save(fig, stem):
@@ -20,15 +19,11 @@ def save(fig, stem):
     return paths
 
 
-def _isna(v):
-    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
-
-
 def _label(row, vary):
     parts = [str(row["method"])]
     for k in vary:
         v = row[k]
-        if not _isna(v):
+        if not is_missing(v):
             parts.append(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}")
     return " ".join(parts)
 
@@ -64,7 +59,7 @@ def accuracy_vs_compression(summary, metric="accuracy", scale=100.0, stem=None):
         for _, r in t[t["compression"].isna()].iterrows():
             color = next(colors)
             ax.axhline(r["mean"] * scale, color=color, ls="--", label=_label(r, vary))
-            if not _isna(r["ci_low"]):
+            if not is_missing(r["ci_low"]):
                 ax.axhspan(r["ci_low"] * scale, r["ci_high"] * scale, color=color, alpha=0.12)
         if len(with_c):
             ax.set_xscale("log", base=2)

@@ -30,7 +30,7 @@ MIN_SEEDS = 3
 
 def gpu_count(run):
     """GPUs the run held: the launcher's plan, else the GPUs it saw, else 0 on CPU; NaN if unknown."""
-    if not analysis._isna(run.get("resources.gpus")):
+    if not analysis.is_missing(run.get("resources.gpus")):
         return float(run["resources.gpus"])
     names = run.get("env.gpu_names")
     if isinstance(names, str):
@@ -56,24 +56,24 @@ def resource_table(runs):
     util_cols = [c for c in runs.columns if "util" in c.lower() and not c.startswith("config.")]
     rows = []
     for run in runs[runs["status"].isin(["completed", "failed", "interrupted", "running"])].to_dict("records"):
-        reused = analysis._is_reused(run)
+        reused = analysis.is_reused(run)
         gpus = gpu_count(run)
         total_s = run.get("timing.total_s", np.nan)
         # a reused run copies its source's timing but computed nothing
-        hours = 0.0 if reused else (gpus * total_s / 3600 if not analysis._isna(total_s) else np.nan)
+        hours = 0.0 if reused else (gpus * total_s / 3600 if not analysis.is_missing(total_s) else np.nan)
         est, source = run.get("resources.estimate_gb", np.nan), "recorded"
-        if analysis._isna(est) and not reused:
+        if analysis.is_missing(est) and not reused:
             try:
                 est, source = computed_estimate_gb(run), "computed"
             except Exception as e:  # an old or foreign config: say so, do not guess
                 est, source = np.nan, f"unavailable ({type(e).__name__})"
         peak_mb = run.get("memory.peak_gpu_mb", np.nan)
-        peak_gb = np.nan if analysis._isna(peak_mb) else peak_mb / 1024
+        peak_gb = np.nan if analysis.is_missing(peak_mb) else peak_mb / 1024
         rows.append({
             "run_id": run["run_id"], "status": run["status"], "reused": reused, "gpus": gpus,
             "total_s": total_s, "gpu_hours": hours, "peak_gpu_gb": peak_gb, "estimate_gb": est,
-            "estimate_source": source if not analysis._isna(est) or source != "recorded" else "not recorded",
-            "peak_over_estimate": (peak_gb / est) if not (analysis._isna(peak_gb) or analysis._isna(est) or est == 0)
+            "estimate_source": source if not analysis.is_missing(est) or source != "recorded" else "not recorded",
+            "peak_over_estimate": (peak_gb / est) if not (analysis.is_missing(peak_gb) or analysis.is_missing(est) or est == 0)
             else np.nan,
             "peak_rss_gb": run.get("memory.peak_rss_mb", np.nan) / 1024,
             **{c: run.get(c) for c in util_cols},
@@ -99,7 +99,7 @@ def checks(runs, metric="accuracy"):
         short = s[(s["n_independent"] < MIN_SEEDS) & ~s["deterministic"]]
         detail = (f"{len(s) - len(short)}/{len(s)} experiments have >= {MIN_SEEDS} seeds or are deterministic"
                   + ("; short: " + "; ".join(f"{r.task}/{r.method}" + (f"/c{_plain(r.compression)}"
-                                                                      if not analysis._isna(r.compression) else "")
+                                                                      if not analysis.is_missing(r.compression) else "")
                                               + f" n={r.n_independent}" for r in short.itertuples())
                      if len(short) else ""))
         out.append((f"{MIN_SEEDS} seeds with CIs ({metric})", len(s) > 0 and not len(short), detail))
@@ -109,7 +109,7 @@ def checks(runs, metric="accuracy"):
 
 
 def _num(v, fmt):
-    return "—" if analysis._isna(v) else format(v, fmt)
+    return "—" if analysis.is_missing(v) else format(v, fmt)
 
 
 def build_report(phase_dir, metric="accuracy"):
@@ -124,7 +124,7 @@ def build_report(phase_dir, metric="accuracy"):
     bad = runs[runs["status"] != "completed"]
     if len(bad):
         rows = [[r["run_id"], r["status"], _plain(r["error.type"]) or "—",
-                 "yes" if not analysis._isna(r.get("error.oom")) and bool(r["error.oom"]) else "",
+                 "yes" if not analysis.is_missing(r.get("error.oom")) and bool(r["error.oom"]) else "",
                  (_plain(r["error.message"]) or "").splitlines()[0][:120] if _plain(r["error.message"]) else "",
                  r["run_dir"]] for r in bad.to_dict("records")]
         lines += ["## Not completed", "",

@@ -226,6 +226,12 @@ def test_task_without_the_metric_is_left_out(tmp_path):
     write_run(tmp_path, task="xsum", seed=0, metrics={"rougeL": 0.2})
     s = analysis.summarize(analysis.load_runs(tmp_path))
     assert list(s["task"]) == ["sst2"]
+    # a task whose every run failed is shown (with no value), not dropped
+    write_run(tmp_path, task="trec", seed=0, status="failed", metrics={},
+              error={"type": "RuntimeError", "message": "boom", "traceback": "", "oom": False})
+    s = analysis.summarize(analysis.load_runs(tmp_path)).set_index("task")
+    assert s.loc["trec", "n_independent"] == 0 and math.isnan(s.loc["trec", "mean"])
+    assert s.loc["trec", "status_counts"] == {"failed": 1}
     with pytest.raises(analysis.MissingMetricError):
         analysis.summarize(analysis.load_runs(tmp_path), metric="bleu")
 
