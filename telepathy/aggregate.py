@@ -3,7 +3,8 @@
     python -m telepathy.aggregate outputs/runs [more dirs or globs] [--out DIR]
         [--metric accuracy] [--baseline-method bridge]
 
-Writes, under --out (default: <first input dir>/summary):
+Writes, under --out (default: <first input dir>/summary, or <dir>/../summary
+for a dir named runs, so outputs/runs -> outputs/summary):
   summary.json   every number in the tables, plus incomplete runs
   summary.md     Markdown tables (metric per task x method; paired comparisons)
   summary.tex    the same tables as LaTeX (booktabs)
@@ -263,7 +264,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m telepathy.aggregate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+", help="run dirs, sweep dirs or glob patterns (quote globs)")
-    ap.add_argument("--out", help="output dir (default: <first input dir>/summary)")
+    ap.add_argument("--out", help="output dir (default: <first input dir>/summary; outputs/runs -> outputs/summary)")
     ap.add_argument("--metric", default="accuracy", help="key of result.json metrics (default: accuracy)")
     ap.add_argument("--baseline-method", default="bridge", help="method the others are compared with")
     ap.add_argument("--confidence", type=float, default=0.95)
@@ -281,7 +282,8 @@ def main(argv=None):
         first = Path(args.paths[0])
         if not first.is_dir():
             ap.error("--out is required when the first input is not a directory")
-        out = first / "summary"
+        # beside a runs/ dir, not in it: every entry of runs/ is a run
+        out = (first.parent if first.resolve().name == "runs" else first) / "summary"
     result = build(args.paths, args.metric, args.baseline_method, args.confidence, args.n_boot, args.seed)
     runs = result["runs"]
     bad = runs[runs["status"] != "completed"]

@@ -56,7 +56,7 @@ FRIENDLY = {
 # "same experiment across seeds" = same values of these columns
 GROUP_KEYS = ["task", "method", "sender", "receiver", "compression", "num_latents", "layer", "model"]
 # methods that measure systems, not task quality: plotted, never in the metric tables
-BENCHMARK_METHODS = ("latency",)
+BENCHMARK_METHODS = ("latency", "train_throughput")
 
 
 class MissingMetricError(ValueError):

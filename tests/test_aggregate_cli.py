@@ -74,6 +74,12 @@ def test_every_table_number_comes_from_summary_json(tmp_path):
             assert f"{100 * g['mean']:.1f} ± {100 * g['ci_half']:.1f}" in md
 
 
+def test_default_out_is_beside_runs_not_inside(tmp_path):
+    runs = write_sweep(tmp_path / "outputs" / "runs", n_items=10)
+    assert run_module("telepathy.aggregate", runs, "--n-boot", 100).returncode == 0
+    assert (tmp_path / "outputs" / "summary" / "summary.json").exists() and not (runs / "summary").exists()
+
+
 def test_aggregate_cli_fails_loudly_on_a_bad_glob(tmp_path):
     proc = run_module("telepathy.aggregate", str(tmp_path / "outptus" / "*"), "--out", tmp_path / "s")
     assert proc.returncode != 0 and "no files match" in proc.stderr
