@@ -236,11 +236,13 @@ def write_outputs(result, out, paths, metric="accuracy", baseline_method="bridge
     out.mkdir(parents=True, exist_ok=True)
     summary, comparisons = result["summary"], result["comparisons"]
     name = METRIC_NAMES.get(metric, metric)
-    tables = [(f"{name} per task and method.", metric_table(summary, metric, scale, digits))]
+    tables = []
+    if len(summary):
+        tables.append((f"{name} per task and method.", metric_table(summary, metric, scale, digits)))
     if len(comparisons):
         tables.append((f"{name}: paired comparison with {baseline_method}.",
                        comparison_table(comparisons, metric, scale, digits)))
-    md = "\n".join(f"### {cap}\n\n{to_markdown(*t)}" for cap, t in tables)
+    md = "\n".join(f"### {cap}\n\n{to_markdown(*t)}" for cap, t in tables) or "No task runs to tabulate.\n"
     (out / "summary.md").write_text(md)
     (out / "summary.tex").write_text("\n".join(to_latex(*t, caption=cap) for cap, t in tables))
     record = summary_record(result, paths, metric, baseline_method, confidence)

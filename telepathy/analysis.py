@@ -28,9 +28,8 @@ from scipy import stats
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 LOG_FILE = "log.jsonl"
-# any of these marks a directory as a run directory (a run that died early
-# may only have its Hydra config or a step log)
-RUN_MARKERS = (RESULT_FILE, LOG_FILE, PREDICTIONS_FILE, "checkpoints", ".hydra")
+# any of these marks a directory as a run directory
+RUN_MARKERS = (RESULT_FILE, LOG_FILE, PREDICTIONS_FILE, "checkpoints")
 # statuses result.json may carry (telepathy/app.py); loaders add the last two
 STATUSES = ("completed", "running", "failed", "interrupted", "missing", "malformed")
 SCHEMA_VERSION = 1
@@ -77,17 +76,21 @@ def is_reused(run):
 # -----------------------------------------------------------------------------
 # finding run directories
 
-def _is_run_dir(d):
-    return any((d / m).exists() for m in RUN_MARKERS)
-
-
 def _walk_runs(d):
-    if _is_run_dir(d):
+    """Run directories at or under d. A directory holding only Hydra's `.hydra/`
+    is a run that died before writing anything, unless run directories lie
+    below it (a job dir that writes one run per subdirectory)."""
+    if any((d / m).exists() for m in RUN_MARKERS):
         yield d
         return
+    below = False
     for child in sorted(d.iterdir()):
         if child.is_dir() and not child.name.startswith("."):
-            yield from _walk_runs(child)
+            for run in _walk_runs(child):
+                below = True
+                yield run
+    if not below and (d / ".hydra").is_dir():
+        yield d
 
 
 def find_run_dirs(paths):
@@ -456,6 +459,9 @@ def summarize(runs, metric="accuracy", confidence=0.95):
     """
     col = metric_column(metric)
     runs = runs[~runs["method"].isin(BENCHMARK_METHODS)]
+    if not len(runs):
+        return pd.DataFrame(columns=GROUP_KEYS + ["n_runs", "n_completed", "n_independent", "deterministic",
+                                                  "mean", "ci_low", "ci_high", "ci_half", "run_dirs"])
     if col not in runs:
         raise MissingMetricError(f"no run reports {col}")
     completed = runs[runs["status"] == "completed"]

@@ -75,18 +75,23 @@ def accuracy_vs_compression(summary, metric="accuracy", scale=100.0, stem=None):
 
 
 def latency(runs, stem=None):
-    """Latency (p50, p99 dashed) and throughput vs batch size, one line per path,
-    from completed latency-benchmark runs (mean over repeats)."""
+    """Latency per batch (p50, p99 dashed) and throughput vs batch size, one
+    line per path (and per compression / models / task where the runs differ),
+    from completed latency-benchmark runs; repeats of one setting are averaged."""
     r = runs[runs["method"].isin(BENCHMARK_METHODS) & (runs["status"] == "completed")]
     need = ["batch_size", "path", "metrics.p50_ms", "metrics.p99_ms", "metrics.throughput_eps"]
     missing = [c for c in need if c not in r or r[c].isna().all()]
     if not len(r) or missing:
         raise ValueError(f"no latency results to plot (missing {missing or 'runs'})")
     r = r.astype({"batch_size": int})
-    agg = r.groupby(["path", "batch_size"], sort=True)[need[2:]].mean().reset_index()
+    # one line per path, and per setting where runs differ in one (never averaged over)
+    vary = _varying(r, ["compression", "sender", "receiver", "task"])
+    r = r.assign(line=r.apply(lambda row: " ".join([str(row["path"])] + [
+        f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in vary]), axis=1))
+    agg = r.groupby(["line", "batch_size"], sort=True)[need[2:]].mean().reset_index()
     fig = Figure(figsize=(8.4, 3.4), layout="constrained")
     ax_lat, ax_thr = fig.subplots(1, 2)
-    for i, (path, g) in enumerate(agg.groupby("path", sort=True)):
+    for i, (path, g) in enumerate(agg.groupby("line", sort=True)):
         color = f"C{i}"
         ax_lat.plot(g["batch_size"], g["metrics.p50_ms"], "o-", color=color, label=f"{path} p50")
         ax_lat.plot(g["batch_size"], g["metrics.p99_ms"], "x--", color=color, label=f"{path} p99")

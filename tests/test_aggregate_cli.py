@@ -104,12 +104,12 @@ def test_single_seed_table_says_no_ci(tmp_path):
 def test_latency_plot_from_benchmark_records(tmp_path):
     for path, base in (("bridge", 10.0), ("text_relay", 30.0)):
         for bs in (1, 4, 16):
-            for seed in (0, 1):
-                write_run(tmp_path, task="sst2", method="latency", seed=seed, compression=None,
+            for seed in (0, 1):  # shaped like benchmarks/latency.py's records: config.method is a string
+                write_run(tmp_path, task="sst2", method="latency", seed=seed, compression=8,
                           name=f"lat-{path}-b{bs}-s{seed}",
                           metrics={"p50_ms": base * bs ** 0.5 + seed, "p90_ms": base * bs ** 0.5 + 2,
                                    "p99_ms": base * bs ** 0.5 + 5, "throughput_eps": bs * 1000 / (base * bs ** 0.5)},
-                          config_extra={"batch_size": bs, "path": path})
+                          config_extra={"method": "latency", "batch_size": bs, "path": path})
     runs = analysis.load_runs(tmp_path)
     assert sorted(runs["batch_size"].unique()) == [1, 4, 16]
     fig = plots.latency(runs, tmp_path / "plots" / "latency")
@@ -118,7 +118,16 @@ def test_latency_plot_from_benchmark_records(tmp_path):
     assert list(bridge_p50.get_xdata()) == [1, 4, 16]
     assert list(bridge_p50.get_ydata()) == pytest.approx([10.5, 20.5, 40.5])  # mean over the two seeds
     assert {l.get_label() for l in thr.lines} == {"bridge", "text_relay"}
+    assert set(runs["compression"]) == {8.0}
     assert (tmp_path / "plots" / "latency.png").exists() and (tmp_path / "plots" / "latency.pdf").exists()
+    # a second compression factor is its own line, never averaged with the first
+    write_run(tmp_path, task="sst2", method="latency", seed=0, compression=16, name="lat-bridge-c16",
+              metrics={"p50_ms": 99.0, "p90_ms": 99.0, "p99_ms": 99.0, "throughput_eps": 1.0},
+              config_extra={"method": "latency", "batch_size": 1, "path": "bridge", "compression": 16})
+    lat, _ = plots.latency(analysis.load_runs(tmp_path)).axes
+    labels = {l.get_label(): l for l in lat.lines}
+    assert list(labels["bridge compression=16 p50"].get_ydata()) == [99.0]
+    assert list(labels["bridge compression=8 p50"].get_ydata()) == pytest.approx([10.5, 20.5, 40.5])
     # benchmark runs never enter the metric tables
     write_run(tmp_path, seed=0, metrics={"accuracy": 0.7})
     assert list(analysis.summarize(analysis.load_runs(tmp_path))["method"]) == ["bridge"]

@@ -147,6 +147,15 @@ def test_glob_mix_and_no_double_counting(tmp_path):
     assert runs["run_dir"].is_unique
 
 
+def test_job_dir_with_runs_below_is_not_a_run(tmp_path):
+    job = tmp_path / "c8-b1"
+    (job / ".hydra").mkdir(parents=True)
+    for path in ("bridge", "direct"):
+        write_run(job, method="latency", name=path, metrics={"p50_ms": 1.0})
+    runs = analysis.load_runs(tmp_path)
+    assert sorted(runs["run_id"]) == ["bridge", "direct"]
+
+
 def test_glob_that_matches_nothing_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no files match"):
         analysis.load_runs(str(tmp_path / "outptus" / "*"))
