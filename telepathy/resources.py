@@ -20,8 +20,10 @@ allocator fragmentation and CUDA context.
 ``plan(cfg)`` turns the estimate into a SLURM request: 1 GPU when everything fits
 on one ``cluster.gpu_mem_gb`` GPU, 2 GPUs (sender on ``cuda:0``, receiver and
 bridge on ``cuda:1``) when only the split fits, ``ConfigError`` naming the
-estimate when even that does not fit. Methods that use a single model always
-get one GPU and the smaller ``cluster.single_model`` CPU/memory request.
+estimate when even that does not fit. ``method.models`` says what a method loads:
+roles (``sender``, ``receiver``) or model configs named by file (``llama32_1b``),
+which live on the receiver's device as in ``telepathy.app``. Methods that load a
+single model always get one GPU and the smaller ``cluster.single_model`` request.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 from omegaconf import OmegaConf
 
-from telepathy.config import ConfigError, num_latents
+from telepathy.config import CONF_DIR, ConfigError, group_options, num_latents
 
 GB = 1024**3
 BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
@@ -45,8 +47,10 @@ FORWARD_BYTES_PER_TOKEN_HIDDEN = 16
 # methods whose training back-propagates through the receiver, and the fraction of the
 # receiver's parameters they train (adapters) on top of the bridge
 BACKPROP_THROUGH_RECEIVER = {"bridge": 0.0, "prompt_tuning": 0.0, "lora": 0.01}
-# methods that put several copies of the input in the receiver's prompt
+# methods that put demonstrations in the prompt: key of the shots per class
 FEWSHOT_METHODS = {"fewshot": "shots"}
+# methods that read every layer's hidden states of the model they load
+KEEP_ALL_LAYERS = {"linear_probe"}
 
 
 def _get(cfg, key: str, default=None):
@@ -55,12 +59,23 @@ def _get(cfg, key: str, default=None):
 
 
 def models_used(cfg) -> list[str]:
-    """The roles the method loads: ``method.models`` (default: both)."""
-    roles = list(_get(cfg, "method.models", ["sender", "receiver"]))
-    unknown = [r for r in roles if r not in ("sender", "receiver")]
-    if not roles or unknown:
-        raise ConfigError(f"method.models={roles} is not allowed; allowed: a non-empty subset of [sender, receiver]")
-    return roles
+    """What the method loads (``method.models``, default both roles): ``sender``, ``receiver``,
+    or the name of a model config in ``conf/model/`` (single-model baselines, LLMLingua's scorer)."""
+    entries = [str(e) for e in _get(cfg, "method.models", ["sender", "receiver"])]
+    allowed = ["sender", "receiver", *group_options("model")]
+    unknown = [e for e in entries if e not in allowed]
+    if not entries or unknown:
+        raise ConfigError(f"method.models={entries} is not allowed; allowed: a non-empty list of "
+                          f"{', '.join(allowed)}")
+    return entries
+
+
+def model_facts(cfg, entry: str):
+    """The model config of a role, or of a model named by its ``conf/model`` file (only the
+    published facts are read: num_params, hidden_size, num_layers, vocab_size, dtype)."""
+    if entry in ("sender", "receiver"):
+        return cfg[entry]
+    return OmegaConf.load(CONF_DIR / "model" / f"{entry}.yaml")
 
 
 def uses_bridge(cfg) -> bool:
@@ -151,30 +166,35 @@ def estimate(cfg) -> Estimate:
         text_tokens += int(_get(cfg, "eval.max_new_tokens", 0))
     train_batch = int(cfg.trainer.batch_size)
     eval_batch = int(_get(cfg, "eval.batch_size", train_batch))
-    trains_through_receiver = method in BACKPROP_THROUGH_RECEIVER and "receiver" in roles
 
-    sender_gb = sender_act = 0.0
-    if "sender" in roles:
-        sender_gb = _weights_gb(cfg.sender)
-        sender_act = _forward_activations_gb(cfg.sender, max(train_batch, eval_batch), text_tokens,
-                                             keep_all_layers=True)
-
-    receiver_gb = receiver_act = bridge_gb = 0.0
-    if "receiver" in roles:
-        receiver_gb = _weights_gb(cfg.receiver)
-        if uses_bridge(cfg):
-            receiver_tokens = num_latents(cfg) + overhead
+    feeds_bridge = uses_bridge(cfg) and "sender" in roles
+    sender_gb = sender_act = receiver_gb = receiver_act = bridge_gb = 0.0
+    for entry in dict.fromkeys(roles):
+        model = model_facts(cfg, entry)
+        if entry == "sender":
+            # the sender's hidden states feed the bridge / probe: every layer is kept
+            sender_gb += _weights_gb(model)
+            sender_act += _forward_activations_gb(model, max(train_batch, eval_batch), text_tokens,
+                                                  keep_all_layers=True)
+            continue
+        # the receiver and any named model live on the receiver's device
+        receiver_gb += _weights_gb(model)
+        if entry == "receiver" and feeds_bridge:
+            tokens = num_latents(cfg) + overhead  # soft tokens instead of the text
+        elif entry == "receiver" and uses_bridge(cfg):
+            tokens = text_tokens + num_latents(cfg)  # prompt tuning: M learned tokens + the text
         elif method in FEWSHOT_METHODS:
             shots = int(_get(cfg, f"method.{FEWSHOT_METHODS[method]}", 4))
-            receiver_tokens = (shots + 1) * text_tokens
+            n_labels = len(_get(cfg, "task.labels", []) or [None])
+            tokens = (shots * n_labels + 1) * text_tokens
         else:
-            receiver_tokens = text_tokens + int(_get(cfg, "method.num_virtual_tokens", 0))
-        receiver_act = _forward_activations_gb(cfg.receiver, eval_batch, receiver_tokens, keep_all_layers=False)
-        if trains_through_receiver:
-            receiver_act = max(receiver_act, _backward_activations_gb(cfg.receiver, train_batch, receiver_tokens))
-            adapter_params = BACKPROP_THROUGH_RECEIVER[method] * float(cfg.receiver.num_params)
-            bridge_gb += adapter_params * TRAINABLE_BYTES_PER_PARAM / GB
-    if uses_bridge(cfg):
+            tokens = text_tokens
+        act = _forward_activations_gb(model, eval_batch, tokens, keep_all_layers=method in KEEP_ALL_LAYERS)
+        if entry == "receiver" and method in BACKPROP_THROUGH_RECEIVER:
+            act = max(act, _backward_activations_gb(model, train_batch, tokens))
+            bridge_gb += BACKPROP_THROUGH_RECEIVER[method] * float(model.num_params) * TRAINABLE_BYTES_PER_PARAM / GB
+        receiver_act += act
+    if feeds_bridge:
         bridge_gb += bridge_params(cfg) * TRAINABLE_BYTES_PER_PARAM / GB
 
     margin = float(_get(cfg, "resources.margin", 1.25))
@@ -224,14 +244,15 @@ def plan(cfg) -> Resources:
     timeout_min = int(_get(cfg, "cluster.timeout_min", 240))
     weights_gb = est.sender_gb + est.receiver_gb
 
+    split_possible = "sender" in roles and len(set(roles)) > 1
     if est.total_gb <= gpu_mem:
         gpus, placement, device_gb = 1, {role: "cuda:0" for role in roles}, (round(est.total_gb, 3),)
-    elif len(roles) == 2 and est.sender_device_gb <= gpu_mem and est.receiver_device_gb <= gpu_mem:
-        gpus, placement = 2, {"sender": "cuda:0", "receiver": "cuda:1"}
+    elif split_possible and est.sender_device_gb <= gpu_mem and est.receiver_device_gb <= gpu_mem:
+        gpus, placement = 2, {role: "cuda:0" if role == "sender" else "cuda:1" for role in roles}
         device_gb = (round(est.sender_device_gb, 3), round(est.receiver_device_gb, 3))
     else:
         split = ""
-        if len(roles) == 2:
+        if split_possible:
             split = (f" nor two (sender {est.sender_device_gb:.1f} GB on the first, receiver + bridge "
                      f"{est.receiver_device_gb:.1f} GB on the second)")
         raise ConfigError(
@@ -239,7 +260,7 @@ def plan(cfg) -> Resources:
             f"{gpu_mem:g} GB GPU (cluster.gpu_mem_gb){split}; lower trainer.batch_size, eval.batch_size or "
             f"task.max_input_tokens, or use bigger GPUs")
 
-    if len(roles) == 1:
+    if len(set(roles)) == 1:
         cpus = int(_get(cfg, "cluster.single_model.cpus", 4))
         mem_gb = int(_get(cfg, "cluster.single_model.mem_gb", 32))
     else:

@@ -79,7 +79,7 @@ def test_does_not_fit_even_two_gpus_names_the_estimate():
 
 
 def test_single_model_method_gets_one_gpu_and_the_small_request():
-    cfg = compose("method.models=[receiver]", "method.uses=[]", "receiver=mistral7b", "cluster.gpu_mem_gb=40")
+    cfg = compose("method=zeroshot", "receiver=mistral7b", "cluster.gpu_mem_gb=40")
     assert models_used(cfg) == ["receiver"]
     est = estimate(cfg)
     assert est.sender_gb == 0 and est.bridge_gb == 0
@@ -90,10 +90,38 @@ def test_single_model_method_gets_one_gpu_and_the_small_request():
 
 
 def test_single_model_that_does_not_fit_is_an_error_not_a_split():
-    cfg = compose("method.models=[receiver]", "method.uses=[]", "receiver=llama31_8b", "cluster.gpu_mem_gb=10")
+    cfg = compose("method=zeroshot", "receiver=llama31_8b", "cluster.gpu_mem_gb=10")
     with pytest.raises(ConfigError, match="does not fit one 10 GB GPU") as err:
         plan(cfg)
     assert "nor two" not in str(err.value)
+
+
+def test_a_model_named_by_its_config_is_estimated_from_that_config():
+    cfg = compose("method=zeroshot", "method.model=llama32_1b")
+    est = estimate(cfg)
+    assert est.sender_gb == 0
+    assert est.receiver_gb == pytest.approx(compose("receiver=llama32_1b").receiver.num_params * 2 / GB)
+    assert plan(cfg).placement == {"llama32_1b": "cuda:0"}
+
+
+def test_named_models_live_on_the_receiver_device():
+    pair = ["method=llmlingua", "sender=llama31_8b", "receiver=mistral7b", "budget=paper", "cluster.gpu_mem_gb=32"]
+    # the compressor is the sender: the split puts it on the first GPU
+    assert plan(compose(*pair)).placement == {"sender": "cuda:0", "receiver": "cuda:1"}
+    # a compressor named by its config shares the receiver's device, so there is nothing to split
+    with pytest.raises(ConfigError, match="does not fit one 32 GB GPU") as err:
+        plan(compose(*pair, "method.compressor=llama31_8b"))
+    assert "nor two" not in str(err.value)
+    small = plan(compose("method=llmlingua", "method.compressor=llama32_1b"))
+    assert small.placement == {"llama32_1b": "cuda:0", "receiver": "cuda:0"}
+
+
+def test_linear_probe_loads_only_the_probed_model():
+    cfg = compose("method=linear_probe")
+    assert models_used(cfg) == ["sender"]
+    res = plan(cfg)
+    assert res.gpus == 1 and res.placement == {"sender": "cuda:0"}
+    assert res.cpus == cfg.cluster.single_model.cpus
 
 
 def test_unknown_role_in_method_models_is_rejected():
