@@ -40,6 +40,22 @@ def placement(cfg) -> dict[str, torch.device]:
     return {"sender": torch.device("cuda:0"), "receiver": torch.device("cuda:1" if n > 1 else "cuda:0")}
 
 
+def model_config(cfg, name: str) -> DictConfig:
+    """The config of a role (``cfg.sender`` / ``cfg.receiver``) or of a model named by its config file.
+
+    Single-model baselines may evaluate any model of ``conf/model/``, not only the two the
+    run composes; its ``${paths.*}`` entries (cache folders) resolve against this run's paths.
+    """
+    if name in ("sender", "receiver"):
+        return cfg[name]
+    path = tconfig.CONF_DIR / "model" / f"{name}.yaml"
+    if not path.exists():
+        raise tconfig.ConfigError(f"model {name!r} is not allowed; allowed: sender, receiver, "
+                                  f"{', '.join(tconfig.group_options('model'))}")
+    root = OmegaConf.create({"paths": OmegaConf.to_container(cfg.paths, resolve=True), "model": OmegaConf.load(path)})
+    return root.model
+
+
 @dataclass
 class RunContext:
     cfg: DictConfig
@@ -48,9 +64,11 @@ class RunContext:
     _models: dict = field(default_factory=dict)
 
     def model(self, role: str) -> LoadedModel:
-        """``sender`` or ``receiver``, loaded once per run on its device."""
+        """``sender`` or ``receiver``, loaded once per run on its device; or any model named by its
+        config (``conf/model/<name>.yaml``, e.g. ``method.model=llama32_1b``), on the receiver's device."""
         if role not in self._models:
-            self._models[role] = load_model(self.cfg[role], self.devices[role])
+            device = self.devices.get(role, self.devices["receiver"])
+            self._models[role] = load_model(model_config(self.cfg, role), device)
         return self._models[role]
 
     def sender_features(self, lm: LoadedModel, ids: list[list[int]], layer: int | list[int],

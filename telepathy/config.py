@@ -159,7 +159,8 @@ def _slug(text) -> str:
 def run_name(cfg) -> str:
     """``{task}-{method}-{models}-c{factor}-s{seed}-{hash8}``: readable, and unique per config."""
     models = cfg.method.get("models") or ["sender", "receiver"]
-    model_names = "_".join(_slug(cfg[role].name) for role in models)
+    # a role stands for its model; single-model baselines may list a model config name itself
+    model_names = "_".join(_slug(cfg[role].name if role in ("sender", "receiver") else role) for role in models)
     parts = [cfg.task.name, cfg.method.name, model_names]
     if "bridge" in cfg.method.get("uses", []):
         parts.append(f"c{cfg.compression}")

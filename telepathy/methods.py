@@ -16,6 +16,11 @@ from types import ModuleType
 
 REGISTRY = {
     "bridge": "telepathy.bridge_recipe",
+    "zeroshot": "baselines.zeroshot",
+    "fewshot": "baselines.fewshot",
+    "text_relay": "baselines.text_relay",
+    "llmlingua": "baselines.llmlingua",
+    "ensemble": "baselines.ensemble",
     "linear_probe": "baselines.linear_probe",
     "prompt_tuning": "baselines.prompt_tuning",
     "lora": "baselines.lora",
