@@ -68,6 +68,7 @@ def resource_table(runs):
             except Exception as e:  # an old or foreign config: say so, do not guess
                 est, source = np.nan, f"unavailable ({type(e).__name__})"
         peak_mb = run.get("memory.peak_gpu_mb", np.nan)
+        rss = run.get("memory.peak_rss_mb", np.nan)
         peak_gb = np.nan if analysis.is_missing(peak_mb) else peak_mb / 1024
         rows.append({
             "run_id": run["run_id"], "status": run["status"], "reused": reused, "gpus": gpus,
@@ -75,7 +76,7 @@ def resource_table(runs):
             "estimate_source": source if not analysis.is_missing(est) or source != "recorded" else "not recorded",
             "peak_over_estimate": (peak_gb / est) if not (analysis.is_missing(peak_gb) or analysis.is_missing(est) or est == 0)
             else np.nan,
-            "peak_rss_gb": run.get("memory.peak_rss_mb", np.nan) / 1024,
+            "peak_rss_gb": np.nan if analysis.is_missing(rss) else rss / 1024,
             **{c: run.get(c) for c in util_cols},
         })
     return pd.DataFrame(rows), util_cols
