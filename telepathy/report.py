@@ -58,9 +58,9 @@ def resource_table(runs):
     for run in runs[runs["status"].isin(["completed", "failed", "interrupted", "running"])].to_dict("records"):
         reused = analysis.is_reused(run)
         gpus = gpu_count(run)
-        total_s = run.get("timing.total_s", np.nan)
         # a reused run copies its source's timing but computed nothing
-        hours = 0.0 if reused else (gpus * total_s / 3600 if not analysis.is_missing(total_s) else np.nan)
+        total_s = 0.0 if reused else run.get("timing.total_s", np.nan)
+        hours = 0.0 if reused else np.nan if analysis.is_missing(total_s) else gpus * total_s / 3600
         est, source = run.get("resources.estimate_gb", np.nan), "recorded"
         if analysis.is_missing(est) and not reused:
             try:
@@ -145,7 +145,7 @@ def build_report(phase_dir, metric="accuracy"):
                  _num(r["estimate_gb"], ".2f") + (" (computed)" if r["estimate_source"] == "computed" else ""),
                  _num(r["peak_over_estimate"], ".2f"), _num(r["peak_rss_gb"], ".2f")]
                 + [_plain(r[c]) or "—" for c in util_cols] for r in res.to_dict("records")]
-        notes = ["Reused runs (deterministic methods) computed nothing: 0 GPU-h. Peak GPU memory is "
+        notes = ["Reused runs (deterministic methods) computed nothing: 0 s, 0 GPU-h. Peak GPU memory is "
                  "torch's max allocated, summed over devices; — = not recorded (CPU run or not measured)."]
         notes.append("GPU utilisation: " + (", ".join(util_cols) if util_cols else "not recorded by these runs") + ".")
         no_est = res[res["estimate_source"].str.startswith("unavailable")]
