@@ -63,6 +63,7 @@ def add_lora(lm: LoadedModel, method_cfg, seed: int) -> torch.nn.Module:
     )
     torch.manual_seed(seed)
     get_peft_model(lm.model, config)  # wraps lm.model; the adapters live inside lm.model itself
+    lm.model.eval()  # new adapter modules start in train mode (dropout on); fit switches modes itself
     trainable = [name for name, p in lm.model.named_parameters() if p.requires_grad]
     not_lora = [name for name in trainable if "lora_" not in name]
     if not trainable or not_lora:
