@@ -3,7 +3,8 @@
     python -m telepathy.status outputs/            # table per phase / sweep
     python -m telepathy.status outputs/ --json     # one JSON object per run
 
-Reads the ``jobs.json`` manifests the launcher writes into each sweep dir, the
+Reads the ``jobs.json`` manifests the launcher writes into each sweep dir
+(``<outputs>/sweeps/``, and ``<outputs>/benchmarks/`` for the latency phase), the
 ``result.json`` of each run dir, and (when the SLURM client tools are there)
 ``squeue`` for live jobs and ``sacct`` for jobs that ended without a result.
 A run's state is one of
@@ -75,7 +76,8 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
 def manifests(output_dir: Path) -> list[dict]:
     """Every launch manifest under ``<output_dir>/sweeps``, oldest first."""
     found = []
-    for path in sorted(Path(output_dir).glob("sweeps/**/" + MANIFEST)):
+    paths = [*Path(output_dir).glob("sweeps/**/" + MANIFEST), *Path(output_dir).glob("benchmarks/**/" + MANIFEST)]
+    for path in sorted(paths):
         try:
             manifest = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
@@ -127,6 +129,8 @@ def run_state(job: dict, live: dict[str, str] | None, finished: dict[str, str]) 
         return "running", f"still held by an earlier launch ({job_id})"
     if job_id and live is not None and job_id in live:
         return LIVE.get(live[job_id], "running"), live[job_id].lower()
+    if job.get("kind") == "benchmark" and finished.get(job_id) == "COMPLETED":
+        return "completed", "benchmark job finished"
     if job_id and job_id in finished and finished[job_id] not in LIVE:
         return "failed", f"SLURM job ended {finished[job_id]} without a completed result"
     if status in ("running", "interrupted"):

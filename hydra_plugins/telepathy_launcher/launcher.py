@@ -59,6 +59,7 @@ class PlannedJob:
     resources: Any = None  # telepathy.resources.Resources
     reason: str = ""
     slurm_job_id: Optional[str] = None
+    kind: str = "run"  # "run": a train.py run dir with result.json | "benchmark": another app's job dir
 
     @property
     def job_overrides(self) -> List[str]:
@@ -89,6 +90,8 @@ class _TelepathyMixin:
         from telepathy.results import read_result
 
         cfg = self._compose(overrides)
+        if OmegaConf.select(cfg, "method.name") is None:
+            return self._plan_benchmark_job(idx, overrides, cfg)
         validate(cfg)
         plan = resources.plan(cfg)
         rdir = str(run_dir(cfg))
@@ -102,6 +105,21 @@ class _TelepathyMixin:
             job.state, job.reason = "active", f"SLURM job {alive[rdir]} is still queued or running"
             job.slurm_job_id = alive[rdir]
         return job
+
+    def _plan_benchmark_job(self, idx: int, overrides: List[str], cfg) -> PlannedJob:
+        """A job of another Hydra app on the same conf/ tree (benchmarks/latency.py): no method,
+        so no run id to skip on; it gets one GPU and the per-GPU CPU/memory request."""
+        from telepathy.resources import Resources
+
+        if OmegaConf.select(cfg, "cluster") is None:
+            raise LaunchError("this app's config has no cluster group: add `+cluster=default` to the command "
+                              "(or `- cluster: default` to its defaults list)")
+        cluster = cfg.cluster
+        plan = Resources(gpus=1, cpus=int(cluster.cpus_per_gpu), mem_gb=int(cluster.mem_gb_per_gpu),
+                         timeout_min=int(cluster.timeout_min), placement={"sender": "cuda:0", "receiver": "cuda:0"})
+        job_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+        return PlannedJob(idx=idx, overrides=list(overrides), run_dir=str(job_dir), state="queue", resources=plan,
+                          kind="benchmark")
 
     def plan(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> List[PlannedJob]:
         """Compose, validate and plan every job; raise LaunchError listing every bad one."""
@@ -167,7 +185,7 @@ class _TelepathyMixin:
             manifest = json.loads(path.read_text())
         manifest["arrays"] += arrays
         manifest["jobs"] += [{"idx": j.idx, "state": "queued" if j.state == "queue" else j.state,
-                              "reason": j.reason, "run_dir": j.run_dir, "overrides": j.overrides,
+                              "reason": j.reason, "kind": j.kind, "run_dir": j.run_dir, "overrides": j.overrides,
                               "slurm_job_id": j.slurm_job_id,
                               "resources": {**j.resources.to_dict(), "class": j.resources.class_name}}
                              for j in planned]
