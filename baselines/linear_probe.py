@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DETERMINISTIC = True
 ROLES = ("sender", "receiver")
+FEATURE_CHUNK = 2048  # examples whose token-level hidden states are held at once (see pooled_features)
 
 
 def resolve_layers(spec, num_layers: int, bridge_layer: int | None = None, key: str = "method.layers") -> list[int]:
@@ -104,6 +105,21 @@ def pool(states: list[torch.Tensor], how: str) -> np.ndarray:
     return torch.stack(rows).float().numpy()
 
 
+def pooled_features(ctx, lm, ids: list[list[int]], layers: list[int], pooling: str, split: str) -> dict[int, np.ndarray]:
+    """{layer: [N, d]} pooled features, FEATURE_CHUNK examples at a time.
+
+    ``sender_features`` returns every token's state at every layer; pooling chunk by chunk
+    keeps host memory bounded on full training sets (SST-2's 67k prompts x 5 layers of an
+    8B model would be ~80 GB at once). Each chunk is one cache entry, one forward pass.
+    """
+    pooled = {layer: [] for layer in layers}
+    for start in range(0, len(ids), FEATURE_CHUNK):
+        feats = ctx.sender_features(lm, ids[start:start + FEATURE_CHUNK], layers, split=split)
+        for layer in layers:
+            pooled[layer].append(pool(feats[layer], pooling))
+    return {layer: np.concatenate(chunks) for layer, chunks in pooled.items()}
+
+
 def make_probe(c: float, max_iter: int):
     """Standardise, then L2-regularised logistic regression (lbfgs: no randomness)."""
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter, random_state=0))
@@ -141,18 +157,18 @@ def run(cfg, ctx) -> dict:
 
     t0 = time.time()
     train_ids = sender_prompts(lm, train, cfg.task.prompt, cfg.task.max_input_tokens)
-    train_feats = ctx.sender_features(lm, train_ids, layers, split="train")
+    train_x = pooled_features(ctx, lm, train_ids, layers, cfg.method.pooling, split="train")
     y = np.array([e.label for e in train])
     fit_idx, val_idx = held_out_split(y.tolist(), float(cfg.method.val_fraction), int(cfg.method.split_seed))
     probes = {}
     for layer in layers:
-        probes[layer] = fit_layer(pool(train_feats[layer], cfg.method.pooling), y, fit_idx, val_idx, cfg.method)
+        probes[layer] = fit_layer(train_x[layer], y, fit_idx, val_idx, cfg.method)
         log.info("layer %d: C=%g, held-out accuracy %.3f", layer, probes[layer][1], probes[layer][2])
     train_s = time.time() - t0
 
     t0 = time.time()
     test_ids = sender_prompts(lm, test, cfg.task.prompt, cfg.task.max_input_tokens)
-    test_feats = ctx.sender_features(lm, test_ids, layers, split="test")
+    test_x = pooled_features(ctx, lm, test_ids, layers, cfg.method.pooling, split="test")
     test_labels = [e.label for e in test]
     num_labels = len(cfg.task.labels)
     per_layer = {}
@@ -161,7 +177,7 @@ def run(cfg, ctx) -> dict:
         # columns of predict_log_proba follow probe.classes_; scores keep one column per label id
         # (a label absent from train gets -1e9: JSON has no -inf)
         scores = np.full((len(test), num_labels), -1e9)
-        scores[:, probe.classes_] = probe.predict_log_proba(pool(test_feats[layer], cfg.method.pooling))
+        scores[:, probe.classes_] = probe.predict_log_proba(test_x[layer])
         per_layer[layer] = score_rows(test, torch.from_numpy(scores).float())
     eval_s = time.time() - t0
 

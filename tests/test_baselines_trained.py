@@ -55,6 +55,27 @@ def test_probe_config_is_checked_before_launch():
         tconfig.validate(compose("method=linear_probe", "method.model=llama32_1b"))
 
 
+def test_probe_features_pooled_in_chunks_match_one_pass(tiny_models, tmp_path, monkeypatch):
+    from baselines import linear_probe
+    from telepathy.app import RunContext
+    from telepathy.data import Example
+    from telepathy.features import encode, sender_prompts
+
+    cfg = compose(*TINY, "cache=off")
+    sender, _ = tiny_models
+    texts = ["a gripping film", "dull.", "the second half drags on and on and on", "fine", "an utter mess"]
+    ids = sender_prompts(sender, [Example(idx=i, text=t) for i, t in enumerate(texts)], cfg.task.prompt, 64)
+    ctx = RunContext(cfg, tmp_path, {"sender": sender.device, "receiver": sender.device})
+    whole = encode(sender, ids, [1, 2])
+    monkeypatch.setattr(linear_probe, "FEATURE_CHUNK", 2)
+    last = linear_probe.pooled_features(ctx, sender, ids, [1, 2], "last", split="test")
+    mean = linear_probe.pooled_features(ctx, sender, ids, [1, 2], "mean", split="test")
+    for layer in (1, 2):
+        assert last[layer].shape == (5, sender.hidden_size)
+        torch.testing.assert_close(torch.from_numpy(last[layer]), torch.stack([s[-1] for s in whole[layer]]))
+        torch.testing.assert_close(torch.from_numpy(mean[layer]), torch.stack([s.mean(0) for s in whole[layer]]))
+
+
 # --- prompt tuning ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("compression", [8, 16])
