@@ -110,7 +110,7 @@ def pooled_features(ctx, lm, ids: list[list[int]], layers: list[int], pooling: s
 
     ``sender_features`` returns every token's state at every layer; pooling chunk by chunk
     keeps host memory bounded on full training sets (SST-2's 67k prompts x 5 layers of an
-    8B model would be ~80 GB at once). Each chunk is one cache entry, one forward pass.
+    8B model would be ~80 GB at once). Each chunk is one forward pass with its own cache files.
     """
     pooled = {layer: [] for layer in layers}
     for start in range(0, len(ids), FEATURE_CHUNK):
