@@ -54,8 +54,13 @@ class PerceiverBridge(nn.Module):
     ):
         super().__init__()
         self.num_latents = num_latents
-        # LLM hidden states carry a few huge "massive activation" dimensions; without
-        # normalising first they dominate the projection and every input looks alike.
+        # LLM hidden states carry a few huge "massive activation" dimensions that are the
+        # same for every input. LayerNorm alone divides by a std those dimensions dominate,
+        # shrinking everything else, so every input looks alike. Standardising each
+        # dimension with statistics of the training features first fixes that
+        # (``set_input_stats``; buffers, recomputed from the same features on resume).
+        self.register_buffer("in_mean", torch.zeros(sender_dim))
+        self.register_buffer("in_std", torch.ones(sender_dim))
         self.in_norm = nn.LayerNorm(sender_dim)
         self.in_proj = nn.Linear(sender_dim, dim)
         self.latents = nn.Parameter(torch.randn(num_latents, dim) * dim**-0.5)
@@ -64,10 +69,18 @@ class PerceiverBridge(nn.Module):
         self.out_proj = nn.Linear(dim, receiver_dim)
         self.scale = nn.Parameter(torch.tensor(float(target_rms)))
 
+    @torch.no_grad()
+    def set_input_stats(self, states: list[torch.Tensor]) -> None:
+        """Per-dimension mean and std over every token of the given [T_i, d] feature tensors."""
+        flat = torch.cat([s.float() for s in states])
+        self.in_mean.copy_(flat.mean(0))
+        self.in_std.copy_(flat.std(0).clamp(min=1e-4))
+
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """states [B, T, sender_dim], attention_mask [B, T] (1 = real token) -> [B, M, receiver_dim]."""
         pad_mask = attention_mask == 0
-        context = self.in_proj(self.in_norm(states.float()))
+        standardised = (states.float() - self.in_mean) / self.in_std
+        context = self.in_proj(self.in_norm(standardised))
         latents = self.latents.unsqueeze(0).expand(states.shape[0], -1, -1)
         for block in self.blocks:
             latents = block(latents, context, pad_mask)

@@ -72,7 +72,9 @@ def run(cfg, ctx) -> dict:
     # 2. the bridge, initialised from the run's seed
     torch.manual_seed(cfg.seed)
     bridge = build_bridge(cfg, sender.hidden_size, receiver.hidden_size, m,
-                          target_rms=embedding_rms_median(receiver.model)).to(receiver.device)
+                          target_rms=embedding_rms_median(receiver.model))
+    bridge.set_input_stats(train_feats)
+    bridge.to(receiver.device)
     template = io.soft_prompt(cfg.task.receiver_primer, cfg.task.answer_prompt, cfg.bridge.placement)
     generation = cfg.task.type == "generation"
     targets = (generation_targets if generation else classification_targets)(io, train, cfg.task)

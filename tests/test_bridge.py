@@ -67,3 +67,21 @@ def test_diversity_loss_is_one_for_identical_and_lower_for_distinct():
     distinct = torch.eye(8)[:4].reshape(4, 1, 8).expand(4, 3, 8)
     assert diversity_loss(distinct).item() == pytest.approx(0.0, abs=1e-6)
     assert diversity_loss(torch.ones(1, 3, 8)).item() == 0.0
+
+
+def test_input_standardisation_removes_a_shared_massive_dimension():
+    """A huge dimension shared by every input must not drown the dimensions that differ."""
+    bridge = make()
+    torch.manual_seed(1)
+    states = [torch.randn(7, 24) for _ in range(4)]
+    for s in states:
+        s[:, 0] += 1000.0  # a "massive activation", the same for every input
+    bridge.set_input_stats(states)
+    flat = torch.cat(states)
+    standardised = (flat - bridge.in_mean) / bridge.in_std
+    assert torch.allclose(standardised.mean(0), torch.zeros(24), atol=1e-4)
+    assert torch.allclose(standardised.std(0), torch.ones(24), atol=1e-3)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    out = bridge(torch.stack(states[:2]), mask)
+    cos = torch.nn.functional.cosine_similarity(out[0].flatten(), out[1].flatten(), dim=0)
+    assert cos < 0.99
