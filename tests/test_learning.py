@@ -1,0 +1,19 @@
+"""A bridge between the real demo models learns: SST-2 accuracy clearly above the majority class.
+
+Real weights (SmolLM2-135M → Gemma-3-270M), CPU, about two minutes on 2 cores.
+"""
+
+import pytest
+
+from conftest import needs_data, results, run_train
+
+pytestmark = [needs_data, pytest.mark.slow]
+
+
+def test_bridge_on_sst2_beats_the_majority_class(outputs):
+    run_train("task.train_samples=480", "task.test_samples=120", "trainer.max_steps=60", "trainer.lr=1e-3",
+              "trainer.eval_every=0", "eval.receiver_zeroshot=false", outputs=outputs)
+    (record,) = results(outputs)
+    metrics = record["metrics"]
+    assert record["status"] == "completed" and metrics["n_test"] == 120
+    assert metrics["accuracy"] >= metrics["majority_accuracy"] + 0.15, metrics
