@@ -138,7 +138,7 @@ def main(cfg: DictConfig) -> dict | None:
         "config": OmegaConf.to_container(cfg, resolve=True),
         "overrides": _overrides(),
         "env": environment(device=str(devices["receiver"])),
-        "resources": OmegaConf.to_container(cfg.get("resources", {}), resolve=True),
+        "resources": _resources(cfg),
         "reused_from": None,
     }
     started = now()
@@ -183,6 +183,16 @@ def main(cfg: DictConfig) -> dict | None:
     write_json(run_dir / RESULT_FILE, record)
     _print_summary(record)
     return record["metrics"]
+
+
+def _resources(cfg) -> dict:
+    """What the launcher chose (``resources.*``), plus the GPU-memory estimate for local runs."""
+    from telepathy.resources import estimate
+
+    out = OmegaConf.to_container(cfg.get("resources", {}), resolve=True)
+    if "estimate_gb" not in out:
+        out["estimate_gb"] = round(estimate(cfg).total_gb, 3)
+    return out
 
 
 def _overrides() -> list[str]:
