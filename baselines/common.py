@@ -13,7 +13,7 @@ import statistics
 import torch
 from omegaconf import OmegaConf
 
-from telepathy.bridge_recipe import evaluate
+from telepathy.evaluation import evaluate
 from telepathy.config import ConfigError, group_options
 from telepathy.metrics import majority
 from telepathy.models import LoadedModel

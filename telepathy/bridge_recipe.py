@@ -21,7 +21,7 @@ import torch
 from telepathy.bridge import build_bridge, count_params, diversity_loss
 from telepathy.config import num_latents, resolve_layer
 from telepathy.data import load_task
-from telepathy.evaluation import evaluate_classification, evaluate_generation, text_prompt
+from telepathy.evaluation import evaluate, evaluate_classification, text_prompt
 from telepathy.features import collate, sender_prompts
 from telepathy.metrics import ROUGE_TYPES, majority
 from telepathy.models import embedding_rms_median
@@ -47,12 +47,6 @@ def generation_targets(io: PromptIO, examples, task_cfg) -> list[list[int]]:
     """
     keep = task_cfg.max_target_tokens - 1
     return [io.ids(task_cfg.target_prefix + ex.target)[:keep] + [io.tok.eos_token_id] for ex in examples]
-
-
-def evaluate(io: PromptIO, examples, build, cfg, desc: str) -> tuple[dict, list[dict]]:
-    """The task type's evaluation: label accuracy, or generated text scored with ROUGE."""
-    fn = evaluate_generation if cfg.task.type == "generation" else evaluate_classification
-    return fn(io, examples, build, cfg.task, cfg.eval, desc=desc)
 
 
 def run(cfg, ctx) -> dict:

@@ -120,3 +120,10 @@ def text_prompt(io: PromptIO, template: str) -> Callable[[list[Example]], list[l
         return [[io.frame(format_prompt(template, ex.text))[0]] for ex in chunk]
 
     return build
+
+
+def evaluate(io: PromptIO, examples: list[Example], build: Callable[[list[Example]], list[list]], cfg,
+             desc: str = "eval") -> tuple[dict, list[dict]]:
+    """The task type's evaluation: label accuracy, or generated text scored with ROUGE."""
+    fn = evaluate_generation if cfg.task.type == "generation" else evaluate_classification
+    return fn(io, examples, build, cfg.task, cfg.eval, desc=desc)
