@@ -96,10 +96,14 @@ def test_tiny_bridge_on_xsum_writes_rouge(outputs):
     for k in ("rouge1", "rouge2", "rougeL", "receiver_zeroshot_rouge1", "receiver_zeroshot_rougeL"):
         assert 0.0 <= m[k] <= 1.0, k
     assert m["rouge1_ci_low"] <= m["rouge1"] <= m["rouge1_ci_high"]
-    assert 0 < m["mean_output_tokens"] <= 16 + 1  # the first line of at most max_target_tokens tokens
+    assert m["mean_output_tokens"] > 0
     run_dir = Path(record["run_dir"])
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and all(r["reference"] and "output" in r and "rougeL" in r for r in rows)
+    # the scored summary is the raw output's first line; its length is counted in receiver tokens
+    # (re-tokenised text, which for random-weight outputs can exceed the tokens generated)
+    assert all(r["output"] == r["raw_output"].strip().split("\n")[0].strip() for r in rows)
+    assert m["mean_output_tokens"] == pytest.approx(sum(r["output_tokens"] for r in rows) / 8)
     log_rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert any("eval_loss" in r for r in log_rows) and any("ce" in r for r in log_rows)
 
