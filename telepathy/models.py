@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import time
@@ -240,12 +239,3 @@ def embedding_rms_median(model) -> float:
     scale = getattr(emb, "embed_scale", 1.0)
     scale = float(scale.float() if torch.is_tensor(scale) else scale)
     return float(rms.median()) * scale
-
-
-def architecture_facts(model_cfg) -> dict:
-    """Published numbers recorded in the model config (used before any weights load)."""
-    return {k: model_cfg.get(k) for k in ("num_params", "hidden_size", "num_layers", "vocab_size")}
-
-
-def describe(model_cfg) -> str:
-    return json.dumps({"name": model_cfg.name, "hub_id": model_cfg.get("hub_id"), "path": model_cfg.get("path")})

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -109,13 +110,9 @@ def save_checkpoint(run_dir: Path, module, optimizer, scheduler, stream: DataStr
         "data_position": stream.position,
     }, tmp / "state.pt")
     if final.exists():
-        import shutil
-
         shutil.rmtree(final)
     tmp.rename(final)
     for old in sorted(root.glob("step_*"))[:-2]:
-        import shutil
-
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -127,8 +124,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def load_trainable(module: torch.nn.Module, checkpoint: Path) -> None:
     weights = load_file(str(Path(checkpoint) / "trainable.safetensors"))
-    missing = module.load_state_dict(weights, strict=False)
-    unexpected = [k for k in missing.unexpected_keys]
+    unexpected = module.load_state_dict(weights, strict=False).unexpected_keys
     if unexpected:
         raise RuntimeError(f"checkpoint {checkpoint} has unknown weights: {unexpected[:5]}")
 
