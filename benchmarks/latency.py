@@ -24,7 +24,6 @@ throughput_eps``; ``<job dir>/summary.json`` holds all three with the ratios.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from pathlib import Path

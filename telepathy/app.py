@@ -187,7 +187,7 @@ def main(cfg: DictConfig) -> dict | None:
 
 def _resources(cfg) -> dict:
     """What the launcher chose (``resources.*``), plus the GPU-memory estimate for local runs."""
-    from telepathy.resources import estimate
+    from telepathy.cluster.resources import estimate
 
     out = OmegaConf.to_container(cfg.get("resources", {}), resolve=True)
     if "estimate_gb" not in out:

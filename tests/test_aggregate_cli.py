@@ -11,7 +11,8 @@ import matplotlib
 import pytest
 
 from analysis_fixtures import write_run, write_sweep
-from telepathy import aggregate, analysis, plots, report
+from telepathy import analysis
+from telepathy.analysis import aggregate, plots, report
 
 matplotlib.use("Agg")
 REPO = Path(__file__).resolve().parent.parent

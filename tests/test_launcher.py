@@ -4,14 +4,13 @@ the local launcher, and the status command's reading of manifests and result fil
 import json
 from pathlib import Path
 
-import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from conftest import TINY, compose, needs_data, outputs, run_train  # noqa: F401
-from hydra_plugins.telepathy_launcher.launcher import PlannedJob, _group
-from telepathy import status
+from telepathy.cluster.sweep import PlannedJob, group
+from telepathy.cluster import status
 from telepathy.config import run_dir
-from telepathy.resources import Resources
+from telepathy.cluster.resources import Resources
 
 SLURM_DRY = ["-m", "hydra/launcher=slurm", "+dry_run=true"]
 
@@ -113,7 +112,7 @@ def _job(idx, gpus, run):
 
 def test_jobs_are_grouped_into_one_array_per_resource_class():
     jobs = [_job(0, 2, "a"), _job(1, 1, "b"), _job(2, 2, "c"), _job(3, 1, "d")]
-    classes = _group(jobs)
+    classes = group(jobs)
     assert list(classes) == ["1gpu-8cpu-64gb-240min", "2gpu-16cpu-128gb-240min"]
     assert [j.idx for j in classes["1gpu-8cpu-64gb-240min"]] == [1, 3]
     assert [j.idx for j in classes["2gpu-16cpu-128gb-240min"]] == [0, 2]

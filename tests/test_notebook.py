@@ -9,7 +9,7 @@ from nbclient import NotebookClient
 
 from analysis_fixtures import write_sweep
 from conftest import TINY, needs_data, run_train
-from telepathy import report
+from telepathy.analysis import report
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "results.ipynb"

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import compose
 from telepathy.config import ConfigError, num_latents
-from telepathy.resources import GB, Resources, bridge_params, estimate, models_used, plan
+from telepathy.cluster.resources import GB, Resources, bridge_params, estimate, models_used, plan
 
 
 def test_weights_follow_num_params_and_dtype():

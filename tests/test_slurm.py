@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, needs_data, run_train
-from telepathy import status
+from telepathy.cluster import status
 
 
 def _slurm_missing() -> str | None:

@@ -1,7 +1,6 @@
 """`python train.py` end to end through Hydra: single runs, multiruns, skip, resume."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
-from telepathy.analysis import BENCHMARK_METHODS, is_missing
+from telepathy.analysis.runs import BENCHMARK_METHODS, is_missing
 
 
 def save(fig, stem):

@@ -1,0 +1,205 @@
+"""Summarise runs into one row per experiment (mean and CI across seeds) and compare methods pairwise."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from telepathy.analysis.runs import BENCHMARK_METHODS, GROUP_KEYS, MissingMetricError, is_missing, is_reused
+from telepathy.analysis.stats import holm, mcnemar, mean_ci, paired_bootstrap, paired_permutation_p
+
+
+# aggregation across seeds
+
+def _group_key(row):
+    return tuple(None if is_missing(row[k]) else row[k] for k in GROUP_KEYS)
+
+
+def metric_column(metric):
+    return metric if metric.startswith("metrics.") else f"metrics.{metric}"
+
+
+def _independent(completed):
+    """Completed runs that are independent observations, and whether the group
+    is deterministic. A run reused from another (`reused_from`) and its source
+    are one observation; the source run is kept when it is present."""
+    obs = {}
+    for run in completed:
+        own = Path(run["run_dir"]).name
+        key = Path(run["reused_from"]).name if is_reused(run) else own
+        if key not in obs or own == key:
+            obs[key] = run
+    return list(obs.values()), any(is_reused(r) for r in completed)
+
+
+def _groups(runs):
+    """{group key: [run rows]}. A run that did not complete has no recorded
+    num_latents (it comes from result.json's `bridge`); it joins the group
+    that matches it on every other key, when there is exactly one."""
+    groups = {}
+    records = runs.to_dict("records")
+    for run in records:
+        if run["status"] == "completed":
+            groups.setdefault(_group_key(run), []).append(run)
+    i = GROUP_KEYS.index("num_latents")
+    for run in records:
+        if run["status"] == "completed":
+            continue
+        key = _group_key(run)
+        if key[i] is None:
+            same = [k for k in groups if k[:i] + k[i + 1:] == key[:i] + key[i + 1:]]
+            if len(same) == 1:
+                key = same[0]
+        groups.setdefault(key, []).append(run)
+    return groups
+
+
+def summarize(runs, metric="accuracy", confidence=0.95):
+    """One row per experiment (GROUP_KEYS), with mean and CI of `metric` across seeds.
+
+    Runs of BENCHMARK_METHODS, and of tasks whose completed runs do not report
+    the metric (e.g. accuracy for xsum), are left out; the caller can list them
+    from `runs`. A task with no completed run stays in, its groups without a value. Within a task that reports it, a completed run without the
+    metric raises MissingMetricError.
+    """
+    col = metric_column(metric)
+    runs = runs[~runs["method"].isin(BENCHMARK_METHODS)]
+    if not len(runs):
+        return pd.DataFrame(columns=GROUP_KEYS + ["n_runs", "n_completed", "n_independent", "deterministic",
+                                                  "mean", "ci_low", "ci_high", "ci_half", "run_dirs"])
+    if col not in runs:
+        raise MissingMetricError(f"no run reports {col}")
+    completed = runs[runs["status"] == "completed"]
+    # tasks that report the metric, and tasks with no completed run at all
+    # (which might: their failures must show, not vanish from the table)
+    tasks = set(completed.loc[completed[col].notna(), "task"]) | (set(runs["task"]) - set(completed["task"]))
+    bad = completed[completed["task"].isin(tasks) & completed[col].isna()]
+    if len(bad):
+        raise MissingMetricError(f"completed runs without {col}:\n  " + "\n  ".join(bad["run_dir"]))
+    no_seed = completed[completed["task"].isin(tasks) & completed["seed"].isna()]
+    if len(no_seed):
+        raise ValueError("completed runs without a seed:\n  " + "\n  ".join(no_seed["run_dir"]))
+    dup = completed[completed.duplicated("run_id", keep=False)]
+    if len(dup):
+        raise ValueError("the same run_id appears in several directories:\n  " + "\n  ".join(dup["run_dir"]))
+
+    groups = _groups(runs[runs["task"].isin(tasks)])
+    out = []
+    for key, members in groups.items():
+        done = [r for r in members if r["status"] == "completed"]
+        indep, deterministic = _independent(done)
+        ci = mean_ci([r[col] for r in indep], confidence)
+        by_status = pd.Series([r["status"] for r in members]).value_counts().to_dict()
+        out.append({
+            **dict(zip(GROUP_KEYS, key)),
+            "metric": metric, "n_runs": len(members), "n_completed": len(done),
+            "n_independent": ci["n"], "deterministic": deterministic,
+            "mean": ci["mean"], "std": ci["std"], "ci_low": ci["ci_low"],
+            "ci_high": ci["ci_high"], "ci_half": ci["ci_half"],
+            "seeds": sorted(int(r["seed"]) for r in done),
+            "values": [float(r[col]) for r in indep],
+            "status_counts": by_status,
+            "incomplete": sorted(r["run_dir"] for r in members if r["status"] != "completed"),
+            "run_dirs": sorted(r["run_dir"] for r in members),
+        })
+    df = pd.DataFrame(out)
+    return df.sort_values(["task", "method", "compression"], na_position="first", kind="stable",
+                          ignore_index=True)
+
+
+# -----------------------------------------------------------------------------
+# paired comparisons against a baseline method
+
+def _item_key(df):
+    return "id" if "id" in df and df["id"].notna().all() else "idx"
+
+
+def _strata(group_runs, predictions, value_col):
+    """{seed or '*': DataFrame(item, value)} for a group's completed runs."""
+    done = [r for r in group_runs if r["status"] == "completed"]
+    indep, deterministic = _independent(done)
+    out = {}
+    for run in (indep[:1] if deterministic else done):
+        p = predictions[predictions["run_dir"] == run["run_dir"]]
+        if not len(p) or value_col not in p:
+            continue
+        key = _item_key(p)
+        vals = p[[key, value_col]].rename(columns={key: "item", value_col: "value"})
+        out["*" if deterministic else int(run["seed"])] = vals.astype({"value": float})
+    return out
+
+
+def _matches(a, b):
+    """Two groups of one task are comparable when every key both define agrees."""
+    for k in GROUP_KEYS:
+        if k in ("method", "model"):
+            continue
+        if not is_missing(a[k]) and not is_missing(b[k]) and a[k] != b[k]:
+            return False
+    return a["task"] == b["task"]
+
+
+def compare_to_baseline(runs, predictions, summary, metric="accuracy", baseline_method="bridge",
+                        n_boot=10_000, confidence=0.95, seed=0):
+    """Paired comparison of every group in `summary` against the baseline group(s)
+    of the same task (and same sender/receiver where both define them).
+
+    Accuracy: per-item `correct`, exact McNemar p-value. Other metrics: a
+    per-item column named like the metric, paired permutation p-value.
+    Holm correction over all comparisons made.
+    """
+    value_col = "correct" if metric_column(metric) == "metrics.accuracy" else metric.removeprefix("metrics.")
+    test = "mcnemar" if value_col == "correct" else "permutation"
+    if predictions is None or not len(predictions) or value_col not in predictions:
+        return pd.DataFrame()
+    members = _groups(runs)
+    groups = summary.to_dict("records")
+    rows = []
+    for g in groups:
+        if g["method"] == baseline_method:
+            continue
+        for base in groups:
+            if base["method"] != baseline_method or not _matches(g, base):
+                continue
+            row = {**{k: g[k] for k in GROUP_KEYS},
+                   **{f"baseline.{k}": base[k] for k in GROUP_KEYS if k not in ("task",)},
+                   "test": test}
+            a = _strata(members[_group_key(g)], predictions, value_col)
+            b = _strata(members[_group_key(base)], predictions, value_col)
+            if "*" in a and "*" in b:
+                pairs = [("*", "*")]
+            elif "*" in a:
+                pairs = [("*", s) for s in sorted(b)]
+            elif "*" in b:
+                pairs = [(s, "*") for s in sorted(a)]
+            else:
+                pairs = [(s, s) for s in sorted(set(a) & set(b))]
+            diffs, xs, ys, unpaired = [], [], [], 0
+            for sa, sb in pairs:
+                m = a[sa].merge(b[sb], on="item", suffixes=("_m", "_b"))
+                unpaired += len(a[sa]) + len(b[sb]) - 2 * len(m)
+                diffs.append((m["value_m"] - m["value_b"]).to_numpy())
+                xs.append(m["value_m"].to_numpy())
+                ys.append(m["value_b"].to_numpy())
+            n_pairs = sum(len(d) for d in diffs)
+            row.update(n_strata=len(pairs), n_pairs=n_pairs, n_unpaired=unpaired)
+            if n_pairs == 0:
+                row.update(delta=math.nan, delta_ci_low=math.nan, delta_ci_high=math.nan, p=math.nan,
+                           note="no paired predictions (missing files or no common seeds)")
+                rows.append(row)
+                continue
+            delta, lo, hi = paired_bootstrap(diffs, n_boot, confidence, seed)
+            x, y = np.concatenate(xs), np.concatenate(ys)
+            if test == "mcnemar":
+                bb, cc = int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())
+                row.update(b=bb, c=cc, p=mcnemar(bb, cc))
+            else:
+                row["p"] = paired_permutation_p(x, y, seed=seed)
+            row.update(delta=delta, delta_ci_low=lo, delta_ci_high=hi,
+                       note=f"{unpaired} unpaired items ignored" if unpaired else "")
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["p_holm"] = holm(df["p"].to_numpy())
+    return df

@@ -1,0 +1,170 @@
+"""Paper tables from summaries: metric and comparison tables as Markdown and LaTeX, JSON-safe values."""
+
+import numpy as np
+
+from telepathy.analysis.runs import is_missing
+
+METRIC_NAMES = {"accuracy": "Accuracy", "macro_f1": "Macro-F1", "rouge1": "ROUGE-1",
+                "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
+OPTIONAL_COLUMNS = ["sender", "receiver", "num_latents", "layer", "model"]
+COLUMN_NAMES = {"task": "Task", "method": "Method", "sender": "Sender", "receiver": "Receiver",
+                "compression": "Compression", "num_latents": "Latents", "layer": "Layer", "model": "Model"}
+
+
+def _fmt(v, scale, digits):
+    return "—" if is_missing(v) else f"{v * scale:.{digits}f}"
+
+
+def plain(v):
+    if is_missing(v):
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        return f"{v:g}"
+    return str(v)
+
+
+def metric_cell(g, scale=100.0, digits=1):
+    """'mean ± half-width' of the 95% CI; no CI where there is no seed variance to show."""
+    if g["n_independent"] == 0:
+        return "—"
+    if g["n_independent"] >= 2:
+        return f"{_fmt(g['mean'], scale, digits)} ± {_fmt(g['ci_half'], scale, digits)}"
+    return _fmt(g["mean"], scale, digits)
+
+
+def n_cell(g):
+    n = int(g["n_independent"])
+    if g["deterministic"] and n == 1:
+        return "1 (det.)"
+    if n == 1:
+        return "1 (no CI)"
+    return str(n)
+
+
+def _not_completed(g):
+    counts = {k: v for k, v in g["status_counts"].items() if k != "completed"}
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+
+
+def metric_table(summary, metric="accuracy", scale=100.0, digits=1):
+    """(header, rows, caption notes) of the main table: one row per experiment."""
+    keys = ["task", "method"]
+    if summary["compression"].notna().any():
+        keys.append("compression")
+    constant = {}
+    for k in OPTIONAL_COLUMNS:
+        vals = summary[k].dropna().map(plain).unique()
+        if len(vals) > 1:
+            keys.append(k)
+        elif len(vals) == 1:
+            constant[k] = vals[0] + (" (where used)" if summary[k].isna().any() else "")
+    name = METRIC_NAMES.get(metric, metric) + (" (%)" if scale == 100 else "")
+    header = [COLUMN_NAMES[k] for k in keys] + [f"{name}, mean ± 95% CI", "n seeds"]
+    show_incomplete = summary.apply(_not_completed, axis=1).ne("").any()
+    if show_incomplete:
+        header.append("Not completed")
+    rows = []
+    for g in summary.to_dict("records"):
+        row = [plain(g[k]) for k in keys] + [metric_cell(g, scale, digits), n_cell(g)]
+        if show_incomplete:
+            row.append(_not_completed(g))
+        rows.append(row)
+    notes = ["Mean over independent seeds ± half-width of the 95% Student-t interval; "
+             "n seeds = independent completed runs."]
+    if summary["deterministic"].any():
+        notes.append("det. = deterministic method: one result reused across seeds, counted once, no CI.")
+    if (~summary["deterministic"] & (summary["n_independent"] == 1)).any():
+        notes.append("no CI = a single seed; a CI needs at least 2.")
+    if constant:
+        notes.append("All rows: " + "; ".join(f"{COLUMN_NAMES[k].lower()} = {v}" for k, v in constant.items()) + ".")
+    return header, rows, notes
+
+
+def _baseline_desc(c, vary):
+    parts = []
+    for k in vary:
+        v = c.get(f"baseline.{k}")
+        if not is_missing(v):
+            parts.append(f"{COLUMN_NAMES[k].lower()}={plain(v)}")
+    return f"{c['baseline.method']}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def comparison_table(comparisons, metric="accuracy", scale=100.0, digits=1):
+    keys = ["task", "method"]
+    if comparisons["compression"].notna().any():
+        keys.append("compression")
+    keys += [k for k in OPTIONAL_COLUMNS if comparisons[k].dropna().map(plain).nunique() > 1]
+    unit = " (pp)" if scale == 100 else ""
+    mcnemar = (comparisons["test"] == "mcnemar").all()
+    header = [COLUMN_NAMES[k] for k in keys] + ["vs", f"Δ{unit} [95% CI]", "pairs",
+                                                "p (McNemar)" if mcnemar else "p (paired perm.)", "p (Holm)"]
+    if mcnemar:
+        header.insert(-2, "wins / losses")
+    base_keys = [k for k in ("compression", "num_latents", "layer", "model")
+                 if comparisons[f"baseline.{k}"].dropna().map(plain).nunique() > 1]
+    rows = []
+    for c in comparisons.to_dict("records"):
+        delta = "—" if is_missing(c["delta"]) else (
+            f"{c['delta'] * scale:+.{digits}f} [{c['delta_ci_low'] * scale:+.{digits}f}, "
+            f"{c['delta_ci_high'] * scale:+.{digits}f}]")
+        row = [plain(c[k]) for k in keys] + [_baseline_desc(c, base_keys), delta, str(int(c["n_pairs"]))]
+        if mcnemar:
+            row.append("—" if is_missing(c.get("b")) else f"{int(c['b'])} / {int(c['c'])}")
+        row += [_pfmt(c["p"]), _pfmt(c["p_holm"])]
+        rows.append(row)
+    notes = ["Paired on the same test items and seeds; Δ = method − baseline with a paired bootstrap "
+             "95% CI (items resampled within each seed). "
+             + ("McNemar exact test on pooled discordant pairs; " if mcnemar else "Paired permutation test; ")
+             + f"Holm correction over all {len(comparisons)} comparisons."]
+    if mcnemar:
+        notes.append("wins / losses = items the method gets right and the baseline wrong / the reverse.")
+    return header, rows, notes
+
+
+def _pfmt(p):
+    if is_missing(p):
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def to_markdown(header, rows, notes):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    return text + "".join(f"\n_{n}_\n" for n in notes)
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def _tex(s):
+    s = "".join(_TEX.get(ch, ch) for ch in str(s))
+    return (s.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("—", "--")
+            .replace("−", "-").replace("<0.001", "$<$0.001"))
+
+
+def to_latex(header, rows, notes, caption):
+    cols = "l" * (len(header) - 1) + "r"
+    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
+             " & ".join(_tex(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex(c) for c in r) + r" \\" for r in rows]
+    lines += [r"\bottomrule", r"\end{tabular}",
+              rf"\caption{{{_tex(caption)} {' '.join(_tex(n) for n in notes)}}}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [jsonable(x) for x in v]
+    if is_missing(v):
+        return None
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    return v

@@ -1,0 +1,210 @@
+"""Where every run of every launched phase stands.
+
+    python -m telepathy.status outputs/            # table per phase / sweep
+    python -m telepathy.status outputs/ --json     # one JSON object per run
+
+Reads the ``jobs.json`` manifests the launcher writes into each sweep dir
+(``<outputs>/sweeps/``, and ``<outputs>/benchmarks/`` for the latency phase), the
+``result.json`` of each run dir, and (when the SLURM client tools are there)
+``squeue`` for live jobs and ``sacct`` for jobs that ended without a result.
+A run's state is one of
+
+* ``completed``  result.json says so;
+* ``skipped``    the launch found it completed and did not queue it;
+* ``failed``     result.json says failed (error type shown), or its SLURM job
+                 ended (cancelled, timed out, node failure, ...) without a result;
+* ``running``    its SLURM job is running (or a local run is writing result.json);
+* ``queued``     its SLURM job is pending (or requeued after preemption);
+* ``unknown``    no result and no scheduler information.
+
+Runs under ``<outputs>/runs`` that no manifest mentions (single local runs) are
+listed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from telepathy.cluster.sweep import MANIFEST
+
+LIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued", "REQUEUE_FED": "queued",
+        "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "SUSPENDED": "running",
+        "STOPPED": "running", "RESIZING": "running", "SIGNALING": "running", "STAGE_OUT": "running"}
+
+
+def _run(cmd: list[str]) -> str | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def squeue_states() -> dict[str, str] | None:
+    """``{job_id: state}`` of every job SLURM still holds (array tasks as ``<array>_<task>``);
+    None when squeue is not available."""
+    out = _run(["squeue", "-h", "-r", "-o", "%i|%T"])
+    if out is None:
+        return None
+    states = {}
+    for line in out.splitlines():
+        if "|" in line:
+            job_id, state = line.strip().split("|", 1)
+            states[job_id] = state
+    return states
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, str]:
+    """Final SLURM state of finished jobs (the latest record of a requeued job)."""
+    if not job_ids:
+        return {}
+    out = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(set(job_ids)))])
+    states = {}
+    for line in (out or "").splitlines():
+        if "|" in line:
+            job_id, state = line.strip().split("|", 1)
+            states[job_id] = state.split()[0]  # "CANCELLED by 0" → CANCELLED
+    return states
+
+
+def manifests(output_dir: Path) -> list[dict]:
+    """Every launch manifest under ``<output_dir>/sweeps``, oldest first."""
+    found = []
+    paths = [*Path(output_dir).glob("sweeps/**/" + MANIFEST), *Path(output_dir).glob("benchmarks/**/" + MANIFEST)]
+    for path in sorted(paths):
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        manifest["path"] = str(path)
+        found.append(manifest)
+    return sorted(found, key=lambda m: (m.get("created_at", ""), m["path"]))
+
+
+def _read_result(run_dir: str) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / "result.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def alive_runs(output_dir: Path) -> dict[str, str]:
+    """``{run_dir: slurm_job_id}`` of runs whose latest submitted job SLURM still holds."""
+    live = squeue_states()
+    if not live:
+        return {}
+    latest: dict[str, str] = {}
+    for manifest in manifests(output_dir):
+        for job in manifest.get("jobs", []):
+            if job.get("slurm_job_id"):
+                latest[job["run_dir"]] = str(job["slurm_job_id"])
+    return {run_dir: job_id for run_dir, job_id in latest.items() if job_id in live}
+
+
+def run_state(job: dict, live: dict[str, str] | None, finished: dict[str, str]) -> tuple[str, str]:
+    """(state, detail) of one manifest entry."""
+    if job.get("state") == "duplicate":
+        return "skipped", job.get("reason", "duplicate of another job of the sweep")
+    record = _read_result(job["run_dir"]) or {}
+    status = record.get("status")
+    job_id = job.get("slurm_job_id")
+    if status == "completed":
+        metrics = record.get("metrics") or {}
+        shown = {k: v for k, v in metrics.items() if k in ("accuracy", "macro_f1", "rouge1", "rougeL")}
+        detail = " ".join(f"{k}={v:.4f}" for k, v in shown.items() if isinstance(v, (int, float)))
+        if job.get("state") == "skipped":
+            return "skipped", "already completed at launch"
+        return "completed", detail
+    if status == "failed":
+        error = record.get("error") or {}
+        oom = " (out of memory)" if error.get("oom") else ""
+        return "failed", f"{error.get('type', '?')}: {str(error.get('message', ''))[:80]}{oom}"
+    if job.get("state") == "active":
+        return "running", f"still held by an earlier launch ({job_id})"
+    if job_id and live is not None and job_id in live:
+        return LIVE.get(live[job_id], "running"), live[job_id].lower()
+    if job.get("kind") == "benchmark" and finished.get(job_id) == "COMPLETED":
+        return "completed", "benchmark job finished"
+    if job_id and job_id in finished and finished[job_id] not in LIVE:
+        return "failed", f"SLURM job ended {finished[job_id]} without a completed result"
+    if status in ("running", "interrupted"):
+        if live is None:
+            return "running", f"result.json says {status}"
+        return "failed", f"result.json says {status} but its job is gone"
+    if job_id and finished.get(job_id) in LIVE:
+        return LIVE[finished[job_id]], finished[job_id].lower()
+    return "unknown", "no result.json and no scheduler record"
+
+
+def collect(output_dir: Path) -> list[dict]:
+    """One row per run per launch: phase, sweep, run, state, detail, SLURM job id, resources."""
+    output_dir = Path(output_dir)
+    found = manifests(output_dir)
+    live = squeue_states()
+    ids = [str(j["slurm_job_id"]) for m in found for j in m.get("jobs", []) if j.get("slurm_job_id")]
+    finished = sacct_states([i for i in ids if live is None or i not in live]) if ids else {}
+    rows, seen = [], set()
+    for manifest in found:
+        for job in manifest.get("jobs", []):
+            state, detail = run_state(job, live, finished)
+            seen.add(job["run_dir"])
+            rows.append({"phase": manifest.get("phase") or "-", "sweep": manifest.get("sweep_dir"),
+                         "launcher": manifest.get("launcher"), "run": Path(job["run_dir"]).name,
+                         "run_dir": job["run_dir"], "state": state, "detail": detail,
+                         "slurm_job_id": job.get("slurm_job_id"), "resources": job.get("resources")})
+    for run_dir in sorted((output_dir / "runs").glob("*")):
+        if str(run_dir.resolve()) in seen or not run_dir.is_dir():
+            continue
+        state, detail = run_state({"run_dir": str(run_dir.resolve())}, None, {})
+        rows.append({"phase": "-", "sweep": None, "launcher": None, "run": run_dir.name,
+                     "run_dir": str(run_dir.resolve()), "state": state, "detail": detail,
+                     "slurm_job_id": None, "resources": None})
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    lines = []
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["phase"], row["sweep"]), []).append(row)
+    for (phase, sweep), members in groups.items():
+        counts: dict[str, int] = {}
+        for row in members:
+            counts[row["state"]] = counts.get(row["state"], 0) + 1
+        title = f"phase {phase} — sweep {sweep}" if sweep else "runs launched without a sweep manifest"
+        lines.append(f"{title}  ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
+        width = max(len(r["run"]) for r in members)
+        for row in members:
+            gpus = f"{row['resources']['gpus']}gpu" if row.get("resources") else ""
+            lines.append(f"  {row['state']:<9} {str(row['slurm_job_id'] or '-'):<12} {gpus:<5} "
+                         f"{row['run']:<{width}}  {row['detail']}")
+        lines.append("")
+    return "\n".join(lines) if lines else "no runs found"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m telepathy.status", description=__doc__.split("\n\n")[0])
+    parser.add_argument("output_dir", nargs="?", default="outputs", help="paths.output_dir (default: outputs)")
+    parser.add_argument("--phase", help="only this phase (e.g. p1_seeds)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    args = parser.parse_args(argv)
+    rows = collect(Path(args.output_dir))
+    if args.phase:
+        rows = [r for r in rows if r["phase"] == args.phase]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

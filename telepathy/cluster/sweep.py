@@ -1,0 +1,191 @@
+"""A sweep before and after submission: its planned jobs, their arrays, and the jobs.json manifest.
+
+Shared by the Hydra launcher plugin (hydra_plugins/telepathy_launcher), which submits
+the plan, and by ``python -m telepathy.status``, which reads the manifest back.
+
+* ``plan`` composes, validates and resource-plans every job of a sweep before anything
+  is submitted: one bad job aborts the launch with every problem listed; a run whose
+  result.json says ``completed`` is skipped (``+rerun=all`` forces it), and so is a run
+  whose earlier SLURM job is still queued or running, or a second job with the same run dir;
+* ``group`` puts the jobs to queue into one array per resource class;
+* ``describe`` is the dry-run table (every job, its resources, GPU-hours);
+* ``write_manifest`` records what was queued (run dirs, SLURM job ids, resources).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from omegaconf import OmegaConf
+
+MANIFEST = "jobs.json"
+MANIFEST_VERSION = 1
+
+
+class LaunchError(ValueError):
+    """The sweep cannot be launched; nothing was submitted."""
+
+
+@dataclass
+class PlannedJob:
+    """One job of the sweep after composition, validation and resource planning."""
+
+    idx: int
+    overrides: list[str]
+    run_dir: str
+    # "queue" | "skipped" (completed) | "active" (its earlier SLURM job is still alive)
+    # | "duplicate" (an earlier job of this sweep has the same run dir)
+    state: str
+    resources: Any = None  # telepathy.cluster.resources.Resources
+    reason: str = ""
+    slurm_job_id: str | None = None
+    kind: str = "run"  # "run": a train.py run dir with result.json | "benchmark": another app's job dir
+
+    @property
+    def job_overrides(self) -> list[str]:
+        """The sweep overrides plus the resource plan, which result.json records."""
+        r = self.resources
+        extra = [f"++resources.gpus={r.gpus}", f"++resources.cpus={r.cpus}", f"++resources.mem_gb={r.mem_gb}",
+                 f"++resources.timeout_min={r.timeout_min}", f"++resources.estimate_gb={r.estimate_gb:.3f}",
+                 f"++resources.device_gb=[{','.join(f'{g:.3f}' for g in r.device_gb)}]"]
+        extra += [f"++resources.placement.{role}='{dev}'" for role, dev in r.placement.items()]
+        return list(self.overrides) + extra
+
+
+def _filter(overrides: Sequence[str]) -> list[str]:
+    """The overrides a user typed (Hydra's own ``hydra.*`` ones left out)."""
+    return [o for o in overrides if not o.startswith("hydra.")]
+
+
+def plan_job(idx: int, overrides: list[str], cfg, rerun: bool, alive: dict[str, str]) -> PlannedJob:
+    """One composed job: validated, resource-planned, and marked skipped/active when it need not run."""
+    from telepathy.cluster import resources
+    from telepathy.config import run_dir, validate
+    from telepathy.results import read_result
+
+    if OmegaConf.select(cfg, "method.name") is None:
+        return plan_benchmark_job(idx, overrides, cfg)
+    validate(cfg)
+    rdir = str(run_dir(cfg))
+    job = PlannedJob(idx=idx, overrides=list(overrides), run_dir=rdir, state="queue", resources=resources.plan(cfg))
+    if rerun:
+        return job
+    record = read_result(Path(rdir)) or {}
+    if record.get("status") == "completed":
+        job.state, job.reason = "skipped", "completed (+rerun=all to run it again)"
+    elif rdir in alive:
+        job.state, job.reason = "active", f"SLURM job {alive[rdir]} is still queued or running"
+        job.slurm_job_id = alive[rdir]
+    return job
+
+
+def plan_benchmark_job(idx: int, overrides: list[str], cfg) -> PlannedJob:
+    """A job of another Hydra app on the same conf/ tree (benchmarks/latency.py): no method,
+    so no run id to skip on; it gets one GPU and the per-GPU CPU/memory request."""
+    from telepathy.cluster.resources import Resources
+
+    if OmegaConf.select(cfg, "cluster") is None:
+        raise LaunchError("this app's config has no cluster group: add `+cluster=default` to the command "
+                          "(or `- cluster: default` to its defaults list)")
+    cluster = cfg.cluster
+    plan = Resources(gpus=1, cpus=int(cluster.cpus_per_gpu), mem_gb=int(cluster.mem_gb_per_gpu),
+                     timeout_min=int(cluster.timeout_min), placement={"sender": "cuda:0", "receiver": "cuda:0"})
+    job_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+    return PlannedJob(idx=idx, overrides=list(overrides), run_dir=str(job_dir), state="queue", resources=plan,
+                      kind="benchmark")
+
+
+def plan(compose: Callable[[list[str]], Any], config, job_overrides: Sequence[Sequence[str]],
+         initial_job_idx: int, alive: dict[str, str]) -> list[PlannedJob]:
+    """Compose (``compose(overrides) -> cfg``), validate and plan every job; raise LaunchError listing every bad one.
+
+    ``alive`` maps run dirs to the SLURM job still queued or running for them (``status.alive_runs``).
+    """
+    rerun = str(OmegaConf.select(config, "rerun", default="")) == "all"
+    alive = {} if rerun else alive
+    planned, errors = [], []
+    for offset, overrides in enumerate(job_overrides):
+        idx = initial_job_idx + offset
+        try:
+            planned.append(plan_job(idx, list(overrides), compose(list(overrides)), rerun, alive))
+        except Exception as err:  # noqa: BLE001 - every composition/validation error is reported together
+            errors.append(f"  #{idx} [{' '.join(_filter(overrides))}]\n      {type(err).__name__}: {err}")
+    first: dict[str, int] = {}
+    for job in planned:  # e.g. a sweep over a key that run.id_exclude leaves out of the run id
+        if job.run_dir in first:
+            job.state, job.reason = "duplicate", f"same run dir as job #{first[job.run_dir]}"
+        else:
+            first[job.run_dir] = job.idx
+    if errors:
+        raise LaunchError(f"{len(errors)} of {len(job_overrides)} jobs are invalid; nothing was submitted:\n"
+                          + "\n".join(errors))
+    return planned
+
+
+def group(jobs: Iterable[PlannedJob]) -> OrderedDict[str, list[PlannedJob]]:
+    """One array per resource class, in a stable order."""
+    classes: OrderedDict[str, list[PlannedJob]] = OrderedDict()
+    for job in sorted(jobs, key=lambda j: (j.resources.resource_class, j.idx)):
+        classes.setdefault(job.resources.class_name, []).append(job)
+    return classes
+
+
+def phase(config) -> str | None:
+    """The ``+phase=`` option the sweep was composed with."""
+    return OmegaConf.select(config, "hydra.runtime.choices.phase", default=None)
+
+
+def describe(planned: list[PlannedJob], header: str) -> str:
+    """The dry-run table: every job with its state and resources, then one line per array and the totals."""
+    rows = [("#", "state", "gpus", "cpus", "mem", "time", "est GB", "GPU-h", "run", "overrides")]
+    for j in planned:
+        r = j.resources
+        state = {"queue": "queue", "skipped": "skip", "active": "active", "duplicate": "dup"}[j.state]
+        rows.append((str(j.idx), state, str(r.gpus), str(r.cpus), f"{r.mem_gb}G", f"{r.timeout_min}m",
+                     "/".join(f"{g:.1f}" for g in r.device_gb), f"{r.gpu_hours:.1f}",
+                     Path(j.run_dir).name, " ".join(_filter(j.overrides))))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
+    lines = [header]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
+    classes = group(j for j in planned if j.state == "queue")
+    for name, jobs in classes.items():
+        r = jobs[0].resources
+        lines.append(f"array {name}: {len(jobs)} jobs, --gpus-per-node={r.gpus} --cpus-per-task={r.cpus} "
+                     f"--mem={r.mem_gb}G --time={r.timeout_min}, up to "
+                     f"{sum(j.resources.gpu_hours for j in jobs):.1f} GPU-hours")
+    n_queue = sum(j.state == "queue" for j in planned)
+    total = sum(j.resources.gpu_hours for j in planned if j.state == "queue")
+    lines.append(f"total: {n_queue} to run in {len(classes)} arrays, "
+                 f"{sum(j.state == 'skipped' for j in planned)} skipped (completed), "
+                 f"{sum(j.state == 'active' for j in planned)} still queued/running, "
+                 f"{sum(j.state == 'duplicate' for j in planned)} duplicates; "
+                 f"up to {total:.1f} GPU-hours (GPUs x time limit)")
+    return "\n".join(lines)
+
+
+def write_manifest(sweep_dir: Path, planned: list[PlannedJob], arrays: list[dict], phase_name: str | None,
+                   launcher: str) -> Path:
+    """Add this launch's arrays and jobs to ``<sweep_dir>/jobs.json`` (atomic write)."""
+    from telepathy.results import write_json
+
+    path = sweep_dir / MANIFEST
+    manifest = {"schema_version": MANIFEST_VERSION, "phase": phase_name, "launcher": launcher,
+                "sweep_dir": str(sweep_dir), "command": " ".join(shlex.quote(a) for a in sys.argv),
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "arrays": [], "jobs": []}
+    if path.exists():  # a sweeper that launches in batches: one manifest for the whole sweep
+        manifest = json.loads(path.read_text())
+    manifest["arrays"] += arrays
+    manifest["jobs"] += [{"idx": j.idx, "state": "queued" if j.state == "queue" else j.state,
+                          "reason": j.reason, "kind": j.kind, "run_dir": j.run_dir, "overrides": j.overrides,
+                          "slurm_job_id": j.slurm_job_id,
+                          "resources": {**j.resources.to_dict(), "class": j.resources.class_name}}
+                         for j in planned]
+    write_json(path, manifest)
+    return path
