@@ -10,7 +10,7 @@ import torch
 from baselines.common import prompt_tokens
 from baselines.ensemble import average_probabilities
 from baselines.fewshot import DemonstrationSampler, demonstrations_text
-from conftest import TINY, compose, needs_data, results, run_train
+from helpers import TINY, compose, needs_data, results, run_train
 from telepathy.config import ConfigError, group_options, run_name, validate
 from telepathy.data import Example, format_prompt
 from telepathy.evaluation import text_prompt

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from baselines.linear_probe import resolve_layers
 from baselines.lora import add_lora
 from baselines.prompt_tuning import SoftPrompt, init_soft_prompt
-from conftest import TINY, compose, needs_data, results, run_train
+from helpers import TINY, compose, needs_data, results, run_train
 from telepathy import config as tconfig
 from telepathy.models import embedding_rms_median, load_model
 from telepathy.receiver import PromptIO

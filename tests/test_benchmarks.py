@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 
-from conftest import TINY, needs_data, run_script
+from helpers import TINY, needs_data, run_script
 from telepathy.analysis import load_runs
 
 LATENCY_TINY = [*TINY, "num_inputs=4", "warmup_batches=1", "relay_tokens=3"]
@@ -43,7 +43,7 @@ def test_latency_writes_one_valid_record_per_path(tmp_path):
 @needs_data
 def test_latency_loads_a_trained_bridge_checkpoint(tmp_path):
     """A train.py run's checkpoint is what the bridge path times."""
-    from conftest import run_train
+    from helpers import run_train
 
     run_train(*TINY, "trainer.max_steps=2", f"cache.dir={tmp_path / 'features'}", outputs=tmp_path / "train")
     (run_dir,) = (tmp_path / "train" / "runs").iterdir()

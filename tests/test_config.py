@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import TINY, compose, outputs, run_train  # noqa: F401
+from helpers import TINY, compose, run_train
 from telepathy.config import ConfigError, config_hash, resolve_layer, run_name, validate
 
 

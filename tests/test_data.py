@@ -5,7 +5,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose, needs_data
+from helpers import compose, needs_data
 from telepathy.data import DataError, epoch_order, load_split
 
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from telepathy import features
 from telepathy.data import Example
-from conftest import TINY, compose, needs_data, results, run_train
+from helpers import TINY, compose, needs_data, results, run_train
 
 TEXTS = ["a gripping, beautifully shot film", "dull.", "I wanted to like it, but the second half drags on and on",
          "the cast is wonderful", "an utter mess from start to finish", "fine"]

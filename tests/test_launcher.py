@@ -6,7 +6,7 @@ from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from conftest import TINY, compose, needs_data, outputs, run_train  # noqa: F401
+from helpers import TINY, compose, needs_data, run_train
 from telepathy.cluster.sweep import PlannedJob, group
 from telepathy.cluster import status
 from telepathy.config import run_dir

@@ -5,7 +5,7 @@ Real weights (SmolLM2-135M → Gemma-3-270M), CPU, about two minutes on 2 cores.
 
 import pytest
 
-from conftest import needs_data, results, run_train
+from helpers import needs_data, results, run_train
 
 pytestmark = [needs_data, pytest.mark.slow]
 

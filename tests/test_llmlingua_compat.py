@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from baselines import llmlingua_compat as lc
-from conftest import compose, data_root, needs_data
+from helpers import compose, data_root, needs_data
 
 
 @pytest.fixture(scope="module")

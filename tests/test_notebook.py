@@ -8,7 +8,7 @@ import pytest
 from nbclient import NotebookClient
 
 from analysis_fixtures import write_sweep
-from conftest import TINY, needs_data, run_train
+from helpers import TINY, needs_data, run_train
 from telepathy.analysis import report
 
 REPO = Path(__file__).resolve().parent.parent

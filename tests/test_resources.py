@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from conftest import compose
+from helpers import compose
 from telepathy.config import ConfigError, num_latents
 from telepathy.cluster.resources import GB, Resources, bridge_params, estimate, models_used, plan
 

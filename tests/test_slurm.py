@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, needs_data, run_train
+from helpers import TINY, needs_data, run_train
 from telepathy.cluster import status
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY, needs_data, results, run_env, run_train
+from helpers import REPO, TINY, needs_data, results, run_env, run_train
 
 pytestmark = needs_data
 

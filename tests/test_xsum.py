@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, compose, needs_data, results, run_train
+from helpers import TINY, compose, needs_data, results, run_train
 from telepathy.bridge_recipe import generation_targets
 from telepathy.data import Example
 from telepathy.metrics import rouge_scores, rouge_summary
