@@ -71,14 +71,45 @@ class Timer:
         return out
 
 
+BRIDGE_SHAPE = ("dim", "depth", "heads", "mlp_ratio", "num_latents")
+
+
+def trained_bridge_run(cfg) -> Path | None:
+    """``bridge_checkpoint=auto``: the completed bridge run of the run store (``paths.output_dir``)
+    with this job's task, sender, receiver, sender layer, compression and bridge shape; the
+    lowest seed when several match. None when there is none (the bridge is then timed untrained)."""
+    from telepathy.results import read_result
+
+    def key(c):
+        return (c["task"]["name"], c["sender"]["name"], c["receiver"]["name"], c["sender"]["layer"],
+                c["compression"], tuple(c["bridge"].get(k) for k in BRIDGE_SHAPE))
+
+    want = key(OmegaConf.to_container(cfg, resolve=True))
+    found = []
+    for rdir in sorted((Path(cfg.paths.output_dir).expanduser() / "runs").glob("*")):
+        record = read_result(rdir) or {}
+        conf = record.get("config") or {}
+        if record.get("status") == "completed" and record.get("method") == "bridge" and "bridge" in conf \
+                and key(conf) == want and latest_checkpoint(rdir) is not None:
+            found.append((int(record.get("seed", 0)), rdir))
+    return min(found)[1] if found else None
+
+
 def load_bridge(cfg, sender, receiver, m: int):
-    """The bridge to time: trained weights from ``bridge_checkpoint`` when given, else a seeded init."""
+    """The bridge to time: trained weights from ``bridge_checkpoint`` (a run dir, a checkpoint, or
+    ``auto``: found in the run store) when there are any, else a seeded init."""
     torch.manual_seed(cfg.seed)
     bridge = build_bridge(cfg, sender.hidden_size, receiver.hidden_size, m,
                           target_rms=embedding_rms_median(receiver.model)).to(receiver.device).eval()
     source = None
-    if cfg.bridge_checkpoint:
-        path = Path(cfg.bridge_checkpoint).expanduser()
+    run = cfg.bridge_checkpoint
+    if run == "auto":
+        run = trained_bridge_run(cfg)
+        if run is None:
+            log.warning("bridge_checkpoint=auto: no completed bridge run of this task, pair and compression "
+                        "under %s/runs; timing an untrained bridge", cfg.paths.output_dir)
+    if run:
+        path = Path(run).expanduser()
         checkpoint = path if (path / "trainable.safetensors").exists() else latest_checkpoint(path)
         if checkpoint is None:
             raise FileNotFoundError(f"bridge_checkpoint={path}: no checkpoints/step_*/trainable.safetensors")

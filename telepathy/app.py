@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from telepathy import config as tconfig
-from telepathy import features, methods
+from telepathy import batching, data, features, methods
 from telepathy.models import LoadedModel, load_model
 from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, SCHEMA_VERSION, environment, now, peak_memory,
                                read_result, write_json, write_jsonl)
@@ -139,6 +139,7 @@ def main(cfg: DictConfig) -> dict | None:
         "overrides": _overrides(),
         "env": environment(device=str(devices["receiver"])),
         "resources": _resources(cfg),
+        "batch": batching.plan(cfg),  # per-device batch, accumulation, effective batch (batch_by_size)
         "reused_from": None,
     }
     started = now()
@@ -158,6 +159,7 @@ def main(cfg: DictConfig) -> dict | None:
             return record["metrics"]
 
     write_json(run_dir / RESULT_FILE, {**base, "status": "running", "started_at": started})
+    batching.apply(cfg)
     try:
         out = method.run(cfg, RunContext(cfg, run_dir, devices))
     except SystemExit as stop:  # preempted after a checkpoint: the requeued job resumes
@@ -179,7 +181,7 @@ def main(cfg: DictConfig) -> dict | None:
         write_jsonl(run_dir / PREDICTIONS_FILE, predictions)
     timing = {**out.pop("timing", {}), "total_s": time.time() - t0, "started_at": started, "finished_at": now()}
     record = {**base, "status": "completed", **out, "timing": timing, "memory": peak_memory(),
-              "started_at": started, "finished_at": timing["finished_at"]}
+              "data_shortfall": list(data.SHORTFALLS), "started_at": started, "finished_at": timing["finished_at"]}
     write_json(run_dir / RESULT_FILE, record)
     _print_summary(record)
     return record["metrics"]

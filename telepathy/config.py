@@ -113,6 +113,9 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None:
             _check_range(cfg, key, lo=1, integer=True)
+    from telepathy import batching
+
+    batching.validate(cfg)
     method_validate = methods.validator(cfg.method.name)
     if method_validate is not None:
         method_validate(cfg)

@@ -51,8 +51,7 @@ def sender_prompts(lm: LoadedModel, examples: list[Example], template: str, max_
     def render(text: str) -> list[int]:
         prompt = format_prompt(template, text)
         if lm.chat_template:
-            return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
-                                           add_generation_prompt=True, return_dict=False)
+            return lm.apply_chat(prompt, tokenize=True)
         return tok(prompt).input_ids
 
     out = []
@@ -143,7 +142,7 @@ def collate(states: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Ten
 # Model-config keys that decide the weights (and so the hidden states). Paths of the
 # model caches are left out: the same weights in another folder give the same states.
 IDENTITY_KEYS = ("name", "hub_id", "path", "gguf_package", "gguf_file", "revision", "random_init",
-                 "config_overrides", "init_seed", "trust_remote_code")
+                 "config_overrides", "init_seed", "trust_remote_code", "stand_in")
 CACHE_VERSION = 1  # bump when the stored layout or the meaning of the features changes
 
 

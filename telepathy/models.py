@@ -13,6 +13,14 @@ says where weights come from, in this order of precedence:
 
 ``random_init: true`` builds the architecture with random weights (tests, timing
 benchmarks) after applying ``config_overrides`` such as ``num_hidden_layers: 2``.
+A hub-only model (no ``path``, no GGUF package) with ``stand_in: <conf/model name>``
+is built offline instead: its ``family`` architecture from the published facts in its
+config, with the stand-in's tokenizer (``budget=tiny`` sets it, so tests and the
+rehearsal run the paper's model families on a machine that cannot download them).
+
+Chat templates are rendered with ``chat_template_kwargs`` (``date_string``): Llama-3.x
+templates otherwise write today's date into every prompt, so features, cache keys
+and receiver prompts would change at midnight.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import importlib.util
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +57,13 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     chat_template: bool
+    chat_kwargs: dict = field(default_factory=dict)
+
+    def apply_chat(self, content: str, tokenize: bool):
+        """One user turn through the chat template, with the pinned ``chat_template_kwargs``."""
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=tokenize,
+                                                  add_generation_prompt=True, return_dict=False,
+                                                  **self.chat_kwargs)
 
     @property
     def hidden_size(self) -> int:
@@ -178,9 +193,52 @@ def _clear_hub_errors(model_cfg, source: str):
         ) from err
 
 
+# ``family`` (conf/model) → transformers model_type of the text-only architecture
+FAMILY_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3": "gemma3_text"}
+# published facts of conf/model that are also transformers config fields
+ARCHITECTURE_FACTS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+                      "intermediate_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
+                      "num_key_value_heads": "num_key_value_heads", "tie_word_embeddings": "tie_word_embeddings"}
+
+
+def stand_in_config(model_cfg):
+    """The stand-in model's config (``conf/model/<stand_in>.yaml``) with this model's cache folders,
+    or None when this model loads its own files (``stand_in`` unset, not random_init, or a local
+    ``path`` / GGUF package, which are available offline anyway)."""
+    name = model_cfg.get("stand_in")
+    if not name or not model_cfg.get("random_init", False) or model_cfg.get("path") or model_cfg.get("gguf_package"):
+        return None
+    from omegaconf import OmegaConf
+
+    path = Path(__file__).resolve().parent.parent / "conf" / "model" / f"{name}.yaml"
+    if not path.exists():
+        raise ModelNotAvailableError(f"{model_cfg.get('role', 'model')}.stand_in={name!r}: no conf/model/{name}.yaml")
+    stand_in = OmegaConf.load(path)
+    stand_in.cache_dir = model_cfg.get("cache_dir")
+    stand_in.hf_cache_dir = model_cfg.get("hf_cache_dir")
+    stand_in.role = model_cfg.get("role", "sender")
+    return stand_in
+
+
+def _family_config(model_cfg, vocab_size: int):
+    """The ``family`` architecture from the published facts: a full-size or (with
+    ``config_overrides``) shrunken model of the same family, without any hub download."""
+    from transformers import AutoConfig
+
+    family = model_cfg.get("family")
+    if family not in FAMILY_MODEL_TYPES:
+        raise ModelNotAvailableError(f"{model_cfg.get('role', 'model')}.family={family!r} has no offline "
+                                     f"architecture; allowed: {', '.join(FAMILY_MODEL_TYPES)}")
+    facts = {hf: model_cfg.get(key) for key, hf in ARCHITECTURE_FACTS.items() if model_cfg.get(key) is not None}
+    return AutoConfig.for_model(FAMILY_MODEL_TYPES[family], vocab_size=vocab_size, **facts)
+
+
 def load_tokenizer(model_cfg):
     from transformers import AutoTokenizer
 
+    stand_in = stand_in_config(model_cfg)
+    if stand_in is not None:
+        return load_tokenizer(stand_in)
     local = local_model_dir(model_cfg)
     source = str(local) if local else model_cfg.hub_id
     with _clear_hub_errors(model_cfg, source):
@@ -196,13 +254,18 @@ def load_model(model_cfg, device: str | torch.device = "cpu") -> LoadedModel:
 
     device = torch.device(device)
     dtype = resolve_dtype(model_cfg.get("dtype", "auto"), device)
-    local = local_model_dir(model_cfg)
+    stand_in = stand_in_config(model_cfg)
+    local = None if stand_in is not None else local_model_dir(model_cfg)
     source = str(local) if local else model_cfg.hub_id
     tokenizer = load_tokenizer(model_cfg)
     t0 = time.time()
     with _clear_hub_errors(model_cfg, source):
         if model_cfg.get("random_init", False):
-            config = AutoConfig.from_pretrained(source, **_hub_kwargs(model_cfg))
+            if stand_in is not None:
+                source = f"{model_cfg.family} architecture, {stand_in.name} tokenizer (stand-in)"
+                config = _family_config(model_cfg, vocab_size=len(tokenizer))
+            else:
+                config = AutoConfig.from_pretrained(source, **_hub_kwargs(model_cfg))
             overrides = dict(model_cfg.get("config_overrides") or {})
             text_config = config.get_text_config()
             for key, value in overrides.items():
@@ -224,7 +287,16 @@ def load_model(model_cfg, device: str | torch.device = "cpu") -> LoadedModel:
         device=device,
         dtype=dtype,
         chat_template=bool(model_cfg.get("chat_template", False)) and tokenizer.chat_template is not None,
+        chat_kwargs=chat_kwargs(model_cfg),
     )
+
+
+def chat_kwargs(model_cfg) -> dict:
+    """``chat_template_kwargs`` as plain values (``date_string`` pins Llama-3.x's date line)."""
+    from omegaconf import OmegaConf
+
+    value = model_cfg.get("chat_template_kwargs") or {}
+    return dict(OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value)
 
 
 def embedding_rms_median(model) -> float:

@@ -42,9 +42,7 @@ class PromptIO:
         """Split a user-message template at SOFT into text pieces, applying the chat
         template when the model uses one. Returns ``[before, after]`` (or ``[text]``)."""
         if self.lm.chat_template:
-            content = self.tok.apply_chat_template(
-                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-            )
+            content = self.lm.apply_chat(content, tokenize=False)
         return content.split(SOFT)
 
     def soft_prompt(self, primer: str, answer_prompt: str, placement: str = "primer_soft_prompt") -> list:

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 from omegaconf import OmegaConf
 
+from telepathy import batching
 from telepathy.config import CONF_DIR, ConfigError, group_options, num_latents
 
 GB = 1024**3
@@ -157,14 +158,16 @@ class Estimate:
                 f"{self.activations_gb:.1f})")
 
 
-def estimate(cfg) -> Estimate:
+def estimate(cfg, per_device_batch: int | None = None) -> Estimate:
+    """GPU memory of ``cfg``'s run; training activations at the per-device batch of
+    ``batching.plan`` (or at ``per_device_batch``)."""
     roles = models_used(cfg)
     method = str(_get(cfg, "method.name", "bridge"))
     overhead = int(_get(cfg, "resources.prompt_tokens", 32))
     text_tokens = int(cfg.task.max_input_tokens) + overhead
     if _get(cfg, "task.type", "classification") == "generation":
         text_tokens += int(_get(cfg, "eval.max_new_tokens", 0))
-    train_batch = int(cfg.trainer.batch_size)
+    train_batch = per_device_batch or batching.plan(cfg)["per_device"]
     eval_batch = int(_get(cfg, "eval.batch_size", train_batch))
 
     feeds_bridge = uses_bridge(cfg) and "sender" in roles
@@ -245,7 +248,9 @@ def plan(cfg) -> Resources:
     weights_gb = est.sender_gb + est.receiver_gb
 
     split_possible = "sender" in roles and len(set(roles)) > 1
-    if est.total_gb <= gpu_mem:
+    # resources.min_gpus=2: a phase that plans sender | receiver on their own GPUs (P5)
+    want_split = split_possible and int(_get(cfg, "resources.min_gpus", 1)) >= 2
+    if est.total_gb <= gpu_mem and not want_split:
         gpus, placement, device_gb = 1, {role: "cuda:0" for role in roles}, (round(est.total_gb, 3),)
     elif split_possible and est.sender_device_gb <= gpu_mem and est.receiver_device_gb <= gpu_mem:
         gpus, placement = 2, {role: "cuda:0" if role == "sender" else "cuda:1" for role in roles}
@@ -255,10 +260,12 @@ def plan(cfg) -> Resources:
         if split_possible:
             split = (f" nor two (sender {est.sender_device_gb:.1f} GB on the first, receiver + bridge "
                      f"{est.receiver_device_gb:.1f} GB on the second)")
+        at_one = estimate(cfg, per_device_batch=1)
         raise ConfigError(
             f"resources: run needs an estimated {est.describe()} of GPU memory, which does not fit one "
-            f"{gpu_mem:g} GB GPU (cluster.gpu_mem_gb){split}; lower trainer.batch_size, eval.batch_size or "
-            f"task.max_input_tokens, or use bigger GPUs")
+            f"{gpu_mem:g} GB GPU (cluster.gpu_mem_gb){split}; at per-device training batch 1 it would need "
+            f"{at_one.describe()}; lower the batch_by_size caps, eval.batch_size or task.max_input_tokens, "
+            f"or use bigger GPUs")
 
     if len(set(roles)) == 1:
         cpus = int(_get(cfg, "cluster.single_model.cpus", 4))

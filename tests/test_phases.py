@@ -1,0 +1,161 @@
+"""Every phase of the plan composes to the experiment the plan describes: the paper's models,
+settings, grid and per-device batch sizes; and `budget=tiny` shrinks any phase to 2-layer random
+models of the same families. Composition is in-process (what `-m +phase=pN +dry_run=true`
+expands to, job by job, narrowed to one slice where the grid itself is checked from the
+phase's sweep), so checking every phase costs seconds, not a dry run per phase."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from helpers import REPO
+from telepathy import batching
+from telepathy.cluster import resources
+from telepathy.config import register_resolvers, validate
+
+PAPER_PAIR = ("llama31_8b", "mistral7b")
+SMALL_PAIR = ("llama32_1b", "qwen25_15b")
+TASKS = ["sst2", "agnews", "trec"]
+SEEDS = [42, 123, 456]
+
+
+def _compose(app: str, overrides: list[str], hydra: bool = False):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name=app, overrides=overrides, return_hydra_config=hydra)
+
+
+def grid(phase: str, app: str = "train") -> dict[str, list[str]]:
+    """The phase's sweep: {key: [values]} as the sweeper reads ``hydra.sweeper.params``."""
+    params = _compose(app, [f"+phase={phase}"], hydra=True).hydra.sweeper.params or {}
+    parser = OverridesParser.create()
+    return {k: list(parser.parse_override(f"{k}={v}").sweep_string_iterator()) for k, v in params.items()}
+
+
+def jobs(phase: str, *narrow: str, app: str = "train") -> list:
+    """The composed config of every job of ``-m +phase=<phase> <narrow>`` (command-line values
+    narrow the phase's sweep, as they do for a real launch); one compose per job."""
+    given = {o.split("=")[0] for o in narrow}
+    axes = [[f"{k}={v}" for v in values] for k, values in grid(phase, app).items() if k not in given]
+    base = [f"+phase={phase}", *narrow]
+    return [_compose(app, [*base, *combo]) for combo in itertools.product(*axes)]
+
+
+def _models(cfg) -> tuple[str, str]:
+    return cfg.sender.name, cfg.receiver.name
+
+
+def _batch(cfg) -> tuple[int, int, int]:
+    out = batching.plan(cfg)
+    return out["per_device"], out["grad_accum"], out["effective"]
+
+
+def test_p1_is_the_paper_pair_with_both_zero_shots_on_1000_items():
+    assert grid("p1_seeds") == {"method": ["bridge", "zeroshot", "zeroshot_sender"],
+                                "task": TASKS, "seed": [str(s) for s in SEEDS]}
+    slice_ = jobs("p1_seeds", "task=agnews", "seed=123")
+    assert [(j.method.name, j.method.get("model")) for j in slice_] == [
+        ("bridge", None), ("zeroshot", "receiver"), ("zeroshot", "sender")]
+    for j in slice_:
+        validate(j)
+        assert _models(j) == PAPER_PAIR and j.sender.layer == 31 and j.compression == 8
+        assert j.task.train_samples == 1000 and j.task.test_samples is None  # full test sets
+    # medium (7-8B) pair: 2 per device, the recipe's batch of 16 kept by accumulation
+    assert _batch(slice_[0]) == (2, 8, 16)
+
+
+def test_p2_probes_the_1b_and_mistral_at_the_plans_layers():
+    from baselines.linear_probe import probe_layers
+
+    assert grid("p2_probes") == {"method.model": ["sender", "receiver"], "task": TASKS}
+    layers = {}
+    for j in jobs("p2_probes", "task=trec"):
+        validate(j)
+        assert j.method.name == "linear_probe" and j.task.train_samples == 1000 and j.task.test_samples is None
+        model = j[j.method.model]
+        layers[model.name] = probe_layers(j, int(model.num_layers))
+        assert resources.plan(j).gpus == 1
+    assert layers == {"llama32_1b": [4, 8, 12, 15], "mistral7b": [8, 16, 24, 31]}
+
+
+def test_p3_runs_the_bridge_against_every_baseline_on_the_paper_pair():
+    assert grid("p3_baselines")["task"] == TASKS
+    slice_ = jobs("p3_baselines", "task=sst2")
+    methods = [(j.method.name, j.method.get("budget")) for j in slice_]
+    assert methods == [("bridge", None), ("zeroshot", None), ("text_relay", None), ("llmlingua", "rate"),
+                       ("llmlingua", "match_bridge"), ("prompt_tuning", None), ("lora", None), ("fewshot", None)]
+    for j in slice_:
+        validate(j)
+        assert _models(j) == PAPER_PAIR and j.compression == 8 and j.task.train_samples == 1000
+        if j.method.name == "llmlingua" and j.method.budget == "rate":
+            assert j.method.rate == 0.125
+        if j.method.name in ("prompt_tuning", "lora"):
+            assert _batch(j) == (8, 2, 16)  # one 7B model: the single-model column
+
+
+def test_p4_times_the_plans_grid_with_the_trained_bridge_and_the_relay_baselines_settings():
+    assert grid("p4_latency", app="latency") == {"compression": ["4", "8", "16", "32"],
+                                                 "eval.batch_size": ["1", "4", "8", "16"]}
+    [j] = jobs("p4_latency", "compression=16", "eval.batch_size=8", app="latency")
+    relay = OmegaConf.load(REPO / "conf" / "method" / "text_relay.yaml")
+    assert _models(j) == PAPER_PAIR and j.sender.layer == 31 and j.batch_size == 8
+    assert j.bridge_checkpoint == "auto" and j.num_inputs == 100
+    assert j.relay_tokens == relay.max_new_tokens and j.relay_prompt == j.task.prompt
+
+
+def test_p5_is_xsum_on_the_small_pair_with_both_zero_shots_and_two_gpus():
+    assert grid("p5_xsum") == {"method": ["bridge", "zeroshot", "zeroshot_sender"], "seed": [str(s) for s in SEEDS]}
+    for j in jobs("p5_xsum", "seed=42"):
+        validate(j)
+        assert _models(j) == SMALL_PAIR and j.task.name == "xsum"
+        assert j.task.train_samples == 1000 and j.task.test_samples == 500
+        assert resources.plan(j).gpus == (2 if j.method.name == "bridge" else 1)
+        if j.method.name == "bridge":
+            assert _batch(j) == (8, 2, 16)  # small (1-2B) pair
+
+
+def test_p6_compares_the_small_and_the_medium_pair_on_sst2():
+    assert grid("p6_ablations") == {"+pair": ["small", "medium"], "seed": [str(s) for s in SEEDS]}
+    small, medium = jobs("p6_ablations", "seed=42")
+    for j in (small, medium):
+        validate(j)
+        assert j.task.name == "sst2" and j.method.name == "bridge" and j.task.train_samples == 1000
+    assert (_models(small), _batch(small)) == (SMALL_PAIR, (8, 2, 16))
+    assert (_models(medium), _batch(medium)) == (PAPER_PAIR, (2, 8, 16))
+    extension = grid("p6_grid")  # the optional 3 x 3 extension
+    assert len(extension["sender"]) == len(extension["receiver"]) == 3
+
+
+# the jobs of each phase whose models differ (one task, one seed, one method per model pair)
+TINY_SLICES = {"p1_seeds": (["task=sst2", "seed=42", "method=bridge"], [PAPER_PAIR]),
+               "p2_probes": (["task=sst2"], [SMALL_PAIR[:1] + PAPER_PAIR[1:]] * 2),
+               "p5_xsum": (["seed=42", "method=bridge"], [SMALL_PAIR]),
+               "p6_ablations": (["seed=42"], [SMALL_PAIR, PAPER_PAIR])}
+FAMILIES = {"llama31_8b": "llama", "llama32_1b": "llama", "mistral7b": "mistral", "qwen25_15b": "qwen2"}
+
+
+@pytest.mark.parametrize("phase", sorted(TINY_SLICES))
+def test_budget_tiny_shrinks_every_phase_to_two_layer_models_of_the_same_families(phase):
+    narrow, pairs = TINY_SLICES[phase]
+    tiny = jobs(phase, *narrow, "budget=tiny")
+    assert [_models(t) for t in tiny] == pairs
+    for t in tiny:
+        validate(t)
+        for role in ("sender", "receiver"):
+            assert t[role].random_init and t[role].config_overrides.num_hidden_layers == 2
+            assert t[role].family == FAMILIES[t[role].name] and t[role].stand_in == "smollm2_135m"
+        assert t.task.train_samples == 32 and t.task.test_samples == 16 and t.trainer.max_steps == 4
+
+
+def test_a_run_too_big_even_at_batch_1_stops_with_the_estimate():
+    from telepathy.config import ConfigError
+
+    [j] = jobs("p6_ablations", "+pair=medium", "seed=42", "cluster.gpu_mem_gb=10")
+    with pytest.raises(ConfigError, match=r"at per-device training batch 1 it would need \d+\.\d GB"):
+        resources.plan(j)
