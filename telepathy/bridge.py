@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+STATS_CHUNK = 256  # examples per step of the streaming input statistics
+
+
 class _Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
         super().__init__()
@@ -70,11 +73,31 @@ class PerceiverBridge(nn.Module):
         self.scale = nn.Parameter(torch.tensor(float(target_rms)))
 
     @torch.no_grad()
-    def set_input_stats(self, states: list[torch.Tensor]) -> None:
-        """Per-dimension mean and std over every token of the given [T_i, d] feature tensors."""
-        flat = torch.cat([s.float() for s in states])
-        self.in_mean.copy_(flat.mean(0))
-        self.in_std.copy_(flat.std(0).clamp(min=1e-4))
+    def set_input_stats(self, states) -> None:
+        """Per-dimension mean and (unbiased) std over every token of the given [T_i, d] feature tensors.
+
+        ``states`` is any sequence, e.g. a ``features.FeatureFile`` read from disk: one
+        streaming pass, ``STATS_CHUNK`` examples at a time, merged in float64 (Chan et al.),
+        so the statistics of a training set larger than RAM never hold it all at once.
+        """
+        count, mean, m2 = 0, None, None
+        for start in range(0, len(states), STATS_CHUNK):
+            chunk = torch.cat([states[i] for i in range(start, min(start + STATS_CHUNK, len(states)))]).double()
+            n = chunk.shape[0]
+            if n == 0:
+                continue
+            c_mean = chunk.mean(0)
+            c_m2 = (chunk - c_mean).pow(2).sum(0)
+            if mean is None:
+                count, mean, m2 = n, c_mean, c_m2
+                continue
+            delta = c_mean - mean
+            total = count + n
+            mean = mean + delta * n / total
+            m2 = m2 + c_m2 + delta.pow(2) * count * n / total
+            count = total
+        self.in_mean.copy_(mean.float())
+        self.in_std.copy_((m2 / max(count - 1, 1)).sqrt().float().clamp(min=1e-4))
 
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """states [B, T, sender_dim], attention_mask [B, T] (1 = real token) -> [B, M, receiver_dim]."""

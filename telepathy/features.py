@@ -13,21 +13,28 @@ examples concatenated (``data`` [sum T_i, d]) and an ``offsets`` index [N + 1];
 missing layers are computed together in one forward pass. Files are written to a
 temporary name and renamed, so concurrent jobs never see half a file; a file that
 does not load or whose stored key differs from the expected one is recomputed.
+
+Streaming: an 8B sender's features of a full training set are tens to hundreds of GB
+(SST-2 ~84 GB, AG News ~270 GB with every copy counted), more than a job's RAM. So each
+batch's states are written into the cache file as soon as they are computed
+(``EntryWriter``), and runs read them back example by example (``FeatureFile``); the
+bridge's input statistics are one streaming pass (``bridge.set_input_stats``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from telepathy.data import Example, batches, format_prompt
@@ -108,21 +115,25 @@ def hidden_states(lm: LoadedModel, ids: list[list[int]], layers: list[int]) -> d
     return {layer: captured[layer] for layer in layers}
 
 
-def encode(lm: LoadedModel, ids: list[list[int]], layers: list[int], batch_size: int = 16,
-           desc: str = "sender features") -> dict[int, list[torch.Tensor]]:
-    """All examples → {layer: [tensor [T_i, d] on CPU, in the model's dtype]}.
-
-    Examples are processed in order of length so that little compute goes to padding.
-    """
+def _encoded_batches(lm: LoadedModel, ids: list[list[int]], layers: list[int], batch_size: int, desc: str):
+    """Yield ({layer: [B, T, d]}, example indices) batch by batch, in order of length so that
+    little compute goes to padding."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: dict[int, list] = {layer: [None] * len(ids) for layer in layers}
     with tqdm(total=len(ids), desc=desc, unit="ex", mininterval=5) as bar:
         for chunk in batches(order, batch_size):
-            states = hidden_states(lm, [ids[i] for i in chunk], layers)
-            for layer, tensor in states.items():
-                for row, i in enumerate(chunk):
-                    out[layer][i] = tensor[row, : len(ids[i])].detach().to("cpu").clone()
+            yield hidden_states(lm, [ids[i] for i in chunk], layers), chunk
             bar.update(len(chunk))
+
+
+def encode(lm: LoadedModel, ids: list[list[int]], layers: list[int], batch_size: int = 16,
+           desc: str = "sender features") -> dict[int, list[torch.Tensor]]:
+    """All examples → {layer: [tensor [T_i, d] on CPU, in the model's dtype]}, held in RAM
+    (``cache.mode=off``; with the cache on, ``cached_encode`` streams them to disk instead)."""
+    out: dict[int, list] = {layer: [None] * len(ids) for layer in layers}
+    for states, chunk in _encoded_batches(lm, ids, layers, batch_size, desc):
+        for layer, tensor in states.items():
+            for row, i in enumerate(chunk):
+                out[layer][i] = tensor[row, : len(ids[i])].detach().to("cpu").clone()
     return out
 
 
@@ -179,32 +190,122 @@ def cache_path(cache_dir, model_name: str, key_hash: str, layer: int) -> Path:
     return Path(cache_dir).expanduser() / model_name / f"L{layer}-{key_hash[:32]}.safetensors"
 
 
+ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+
+
+class EntryWriter:
+    """Write one layer's features straight to disk, example by example, in any order.
+
+    Every example's length is known before the sender runs (the prompt token ids), so the
+    file's layout is too: a safetensors file with ``data`` [sum T_i, d] in example order and
+    ``offsets`` [N + 1]. Rows go to their place with ``pwrite`` as each batch is encoded, so
+    the process never holds more than one batch of features; the file is a temporary name
+    until ``close`` fsyncs and renames it (concurrent jobs never see half a file).
+    """
+
+    def __init__(self, path: Path, lengths: list[int], dim: int, dtype: torch.dtype, key_text: str):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.row_bytes = dim * torch.empty(0, dtype=dtype).element_size()
+        self.offsets = [0]
+        for n in lengths:
+            self.offsets.append(self.offsets[-1] + n)
+        data_bytes = self.offsets[-1] * self.row_bytes
+        header = {"data": {"dtype": ST_DTYPES[dtype], "shape": [self.offsets[-1], dim],
+                           "data_offsets": [0, data_bytes]},
+                  "offsets": {"dtype": "I64", "shape": [len(self.offsets)],
+                              "data_offsets": [data_bytes, data_bytes + 8 * len(self.offsets)]},
+                  "__metadata__": {"key": key_text}}
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)  # 8-byte aligned data, as safetensors writes it
+        self.start = 8 + len(text)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.fd = fd
+        os.write(fd, len(text).to_bytes(8, "little") + text)
+        os.pwrite(fd, np.array(self.offsets, dtype="<i8").tobytes(), self.start + data_bytes)
+        self.dtype, self.dim = dtype, dim
+
+    def write(self, i: int, rows: torch.Tensor) -> None:
+        """Example ``i``'s features [T_i, d]."""
+        rows = rows.detach().to("cpu", self.dtype).contiguous()
+        if tuple(rows.shape) != (self.offsets[i + 1] - self.offsets[i], self.dim):
+            raise ValueError(f"example {i}: features {tuple(rows.shape)}, expected "
+                             f"{(self.offsets[i + 1] - self.offsets[i], self.dim)}")
+        raw = rows.view(torch.uint8) if rows.numel() else rows
+        os.pwrite(self.fd, raw.numpy().tobytes(), self.start + self.offsets[i] * self.row_bytes)
+
+    def close(self) -> None:
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            os.chmod(self.tmp, 0o644)  # mkstemp makes it private; other jobs (and users of a shared scratch) read it
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        Path(self.tmp).unlink(missing_ok=True)
+
+
+class FeatureFile(Sequence):
+    """One layer's cached features as a sequence of [T_i, d] tensors, read from disk on demand.
+
+    Indexing reads that example's rows with ``pread`` (no memory map: the pages stay in the
+    kernel's page cache, not in the process), so a training set far larger than the job's
+    RAM costs one batch of memory. The file descriptor keeps the version it opened, even if
+    another job renames a fresh copy over the path.
+    """
+
+    def __init__(self, path: Path, start: int, dtype: torch.dtype, dim: int, offsets: list[int]):
+        self.path, self.start, self.dtype, self.dim, self.offsets = Path(path), start, dtype, dim, offsets
+        self.row_bytes = dim * torch.empty(0, dtype=dtype).element_size()
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        n = self.offsets[i + 1] - self.offsets[i]
+        raw = os.pread(self._fd, n * self.row_bytes, self.start + self.offsets[i] * self.row_bytes)
+        if not raw:
+            return torch.empty(0, self.dim, dtype=self.dtype)
+        return torch.frombuffer(bytearray(raw), dtype=self.dtype).view(n, self.dim)
+
+    def __del__(self):
+        with contextlib.suppress(OSError, AttributeError, TypeError):
+            os.close(self._fd)
+
+
 def save_entry(path: Path, states: list[torch.Tensor], key_text: str) -> None:
-    """Write one layer's features atomically: temp file in the same folder, fsync, rename.
+    """Write one layer's features atomically (``EntryWriter``).
 
     Two jobs writing the same key both write complete files; the last rename wins and
     either one is correct, so no lock is needed.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lengths = torch.tensor([s.shape[0] for s in states], dtype=torch.long)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    data = torch.cat([s.contiguous() for s in states]) if states else torch.zeros(0)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    dim = states[0].shape[1] if states else 0
+    writer = EntryWriter(path, [s.shape[0] for s in states], dim, states[0].dtype if states else torch.float32,
+                         key_text)
     try:
-        save_file({"data": data, "offsets": offsets}, tmp, metadata={"key": key_text})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; other jobs (and users of a shared scratch) read it
-        os.replace(tmp, path)
+        for i, s in enumerate(states):
+            writer.write(i, s)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        writer.abort()
         raise
+    writer.close()
 
 
-def load_entry(path: Path, key_text: str, lengths: list[int]) -> list[torch.Tensor] | None:
-    """One layer's features from ``path``, or None when absent, unreadable or not this key.
+def load_entry(path: Path, key_text: str, lengths: list[int]) -> FeatureFile | None:
+    """One layer's features from ``path`` (read on demand), or None when absent, unreadable or not this key.
 
     The stored key and every example's length are checked, so a truncated file, a
     file from another model or prompt set, or a hash collision is never used.
@@ -217,15 +318,21 @@ def load_entry(path: Path, key_text: str, lengths: list[int]) -> list[torch.Tens
             if (f.metadata() or {}).get("key") != key_text:
                 log.warning("feature cache %s: key mismatch, recomputing", path)
                 return None
-            data, offsets = f.get_tensor("data"), f.get_tensor("offsets")
+            offsets = f.get_tensor("offsets")
+            shape = f.get_slice("data").get_shape()
+            dtype = TORCH_DTYPES.get(f.get_slice("data").get_dtype())
+        with open(path, "rb") as raw:
+            header_len = int.from_bytes(raw.read(8), "little")
+            header = json.loads(raw.read(header_len))
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         log.warning("feature cache %s unreadable (%s), recomputing", path, err)
         return None
     stored = (offsets[1:] - offsets[:-1]).tolist()
-    if stored != list(lengths) or int(offsets[-1]) != data.shape[0]:
+    if stored != list(lengths) or int(offsets[-1]) != shape[0] or dtype is None or len(shape) != 2:
         log.warning("feature cache %s: lengths do not match the prompts, recomputing", path)
         return None
-    return list(data.split(stored)) if stored else []
+    start = 8 + header_len + header["data"]["data_offsets"][0]
+    return FeatureFile(path, start, dtype, shape[1], offsets.tolist())
 
 
 def cached_encode(lm: LoadedModel, ids: list[list[int]], layers: list[int], cache_cfg, model_cfg,
@@ -233,9 +340,11 @@ def cached_encode(lm: LoadedModel, ids: list[list[int]], layers: list[int], cach
     """``encode`` with the on-disk cache (``cache.mode``, ``cache.dir``).
 
     ``layers`` are non-negative ``hidden_states`` indices (``config.resolve_layer``).
-    Layers found in the cache are loaded; the rest are computed together in one pass
-    and stored, one file per layer, so a later run asking for any subset reuses them.
-    With ``cache.mode=off`` this is exactly ``encode``.
+    Layers found in the cache are opened; the rest are computed together in one pass
+    and streamed into their files, one per layer, so a later run asking for any subset
+    reuses them. Each layer comes back as a ``FeatureFile``: a sequence of [T_i, d]
+    tensors read from disk on demand, so host memory does not grow with the training
+    set. With ``cache.mode=off`` this is exactly ``encode`` (everything in RAM).
     """
     if cache_cfg is None or cache_cfg.get("mode", "on") == "off":
         return encode(lm, ids, layers, batch_size=batch_size, desc=desc)
@@ -254,9 +363,33 @@ def cached_encode(lm: LoadedModel, ids: list[list[int]], layers: list[int], cach
     if out:
         log.info("%s: layers %s from the feature cache", desc, sorted(out))
     if missing:
-        computed = encode(lm, ids, missing, batch_size=batch_size, desc=desc)
+        _stream_to_cache(lm, ids, missing, {layer: entries[layer] for layer in missing}, batch_size, desc)
         for layer in missing:
             path, key_text = entries[layer]
-            save_entry(path, computed[layer], key_text)
-            out[layer] = computed[layer]
+            out[layer] = load_entry(path, key_text, lengths)
+            if out[layer] is None:
+                raise RuntimeError(f"feature cache {path}: written but not readable back")
     return {layer: out[layer] for layer in layers}
+
+
+def _stream_to_cache(lm, ids, layers, entries, batch_size, desc) -> None:
+    """Encode and write every example straight into its cache file, one batch in memory at a time."""
+    lengths = [len(row) for row in ids]
+    writers: dict[int, EntryWriter] = {}
+    try:
+        for states, chunk in _encoded_batches(lm, ids, layers, batch_size, desc):
+            for layer, tensor in states.items():
+                if layer not in writers:
+                    path, key_text = entries[layer]
+                    writers[layer] = EntryWriter(path, lengths, tensor.shape[-1], tensor.dtype, key_text)
+                for row, i in enumerate(chunk):
+                    writers[layer].write(i, tensor[row, : lengths[i]])
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    for layer in layers:
+        if layer not in writers:  # no examples: an empty entry
+            save_entry(entries[layer][0], [], entries[layer][1])
+        else:
+            writers[layer].close()

@@ -37,12 +37,12 @@ def _table(stdout: str) -> dict[str, str]:
 
 
 def test_dry_run_prints_every_job_with_resources_and_submits_nothing(outputs):
-    proc = run_train(*SLURM_DRY, "+phase=p6_ablations", "task=sst2", "cluster.gpu_mem_gb=40", outputs=outputs)
+    proc = run_train(*SLURM_DRY, "+phase=p6_grid", "task=sst2", "cluster.gpu_mem_gb=36", outputs=outputs)
     out = proc.stdout
-    assert "DRY RUN (nothing submitted): 9 jobs of phase p6_ablations via slurm" in out
+    assert "DRY RUN (nothing submitted): 9 jobs of phase p6_grid via slurm" in out
     table = _table(out)
     assert len(table) == 9 and set(table.values()) == {"queue"}
-    # the 8B sender with the 7B receiver is the one pair that needs two 40 GB GPUs
+    # the 8B sender with the 7B receiver (2 per device: batch_by_size) is the one pair that needs two 36 GB GPUs
     two_gpu = [line for line in out.splitlines() if "llama31_8b_mistral7b" in line]
     assert two_gpu and two_gpu[0].split()[2] == "2"
     assert "array 1gpu-8cpu-64gb-240min: 8 jobs" in out
