@@ -2,10 +2,11 @@
 #              an already-installed torch, e.g. a cluster's CUDA build, is kept)
 # make test    the whole test suite (TELEPATHY_DATA defaults to ../shared/data)
 # make demo    python train.py: the offline demo run
+# make rehearsal  all six phases, narrowed, at budget=tiny on the SLURM cluster of SLURM_CONF, then aggregate
 PYTHON ?= python
 export TELEPATHY_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup test test-fast demo slurm-up slurm-down
+.PHONY: setup test test-fast demo rehearsal slurm-up slurm-down
 
 setup:
 	# torch first, pinned: its CPU wheel is on local disk here; an unpinned torch pulls a CUDA build
@@ -22,6 +23,9 @@ test-fast:
 
 demo:
 	$(PYTHON) train.py
+
+rehearsal:
+	$(PYTHON) scripts/rehearsal.py
 
 slurm-up:
 	bash scripts/slurm/up.sh

@@ -23,7 +23,7 @@ from telepathy.app import model_config
 from telepathy.config import ConfigError, num_latents
 from telepathy.data import load_task
 from telepathy.evaluation import text_prompt
-from telepathy.models import local_model_dir
+from telepathy.models import local_model_dir, stand_in_config
 from telepathy.receiver import PromptIO
 
 DETERMINISTIC = True
@@ -50,7 +50,8 @@ def run(cfg, ctx) -> dict:
     receiver = ctx.model("receiver")
     io = PromptIO(receiver)
     model_cfg = model_config(cfg, cfg.method.compressor)
-    folder = local_model_dir(model_cfg)
+    # a stand-in (budget=tiny, offline) lends its own weights folder: LLMLingua loads a folder, not a config
+    folder = local_model_dir(stand_in_config(model_cfg) or model_cfg)
     device = ctx.devices.get(cfg.method.compressor, ctx.devices["sender"])
     compressor = make_compressor(str(folder) if folder else model_cfg.hub_id, device=str(device))
 

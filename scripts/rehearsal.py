@@ -17,6 +17,7 @@ Exit status 0 only if every run of every phase completed and the summary covers 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -39,7 +40,8 @@ TRAIN_PHASES = {
     "p5_xsum": ["seed=42", "task.max_target_tokens=8"],
     "p6_ablations": ["seed=42"],
 }
-LATENCY = ["compression=8", "eval.batch_size=4", "num_inputs=8", "warmup_batches=1"]
+# the latency job is planned from the cluster config alone (no weights term): give it room for torch
+LATENCY = ["compression=8", "eval.batch_size=4", "num_inputs=8", "warmup_batches=1", "cluster.mem_gb_per_gpu=4"]
 DONE = {"completed", "skipped", "failed", "unknown"}
 
 
@@ -92,10 +94,26 @@ def main(argv: list[str] | None = None) -> int:
          "--out", str(summary), "--n-boot", "200"], env)
     print(f"rehearsal: {len(rows)} runs of phases {', '.join(phases)} in {time.time() - t0:.0f}s; "
           f"summary in {summary}", flush=True)
+    bad += missing_from_summary(json.loads((summary / "summary.json").read_text()))
     if bad or len(phases) != 6:
         print("rehearsal FAILED:\n  " + "\n  ".join(bad or [f"phases launched: {phases}"]), file=sys.stderr)
         return 1
     return 0
+
+
+# what the summary must hold: every method of the six phases, and both tasks' kinds (XSum, latency)
+EXPECTED_METHODS = {"bridge", "zeroshot", "linear_probe", "text_relay", "llmlingua", "prompt_tuning", "lora",
+                    "fewshot", "latency"}
+
+
+def missing_from_summary(summary: dict) -> list[str]:
+    """Problems with summary.json: incomplete runs, or a phase's methods/tasks absent from it."""
+    rows = summary.get("groups", []) + summary.get("not_in_tables", [])
+    methods, tasks = {r.get("method") for r in rows}, {r.get("task") for r in rows}
+    problems = [f"summary: incomplete run {r}" for r in summary.get("incomplete", [])]
+    problems += [f"summary: no {m} runs" for m in sorted(EXPECTED_METHODS - methods)]
+    problems += [f"summary: no {t} runs" for t in ("sst2", "xsum") if t not in tasks]
+    return problems
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-STATS_CHUNK = 256  # examples per step of the streaming input statistics
+STATS_CHUNK_VALUES = 2**19  # feature values per step of the streaming input statistics (4 MB in float64)
 
 
 class _Block(nn.Module):
@@ -77,15 +77,12 @@ class PerceiverBridge(nn.Module):
         """Per-dimension mean and (unbiased) std over every token of the given [T_i, d] feature tensors.
 
         ``states`` is any sequence, e.g. a ``features.FeatureFile`` read from disk: one
-        streaming pass, ``STATS_CHUNK`` examples at a time, merged in float64 (Chan et al.),
-        so the statistics of a training set larger than RAM never hold it all at once.
+        streaming pass, about ``STATS_CHUNK_VALUES`` values at a time, merged in float64
+        (Chan et al.), so the statistics of a training set larger than RAM never hold it all.
         """
         count, mean, m2 = 0, None, None
-        for start in range(0, len(states), STATS_CHUNK):
-            chunk = torch.cat([states[i] for i in range(start, min(start + STATS_CHUNK, len(states)))]).double()
+        for chunk in _chunks(states, STATS_CHUNK_VALUES):
             n = chunk.shape[0]
-            if n == 0:
-                continue
             c_mean = chunk.mean(0)
             c_m2 = (chunk - c_mean).pow(2).sum(0)
             if mean is None:
@@ -110,6 +107,22 @@ class PerceiverBridge(nn.Module):
         out = self.out_proj(self.out_norm(latents))
         rms = out.pow(2).mean(dim=-1, keepdim=True).add(1e-6).sqrt()
         return out / rms * self.scale
+
+
+def _chunks(states, values: int):
+    """Consecutive [T_i, d] tensors of ``states`` concatenated into float64 chunks of about ``values`` values."""
+    parts, size = [], 0
+    for i in range(len(states)):
+        part = states[i]
+        if part.numel() == 0:
+            continue
+        parts.append(part)
+        size += part.numel()
+        if size >= values:
+            yield torch.cat(parts).double()
+            parts, size = [], 0
+    if parts:
+        yield torch.cat(parts).double()
 
 
 def diversity_loss(soft_tokens: torch.Tensor) -> torch.Tensor:
