@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from helpers import REPO, run_env
@@ -40,3 +41,18 @@ def test_streaming_statistics_equal_the_in_memory_ones():
     flat = torch.cat(states).double()
     torch.testing.assert_close(bridge.in_mean, flat.mean(0).float())
     torch.testing.assert_close(bridge.in_std, flat.std(0).float())
+
+
+def test_host_ram_request_counts_features_only_when_they_are_held_in_memory():
+    from helpers import compose
+    from telepathy.cluster import resources
+
+    paper = ["budget=paper", "sender=llama31_8b", "receiver=mistral7b", "task=agnews"]
+    streamed = compose(*paper)
+    in_ram = compose(*paper, "cache=off")
+    weights_only = 1.2 * (8.03e9 + 7.25e9) * 2 / 2**30 + resources.HOST_BASE_GB
+    assert resources.host_ram_gb(streamed) == pytest.approx(weights_only)
+    # AG News from the hub held in RAM: 127,600 prompts x 128 tokens x 4096 x bf16, twice: ~250 GB more
+    assert resources.host_ram_gb(in_ram) - weights_only == pytest.approx(2 * 127600 * 128 * 4096 * 2 / 2**30)
+    assert resources.plan(streamed).mem_gb == 64  # the cluster's per-GPU request suffices
+    assert resources.plan(in_ram).mem_gb >= 280

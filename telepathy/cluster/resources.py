@@ -206,6 +206,42 @@ def estimate(cfg, per_device_batch: int | None = None) -> Estimate:
     return Estimate(sender_gb, receiver_gb, bridge_gb, sender_act, receiver_act, margin)
 
 
+# per-process host memory besides weights and features: Python, torch, transformers, tokenizers
+HOST_BASE_GB = 4
+# pooled probe features (float32) are copied once more by the scaler/solver
+PROBE_COPIES = 2
+
+
+def host_ram_gb(cfg) -> float:
+    """Host RAM of the run ``cfg`` describes, in GB, from the config alone.
+
+    * every model's weights while they load (1.2 x, a transient host copy before the GPU);
+    * the sender features a run holds in memory: with the cache on they are streamed
+      (``features.FeatureFile``: one batch at a time, nothing counted); with
+      ``cache.mode=off`` every train and test prompt's states, twice (the list, and the
+      concatenation of the input statistics), at ``task.max_input_tokens`` tokens each;
+    * a linear probe's pooled features: examples x layers x hidden in float32, copied once.
+
+    Split sizes are ``task.train_samples``/``test_samples``, or the full splits'
+    ``task.split_rows`` when those are null.
+    """
+    roles = models_used(cfg)
+    weights = sum(_weights_gb(model_facts(cfg, entry)) for entry in dict.fromkeys(roles))
+    rows = _get(cfg, "task.split_rows", {}) or {}
+    n = sum(int(_get(cfg, f"task.{split}_samples", None) or rows.get(split, 0)) for split in ("train", "test"))
+    features = 0.0
+    method = str(_get(cfg, "method.name", "bridge"))
+    if method in KEEP_ALL_LAYERS:
+        model = model_facts(cfg, roles[0])
+        layers = len(list(_get(cfg, "method.layers", [None])))
+        features += PROBE_COPIES * n * layers * int(model.hidden_size) * 4 / GB
+    reads_features = (uses_bridge(cfg) and "sender" in roles) or method in KEEP_ALL_LAYERS
+    if reads_features and str(_get(cfg, "cache.mode", "on")) == "off":
+        model = model_facts(cfg, "sender" if "sender" in roles else roles[0])
+        features += 2 * n * int(cfg.task.max_input_tokens) * int(model.hidden_size) * _dtype_bytes(model) / GB
+    return 1.2 * weights + HOST_BASE_GB + features
+
+
 @dataclass(frozen=True)
 class Resources:
     """One job's SLURM request and where its models go."""
@@ -245,7 +281,6 @@ def plan(cfg) -> Resources:
     roles = models_used(cfg)
     gpu_mem = float(_get(cfg, "cluster.gpu_mem_gb", 80))
     timeout_min = int(_get(cfg, "cluster.timeout_min", 240))
-    weights_gb = est.sender_gb + est.receiver_gb
 
     split_possible = "sender" in roles and len(set(roles)) > 1
     # resources.min_gpus=2: a phase that plans sender | receiver on their own GPUs (P5)
@@ -273,7 +308,7 @@ def plan(cfg) -> Resources:
     else:
         cpus = gpus * int(_get(cfg, "cluster.cpus_per_gpu", 8))
         mem_gb = gpus * int(_get(cfg, "cluster.mem_gb_per_gpu", 64))
-    # host RAM must hold the weights while they load, plus the Python process itself
-    mem_gb = max(mem_gb, math.ceil(1.2 * weights_gb + 4))
+    # host RAM must hold the weights while they load, the process, and any features kept in memory
+    mem_gb = max(mem_gb, math.ceil(host_ram_gb(cfg)))
     return Resources(gpus=gpus, cpus=cpus, mem_gb=mem_gb, timeout_min=timeout_min, placement=placement,
                      estimate_gb=est.total_gb, device_gb=device_gb)
