@@ -1,0 +1,87 @@
+"""The method contract (telepathy/methods.py) and the result record (telepathy/results.py),
+checked without loading a model."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, TINY, compose
+from telepathy import app, config, methods, results
+from telepathy.config import ConfigError
+
+
+@pytest.mark.parametrize("name", sorted(methods.REGISTRY))
+def test_every_method_keeps_the_contract(name):
+    module = methods.get(name)
+    assert isinstance(module.DETERMINISTIC, bool)
+    assert callable(module.validate) and callable(module.run)
+    methods.validate(compose(*TINY, f"method={name}"))  # its defaults pass its own checks
+
+
+def test_config_is_a_leaf_of_the_package():
+    """config.py imports no other telepathy module, so every module (methods included) may import it."""
+    tree = ast.parse((REPO / "telepathy" / "config.py").read_text())
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m and m.startswith(("telepathy", "baselines"))]
+
+
+def test_validation_runs_the_shared_checks_then_the_methods_own():
+    bad_placement = compose("bridge.placement=middle")
+    config.validate(bad_placement)  # only the bridge reads it ...
+    with pytest.raises(ConfigError, match=r"bridge\.placement='middle' is not allowed"):
+        methods.validate(bad_placement)  # ... so the bridge's own checks reject it
+    methods.validate(compose("method=zeroshot", "bridge.placement=middle"))
+    with pytest.raises(ConfigError, match=r"compression=0"):  # shared checks apply to every method
+        methods.validate(compose("method=zeroshot", "compression=0"))
+    with pytest.raises(ConfigError, match=r"method\.r=0 is not allowed; allowed: an integer in \[1, inf\]"):
+        methods.validate(compose("method=lora", "method.r=0"))
+
+
+def test_identity_block_says_what_a_run_used():
+    bridge = results.run_identity(compose("compression=4"))
+    assert bridge == {"task": "sst2", "method": "bridge", "sender": "smollm2_135m", "receiver": "gemma3_270m",
+                      "compression": 4, "num_latents": config.num_latents(compose("compression=4")), "layer": 16,
+                      "model": None, "seed": 42}
+    relay = results.run_identity(compose("method=text_relay"))
+    assert relay["compression"] is None and relay["num_latents"] is None and relay["sender"] == "smollm2_135m"
+    tuned = results.run_identity(compose("method=prompt_tuning", "compression=16"))
+    assert (tuned["sender"], tuned["layer"], tuned["compression"]) == (None, None, 16)
+    probe = results.run_identity(compose("method=zeroshot", "method.model=llama32_1b"))
+    assert (probe["sender"], probe["receiver"], probe["model"]) == (None, None, "llama32_1b")
+    with pytest.raises(ValueError, match="identity has no field"):
+        results.identity_block(batch_size=2)
+
+
+def test_memory_facts_do_not_change_run_ids():
+    """The method's ``memory:`` block is for the resource plan only: not part of a run's id."""
+    cfg = compose("method=fewshot")
+    assert cfg.method.memory.demos_per_class == cfg.method.shots
+    assert config.run_name(cfg) == config.run_name(compose("method=fewshot", "method.memory.demos_per_class=9"))
+
+
+def test_reusing_a_deterministic_run_copies_its_whole_record(tmp_path):
+    """A second seed of a deterministic method copies every section the first measured, its
+    own sections included (a reused linear_probe once lost `probe`), and loads no model."""
+    first = compose(*TINY, "method=linear_probe", "seed=1", f"paths.output_dir={tmp_path}")
+    source_dir = config.run_dir(first)
+    source = results.record(
+        "completed", run_id=source_dir.name, run_dir=source_dir, identity=results.run_identity(first), config={},
+        seedless_hash=config.config_hash(first, exclude=("seed",)), reused_from=None,
+        metrics={"accuracy": 0.75}, params={"trainable": 65}, timing={"train_s": 1.0, "eval_s": 0.5},
+        probe={"layers": [1, 2], "reported_layer": 2}, memory={"peak_rss_mb": 1.0})
+    results.write_json(source_dir / results.RESULT_FILE, source)
+    (source_dir / results.PREDICTIONS_FILE).write_text('{"idx": 0, "pred": 1}\n')
+
+    second = compose(*TINY, "method=linear_probe", "seed=2", f"paths.output_dir={tmp_path}")
+    assert app.main(second) == {"accuracy": 0.75}
+    reused = json.loads((config.run_dir(second) / results.RESULT_FILE).read_text())
+    assert reused["reused_from"] == str(source_dir) and reused["status"] == "completed"
+    assert reused["probe"] == source["probe"] and reused["params"] == source["params"]
+    assert reused["timing"] == source["timing"] and "memory" not in reused  # nothing was measured here
+    assert reused["identity"] == {**source["identity"], "seed": 2} and reused["seed"] == 2
+    assert (Path(reused["run_dir"]) / results.PREDICTIONS_FILE).read_text() == '{"idx": 0, "pred": 1}\n'
