@@ -32,6 +32,9 @@ log = logging.getLogger("telepathy")
 
 @dataclass
 class RunContext:
+    """What a method gets besides its config: the run's folder (checkpoints, step log), the
+    devices ``models.placement`` chose, and models loaded once per run on their device."""
+
     cfg: DictConfig
     run_dir: Path
     devices: dict[str, torch.device]

@@ -109,9 +109,7 @@ def uses_soft_tokens(cfg) -> bool:
     its record's identity has them, the memory estimate counts M receiver positions);
     for any other method they are defaults the config merely carries.
     """
-    method = cfg.get("method") if hasattr(cfg, "get") else None
-    uses = method.get("uses") if method is not None and hasattr(method, "get") else None
-    return "bridge" in list(uses or [])
+    return "bridge" in list(OmegaConf.select(cfg, "method.uses", default=None) or [])
 
 
 def validate(cfg: DictConfig) -> None:

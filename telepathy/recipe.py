@@ -63,7 +63,8 @@ def train_then_evaluate(cfg, ctx, io: PromptIO, module: torch.nn.Module, train: 
     probe = test[: cfg.trainer.eval_samples]
 
     def eval_probe() -> dict:
-        if cfg.task.type == "generation":  # held-out summary cross-entropy: generating every few steps costs too much on CPU
+        # generation: held-out summary cross-entropy (generating every few steps costs too much on CPU)
+        if cfg.task.type == "generation":
             with torch.no_grad():
                 return {"eval_loss": io.label_loss(prompts(probe), generation_targets(io, probe, cfg.task)).item()}
         metrics, _, _ = evaluate_classification(io, probe, prompts, cfg.task, cfg.eval, desc="eval@step")
