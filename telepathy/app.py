@@ -3,7 +3,7 @@
 1. validate the config (nothing loads before it passes);
 2. find the run's directory (a function of its config: reruns land in the same place);
 3. skip it if it already completed (``+rerun=all`` forces); for a deterministic
-   method, reuse a completed run of another seed with the same config;
+   method, reuse a completed run of another seed with the same config (its whole record);
 4. run ``method=<name>``; write ``result.json`` on every exit path: completed,
    failed (error type, traceback, out-of-memory flag) or interrupted (preempted:
    the requeued job resumes from the last checkpoint).
