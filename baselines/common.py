@@ -11,9 +11,8 @@ from __future__ import annotations
 import statistics
 
 import torch
-from omegaconf import OmegaConf
 
-from telepathy.config import ConfigError, group_options
+from telepathy.config import ConfigError, check_choice, group_options
 from telepathy.evaluation import evaluate
 from telepathy.methods import MethodOutput, output
 from telepathy.metrics import majority
@@ -25,10 +24,7 @@ ROLES = ("sender", "receiver")
 
 def check_model_choice(cfg, key: str) -> None:
     """``key`` must name a role of the run or a model config (``conf/model/<name>.yaml``)."""
-    value = OmegaConf.select(cfg, key)
-    allowed = [*ROLES, *group_options("model")]
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(allowed)}")
+    check_choice(cfg, key, [*ROLES, *group_options("model")])
 
 
 def check_classification(cfg) -> None:
