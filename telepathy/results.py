@@ -22,6 +22,10 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from telepathy.config import num_latents, uses_soft_tokens
+
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -54,10 +58,6 @@ def run_identity(cfg) -> dict:
     for single-model methods. A text baseline is thus never grouped or plotted by
     the default compression factor its config carries.
     """
-    from omegaconf import OmegaConf
-
-    from telepathy.config import num_latents, uses_soft_tokens
-
     cfg = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg)
     method = cfg.method
     models = [str(m) for m in (method.get("models") or ["sender", "receiver"])]
