@@ -18,9 +18,10 @@ from telepathy.config import ConfigError
 
 
 def _models(cfg) -> list:
-    from telepathy.cluster.resources import model_facts, models_used
+    from telepathy.cluster.resources import models_used
+    from telepathy.config import model_config
 
-    return [model_facts(cfg, entry) for entry in dict.fromkeys(models_used(cfg))]
+    return [model_config(cfg, entry) for entry in dict.fromkeys(models_used(cfg))]
 
 
 def validate(cfg) -> None:
