@@ -215,12 +215,12 @@ def host_ram_gb(cfg) -> float:
     rows = _get(cfg, "task.split_rows", {}) or {}
     n = sum(int(_get(cfg, f"task.{split}_samples", None) or rows.get(split, 0)) for split in ("train", "test"))
     features = 0.0
-    method = str(_get(cfg, "method.name", "bridge"))
-    if method in KEEP_ALL_LAYERS:
+    probe = bool(_get(cfg, "method.memory.keep_all_layers", False))  # a linear probe's pooled features
+    if probe:
         model = model_config(cfg, roles[0])
         layers = len(list(_get(cfg, "method.layers", [None])))
         features += PROBE_COPIES * n * layers * int(model.hidden_size) * 4 / GB
-    reads_features = (uses_soft_tokens(cfg) and "sender" in roles) or method in KEEP_ALL_LAYERS
+    reads_features = (uses_soft_tokens(cfg) and "sender" in roles) or probe
     if reads_features and str(_get(cfg, "cache.mode", "on")) == "off":
         model = model_config(cfg, "sender" if "sender" in roles else roles[0])
         features += 2 * n * int(cfg.task.max_input_tokens) * int(model.hidden_size) * _dtype_bytes(model) / GB
