@@ -49,6 +49,10 @@ def write_json(path: Path, obj) -> None:
     _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def write_text(path: Path, text: str) -> None:
+    _atomic_write_text(path, text)
+
+
 def write_jsonl(path: Path, rows) -> None:
     _atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
