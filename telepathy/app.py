@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from telepathy import config as tconfig
 from telepathy import features, methods
+from telepathy.cluster import telemetry
 from telepathy.models import LoadedModel, load_model
 from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, SCHEMA_VERSION, environment, now, peak_memory,
                                read_result, write_json, write_jsonl)
@@ -158,16 +159,18 @@ def main(cfg: DictConfig) -> dict | None:
             return record["metrics"]
 
     write_json(run_dir / RESULT_FILE, {**base, "status": "running", "started_at": started})
+    sampler = telemetry.start(cfg, run_dir)  # GPU / host usage → telemetry.jsonl, summary in the record
     try:
         out = method.run(cfg, RunContext(cfg, run_dir, devices))
     except SystemExit as stop:  # preempted after a checkpoint: the requeued job resumes
         write_json(run_dir / RESULT_FILE, {**base, "status": "interrupted", "started_at": started,
+                                           "telemetry": sampler.stop(),
                                            "finished_at": now(), "error": {"type": "SystemExit",
                                                                           "message": str(stop)}})
         raise
     except BaseException as err:
         write_json(run_dir / RESULT_FILE, {
-            **base, "status": "failed", "started_at": started, "finished_at": now(),
+            **base, "status": "failed", "telemetry": sampler.stop(), "started_at": started, "finished_at": now(),
             "memory": peak_memory(),
             "error": {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc(),
                       "oom": _is_oom(err)},
@@ -179,6 +182,7 @@ def main(cfg: DictConfig) -> dict | None:
         write_jsonl(run_dir / PREDICTIONS_FILE, predictions)
     timing = {**out.pop("timing", {}), "total_s": time.time() - t0, "started_at": started, "finished_at": now()}
     record = {**base, "status": "completed", **out, "timing": timing, "memory": peak_memory(),
+              "telemetry": sampler.stop(),
               "started_at": started, "finished_at": timing["finished_at"]}
     write_json(run_dir / RESULT_FILE, record)
     _print_summary(record)
