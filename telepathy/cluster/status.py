@@ -35,6 +35,7 @@ from telepathy.cluster.sweep import MANIFEST
 LIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued", "REQUEUE_FED": "queued",
         "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "SUSPENDED": "running",
         "STOPPED": "running", "RESIZING": "running", "SIGNALING": "running", "STAGE_OUT": "running"}
+OOM_STATE = "OUT_OF_MEMORY"  # sacct: the job (or a step) was killed for exceeding its memory
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -65,12 +66,18 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
     """Final SLURM state of finished jobs (the latest record of a requeued job)."""
     if not job_ids:
         return {}
-    out = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(set(job_ids)))])
+    out = _run(["sacct", "-n", "-P", "-o", "JobID,State", "-j", ",".join(sorted(set(job_ids)))])
     states = {}
     for line in (out or "").splitlines():
         if "|" in line:
             job_id, state = line.strip().split("|", 1)
-            states[job_id] = state.split()[0]  # "CANCELLED by 0" → CANCELLED
+            state = state.split()[0]  # "CANCELLED by 0" → CANCELLED
+            if "." in job_id:  # a step (123.batch): only its out-of-memory kill matters (the job may say FAILED)
+                base = job_id.split(".")[0]
+                if state == OOM_STATE and base in states:
+                    states[base] = OOM_STATE
+                continue
+            states[job_id] = state
     return states
 
 
@@ -129,9 +136,12 @@ def run_state(job: dict, live: dict[str, str] | None, finished: dict[str, str]) 
     if job.get("state") == "active":
         return "running", f"still held by an earlier launch ({job_id})"
     if job_id and live is not None and job_id in live:
-        return LIVE.get(live[job_id], "running"), live[job_id].lower()
+        return LIVE.get(live[job_id], "running"), live[job_id].lower() + _progress(job["run_dir"])
     if job.get("kind") == "benchmark" and finished.get(job_id) == "COMPLETED":
         return "completed", "benchmark job finished"
+    if job_id and finished.get(job_id) == OOM_STATE:
+        record_oom(job["run_dir"], record, job_id)
+        return "failed", f"SLURM killed job {job_id} for memory ({OOM_STATE}) (out of memory)"
     if job_id and job_id in finished and finished[job_id] not in LIVE:
         return "failed", f"SLURM job ended {finished[job_id]} without a completed result"
     if status in ("running", "interrupted"):
@@ -141,6 +151,29 @@ def run_state(job: dict, live: dict[str, str] | None, finished: dict[str, str]) 
     if job_id and finished.get(job_id) in LIVE:
         return LIVE[finished[job_id]], finished[job_id].lower()
     return "unknown", "no result.json and no scheduler record"
+
+
+def _progress(run_dir: str) -> str:
+    """`` step 120/2000, ETA 0:35:10`` of a training run from its log.jsonl ('' before the first step)."""
+    from telepathy.cluster.telemetry import progress
+
+    p = progress(Path(run_dir))
+    if not p:
+        return ""
+    eta = f", ETA {int(p['eta_s']) // 3600}:{int(p['eta_s']) % 3600 // 60:02d}:{int(p['eta_s']) % 60:02d}" \
+        if p["eta_s"] is not None else ""
+    return f" step {p['step']}/{p['max_steps'] or '?'}{eta}"
+
+
+def record_oom(run_dir: str, record: dict, job_id: str) -> None:
+    """A run SLURM killed for memory never wrote its own failure: record it as failed, out of memory."""
+    from telepathy.results import now, write_json
+
+    if not record or record.get("status") not in ("running", "interrupted"):
+        return
+    write_json(Path(run_dir) / "result.json", {
+        **record, "status": "failed", "finished_at": now(),
+        "error": {"type": "SlurmOutOfMemory", "message": f"SLURM job {job_id} ended {OOM_STATE}", "oom": True}})
 
 
 def collect(output_dir: Path) -> list[dict]:
@@ -158,6 +191,7 @@ def collect(output_dir: Path) -> list[dict]:
             rows.append({"phase": manifest.get("phase") or "-", "sweep": manifest.get("sweep_dir"),
                          "launcher": manifest.get("launcher"), "run": Path(job["run_dir"]).name,
                          "run_dir": job["run_dir"], "state": state, "detail": detail,
+                         "oom": "(out of memory)" in detail,
                          "slurm_job_id": job.get("slurm_job_id"), "resources": job.get("resources")})
     for run_dir in sorted((output_dir / "runs").glob("*")):
         if str(run_dir.resolve()) in seen or not run_dir.is_dir():
