@@ -10,7 +10,8 @@ each run's duration per *stage* from its config alone:
                (4·N FLOPs per token: no weight gradients through a frozen model);
 * ``eval``     the scoring / reading forwards on the test items (2·N per token);
 * ``decode``   greedy generation (XSum, text relay): memory-bandwidth bound, one read of the
-               weights per generated token per batch.
+               weights per generated token per batch;
+* start-up     ``STARTUP_S`` per job (python, imports, config) before the run's own clock starts.
 
 Token counts are measured from the data (``token_stats``: the task's prompts tokenized with
 ``cluster.plan_tokenizer``, capped like the run caps them) and cached in
@@ -20,7 +21,7 @@ A stage's seconds = work / (device peak x efficiency of that kind of work), or a
 launch floor for tiny batches, whichever is larger. Device peaks are published figures
 (``DEVICES``); the efficiencies are defaults. **Calibration** replaces guesses with
 measurements: every completed run's result.json (``timing.train_s``, ``eval_s``,
-``total_s``; its device) gives a ratio measured / default-predicted per (model, device,
+``total_s``, ``telemetry.startup_s``; its device) gives a ratio measured / default-predicted per (model, device,
 stage), and so does the table ``benchmarks/gpu_calibrate.py`` writes
 (``benchmarks/calibration.json``). The planner prefers a calibrated ratio over the default
 and says which numbers are which (``Prediction.sources``).
@@ -43,13 +44,14 @@ REPO = Path(__file__).resolve().parents[2]
 CALIBRATION_FILE = REPO / "benchmarks" / "calibration.json"
 
 # Published dense bf16 peak FLOP/s and memory bandwidth (bytes/s) per device kind. "cpu" is this
-# project's 2-core test machine order of magnitude (fp32); calibration corrects it.
+# project's 2-core test machine order of magnitude (fp32); calibration corrects it. The floor of a
+# stage for small models: per forward/backward call, a kernel launch per layer plus Python overhead.
 DEVICES = {
-    "h100": {"flops": 989e12, "bandwidth": 3.35e12, "mem_gb": 80, "layer_launch_s": 40e-6},
-    "h200": {"flops": 989e12, "bandwidth": 4.8e12, "mem_gb": 141, "layer_launch_s": 40e-6},
-    "a100": {"flops": 312e12, "bandwidth": 2.0e12, "mem_gb": 80, "layer_launch_s": 50e-6},
-    "l40s": {"flops": 362e12, "bandwidth": 0.864e12, "mem_gb": 48, "layer_launch_s": 50e-6},
-    "cpu": {"flops": 5e10, "bandwidth": 1e10, "mem_gb": 16, "layer_launch_s": 2e-4},
+    "h100": {"flops": 989e12, "bandwidth": 3.35e12, "mem_gb": 80, "layer_launch_s": 40e-6, "call_overhead_s": 5e-3},
+    "h200": {"flops": 989e12, "bandwidth": 4.8e12, "mem_gb": 141, "layer_launch_s": 40e-6, "call_overhead_s": 5e-3},
+    "a100": {"flops": 312e12, "bandwidth": 2.0e12, "mem_gb": 80, "layer_launch_s": 50e-6, "call_overhead_s": 5e-3},
+    "l40s": {"flops": 362e12, "bandwidth": 0.864e12, "mem_gb": 48, "layer_launch_s": 50e-6, "call_overhead_s": 5e-3},
+    "cpu": {"flops": 5e10, "bandwidth": 1e10, "mem_gb": 16, "layer_launch_s": 2e-4, "call_overhead_s": 2e-2},
 }
 # fraction of the peak each kind of work reaches (MFU-style defaults; calibration replaces them)
 EFFICIENCY = {"features": 0.5, "train": 0.3, "eval": 0.5, "decode": 0.6}
@@ -282,7 +284,7 @@ def default_seconds(stage: str, work: Work, device: str) -> float:
         compute = work.bytes / (spec["bandwidth"] * EFFICIENCY["decode"])
     else:
         compute = work.flops / (spec["flops"] * EFFICIENCY[stage])
-    return max(compute, work.calls * work.layers * spec["layer_launch_s"])
+    return max(compute, work.calls * (work.layers * spec["layer_launch_s"] + spec["call_overhead_s"]))
 
 
 @dataclass
@@ -340,6 +342,9 @@ def calibrate_from_record(cal: Calibration, record: dict) -> None:
     if peak_mb and estimate_gb:  # measured peak / estimate: the GPU-memory estimator's calibration
         cal.add((_main_model(cfg), device, "memory"), peak_mb / 1024 / float(estimate_gb),
                 f"run:{record.get('run_id', '?')}")
+    startup = (record.get("telemetry") or {}).get("startup_s")
+    if startup:  # process start → method start, from the run's telemetry
+        cal.add(("*", device, "startup"), float(startup) / STARTUP_S, f"run:{record.get('run_id', '?')}")
     measured = {"train": float(timing.get("train_s") or 0), "eval": float(timing.get("eval_s") or 0)}
     measured["prep"] = max(0.0, float(timing["total_s"]) - measured["train"] - measured["eval"])
     groups = {"train": ["train"], "eval": ["eval", "decode"], "prep": ["load", "features"]}
@@ -361,10 +366,11 @@ def _main_model(cfg) -> str:
 class Prediction:
     seconds: dict            # stage -> seconds
     sources: dict            # stage -> "default" | "calibrated (n)"
+    startup_s: float = STARTUP_S
 
     @property
     def total_s(self) -> float:
-        return STARTUP_S + sum(self.seconds.values())
+        return self.startup_s + sum(self.seconds.values())
 
     @property
     def calibrated(self) -> bool:
@@ -384,4 +390,5 @@ def predict(cfg, device: str, cal: Calibration | None = None, stats: dict | None
         ratio = cal.ratio((work.model, device, stage))
         seconds[stage] = base * (ratio or 1.0)
         sources[stage] = f"calibrated ({len(cal.ratios[(work.model, device, stage)])})" if ratio else "default"
-    return Prediction(seconds, sources)
+    startup = cal.ratio(("*", device, "startup"))
+    return Prediction(seconds, sources, STARTUP_S * (startup or 1.0))

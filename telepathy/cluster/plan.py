@@ -7,7 +7,8 @@ Nothing is submitted. For each phase (``conf/phase/*.yaml``; ``all`` = every one
 expanded exactly as ``train.py -m`` would (the phase's ``hydra.sweeper.params``, command-line
 values win), each job is composed and validated, resource-planned (``resources.plan``: 1 or
 2 GPUs, estimated GB) and its duration predicted (``costs.predict``: per stage, calibrated
-from finished runs where it can). Jobs already completed are left out.
+from finished runs where it can). Jobs already completed, and runs an earlier phase already plans (P3's bridge
+runs are P1's), are left out.
 
 Then ``schedule`` places the jobs on ``cluster.gpus`` GPUs of ``cluster.gpu_mem_gb``:
 critical phases first (``cluster.phases.<name>.priority``, lower first), longest job first
@@ -230,8 +231,9 @@ def expand(phase: str, config_name: str, overrides: list[str]) -> tuple[list[lis
 
 
 def phase_jobs(phase: str, overrides: list[str], device: str, cal, gpu_mem_gb: float, pack_max: int,
-               spec: dict) -> tuple[list[Job], list[dict], int]:
-    """(jobs to schedule, their descriptions, number already completed) of one phase."""
+               spec: dict, seen: set) -> tuple[list[Job], list[dict], int]:
+    """(jobs to schedule, their descriptions, number already completed or planned by an earlier phase)
+    of one phase; ``seen`` holds the run dirs planned so far (P1's bridge runs are also P3's)."""
     from telepathy.cluster import costs, resources
     from telepathy.config import run_dir, validate
     from telepathy.results import read_result
@@ -251,9 +253,10 @@ def phase_jobs(phase: str, overrides: list[str], device: str, cal, gpu_mem_gb: f
             validate(cfg)
             res = resources.plan(cfg)
             gpus, mem_gb, rdir = res.gpus, res.estimate_gb, str(run_dir(cfg))
-            if (read_result(Path(rdir)) or {}).get("status") == "completed":
+            if rdir in seen or (read_result(Path(rdir)) or {}).get("status") == "completed":
                 done += 1
                 continue
+            seen.add(rdir)
         pred = costs.predict(cfg, device, cal)
         mem_ratio = cal.ratio((costs.model_key(cfg.receiver), device, "memory"))
         estimate_gb = mem_gb
@@ -267,6 +270,7 @@ def phase_jobs(phase: str, overrides: list[str], device: str, cal, gpu_mem_gb: f
         rows.append({"job": job.name, "phase": phase, "run_dir": rdir, "gpus": gpus, "mem_gb": round(mem_gb, 2),
                      "estimate_gb": round(estimate_gb, 2), "mem_calibrated": bool(mem_ratio),
                      "packable": packable, "predicted_s": round(pred.total_s, 1),
+                     "run_s": round(sum(pred.seconds.values()), 1),
                      "stages_s": {k: round(v, 1) for k, v in pred.seconds.items()}, "sources": pred.sources})
     return jobs, rows, done
 
@@ -345,10 +349,11 @@ def run(overrides: list[str], out_dir: Path | None = None) -> dict:
         n_gpus, gpu_mem, pack_max, device = int(cl.gpus), float(cl.gpu_mem_gb), int(cl.pack_max), str(cl.device)
         window_s = float(cl.window_h) * 3600
         cal = costs.load_calibration(Path(str(top.paths.output_dir)) / "runs")
-        jobs, rows, done = [], [], 0
-        for name in names:
+        jobs, rows, done, seen = [], [], 0, set()
+        for name in sorted(names, key=lambda n: (int(OmegaConf.select(top, f"cluster.phases.{n}.priority",
+                                                                          default=99)), n)):
             spec = OmegaConf.to_container(OmegaConf.select(top, f"cluster.phases.{name}") or {}, resolve=True)
-            j, r, d = phase_jobs(name, rest, device, cal, gpu_mem, pack_max, spec)
+            j, r, d = phase_jobs(name, rest, device, cal, gpu_mem, pack_max, spec, seen)
             jobs, rows, done = jobs + j, rows + r, done + d
     slots = schedule(jobs, n_gpus, gpu_mem, pack_max)
     span = makespan(slots)
@@ -384,7 +389,8 @@ def render(plan: dict) -> str:
         lines.append(f"{r['job']:<{width}}  {r['gpus']:<4}  {r['mem_gb']:<6.1f}  {'yes' if r['packable'] else 'no':<4}  "
                      f"{_hms(r['predicted_s']):>9}  {_hms(r['start_s']):>8}  {stages}")
     n_cal = sum(1 for r in plan["jobs"] if any(v != "default" for v in r["sources"].values()))
-    lines += ["", f"{len(plan['jobs'])} jobs ({plan['completed_skipped']} already completed, left out); "
+    lines += ["", f"{len(plan['jobs'])} jobs ({plan['completed_skipped']} left out: completed, or the same run "
+              "in an earlier phase); "
               f"{n_cal} with calibrated numbers, {len(plan['jobs']) - n_cal} on defaults only"]
     for p, end in plan["phase_end_s"].items():
         lines.append(f"  {p:<14} done at {_hms(end)}")

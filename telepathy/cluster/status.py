@@ -223,13 +223,31 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) if lines else "no runs found"
 
 
+def _plan_report(output_dir: Path, plan_arg: str, rows: list[dict], phase: str | None, as_json: bool) -> int:
+    from telepathy.cluster import checklist
+
+    path = checklist.latest_plan(output_dir) if plan_arg == "latest" else Path(plan_arg)
+    if path is None or not path.exists():
+        print(f"error: --plan={plan_arg} is not allowed; allowed: a plan.json (python -m telepathy.plan writes "
+              f"<outputs>/plans/<time>/plan.json)", file=sys.stderr)
+        return 2
+    report = checklist.compare(json.loads(path.read_text()), rows, phase)
+    print(json.dumps(report, default=str) if as_json else f"plan {path}\n" + checklist.render(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m telepathy.status", description=__doc__.split("\n\n")[0])
     parser.add_argument("output_dir", nargs="?", default="outputs", help="paths.output_dir (default: outputs)")
     parser.add_argument("--phase", help="only this phase (e.g. p1_seeds)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    parser.add_argument("--plan", nargs="?", const="latest", metavar="PLAN_JSON",
+                        help="compare with a plan (python -m telepathy.plan; default: the latest under <outputs>/plans): "
+                             "wall time and GPU utilisation per phase, OOMs, predicted vs actual, success metrics")
     args = parser.parse_args(argv)
     rows = collect(Path(args.output_dir))
+    if args.plan:
+        return _plan_report(Path(args.output_dir), args.plan, rows, args.phase, args.json)
     if args.phase:
         rows = [r for r in rows if r["phase"] == args.phase]
     if args.json:

@@ -81,6 +81,8 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="telepathy-telemetry", daemon=True)
         self._summary: dict | None = None
+        # process start → method start: imports, config, result record (the planner's start-up term)
+        self.startup_s = max(0.0, time.time() - self.process.create_time())
 
     def start(self) -> "Sampler":
         self._thread.start()
@@ -117,7 +119,8 @@ class Sampler:
             if self._thread.is_alive():
                 self._thread.join(timeout=max(5.0, 2 * self.interval_s))
             self.sample_once()  # the last state, even for runs shorter than one interval
-            self._summary = summarise(self.samples, self.interval_s, self.unavailable)
+            self._summary = {**summarise(self.samples, self.interval_s, self.unavailable),
+                             "startup_s": round(self.startup_s, 2)}
         return self._summary
 
 
