@@ -105,6 +105,9 @@ def validate(cfg: DictConfig) -> None:
     _check_choice(cfg, "eval.readout", ["score", "generate"])
     _check_range(cfg, "eval.batch_size", lo=1, integer=True)
     _check_choice(cfg, "cache.mode", ["on", "off"])
+    for key, lo, integer in (("cluster.telemetry_interval_s", 0, False), ("cluster.pack_max", 1, True)):
+        if OmegaConf.select(cfg, key) is not None:  # telemetry sampling; runs per GPU when packing
+            _check_range(cfg, key, lo=lo, integer=integer)
     if cfg.task.type == "classification":
         labels = cfg.task.labels
         if not labels or len(set(labels)) != len(labels):

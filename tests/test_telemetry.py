@@ -115,3 +115,13 @@ def test_control_holds_a_slice_of_a_phase_by_its_manifest_job_ids(tmp_path):
     assert calls[-1] == ["scancel", "9_0", "9_1"]
     with pytest.raises(RuntimeError, match="scontrol release 9_0,9_1 failed: no such job"):
         control.act("release", jobs, run=lambda cmd: subprocess.CompletedProcess(cmd, 1, "", "no such job"))
+
+
+def test_bad_telemetry_and_packing_values_are_rejected_before_anything_runs():
+    from helpers import compose
+    from telepathy.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"cluster.telemetry_interval_s=-1 is not allowed; allowed: a number in \[0"):
+        validate(compose("cluster.telemetry_interval_s=-1"))
+    with pytest.raises(ConfigError, match=r"cluster.pack_max=0 is not allowed; allowed: an integer in \[1"):
+        validate(compose("cluster.pack_max=0"))

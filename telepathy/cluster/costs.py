@@ -303,6 +303,11 @@ class Calibration:
         values = sorted(self.ratios.get(key, []))
         return values[len(values) // 2] if values else None  # median: robust to one odd run
 
+    def merge(self, other: "Calibration") -> None:
+        for key, values in other.ratios.items():
+            for v in values:
+                self.add(key, v, ",".join(sorted(other.sources.get(key, ["?"]))))
+
     def to_table(self) -> list[dict]:
         return [{"model": k[0], "device": k[1], "stage": k[2], "ratio": round(self.ratio(k), 4),
                  "n": len(v), "sources": sorted(self.sources.get(k, []))} for k, v in sorted(self.ratios.items())]

@@ -326,7 +326,7 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def run(overrides: list[str], out_dir: Path | None = None) -> dict:
+def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[Path] | None = None) -> dict:
     """Plan the phases named by ``+phase=`` in ``overrides``; write plan.json + Gantt; return the plan."""
     from hydra import initialize_config_dir
 
@@ -348,7 +348,10 @@ def run(overrides: list[str], out_dir: Path | None = None) -> dict:
         cl = top.cluster
         n_gpus, gpu_mem, pack_max, device = int(cl.gpus), float(cl.gpu_mem_gb), int(cl.pack_max), str(cl.device)
         window_s = float(cl.window_h) * 3600
-        cal = costs.load_calibration(Path(str(top.paths.output_dir)) / "runs")
+        sources = calibrate_from or [Path(str(top.paths.output_dir)) / "runs"]
+        cal = costs.load_calibration(sources[0])
+        for extra in sources[1:]:
+            cal.merge(costs.load_calibration(extra, table=None))
         jobs, rows, done, seen = [], [], 0, set()
         for name in sorted(names, key=lambda n: (int(OmegaConf.select(top, f"cluster.phases.{n}.priority",
                                                                           default=99)), n)):
@@ -409,9 +412,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(cluster.gpus=4 cluster.window_h=24 cluster.device=h100 task=sst2 ...)")
     parser.add_argument("--out", type=Path, help="folder for plan.json / gantt.png (default <outputs>/plans/<time>)")
     parser.add_argument("--json", action="store_true", help="print plan.json instead of the table")
+    parser.add_argument("--calibrate-from", type=Path, action="append", metavar="RUNS_DIR",
+                        help="folders of run dirs whose result.json calibrate the prediction "
+                             "(repeatable; default <outputs>/runs)")
     args = parser.parse_args(argv)
     try:
-        plan = run(args.overrides, args.out)
+        plan = run(args.overrides, args.out, args.calibrate_from)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
