@@ -24,7 +24,6 @@ the same thing (weights + activations kept for backward, before the margin).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -33,7 +33,8 @@ def test_small_jobs_are_packed_first_fit_within_one_gpu():
     jobs = [_job(0, 20), _job(1, 25), _job(2, 10), _job(3, 27), _job(4, 5, gpus=2), _job(5, 60), _job(6, 3)]
     config = OmegaConf.create({"cluster": {"gpu_mem_gb": 80, "pack_max": 3}})
     packs, alone = packing.split(jobs, config)
-    assert [[j.idx for j in p] for p in packs] == [[1, 0, 2]]  # 25+20+10 <= 80; 27 GB > 80/3 runs alone; so does 6 (pack full)
+    # 25+20+10 <= 80 in one pack; 27 GB > 80/3 runs alone, and so does 6 (the pack is full)
+    assert [[j.idx for j in p] for p in packs] == [[1, 0, 2]]
     assert sorted(j.idx for j in alone) == [3, 4, 5, 6]
     res = packing.resources(packs[0])
     assert (res.gpus, res.cpus, res.mem_gb, res.timeout_min) == (1, 6, 24, 62)

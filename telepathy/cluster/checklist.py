@@ -114,7 +114,9 @@ def _h(seconds) -> str:
 def render(report: dict) -> str:
     lines = ["phase           jobs  done  planned    wall       GPU util  OOM"]
     for name, p in sorted(report["phases"].items()):
-        util = "-" if p["gpu_util_pct"] is None else f"{p['gpu_util_pct']:.0f}%{'' if p['gpu_util_pct'] > UTIL_TARGET else ' <80'}"
+        util = "-"
+        if p["gpu_util_pct"] is not None:
+            util = f"{p['gpu_util_pct']:.0f}%{'' if p['gpu_util_pct'] > UTIL_TARGET else ' <80'}"
         lines.append(f"{name:<15} {p['jobs']:<5} {p['done']:<5} {_h(p['planned_s']):<10} {_h(p['wall_s']):<10} "
                      f"{util:<9} {p['oom']}")
     if report["per_gpu"]:

@@ -340,7 +340,8 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
     names = group_options("phase") if names == ["all"] else names
     unknown = [n for n in names if n not in group_options("phase")]
     if unknown:
-        raise ConfigError(f"phase={','.join(unknown)} is not allowed; allowed: all, {', '.join(group_options('phase'))}")
+        raise ConfigError(f"phase={','.join(unknown)} is not allowed; allowed: all, "
+                          f"{', '.join(group_options('phase'))}")
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         top = _compose("train", [o for o in rest if "," not in o])
@@ -389,7 +390,8 @@ def render(plan: dict) -> str:
     lines.append(f"{'job':<{width}}  gpus  est GB  pack  predicted  start     stages (s; * = calibrated)")
     for r in plan["jobs"]:
         stages = " ".join(f"{k}={v:g}{'*' if r['sources'][k] != 'default' else ''}" for k, v in r["stages_s"].items())
-        lines.append(f"{r['job']:<{width}}  {r['gpus']:<4}  {r['mem_gb']:<6.1f}  {'yes' if r['packable'] else 'no':<4}  "
+        pack = "yes" if r["packable"] else "no"
+        lines.append(f"{r['job']:<{width}}  {r['gpus']:<4}  {r['mem_gb']:<6.1f}  {pack:<4}  "
                      f"{_hms(r['predicted_s']):>9}  {_hms(r['start_s']):>8}  {stages}")
     n_cal = sum(1 for r in plan["jobs"] if any(v != "default" for v in r["sources"].values()))
     lines += ["", f"{len(plan['jobs'])} jobs ({plan['completed_skipped']} left out: completed, or the same run "

@@ -242,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", help="only this phase (e.g. p1_seeds)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
     parser.add_argument("--plan", nargs="?", const="latest", metavar="PLAN_JSON",
-                        help="compare with a plan (python -m telepathy.plan; default: the latest under <outputs>/plans): "
-                             "wall time and GPU utilisation per phase, OOMs, predicted vs actual, success metrics")
+                        help="compare with a plan (python -m telepathy.plan; default: the latest under "
+                             "<outputs>/plans): wall time and GPU utilisation per phase, OOMs, predicted vs "
+                             "actual, success metrics")
     args = parser.parse_args(argv)
     rows = collect(Path(args.output_dir))
     if args.plan:
