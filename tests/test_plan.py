@@ -91,6 +91,10 @@ def test_measured_runs_calibrate_the_prediction_and_say_so():
     assert after.seconds["train"] == pytest.approx(3 * before.seconds["train"])
     assert after.sources["train"] == "calibrated (1)"
     assert after.seconds["eval"] == pytest.approx(before.seconds["eval"], rel=0.01)
+    # the rest of total_s calibrates load + features (model load has no model of its own: the receiver's key)
+    prep = 10 * sum(before.seconds.values()) - 3 * before.seconds["train"] - before.seconds["eval"]
+    assert after.seconds["load"] + after.seconds["features"] == pytest.approx(prep, rel=0.01)
+    assert after.sources["load"] == after.sources["features"] == "calibrated (1)"
     # more steps → proportionally more train time at the calibrated rate
     longer = costs.predict(compose("budget=tiny", "task=trec", "trainer.max_steps=40"), "cpu", cal)
     assert longer.seconds["train"] == pytest.approx(10 * after.seconds["train"], rel=0.01)

@@ -393,8 +393,9 @@ def predict(cfg, device: str, cal: Calibration | None = None, stats: dict | None
         base = default_seconds(stage, work, device)
         if base <= 0:
             continue
-        ratio = cal.ratio((work.model, device, stage))
+        key = (work.model or _main_model(cfg), device, stage)  # the same key calibrate_from_record uses
+        ratio = cal.ratio(key)
         seconds[stage] = base * (ratio or 1.0)
-        sources[stage] = f"calibrated ({len(cal.ratios[(work.model, device, stage)])})" if ratio else "default"
+        sources[stage] = f"calibrated ({len(cal.ratios[key])})" if ratio else "default"
     startup = cal.ratio(("*", device, "startup"))
     return Prediction(seconds, sources, STARTUP_S * (startup or 1.0))
