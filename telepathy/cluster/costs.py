@@ -4,7 +4,8 @@ Why a model and not the time limit: the dry run's GPU-hours are GPUs x time limi
 bound that says nothing about whether a phase fits a 24-hour window. This module predicts
 each run's duration per *stage* from its config alone:
 
-* ``load``     weights bytes / ``LOAD_BYTES_PER_S`` per model (disk → device);
+* ``load``     ``SETUP_S`` per run (tokenizers, data, model construction) + weights bytes /
+               ``LOAD_BYTES_PER_S`` (disk → device);
 * ``features`` the frozen sender's forward over every train + test prompt (2·N FLOPs per token);
 * ``train``    steps x batch x tokens the receiver reads, forward + backward to its input
                (4·N FLOPs per token: no weight gradients through a frozen model);
@@ -56,6 +57,7 @@ DEVICES = {
 # fraction of the peak each kind of work reaches (MFU-style defaults; calibration replaces them)
 EFFICIENCY = {"features": 0.5, "train": 0.3, "eval": 0.5, "decode": 0.6}
 LOAD_BYTES_PER_S = 2e9          # weights from a parallel file system into the device
+SETUP_S = 5.0                   # per run: build the models, load tokenizers and data (tiny models: all of "load")
 STARTUP_S = 30.0                # python + torch + data loading before a run's clock starts
 STAGES = ("load", "features", "train", "eval", "decode")
 PROMPT_OVERHEAD = 32            # primer / answer prompt / label tokens around the text or soft tokens
@@ -280,7 +282,7 @@ def device_kind(record_env: dict) -> str:
 def default_seconds(stage: str, work: Work, device: str) -> float:
     spec = DEVICES[device]
     if stage == "load":
-        return work.bytes / LOAD_BYTES_PER_S
+        return SETUP_S + work.bytes / LOAD_BYTES_PER_S
     if stage == "decode":
         compute = work.bytes / (spec["bandwidth"] * EFFICIENCY["decode"])
     else:
