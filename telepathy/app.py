@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from telepathy import config as tconfig
 from telepathy import features, methods
+from telepathy.cluster import telemetry
 from telepathy.models import LoadedModel, load_model, placement
 from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, environment, measured, now, peak_memory, read_result,
                                record, run_identity, write_json, write_jsonl)
@@ -130,15 +131,17 @@ def main(cfg: DictConfig) -> dict | None:
             return done["metrics"]
 
     write_json(run_dir / RESULT_FILE, record("running", **base, started_at=started))
+    sampler = telemetry.start(cfg, run_dir)  # GPU / host usage → telemetry.jsonl, summary in the record
     try:
         out = method.run(cfg, RunContext(cfg, run_dir, devices))
     except SystemExit as stop:  # preempted after a checkpoint: the requeued job resumes
         write_json(run_dir / RESULT_FILE, record("interrupted", **base, started_at=started, finished_at=now(),
+                                                 telemetry=sampler.stop(),
                                                  error={"type": "SystemExit", "message": str(stop)}))
         raise
     except BaseException as err:
         write_json(run_dir / RESULT_FILE, record(
-            "failed", **base, started_at=started, finished_at=now(), memory=peak_memory(),
+            "failed", **base, started_at=started, finished_at=now(), memory=peak_memory(), telemetry=sampler.stop(),
             error={"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc(),
                    "oom": _is_oom(err)}))
         log.error("run failed (%s: %s); record in %s", type(err).__name__, err, run_dir / RESULT_FILE)
@@ -147,7 +150,8 @@ def main(cfg: DictConfig) -> dict | None:
         write_jsonl(run_dir / PREDICTIONS_FILE, out["predictions"])
     timing = {**out["timing"], "total_s": time.time() - t0, "started_at": started, "finished_at": now()}
     done = record("completed", **base, metrics=out["metrics"], params=out["params"], **out["details"],
-                  timing=timing, memory=peak_memory(), started_at=started, finished_at=timing["finished_at"])
+                  timing=timing, memory=peak_memory(), telemetry=sampler.stop(), started_at=started,
+                  finished_at=timing["finished_at"])
     write_json(run_dir / RESULT_FILE, done)
     _print_summary(done)
     return done["metrics"]

@@ -34,6 +34,9 @@ def test_single_run_writes_a_complete_record(outputs):
     assert record["config"]["trainer"]["max_steps"] == 4 and record["overrides"] == ["budget=tiny"]
     assert {"git_rev", "git_dirty", "hostname", "packages", "device"} <= set(record["env"])
     assert record["timing"]["train_s"] > 0 and record["memory"]["peak_rss_mb"] > 0
+    telemetry = record["telemetry"]  # sampled in the background; this machine has no GPU: host figures only
+    assert telemetry["gpu_available"] is False and telemetry["gpu_unavailable"] and telemetry["n_samples"] >= 1
+    assert telemetry["host"]["rss_peak_mb"] > 50 and (run_dir / "telemetry.jsonl").exists()
     predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 16 and {"idx", "label", "pred", "correct", "scores"} <= set(predictions[0])
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
