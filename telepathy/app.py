@@ -186,4 +186,9 @@ def _print_summary(record: dict) -> None:
         b = record["bridge"]
         lines.append(f"  {'soft tokens (M)':<{width}}  {b['num_latents']} "
                      f"(compression {b['compression_ratio']:.1f}x of {b['mean_sender_tokens']:.1f} sender tokens)")
+        d = b.get("diagnostics") or {}
+        if "soft_token_cosine_mean" in d:
+            lines.append(f"  {'soft-token cosine':<{width}}  {d['soft_token_cosine_mean']:.4f} (across test inputs)")
+        if d.get("single_class"):
+            lines.append("  WARNING: collapsed bridge: one class predicted for every test item")
     print("\n".join(lines), flush=True)

@@ -137,6 +137,10 @@ def validate(cfg: DictConfig) -> None:
     check_range(cfg, "trainer.grad_accum", lo=1, integer=True)
     check_range(cfg, "trainer.max_steps", lo=0, integer=True)
     check_choice(cfg, "trainer.schedule", ["cosine", "constant"])
+    check_choice(cfg, "trainer.loss", ["auto", "classes", "tokens"])
+    if cfg.trainer.loss == "classes" and cfg.task.type != "classification":
+        raise ConfigError(f"trainer.loss='classes' is not allowed for task.type={cfg.task.type!r}; "
+                          "allowed: auto, tokens")
     check_choice(cfg, "eval.readout", ["score", "generate"])
     check_range(cfg, "eval.batch_size", lo=1, integer=True)
     check_choice(cfg, "cache.mode", ["on", "off"])
