@@ -4,6 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from telepathy.app import main as run
+from telepathy.cli import user_errors
 from telepathy.config import register_resolvers
 
 register_resolvers()
@@ -11,7 +12,8 @@ register_resolvers()
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig):
-    return run(cfg)
+    with user_errors():  # a data/model/config error found mid-run: one line, like the checks before it
+        return run(cfg)
 
 
 if __name__ == "__main__":

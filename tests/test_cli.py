@@ -1,0 +1,44 @@
+"""The command line behaves like Hydra's own: one-line errors before any run dir exists, exit code 1."""
+
+from helpers import TINY, needs_data, run_train
+
+pytestmark = needs_data
+HINT = "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
+
+
+def _fails_in_one_line(proc, outputs, *expected):
+    """Exit code 1, stderr = the error line + Hydra's traceback hint, nothing written under outputs/."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert lines == [lines[0], HINT], proc.stderr[-3000:]
+    for text in expected:
+        assert text in lines[0]
+    assert not outputs.exists() or not any(outputs.rglob("*")), sorted(map(str, outputs.rglob("*")))
+    return lines[0]
+
+
+def test_bad_seed_fails_in_one_line_before_the_run_dir_exists(outputs):
+    # before: seed=abc made outputs/runs/...-sabc-.../ and crashed in int() after the models loaded
+    _fails_in_one_line(run_train(*TINY, "seed=abc", outputs=outputs, check=False), outputs,
+                       "seed='abc' is not allowed; allowed: an integer in [0, 4294967295]")
+
+
+def test_bad_value_of_one_multirun_job_leaves_no_run_dir(outputs):
+    proc = run_train("-m", *TINY, "seed=-1,7", outputs=outputs, check=False)
+    assert proc.returncode == 1
+    assert "seed=-1 is not allowed" in proc.stderr
+    assert not (outputs / "runs").exists()
+
+
+def test_missing_model_fails_in_one_line(outputs):
+    line = _fails_in_one_line(run_train(*TINY, "sender=llama32_1b", "paths.hf_cache_dir=" + str(outputs.parent / "hf"),
+                                        outputs=outputs, check=False), outputs)
+    assert "model 'llama32_1b'" in line and "python -m telepathy.prepare sender=llama32_1b" in line
+
+
+def test_missing_data_fails_in_one_line_and_full_error_shows_the_traceback(outputs, tmp_path):
+    bad = [*TINY, f"data.root={tmp_path / 'nodata'}"]
+    _fails_in_one_line(run_train(*bad, outputs=outputs, check=False), outputs, "task 'sst2'", "not found")
+    proc = run_train(*bad, outputs=outputs, check=False, env_extra={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+    assert "UsageError: task 'sst2'" in proc.stderr
