@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from telepathy import config as tconfig
 from telepathy import features, methods
+from telepathy.cli import stop_on_signals
 from telepathy.models import LoadedModel, load_model
 from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, SCHEMA_VERSION, environment, now, peak_memory,
                                read_result, write_json, write_jsonl)
@@ -159,10 +160,11 @@ def main(cfg: DictConfig) -> dict | None:
 
     write_json(run_dir / RESULT_FILE, {**base, "status": "running", "started_at": started})
     try:
-        out = method.run(cfg, RunContext(cfg, run_dir, devices))
-    except SystemExit as stop:  # preempted after a checkpoint: the requeued job resumes
+        with stop_on_signals():
+            out = method.run(cfg, RunContext(cfg, run_dir, devices))
+    except (SystemExit, KeyboardInterrupt) as stop:  # a signal (Ctrl-C, preemption): a requeued job resumes
         write_json(run_dir / RESULT_FILE, {**base, "status": "interrupted", "started_at": started,
-                                           "finished_at": now(), "error": {"type": "SystemExit",
+                                           "finished_at": now(), "error": {"type": type(stop).__name__,
                                                                           "message": str(stop)}})
         raise
     except BaseException as err:

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from telepathy.data import Example, batches, format_prompt
 from telepathy.models import LoadedModel
+from telepathy.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def encode(lm: LoadedModel, ids: list[list[int]], layers: list[int], batch_size:
     """
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: dict[int, list] = {layer: [None] * len(ids) for layer in layers}
-    with tqdm(total=len(ids), desc=desc, unit="ex", mininterval=5) as bar:
+    with progress(len(ids), desc, unit="ex") as bar:
         for chunk in batches(order, batch_size):
             states = hidden_states(lm, [ids[i] for i in chunk], layers)
             for layer, tensor in states.items():

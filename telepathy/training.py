@@ -29,9 +29,9 @@ from typing import Callable
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from telepathy.data import epoch_order
+from telepathy.progress import progress
 from telepathy.results import append_jsonl
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,7 @@ def fit(
     t0 = time.time()
     last_loss = None
     module.train()
-    with _PreemptionGuard() as guard, tqdm(total=t.max_steps, initial=start, desc="train", unit="step") as bar:
+    with _PreemptionGuard() as guard, progress(t.max_steps, "train", unit="step", initial=start) as bar:
         for step in range(start + 1, t.max_steps + 1):
             step_t0 = time.time()
             optimizer.zero_grad(set_to_none=True)

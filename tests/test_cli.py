@@ -1,6 +1,10 @@
 """The command line behaves like Hydra's own: one-line errors before any run dir exists, exit code 1."""
 
-from helpers import TINY, needs_data, run_train
+import signal
+import subprocess
+import sys
+
+from helpers import REPO, TINY, needs_data, results, run_env, run_train
 
 pytestmark = needs_data
 HINT = "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
@@ -42,3 +46,23 @@ def test_missing_data_fails_in_one_line_and_full_error_shows_the_traceback(outpu
     proc = run_train(*bad, outputs=outputs, check=False, env_extra={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
     assert "UsageError: task 'sst2'" in proc.stderr
+
+
+def test_sigterm_during_feature_extraction_leaves_interrupted(outputs):
+    """Before: SIGTERM outside the training loop killed the process and result.json kept saying "running"."""
+    # the whole SST-2 train split (67k sentences), uncached: seconds of extraction to interrupt
+    cmd = [sys.executable, "train.py", *TINY, "task.train_samples=null", "cache=off"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(outputs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    seen = []
+    for line in proc.stdout:  # progress is logged (no TTY): its first line says extraction has begun
+        seen.append(line)
+        if "sender features (train): 0/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0, out[-3000:]
+    (record,) = results(outputs)
+    assert record["status"] == "interrupted", out[-3000:]
+    assert record["error"] == {"type": "SystemExit", "message": "stopped by signal SIGTERM"}
+    assert "train: 0/" not in out  # stopped before the training loop (its guard is not what caught it)
