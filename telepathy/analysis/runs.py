@@ -56,6 +56,10 @@ GROUP_KEYS = ["task", "method", "sender", "receiver", "compression", "num_latent
 BENCHMARK_METHODS = ("latency", "train_throughput")
 
 
+class RunReadError(ValueError):
+    """A run directory whose record cannot be turned into a row; the message names the directory."""
+
+
 class MissingMetricError(ValueError):
     """A completed run lacks a metric that other runs of its task report."""
 
@@ -185,6 +189,8 @@ def read_run(run_dir):
             problem = _check_record(rec)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             problem = f"invalid JSON: {e}"
+        except OSError as e:  # e.g. a result.json that is a directory, or not readable
+            problem = f"cannot read: {type(e).__name__}: {e.strerror or e}"
         if problem:
             warnings.warn(f"malformed {path}: {problem}")
             row.update({"status": "malformed", "error.type": "MalformedResult",
@@ -237,13 +243,18 @@ def load_runs(paths):
     `paths` is a directory, a glob pattern, a result.json path, or a list of
     them; single runs, Hydra multirun dirs and SLURM sweep dirs all work.
     """
-    rows = [read_run(d) for d in find_run_dirs(paths)]
+    rows = []
+    for d in find_run_dirs(paths):
+        try:
+            rows.append(read_run(d))
+        except Exception as err:  # a record this reader does not expect: say which run, keep the cause
+            raise RunReadError(f"cannot read run {d}: {type(err).__name__}: {err}") from err
     df = pd.DataFrame(rows)
     for col in ("reused_from", "error.type", "error.message"):
         if col not in df:
             df[col] = None
-    df["seed"] = pd.array([_as_int(v) for v in df["seed"]], dtype="Int64")
-    df["num_latents"] = pd.array([_as_int(v) for v in df["num_latents"]], dtype="Int64")
+    for col in ("seed", "num_latents"):
+        df[col] = pd.array([_as_int(v, col, d) for v, d in zip(df[col], df["run_dir"])], dtype="Int64")
     df["compression"] = pd.to_numeric(df["compression"], errors="coerce").astype("float64")
     first = ["run_dir", "run_id", "status", *FRIENDLY, "reused_from", "error.type", "error.message"]
     first += [c for c in ("error.oom",) if c in df]
@@ -251,10 +262,13 @@ def load_runs(paths):
     return df[first + rest]
 
 
-def _as_int(v):
+def _as_int(v, column, run_dir):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return pd.NA
-    return int(v)
+    try:
+        return int(v)
+    except (TypeError, ValueError) as err:
+        raise RunReadError(f"cannot read run {run_dir}: {column}={v!r} is not an integer") from err
 
 
 def _runs(runs_or_paths):
