@@ -2,10 +2,11 @@
 #              an already-installed torch, e.g. a cluster's CUDA build, is kept)
 # make test    the whole test suite (TELEPATHY_DATA defaults to ../shared/data)
 # make demo    python train.py: the offline demo run
+# make lint    ruff: lint and format check (pyproject.toml [tool.ruff]); make format applies both
 PYTHON ?= python
 export TELEPATHY_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup test test-fast demo slurm-up slurm-down
+.PHONY: setup test test-fast lint format demo slurm-up slurm-down
 
 setup:
 	# torch first, pinned: its CPU wheel is on local disk here; an unpinned torch pulls a CUDA build
@@ -19,6 +20,14 @@ test:
 
 test-fast:
 	$(PYTHON) -m pytest -m "not slow and not slurm"
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .
 
 demo:
 	$(PYTHON) train.py

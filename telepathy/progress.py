@@ -65,5 +65,15 @@ class LogProgress:
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         speed = f" {rate:.2f} {self.unit}/s" if rate else ""
         eta = _duration((self.total - self.n) / rate) if rate else "?"
-        log.info("%s: %d/%d %s%s%s elapsed %s ETA %s%s", self.desc, self.n, self.total, self.unit, pct, speed,
-                 _duration(elapsed), eta, self.postfix)
+        log.info(
+            "%s: %d/%d %s%s%s elapsed %s ETA %s%s",
+            self.desc,
+            self.n,
+            self.total,
+            self.unit,
+            pct,
+            speed,
+            _duration(elapsed),
+            eta,
+            self.postfix,
+        )

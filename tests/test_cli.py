@@ -23,8 +23,11 @@ def _fails_in_one_line(proc, outputs, *expected):
 
 def test_bad_seed_fails_in_one_line_before_the_run_dir_exists(outputs):
     # before: seed=abc made outputs/runs/...-sabc-.../ and crashed in int() after the models loaded
-    _fails_in_one_line(run_train(*TINY, "seed=abc", outputs=outputs, check=False), outputs,
-                       "seed='abc' is not allowed; allowed: an integer in [0, 4294967295]")
+    _fails_in_one_line(
+        run_train(*TINY, "seed=abc", outputs=outputs, check=False),
+        outputs,
+        "seed='abc' is not allowed; allowed: an integer in [0, 4294967295]",
+    )
 
 
 def test_bad_value_of_one_multirun_job_leaves_no_run_dir(outputs):
@@ -35,8 +38,12 @@ def test_bad_value_of_one_multirun_job_leaves_no_run_dir(outputs):
 
 
 def test_missing_model_fails_in_one_line(outputs):
-    line = _fails_in_one_line(run_train(*TINY, "sender=llama32_1b", "paths.hf_cache_dir=" + str(outputs.parent / "hf"),
-                                        outputs=outputs, check=False), outputs)
+    line = _fails_in_one_line(
+        run_train(
+            *TINY, "sender=llama32_1b", "paths.hf_cache_dir=" + str(outputs.parent / "hf"), outputs=outputs, check=False
+        ),
+        outputs,
+    )
     assert "model 'llama32_1b'" in line and "python -m telepathy.prepare sender=llama32_1b" in line
 
 
@@ -52,8 +59,9 @@ def test_sigterm_during_feature_extraction_leaves_interrupted(outputs):
     """Before: SIGTERM outside the training loop killed the process and result.json kept saying "running"."""
     # the whole SST-2 train split (67k sentences), uncached: seconds of extraction to interrupt
     cmd = [sys.executable, "train.py", *TINY, "task.train_samples=null", "cache=off"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(outputs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=run_env(outputs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     seen = []
     for line in proc.stdout:  # progress is logged (no TTY): its first line says extraction has begun
         seen.append(line)

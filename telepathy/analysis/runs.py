@@ -192,7 +192,7 @@ def read_run(run_dir):
         except OSError as e:  # e.g. a result.json that is a directory, or not readable
             problem = f"cannot read: {type(e).__name__}: {e.strerror or e}"
         if problem:
-            warnings.warn(f"malformed {path}: {problem}")
+            warnings.warn(f"malformed {path}: {problem}", stacklevel=2)
             row.update({"status": "malformed", "error.type": "MalformedResult",
                         "error.message": f"{path}: {problem}"})
             _flatten(_hydra_config(run_dir), "config", flat)
@@ -288,7 +288,7 @@ def _read_jsonl(path):
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             if i == len(lines) and not text.endswith("\n"):
-                warnings.warn(f"{path}:{i}: skipped a partly written last line")
+                warnings.warn(f"{path}:{i}: skipped a partly written last line", stacklevel=2)
                 continue
             raise ValueError(f"{path}:{i}: invalid JSON line: {e}") from None
     return rows
