@@ -183,7 +183,7 @@ def main(cfg: DictConfig) -> dict | None:
     record = {**base, "status": "completed", **out, "timing": timing, "memory": peak_memory(),
               "started_at": started, "finished_at": timing["finished_at"]}
     write_json(run_dir / RESULT_FILE, record)
-    _print_summary(record)
+    _log_summary(record)
     return record["metrics"]
 
 
@@ -206,7 +206,7 @@ def _overrides() -> list[str]:
         return []
 
 
-def _print_summary(record: dict) -> None:
+def _log_summary(record: dict) -> None:
     m = record["metrics"]
     rows = [(k, v) for k, v in m.items() if isinstance(v, (int, float))]
     width = max(len(k) for k, _ in rows)
@@ -216,4 +216,4 @@ def _print_summary(record: dict) -> None:
         b = record["bridge"]
         lines.append(f"  {'soft tokens (M)':<{width}}  {b['num_latents']} "
                      f"(compression {b['compression_ratio']:.1f}x of {b['mean_sender_tokens']:.1f} sender tokens)")
-    print("\n".join(lines), flush=True)
+    log.info("final metrics: %s", "\n".join(lines))  # console, train.log and the SLURM log

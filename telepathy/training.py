@@ -15,6 +15,7 @@ requeues the job). The requeued job finds the checkpoint and resumes.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -237,7 +238,9 @@ def fit(
                 log.info("step %d/%d loss %.4f lr %.2e", step, t.max_steps, last_loss or float("nan"), row["lr"])
             if eval_fn is not None and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 module.eval()
-                append_jsonl(log_path, {"step": step, **eval_fn()})
+                evaluated = {"step": step, **eval_fn()}
+                append_jsonl(log_path, evaluated)
+                log.info("eval at step %d: %s", step, json.dumps(evaluated))
                 module.train()
             if step % max(1, t.checkpoint_every) == 0 or step == t.max_steps or guard.received:
                 save_checkpoint(run_dir, module, optimizer, scheduler, stream, step)

@@ -1,8 +1,10 @@
 """The command line behaves like Hydra's own: one-line errors before any run dir exists, exit code 1."""
 
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from helpers import REPO, TINY, needs_data, results, run_env, run_train
 
@@ -74,3 +76,31 @@ def test_sigterm_during_feature_extraction_leaves_interrupted(outputs):
     assert record["status"] == "interrupted", out[-3000:]
     assert record["error"] == {"type": "SystemExit", "message": "stopped by signal SIGTERM"}
     assert "train: 0/" not in out  # stopped before the training loop (its guard is not what caught it)
+
+
+def test_logs_hold_progress_evals_and_final_metrics_and_a_multirun_ends_with_a_table(outputs):
+    proc = run_train("-m", *TINY, "seed=1,2", outputs=outputs)
+    records = results(outputs)
+    assert [r["status"] for r in records] == ["completed", "completed"]
+    for record in records:
+        log = (Path(record["run_dir"]) / "train.log").read_text()  # Hydra's job log = the SLURM log's content
+        assert (
+            "final metrics: bridge on sst2" in log
+            and f"accuracy                    {record['metrics']['accuracy']:.4f}" in log
+        )
+        assert 'eval at step 2: {"step": 2, "eval_accuracy"' in log
+        # no TTY: the progress bars are log lines with rate and ETA
+        assert re.search(r"train: 4/4 step \(100%\) [\d.]+ step/s elapsed \d:\d\d:\d\d ETA 0:00:00", log)
+    summary = proc.stdout[proc.stdout.index("multirun summary (2 jobs)") :]
+    for record in records:
+        assert re.search(rf"completed .* {record['run_id']}  accuracy={record['metrics']['accuracy']:.4f}", summary)
+
+
+def test_help_names_the_groups_and_phases():
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0
+    for group in ("task=", "sender=", "receiver=", "method=", "budget=", "+phase=", "logger="):
+        assert f"  {group}" in proc.stdout
+    phases = sorted(p.stem for p in (REPO / "conf" / "phase").glob("*.yaml"))
+    assert f"phase: {', '.join(phases)}" in proc.stdout
+    assert "python train.py -sc install=bash" in proc.stdout
