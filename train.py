@@ -5,6 +5,7 @@ from omegaconf import DictConfig
 
 from telepathy.app import main as run
 from telepathy.cli import user_errors
+from telepathy.tracking import publishing
 from telepathy.config import register_resolvers
 
 register_resolvers()
@@ -12,7 +13,9 @@ register_resolvers()
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig):
-    with user_errors():  # a data/model/config error found mid-run: one line, like the checks before it
+    # a data/model/config error found mid-run: one line, like the checks before it;
+    # logger=...: the finished run's log.jsonl rows and metrics go to the tracker
+    with user_errors(), publishing(cfg):
         return run(cfg)
 
 

@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf.errors import InterpolationResolutionError
 
 from telepathy import config as tconfig
+from telepathy import tracking
 from telepathy.data import DataError, data_root
 from telepathy.models import ModelNotAvailableError, unavailable_message
 
@@ -65,6 +66,7 @@ def checked_run_dir(*, _root_) -> str:
     """The ``${telepathy.run_dir:}`` resolver: validate and preflight the job, then its run dir."""
     with user_errors():
         tconfig.validate(_root_)
+        tracking.check(_root_)
         preflight(_root_)
         return str(tconfig.run_dir(_root_))
 
