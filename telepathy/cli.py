@@ -190,7 +190,7 @@ class MultirunSummary(Callback):
         self.run_dirs.append(str(config.hydra.runtime.output_dir))
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from telepathy.cluster.status import render, run_state
+        from telepathy.cluster.status import render, run_state, squeue_states
         from telepathy.cluster.sweep import MANIFEST, phase
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -198,12 +198,22 @@ class MultirunSummary(Callback):
         manifest = sweep_dir / MANIFEST
         if not jobs and manifest.exists():
             jobs = json.loads(manifest.read_text()).get("jobs", [])
+        # jobs queued on SLURM (the launcher returns once they are queued): ask squeue where they stand
+        live = squeue_states() if any(job.get("slurm_job_id") for job in jobs) else None
         rows = []
         for job in jobs:
-            state, detail = run_state(job, None, {})
-            rows.append({"phase": phase(config) or "-",
-                         "sweep": str(sweep_dir), "run": Path(job["run_dir"]).name, "run_dir": job["run_dir"],
-                         "state": state, "detail": detail, "slurm_job_id": job.get("slurm_job_id"),
-                         "resources": job.get("resources")})
+            state, detail = run_state(job, live, {})
+            rows.append(
+                {
+                    "phase": phase(config) or "-",
+                    "sweep": str(sweep_dir),
+                    "run": Path(job["run_dir"]).name,
+                    "run_dir": job["run_dir"],
+                    "state": state,
+                    "detail": detail,
+                    "slurm_job_id": job.get("slurm_job_id"),
+                    "resources": job.get("resources"),
+                }
+            )
         if rows:
             log.info("multirun summary (%d jobs):\n%s", len(rows), render(rows).rstrip())

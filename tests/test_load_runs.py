@@ -2,9 +2,8 @@
 
 import pytest
 
-from telepathy import analysis
-
 from analysis_fixtures import write_run
+from telepathy import analysis
 
 
 def test_unreadable_result_json_is_a_malformed_row_naming_its_path(tmp_path):

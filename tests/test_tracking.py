@@ -11,11 +11,10 @@ import struct
 
 import pytest
 
+from helpers import TINY, compose
 from telepathy import config as tconfig
 from telepathy import tracking
 from telepathy.results import write_json
-
-from helpers import TINY, compose
 
 ROWS = [
     {"step": 1, "loss": 2.5, "lr": 1e-4, "grad_norm": 1.0},
