@@ -30,7 +30,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from telepathy import config as tconfig
 from telepathy import tracking
-from telepathy.data import DataError, data_root
+from telepathy.data import DataError, local_split
 from telepathy.models import ModelNotAvailableError, unavailable_message
 
 log = logging.getLogger("telepathy")
@@ -88,18 +88,8 @@ def preflight(cfg) -> None:
 
 
 def _check_data(cfg) -> None:
-    root = data_root(cfg.data)
-    if root is None:
-        return
-    folder = root / cfg.task.local_dir
     for split in ("train", "test"):
-        path = folder / f"{cfg.task.splits[split]}.jsonl"
-        if not path.exists():
-            found = sorted(p.stem for p in folder.glob("*.jsonl")) if folder.exists() else []
-            raise DataError(
-                f"task {cfg.task.name!r}: {split} split {path} not found (splits there: "
-                f"{found or 'none'}; data root from data.root / TELEPATHY_DATA = {root})"
-            )
+        local_split(cfg.task, cfg.data, cfg.task.splits[split])
 
 
 def _offline() -> bool:
