@@ -4,9 +4,8 @@ import hydra
 from omegaconf import DictConfig
 
 from telepathy.app import main as run
-from telepathy.cli import user_errors
+from telepathy.cli import register_resolvers, user_errors
 from telepathy.tracking import publishing
-from telepathy.config import register_resolvers
 
 register_resolvers()
 

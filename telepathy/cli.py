@@ -26,10 +26,11 @@ from pathlib import Path
 
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from telepathy import config as tconfig
-from telepathy import tracking
+from telepathy import methods, tracking
 from telepathy.data import DataError, local_split
 from telepathy.models import ModelNotAvailableError, unavailable_message
 
@@ -65,10 +66,16 @@ def user_errors():
 def checked_run_dir(*, _root_) -> str:
     """The ``${telepathy.run_dir:}`` resolver: validate and preflight the job, then its run dir."""
     with user_errors():
-        tconfig.validate(_root_)
+        methods.validate(_root_)  # the shared checks, then the method's own
         tracking.check(_root_)
         preflight(_root_)
         return str(tconfig.run_dir(_root_))
+
+
+def register_resolvers() -> None:
+    """``${telepathy.run_dir:}`` for train.py: the job is checked before Hydra creates its directory."""
+    if not OmegaConf.has_resolver("telepathy.run_dir"):
+        OmegaConf.register_new_resolver("telepathy.run_dir", checked_run_dir)
 
 
 # --- preflight: cheap existence checks, nothing loads --------------------------------------------

@@ -33,7 +33,7 @@ def check(cfg) -> None:
     """``logger.name`` is a known backend whose library is installed (before anything runs)."""
     if cfg.get("logger") is None:
         return
-    tconfig._check_choice(cfg, "logger.name", list(MODULES))
+    tconfig.check_choice(cfg, "logger.name", list(MODULES))
     module = MODULES[cfg.logger.name]
     if module and importlib.util.find_spec(module) is None:
         raise tconfig.ConfigError(

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from telepathy.cluster.sweep import MANIFEST
+from telepathy.results import RESULT_FILE
 
 LIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued", "REQUEUE_FED": "queued",
         "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "SUSPENDED": "running",
@@ -90,7 +91,7 @@ def manifests(output_dir: Path) -> list[dict]:
 
 def _read_result(run_dir: str) -> dict | None:
     try:
-        return json.loads((Path(run_dir) / "result.json").read_text())
+        return json.loads((Path(run_dir) / RESULT_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
 
