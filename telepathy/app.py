@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from telepathy import config as tconfig
 from telepathy import batching, data, features, methods
+from telepathy.cli import stop_on_signals
 from telepathy.cluster import telemetry
 from telepathy.models import LoadedModel, load_model, placement
 from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, environment, measured, now, peak_memory, read_result,
@@ -135,11 +136,12 @@ def main(cfg: DictConfig) -> dict | None:
     sampler = telemetry.start(cfg, run_dir)  # GPU / host usage → telemetry.jsonl, summary in the record
     batching.apply(cfg)
     try:
-        out = method.run(cfg, RunContext(cfg, run_dir, devices))
-    except SystemExit as stop:  # preempted after a checkpoint: the requeued job resumes
+        with stop_on_signals():
+            out = method.run(cfg, RunContext(cfg, run_dir, devices))
+    except (SystemExit, KeyboardInterrupt) as stop:  # a signal (Ctrl-C, preemption): a requeued job resumes
         write_json(run_dir / RESULT_FILE, record("interrupted", **base, started_at=started, finished_at=now(),
                                                  telemetry=sampler.stop(),
-                                                 error={"type": "SystemExit", "message": str(stop)}))
+                                                 error={"type": type(stop).__name__, "message": str(stop)}))
         raise
     except BaseException as err:
         write_json(run_dir / RESULT_FILE, record(
@@ -156,7 +158,7 @@ def main(cfg: DictConfig) -> dict | None:
                   started_at=started,
                   finished_at=timing["finished_at"])
     write_json(run_dir / RESULT_FILE, done)
-    _print_summary(done)
+    _log_summary(done)
     return done["metrics"]
 
 
@@ -179,7 +181,7 @@ def _overrides() -> list[str]:
         return []
 
 
-def _print_summary(record: dict) -> None:
+def _log_summary(record: dict) -> None:
     m = record["metrics"]
     rows = [(k, v) for k, v in m.items() if isinstance(v, (int, float))]
     width = max(len(k) for k, _ in rows)
@@ -194,4 +196,4 @@ def _print_summary(record: dict) -> None:
             lines.append(f"  {'soft-token cosine':<{width}}  {d['soft_token_cosine_mean']:.4f} (across test inputs)")
         if d.get("single_class"):
             lines.append("  WARNING: collapsed bridge: one class predicted for every test item")
-    print("\n".join(lines), flush=True)
+    log.info("final metrics: %s", "\n".join(lines))  # console, train.log and the SLURM log

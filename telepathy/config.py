@@ -123,6 +123,7 @@ def validate(cfg: DictConfig) -> None:
     for role in ("sender", "receiver"):
         check_choice(cfg, f"{role}.name", group_options("model"))
         check_choice(cfg, f"{role}.dtype", ["auto", "float32", "bfloat16", "float16"])
+    check_range(cfg, "seed", lo=0, hi=2**32 - 1, integer=True)  # numpy's seed range
     check_range(cfg, "compression", lo=1, integer=True)
     resolve_layer(cfg.sender.layer, cfg.sender.num_layers)
     if cfg.bridge.get("num_latents") is not None:
@@ -215,6 +216,9 @@ def run_dir(cfg) -> Path:
 
 
 def register_resolvers() -> None:
-    """``${telepathy.run_dir:}`` lets Hydra put each job's output dir where ``run_dir`` says."""
+    """``${telepathy.run_dir:}`` lets Hydra put each job's output dir where ``run_dir`` says.
+
+    train.py registers the checked variant first (``telepathy.cli.register_resolvers``).
+    """
     if not OmegaConf.has_resolver("telepathy.run_dir"):
         OmegaConf.register_new_resolver("telepathy.run_dir", lambda *, _root_: str(run_dir(_root_)))

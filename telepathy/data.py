@@ -56,17 +56,25 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _read_rows(task_cfg, data_cfg, split_name: str) -> tuple[list[dict], str]:
+def local_split(task_cfg, data_cfg, split_name: str) -> Path | None:
+    """``<root>/<task.local_dir>/<split_name>.jsonl`` when a data root is set (DataError if absent), else None."""
     root = data_root(data_cfg)
-    if root is not None:
-        folder = root / task_cfg.local_dir
-        path = folder / f"{split_name}.jsonl"
-        if not path.exists():
-            found = sorted(p.stem for p in folder.glob("*.jsonl")) if folder.exists() else []
-            raise DataError(
-                f"task {task_cfg.name!r}: split {split_name!r} not found at {path} "
-                f"(splits there: {found or 'none'}; data root from data.root / TELEPATHY_DATA = {root})"
-            )
+    if root is None:
+        return None
+    folder = root / task_cfg.local_dir
+    path = folder / f"{split_name}.jsonl"
+    if not path.exists():
+        found = sorted(p.stem for p in folder.glob("*.jsonl")) if folder.exists() else []
+        raise DataError(
+            f"task {task_cfg.name!r}: split {split_name!r} not found at {path} "
+            f"(splits there: {found or 'none'}; data root from data.root / TELEPATHY_DATA = {root})"
+        )
+    return path
+
+
+def _read_rows(task_cfg, data_cfg, split_name: str) -> tuple[list[dict], str]:
+    path = local_split(task_cfg, data_cfg, split_name)
+    if path is not None:
         return _read_jsonl(path), str(path)
     import datasets
 

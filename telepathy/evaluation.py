@@ -16,10 +16,10 @@ import time
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from telepathy.data import Example, batches
 from telepathy.metrics import classification, rouge_scores, rouge_summary
+from telepathy.progress import progress
 from telepathy.receiver import PromptIO, label_token_ids, parse_label
 
 
@@ -36,7 +36,7 @@ def evaluate_classification(
     label_ids = label_token_ids(io, labels, task_cfg.label_prefix)
     rows = []
     t0 = time.time()
-    with torch.no_grad(), tqdm(total=len(examples), desc=desc, unit="ex", mininterval=5) as bar:
+    with torch.no_grad(), progress(len(examples), desc, unit="ex") as bar:
         for chunk in batches(examples, eval_cfg.batch_size):
             seqs = build(chunk)
             if eval_cfg.readout == "score":
@@ -92,7 +92,7 @@ def evaluate_generation(
     max_new = gen.get("max_new_tokens") or task_cfg.max_target_tokens
     rows = []
     t0 = time.time()
-    with torch.no_grad(), tqdm(total=len(examples), desc=desc, unit="ex", mininterval=5) as bar:
+    with torch.no_grad(), progress(len(examples), desc, unit="ex") as bar:
         for chunk in batches(examples, eval_cfg.batch_size):
             outputs = io.generate(build(chunk), max_new_tokens=max_new, num_beams=gen.num_beams,
                                   repetition_penalty=gen.repetition_penalty)

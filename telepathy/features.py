@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
 from telepathy.data import Example, batches, format_prompt
 from telepathy.models import LoadedModel
+from telepathy.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def _encoded_batches(lm: LoadedModel, ids: list[list[int]], layers: list[int], b
     """Yield ({layer: [B, T, d]}, example indices) batch by batch, in order of length so that
     little compute goes to padding."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    with tqdm(total=len(ids), desc=desc, unit="ex", mininterval=5) as bar:
+    with progress(len(ids), desc, unit="ex") as bar:
         for chunk in batches(order, batch_size):
             yield hidden_states(lm, [ids[i] for i in chunk], layers), chunk
             bar.update(len(chunk))

@@ -188,21 +188,26 @@ def _hub_kwargs(model_cfg) -> dict:
     return kwargs
 
 
+def unavailable_message(model_cfg, source: str, cause: BaseException | None = None) -> str:
+    """One line: which model is missing, and the command that fetches it."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    role = model_cfg.get("role", "sender")
+    text = (f"model {model_cfg.name!r}: cannot load {source!r} "
+            f"({'HF_HUB_OFFLINE=1, ' if offline else ''}not in the local cache and the hub is not reachable). "
+            f"Pre-download it on a machine with network: `python -m telepathy.prepare "
+            f"{'sender' if role == 'sender' else 'receiver'}={model_cfg.name}` (or set {role}.path=/local/folder).")
+    if cause is not None:
+        text += f" Cause: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    return text
+
+
 @contextlib.contextmanager
 def _clear_hub_errors(model_cfg, source: str):
     """Turn transformers' deep offline tracebacks into one actionable message."""
     try:
         yield
     except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        raise ModelNotAvailableError(
-            f"model {model_cfg.name!r}: cannot load {source!r} "
-            f"({'HF_HUB_OFFLINE=1, ' if offline else ''}not in the local cache and the hub is not reachable). "
-            f"Pre-download it on a machine with network: `python -m telepathy.prepare "
-            f"{'sender' if model_cfg.get('role') == 'sender' else 'receiver'}={model_cfg.name}` "
-            f"(or set {model_cfg.get('role', 'sender')}.path=/local/folder). Cause: {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}"
-        ) from err
+        raise ModelNotAvailableError(unavailable_message(model_cfg, source, err)) from err
 
 
 # ``family`` (conf/model) → transformers model_type of the text-only architecture

@@ -15,6 +15,7 @@ requeues the job). The requeued job finds the checkpoint and resumes.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -29,9 +30,9 @@ from typing import Callable
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from telepathy.data import epoch_order
+from telepathy.progress import progress
 from telepathy.results import append_jsonl
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ def fit(
     t0 = time.time()
     last_loss = None
     module.train()
-    with _PreemptionGuard() as guard, tqdm(total=t.max_steps, initial=start, desc="train", unit="step") as bar:
+    with _PreemptionGuard() as guard, progress(t.max_steps, "train", unit="step", initial=start) as bar:
         for step in range(start + 1, t.max_steps + 1):
             step_t0 = time.time()
             optimizer.zero_grad(set_to_none=True)
@@ -242,7 +243,9 @@ def fit(
                 log.info("step %d/%d loss %.4f lr %.2e", step, t.max_steps, last_loss or float("nan"), row["lr"])
             if eval_fn is not None and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 module.eval()
-                append_jsonl(log_path, {"step": step, **eval_fn()})
+                evaluated = {"step": step, **eval_fn()}
+                append_jsonl(log_path, evaluated)
+                log.info("eval at step %d: %s", step, json.dumps(evaluated))
                 module.train()
             if step % max(1, t.checkpoint_every) == 0 or step == t.max_steps or guard.received:
                 save_checkpoint(run_dir, module, optimizer, scheduler, stream, step)

@@ -1,6 +1,9 @@
 """notebooks/results.ipynb runs top to bottom (nbclient) on a sweep's results, so it never rots."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -65,3 +68,16 @@ def test_notebook_and_report_on_a_real_tiny_sweep(tmp_path, monkeypatch):
     md, rec = report.build_report(outputs)
     assert all(check["passed"] for check in rec["checks"]), rec["checks"]
     assert rec["runs_by_status"] == {"completed": 3}
+
+
+@pytest.mark.slow
+def test_documented_notebook_command_writes_an_html_report(tmp_path):
+    """docs/results.md's headless command (nbconvert, installed by `make setup`), exactly as documented."""
+    runs = write_sweep(tmp_path / "runs")
+    env = {**os.environ, "TELEPATHY_RESULTS": str(runs), "MPLBACKEND": "Agg"}
+    cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--execute", "notebooks/results.ipynb",
+           "--output-dir", str(tmp_path / "summary")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    html = (tmp_path / "summary" / "results.html").read_text()
+    assert "75.8 ± 3.6" in html and "data:image/png;base64" in html

@@ -13,12 +13,12 @@ The names below are the public API used by notebooks (``from telepathy import an
 """
 
 from telepathy.analysis.runs import (BENCHMARK_METHODS, GROUP_KEYS, LOG_FILE, PREDICTIONS_FILE, RESULT_FILE,
-                                     MissingMetricError, find_run_dirs, is_missing, is_reused, load_logs,
-                                     load_predictions, load_runs, read_run)
+                                     MissingMetricError, RunReadError, find_run_dirs, is_missing, is_reused,
+                                     load_logs, load_predictions, load_runs, read_run)
 from telepathy.analysis.stats import holm, mcnemar, mean_ci, paired_bootstrap, paired_permutation_p
 from telepathy.analysis.summarise import compare_to_baseline, metric_column, summarize
 
 __all__ = ["BENCHMARK_METHODS", "GROUP_KEYS", "LOG_FILE", "PREDICTIONS_FILE", "RESULT_FILE", "MissingMetricError",
-           "compare_to_baseline", "find_run_dirs", "holm", "is_missing", "is_reused", "load_logs",
+           "RunReadError", "compare_to_baseline", "find_run_dirs", "holm", "is_missing", "is_reused", "load_logs",
            "load_predictions", "load_runs", "mcnemar", "mean_ci", "metric_column", "paired_bootstrap",
            "paired_permutation_p", "read_run", "summarize"]

@@ -128,7 +128,7 @@ def training_curves(logs, stem=None):
         labels = t.apply(lambda r: _label(r, vary), axis=1)
         color_of = {lab: f"C{i}" for i, lab in enumerate(sorted(labels.unique()))}
         shown = set()
-        for run_dir, g in t.groupby("run_dir", sort=True):
+        for _run_dir, g in t.groupby("run_dir", sort=True):
             lab = labels[g.index[0]]
             kw = {"color": color_of[lab], "alpha": 0.8, "lw": 1}
             if lab not in shown:

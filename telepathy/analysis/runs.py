@@ -45,6 +45,10 @@ GROUP_KEYS = [k for k in IDENTITY if k != "seed"]
 BENCHMARK_METHODS = ("latency", "train_throughput")
 
 
+class RunReadError(ValueError):
+    """A run directory whose record cannot be turned into a row; the message names the directory."""
+
+
 class MissingMetricError(ValueError):
     """A completed run lacks a metric that other runs of its task report."""
 
@@ -176,8 +180,10 @@ def read_run(run_dir):
             problem = _check_record(rec)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             problem = f"invalid JSON: {e}"
+        except OSError as e:  # e.g. a result.json that is a directory, or not readable
+            problem = f"cannot read: {type(e).__name__}: {e.strerror or e}"
         if problem:
-            warnings.warn(f"malformed {path}: {problem}")
+            warnings.warn(f"malformed {path}: {problem}", stacklevel=2)
             row.update({"status": "malformed", "error.type": "MalformedResult",
                         "error.message": f"{path}: {problem}"})
             rec, config = {}, _hydra_config(run_dir)
@@ -223,13 +229,18 @@ def load_runs(paths):
     `paths` is a directory, a glob pattern, a result.json path, or a list of
     them; single runs, Hydra multirun dirs and SLURM sweep dirs all work.
     """
-    rows = [read_run(d) for d in find_run_dirs(paths)]
+    rows = []
+    for d in find_run_dirs(paths):
+        try:
+            rows.append(read_run(d))
+        except Exception as err:  # a record this reader does not expect: say which run, keep the cause
+            raise RunReadError(f"cannot read run {d}: {type(err).__name__}: {err}") from err
     df = pd.DataFrame(rows)
     for col in ("reused_from", "error.type", "error.message"):
         if col not in df:
             df[col] = None
-    df["seed"] = pd.array([_as_int(v) for v in df["seed"]], dtype="Int64")
-    df["num_latents"] = pd.array([_as_int(v) for v in df["num_latents"]], dtype="Int64")
+    for col in ("seed", "num_latents"):
+        df[col] = pd.array([_as_int(v, col, d) for v, d in zip(df[col], df["run_dir"])], dtype="Int64")
     df["compression"] = pd.to_numeric(df["compression"], errors="coerce").astype("float64")
     first = ["run_dir", "run_id", "status", *IDENTITY, *BENCHMARK_COLUMNS, "reused_from",
              "error.type", "error.message"]
@@ -238,10 +249,13 @@ def load_runs(paths):
     return df[first + rest]
 
 
-def _as_int(v):
+def _as_int(v, column, run_dir):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return pd.NA
-    return int(v)
+    try:
+        return int(v)
+    except (TypeError, ValueError) as err:
+        raise RunReadError(f"cannot read run {run_dir}: {column}={v!r} is not an integer") from err
 
 
 def _runs(runs_or_paths):
@@ -261,7 +275,7 @@ def _read_jsonl(path):
             rows.append(json.loads(line))
         except json.JSONDecodeError as e:
             if i == len(lines) and not text.endswith("\n"):
-                warnings.warn(f"{path}:{i}: skipped a partly written last line")
+                warnings.warn(f"{path}:{i}: skipped a partly written last line", stacklevel=2)
                 continue
             raise ValueError(f"{path}:{i}: invalid JSON line: {e}") from None
     return rows

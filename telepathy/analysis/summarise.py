@@ -60,8 +60,8 @@ def summarize(runs, metric="accuracy", confidence=0.95):
 
     Runs of BENCHMARK_METHODS, and of tasks whose completed runs do not report
     the metric (e.g. accuracy for xsum), are left out; the caller can list them
-    from `runs`. A task with no completed run stays in, its groups without a value. Within a task that reports it, a completed run without the
-    metric raises MissingMetricError.
+    from `runs`. A task with no completed run stays in, its groups without a value.
+    Within a task that reports it, a completed run without the metric raises MissingMetricError.
     """
     col = metric_column(metric)
     runs = runs[~runs["method"].isin(BENCHMARK_METHODS)]

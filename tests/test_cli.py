@@ -1,0 +1,106 @@
+"""The command line behaves like Hydra's own: one-line errors before any run dir exists, exit code 1."""
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import REPO, TINY, needs_data, results, run_env, run_train
+
+pytestmark = needs_data
+HINT = "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
+
+
+def _fails_in_one_line(proc, outputs, *expected):
+    """Exit code 1, stderr = the error line + Hydra's traceback hint, nothing written under outputs/."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert lines == [lines[0], HINT], proc.stderr[-3000:]
+    for text in expected:
+        assert text in lines[0]
+    assert not outputs.exists() or not any(outputs.rglob("*")), sorted(map(str, outputs.rglob("*")))
+    return lines[0]
+
+
+def test_bad_seed_fails_in_one_line_before_the_run_dir_exists(outputs):
+    # before: seed=abc made outputs/runs/...-sabc-.../ and crashed in int() after the models loaded
+    _fails_in_one_line(
+        run_train(*TINY, "seed=abc", outputs=outputs, check=False),
+        outputs,
+        "seed='abc' is not allowed; allowed: an integer in [0, 4294967295]",
+    )
+
+
+def test_bad_value_of_one_multirun_job_leaves_no_run_dir(outputs):
+    proc = run_train("-m", *TINY, "seed=-1,7", outputs=outputs, check=False)
+    assert proc.returncode == 1
+    assert "seed=-1 is not allowed" in proc.stderr
+    assert not (outputs / "runs").exists()
+
+
+def test_missing_model_fails_in_one_line(outputs):
+    line = _fails_in_one_line(
+        run_train(
+            *TINY, "sender=llama32_1b", "paths.hf_cache_dir=" + str(outputs.parent / "hf"), outputs=outputs, check=False
+        ),
+        outputs,
+    )
+    assert "model 'llama32_1b'" in line and "python -m telepathy.prepare sender=llama32_1b" in line
+
+
+def test_missing_data_fails_in_one_line_and_full_error_shows_the_traceback(outputs, tmp_path):
+    bad = [*TINY, f"data.root={tmp_path / 'nodata'}"]
+    _fails_in_one_line(run_train(*bad, outputs=outputs, check=False), outputs, "task 'sst2'", "not found")
+    proc = run_train(*bad, outputs=outputs, check=False, env_extra={"HYDRA_FULL_ERROR": "1"})
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+    assert "UsageError: task 'sst2'" in proc.stderr
+
+
+def test_sigterm_during_feature_extraction_leaves_interrupted(outputs):
+    """Before: SIGTERM outside the training loop killed the process and result.json kept saying "running"."""
+    # the whole SST-2 train split (67k sentences), uncached: seconds of extraction to interrupt
+    cmd = [sys.executable, "train.py", *TINY, "task.train_samples=null", "cache=off"]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=run_env(outputs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    seen = []
+    for line in proc.stdout:  # progress is logged (no TTY): its first line says extraction has begun
+        seen.append(line)
+        if "sender features (train): 0/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0, out[-3000:]
+    (record,) = results(outputs)
+    assert record["status"] == "interrupted", out[-3000:]
+    assert record["error"] == {"type": "SystemExit", "message": "stopped by signal SIGTERM"}
+    assert "train: 0/" not in out  # stopped before the training loop (its guard is not what caught it)
+
+
+def test_logs_hold_progress_evals_and_final_metrics_and_a_multirun_ends_with_a_table(outputs):
+    proc = run_train("-m", *TINY, "seed=1,2", outputs=outputs)
+    records = results(outputs)
+    assert [r["status"] for r in records] == ["completed", "completed"]
+    for record in records:
+        log = (Path(record["run_dir"]) / "train.log").read_text()  # Hydra's job log = the SLURM log's content
+        assert (
+            "final metrics: bridge on sst2" in log
+            and f"accuracy                    {record['metrics']['accuracy']:.4f}" in log
+        )
+        assert 'eval at step 2: {"step": 2, "eval_accuracy"' in log
+        # no TTY: the progress bars are log lines with rate and ETA
+        assert re.search(r"train: 4/4 step \(100%\) [\d.]+ step/s elapsed \d:\d\d:\d\d ETA 0:00:00", log)
+    summary = proc.stdout[proc.stdout.index("multirun summary (2 jobs)") :]
+    for record in records:
+        assert re.search(rf"completed .* {record['run_id']}  accuracy={record['metrics']['accuracy']:.4f}", summary)
+
+
+def test_help_names_the_groups_and_phases():
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0
+    for group in ("task=", "sender=", "receiver=", "method=", "budget=", "+phase=", "logger="):
+        assert f"  {group}" in proc.stdout
+    phases = sorted(p.stem for p in (REPO / "conf" / "phase").glob("*.yaml"))
+    assert f"phase: {', '.join(phases)}" in proc.stdout
+    assert "python train.py -sc install=bash" in proc.stdout
