@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 
 from telepathy.analysis.runs import BENCHMARK_METHODS, GROUP_KEYS, MissingMetricError, is_missing, is_reused
-from telepathy.analysis.stats import holm, mcnemar, mean_ci, paired_bootstrap, paired_permutation_p
+from telepathy.analysis.stats import (holm, item_means, mean_ci, paired_bootstrap, paired_permutation_p,
+                                      sign_test_p)
 
 
 # aggregation across seeds
@@ -130,6 +131,22 @@ def _strata(group_runs, predictions, value_col):
     return out
 
 
+def _paired_matrix(a, b, pairs):
+    """[pairs, items] arrays of the method's and the baseline's values on the items every
+    pair of strata has (aligned rows), and how many item rows could not be paired."""
+    merged = None
+    for j, (sa, sb) in enumerate(pairs):
+        m = a[sa].merge(b[sb], on="item", suffixes=("_m", "_b"))
+        m = m.rename(columns={"value_m": f"m{j}", "value_b": f"b{j}"})
+        merged = m if merged is None else merged.merge(m, on="item")
+    rows = sum(len(a[sa]) + len(b[sb]) for sa, sb in pairs)
+    if merged is None:
+        return np.empty((0, 0)), np.empty((0, 0)), rows
+    xs = merged[[f"m{j}" for j in range(len(pairs))]].to_numpy(float).T
+    ys = merged[[f"b{j}" for j in range(len(pairs))]].to_numpy(float).T
+    return xs, ys, rows - 2 * xs.size
+
+
 def _matches(a, b):
     """Two groups of one task are comparable when every key both define agrees."""
     for k in GROUP_KEYS:
@@ -145,12 +162,16 @@ def compare_to_baseline(runs, predictions, summary, metric="accuracy", baseline_
     """Paired comparison of every group in `summary` against the baseline group(s)
     of the same task (and same sender/receiver where both define them).
 
-    Accuracy: per-item `correct`, exact McNemar p-value. Other metrics: a
-    per-item column named like the metric, paired permutation p-value.
-    Holm correction over all comparisons made.
+    Items are the unit of analysis (docs/results.md): each side's per-item values are
+    averaged over its seeds (paired seed by seed; a deterministic side's one run pairs
+    with every seed), Δ's CI is a cluster bootstrap over items (one resample of items
+    for every seed), and the test is on the per-item seed means. Accuracy: per-item
+    `correct`, exact sign test (= McNemar with one seed a side); b / c count items the
+    method wins / loses. Other metrics: a per-item column named like the metric, paired
+    permutation (sign-flip) test. Holm correction over all comparisons made.
     """
     value_col = "correct" if metric_column(metric) == "metrics.accuracy" else metric.removeprefix("metrics.")
-    test = "mcnemar" if value_col == "correct" else "permutation"
+    test = "sign" if value_col == "correct" else "permutation"
     if predictions is None or not len(predictions) or value_col not in predictions:
         return pd.DataFrame()
     members = _groups(runs)
@@ -175,25 +196,19 @@ def compare_to_baseline(runs, predictions, summary, metric="accuracy", baseline_
                 pairs = [(s, "*") for s in sorted(a)]
             else:
                 pairs = [(s, s) for s in sorted(set(a) & set(b))]
-            diffs, xs, ys, unpaired = [], [], [], 0
-            for sa, sb in pairs:
-                m = a[sa].merge(b[sb], on="item", suffixes=("_m", "_b"))
-                unpaired += len(a[sa]) + len(b[sb]) - 2 * len(m)
-                diffs.append((m["value_m"] - m["value_b"]).to_numpy())
-                xs.append(m["value_m"].to_numpy())
-                ys.append(m["value_b"].to_numpy())
-            n_pairs = sum(len(d) for d in diffs)
-            row.update(n_strata=len(pairs), n_pairs=n_pairs, n_unpaired=unpaired)
-            if n_pairs == 0:
+            xs, ys, unpaired = _paired_matrix(a, b, pairs)
+            n_items = xs.shape[1]
+            row.update(n_strata=len(pairs), n_items=n_items, n_pairs=n_items * len(pairs), n_unpaired=unpaired)
+            if n_items == 0:
                 row.update(delta=math.nan, delta_ci_low=math.nan, delta_ci_high=math.nan, p=math.nan,
                            note="no paired predictions (missing files or no common seeds)")
                 rows.append(row)
                 continue
-            delta, lo, hi = paired_bootstrap(diffs, n_boot, confidence, seed)
-            x, y = np.concatenate(xs), np.concatenate(ys)
-            if test == "mcnemar":
-                bb, cc = int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())
-                row.update(b=bb, c=cc, p=mcnemar(bb, cc))
+            # items are the unit: seed-averaged per-item values, items resampled jointly across seeds
+            delta, lo, hi = paired_bootstrap(xs - ys, n_boot, confidence, seed)
+            x, y = item_means(xs), item_means(ys)
+            if test == "sign":
+                row.update(b=int((x > y).sum()), c=int((x < y).sum()), p=sign_test_p(x - y))
             else:
                 row["p"] = paired_permutation_p(x, y, seed=seed)
             row.update(delta=delta, delta_ci_low=lo, delta_ci_high=hi,

@@ -95,10 +95,10 @@ def comparison_table(comparisons, metric="accuracy", scale=100.0, digits=1):
         keys.append("compression")
     keys += [k for k in OPTIONAL_COLUMNS if comparisons[k].dropna().map(plain).nunique() > 1]
     unit = " (pp)" if scale == 100 else ""
-    mcnemar = (comparisons["test"] == "mcnemar").all()
-    header = [COLUMN_NAMES[k] for k in keys] + ["vs", f"Δ{unit} [95% CI]", "pairs",
-                                                "p (McNemar)" if mcnemar else "p (paired perm.)", "p (Holm)"]
-    if mcnemar:
+    sign = (comparisons["test"] == "sign").all()
+    header = [COLUMN_NAMES[k] for k in keys] + ["vs", f"Δ{unit} [95% CI]", "items",
+                                                "p (sign test)" if sign else "p (paired perm.)", "p (Holm)"]
+    if sign:
         header.insert(-2, "wins / losses")
     base_keys = [k for k in ("compression", "num_latents", "layer", "model")
                  if comparisons[f"baseline.{k}"].dropna().map(plain).nunique() > 1]
@@ -107,17 +107,19 @@ def comparison_table(comparisons, metric="accuracy", scale=100.0, digits=1):
         delta = "—" if is_missing(c["delta"]) else (
             f"{c['delta'] * scale:+.{digits}f} [{c['delta_ci_low'] * scale:+.{digits}f}, "
             f"{c['delta_ci_high'] * scale:+.{digits}f}]")
-        row = [plain(c[k]) for k in keys] + [_baseline_desc(c, base_keys), delta, str(int(c["n_pairs"]))]
-        if mcnemar:
+        row = [plain(c[k]) for k in keys] + [_baseline_desc(c, base_keys), delta, str(int(c["n_items"]))]
+        if sign:
             row.append("—" if is_missing(c.get("b")) else f"{int(c['b'])} / {int(c['c'])}")
         row += [_pfmt(c["p"]), _pfmt(c["p_holm"])]
         rows.append(row)
-    notes = ["Paired on the same test items and seeds; Δ = method − baseline with a paired bootstrap "
-             "95% CI (items resampled within each seed). "
-             + ("McNemar exact test on pooled discordant pairs; " if mcnemar else "Paired permutation test; ")
-             + f"Holm correction over all {len(comparisons)} comparisons."]
-    if mcnemar:
-        notes.append("wins / losses = items the method gets right and the baseline wrong / the reverse.")
+    notes = ["Paired on the same test items (and seeds); Δ = method − baseline, 95% CI by a cluster "
+             "bootstrap over items (one resample of items applied to every seed). "
+             + ("Exact sign test on per-item accuracy averaged over seeds (McNemar with one seed); "
+                if sign else "Paired permutation test on per-item values averaged over seeds; ")
+             + f"Holm correction over all {len(comparisons)} comparisons of this table."]
+    if sign:
+        notes.append("wins / losses = items where the method's seed-averaged accuracy is above / below the "
+                     "baseline's.")
     return header, rows, notes
 
 
