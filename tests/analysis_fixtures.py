@@ -1,6 +1,7 @@
 """Synthetic run directories in the result.json / predictions.jsonl / log.jsonl
 layout of docs/ARCHITECTURE.md, with values the tests choose."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -39,6 +40,9 @@ def write_run(root, task="sst2", method="bridge", seed=0, metrics=None, status="
         "task": task,
         "seed": seed,
         "config": config,
+        # like telepathy/app.py: the config's hash without its seed
+        "seedless_hash": hashlib.sha256(json.dumps({k: v for k, v in config.items() if k != "seed"},
+                                                   sort_keys=True).encode()).hexdigest()[:8],
         "overrides": [f"task={task}", f"method={method}", f"seed={seed}"],
         "metrics": metrics if metrics is not None else {},
         "params": {"trainable": 1000 if has_bridge else 0},

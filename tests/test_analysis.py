@@ -238,6 +238,24 @@ def test_summarize_known_means_and_cis(tmp_path):
     assert s.loc["text_relay", "status_counts"] == {"completed": 2, "failed": 1}
 
 
+def test_runs_of_different_configs_are_not_pooled_as_seeds(tmp_path):
+    """Two seed-42 bridge runs that differ only in trainer.lr, plus one seed-123 run: two
+    experiments (n=2 and n=1), never one with n=3; the table labels them by the setting."""
+    for seed, lr, acc in ((42, 1e-3, 0.8), (42, 1e-4, 0.5), (123, 1e-3, 0.7)):
+        write_run(tmp_path, seed=seed, metrics={"accuracy": acc}, config_extra={"trainer": {"lr": lr}},
+                  name=f"sst2-bridge-s{seed}-lr{lr}")
+    s = analysis.summarize(analysis.load_runs(tmp_path))
+    assert sorted(s["n_independent"]) == [1, 2]
+    assert all(d.keys() == {"trainer.lr"} for d in s["differs"])  # only the setting that differs
+    by_lr = s.set_index(s["differs"].map(lambda d: d["trainer.lr"]))
+    assert by_lr.loc[1e-3, "mean"] == pytest.approx(0.75) and by_lr.loc[1e-4, "mean"] == pytest.approx(0.5)
+    from telepathy.analysis.tables import metric_table
+    header, rows, notes = metric_table(s)
+    assert "Settings" in header
+    col = header.index("Settings")
+    assert sorted(r[col] for r in rows) == ["trainer.lr=0.0001", "trainer.lr=0.001"]
+
+
 def test_reused_runs_count_once(tmp_path):
     src = write_run(tmp_path, method="receiver_only", compression=None, seed=0, metrics={"accuracy": 0.5})
     for seed in (1, 2):

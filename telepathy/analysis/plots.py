@@ -8,6 +8,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from telepathy.analysis.runs import BENCHMARK_METHODS, is_missing
+from telepathy.analysis.tables import settings_cell
 
 
 def save(fig, stem):
@@ -20,11 +21,15 @@ def save(fig, stem):
 
 
 def _label(row, vary):
+    """Legend label: the method, the columns that vary, and the settings in which an
+    experiment differs from others with the same columns (never one line for two configs)."""
     parts = [str(row["method"])]
     for k in vary:
         v = row[k]
         if not is_missing(v):
             parts.append(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}")
+    if settings_cell(row.get("differs")):
+        parts.append(settings_cell(row["differs"]))
     return " ".join(parts)
 
 

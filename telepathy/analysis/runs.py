@@ -50,8 +50,11 @@ FRIENDLY = {
     "batch_size": ("config.batch_size", "config.benchmark.batch_size", "config.method.batch_size"),
     "path": ("config.path", "config.benchmark.path", "config.method.path"),
 }
-# "same experiment across seeds" = same values of these columns
+# the columns tables show and group by; "same experiment across seeds" also needs the same
+# CONFIG_KEY (result.json's hash of the config without its seed): runs that differ in any
+# other setting (learning rate, test size, bridge depth, ...) are never pooled as seeds
 GROUP_KEYS = ["task", "method", "sender", "receiver", "compression", "num_latents", "layer", "model"]
+CONFIG_KEY = "seedless_hash"
 # methods that measure systems, not task quality: plotted, never in the metric tables
 BENCHMARK_METHODS = ("latency", "train_throughput")
 
@@ -206,6 +209,7 @@ def read_run(run_dir):
                     flat[k] = v
                 elif k not in OWN_COLUMNS:
                     row[k] = json.dumps(v) if isinstance(v, list) else v
+            row[CONFIG_KEY] = rec.get(CONFIG_KEY) or _seedless_fallback(rec["config"])
     for name, keys in FRIENDLY.items():
         row[name] = next((flat[k] for k in keys if flat.get(k) is not None), None)
     _drop_unused(row, flat)
@@ -213,6 +217,16 @@ def read_run(run_dir):
         if k not in ("task", "method", "seed"):
             row[k] = v
     return row
+
+
+def _seedless_fallback(config):
+    """A config id for a record written before result.json had `seedless_hash`: the whole
+    recorded config without its seed. It may split runs that differ only in paths, never pools
+    runs that differ in a setting."""
+    import hashlib
+
+    rest = {k: v for k, v in config.items() if k != "seed"}
+    return "cfg-" + hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _drop_unused(row, flat):
@@ -239,7 +253,7 @@ def load_runs(paths):
     """
     rows = [read_run(d) for d in find_run_dirs(paths)]
     df = pd.DataFrame(rows)
-    for col in ("reused_from", "error.type", "error.message"):
+    for col in ("reused_from", "error.type", "error.message", CONFIG_KEY):
         if col not in df:
             df[col] = None
     df["seed"] = pd.array([_as_int(v) for v in df["seed"]], dtype="Int64")
@@ -295,7 +309,7 @@ def _run_file(run, filename, follow_reuse):
 
 def _per_run_rows(runs, filename, follow_reuse):
     out = []
-    keep = ["run_dir", "run_id", "status", "seed", "reused_from"] + GROUP_KEYS
+    keep = ["run_dir", "run_id", "status", "seed", "reused_from", CONFIG_KEY] + GROUP_KEYS
     for run in runs.to_dict("records"):
         path = _run_file(run, filename, follow_reuse)
         if path is not None:

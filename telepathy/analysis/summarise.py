@@ -1,20 +1,29 @@
 """Summarise runs into one row per experiment (mean and CI across seeds) and compare methods pairwise."""
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from telepathy.analysis.runs import BENCHMARK_METHODS, GROUP_KEYS, MissingMetricError, is_missing, is_reused
+from telepathy.analysis.runs import (BENCHMARK_METHODS, CONFIG_KEY, GROUP_KEYS, MissingMetricError, is_missing,
+                                     is_reused)
 from telepathy.analysis.stats import (holm, item_means, mean_ci, paired_bootstrap, paired_permutation_p,
                                       sign_test_p)
 
 
 # aggregation across seeds
 
+# an experiment: the table's columns plus the seedless config id (runs.CONFIG_KEY)
+EXPERIMENT_KEYS = GROUP_KEYS + [CONFIG_KEY]
+# keys a run that did not complete may lack (they come from result.json); it joins the one
+# group that matches it on every other key
+_MAY_LACK = [EXPERIMENT_KEYS.index("num_latents"), EXPERIMENT_KEYS.index(CONFIG_KEY)]
+
+
 def _group_key(row):
-    return tuple(None if is_missing(row[k]) else row[k] for k in GROUP_KEYS)
+    return tuple(None if is_missing(row.get(k)) else row[k] for k in EXPERIMENT_KEYS)
 
 
 def metric_column(metric):
@@ -35,25 +44,58 @@ def _independent(completed):
 
 
 def _groups(runs):
-    """{group key: [run rows]}. A run that did not complete has no recorded
-    num_latents (it comes from result.json's `bridge`); it joins the group
-    that matches it on every other key, when there is exactly one."""
+    """{experiment key: [run rows]}. A run that did not complete may have no
+    recorded num_latents or config id (a run that died before result.json); it
+    joins the group that matches it on every other key, when there is exactly one."""
     groups = {}
     records = runs.to_dict("records")
     for run in records:
         if run["status"] == "completed":
             groups.setdefault(_group_key(run), []).append(run)
-    i = GROUP_KEYS.index("num_latents")
     for run in records:
         if run["status"] == "completed":
             continue
         key = _group_key(run)
-        if key[i] is None:
-            same = [k for k in groups if k[:i] + k[i + 1:] == key[:i] + key[i + 1:]]
+        known = [i for i in range(len(key)) if i not in _MAY_LACK or key[i] is not None]
+        if len(known) < len(key):
+            same = [k for k in groups if all(k[i] == key[i] for i in known)]
             if len(same) == 1:
                 key = same[0]
         groups.setdefault(key, []).append(run)
     return groups
+
+
+def _settings(run):
+    """The run's config without its seed and the keys that do not define a result
+    (`run.id_exclude`), as {dotted key: value}."""
+    exclude = json.loads(run.get("config.run.id_exclude") or "[]") + ["seed", "run"]
+    out = {}
+    for k, v in run.items():
+        if not k.startswith("config.") or is_missing(v):
+            continue
+        key = k.removeprefix("config.")
+        if not any(key == e or key.startswith(e + ".") for e in exclude):
+            out[key] = v
+    return out
+
+
+def _differing_settings(groups):
+    """{experiment key: {setting: value}} for experiments that share every table column
+    (GROUP_KEYS) but not their config: the settings in which they differ, so that a
+    table shows them as separate, labelled rows instead of averaging them."""
+    by_columns = {}
+    for key, members in groups.items():
+        done = [r for r in members if r["status"] == "completed"] or members
+        by_columns.setdefault(key[:len(GROUP_KEYS)], []).append((key, _settings(done[0])))
+    out = {}
+    for same in by_columns.values():
+        if len(same) < 2:
+            continue
+        keys = sorted(set().union(*(s for _, s in same)))
+        differ = [k for k in keys if len({json.dumps(s.get(k), default=str) for _, s in same}) > 1]
+        for key, s in same:
+            out[key] = {k: s.get(k) for k in differ}
+    return out
 
 
 def summarize(runs, metric="accuracy", confidence=0.95):
@@ -67,7 +109,7 @@ def summarize(runs, metric="accuracy", confidence=0.95):
     col = metric_column(metric)
     runs = runs[~runs["method"].isin(BENCHMARK_METHODS)]
     if not len(runs):
-        return pd.DataFrame(columns=GROUP_KEYS + ["n_runs", "n_completed", "n_independent", "deterministic",
+        return pd.DataFrame(columns=EXPERIMENT_KEYS + ["differs", "n_runs", "n_completed", "n_independent", "deterministic",
                                                   "mean", "ci_low", "ci_high", "ci_half", "run_dirs"])
     if col not in runs:
         raise MissingMetricError(f"no run reports {col}")
@@ -86,6 +128,7 @@ def summarize(runs, metric="accuracy", confidence=0.95):
         raise ValueError("the same run_id appears in several directories:\n  " + "\n  ".join(dup["run_dir"]))
 
     groups = _groups(runs[runs["task"].isin(tasks)])
+    differs = _differing_settings(groups)
     out = []
     for key, members in groups.items():
         done = [r for r in members if r["status"] == "completed"]
@@ -93,7 +136,8 @@ def summarize(runs, metric="accuracy", confidence=0.95):
         ci = mean_ci([r[col] for r in indep], confidence)
         by_status = pd.Series([r["status"] for r in members]).value_counts().to_dict()
         out.append({
-            **dict(zip(GROUP_KEYS, key)),
+            **dict(zip(EXPERIMENT_KEYS, key)),
+            "differs": differs.get(key, {}),
             "metric": metric, "n_runs": len(members), "n_completed": len(done),
             "n_independent": ci["n"], "deterministic": deterministic,
             "mean": ci["mean"], "std": ci["std"], "ci_low": ci["ci_low"],
@@ -105,7 +149,7 @@ def summarize(runs, metric="accuracy", confidence=0.95):
             "run_dirs": sorted(r["run_dir"] for r in members),
         })
     df = pd.DataFrame(out)
-    return df.sort_values(["task", "method", "compression"], na_position="first", kind="stable",
+    return df.sort_values(["task", "method", "compression", CONFIG_KEY], na_position="first", kind="stable",
                           ignore_index=True)
 
 
@@ -183,8 +227,8 @@ def compare_to_baseline(runs, predictions, summary, metric="accuracy", baseline_
         for base in groups:
             if base["method"] != baseline_method or not _matches(g, base):
                 continue
-            row = {**{k: g[k] for k in GROUP_KEYS},
-                   **{f"baseline.{k}": base[k] for k in GROUP_KEYS if k not in ("task",)},
+            row = {**{k: g[k] for k in EXPERIMENT_KEYS}, "differs": g["differs"],
+                   **{f"baseline.{k}": base[k] for k in EXPERIMENT_KEYS + ["differs"] if k not in ("task",)},
                    "test": test}
             a = _strata(members[_group_key(g)], predictions, value_col)
             b = _strata(members[_group_key(base)], predictions, value_col)

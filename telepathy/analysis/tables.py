@@ -23,6 +23,14 @@ def plain(v):
     return str(v)
 
 
+def settings_cell(differs):
+    """'key=value; ...' of the settings in which an experiment differs from others with the
+    same table columns (summarise: `differs`); '' when it differs in none."""
+    if not isinstance(differs, dict):
+        return ""
+    return "; ".join(f"{k}={'—' if is_missing(v) else plain(v)}" for k, v in sorted(differs.items()))
+
+
 def metric_cell(g, scale=100.0, digits=1):
     """'mean ± half-width' of the 95% CI; no CI where there is no seed variance to show."""
     if g["n_independent"] == 0:
@@ -59,18 +67,24 @@ def metric_table(summary, metric="accuracy", scale=100.0, digits=1):
         elif len(vals) == 1:
             constant[k] = vals[0] + (" (where used)" if summary[k].isna().any() else "")
     name = METRIC_NAMES.get(metric, metric) + (" (%)" if scale == 100 else "")
-    header = [COLUMN_NAMES[k] for k in keys] + [f"{name}, mean ± 95% CI", "n seeds"]
+    show_settings = summary["differs"].map(settings_cell).ne("").any()
+    header = ([COLUMN_NAMES[k] for k in keys] + (["Settings"] if show_settings else [])
+              + [f"{name}, mean ± 95% CI", "n seeds"])
     show_incomplete = summary.apply(_not_completed, axis=1).ne("").any()
     if show_incomplete:
         header.append("Not completed")
     rows = []
     for g in summary.to_dict("records"):
-        row = [plain(g[k]) for k in keys] + [metric_cell(g, scale, digits), n_cell(g)]
+        row = ([plain(g[k]) for k in keys] + ([settings_cell(g["differs"])] if show_settings else [])
+               + [metric_cell(g, scale, digits), n_cell(g)])
         if show_incomplete:
             row.append(_not_completed(g))
         rows.append(row)
     notes = ["Mean over independent seeds ± half-width of the 95% Student-t interval; "
-             "n seeds = independent completed runs."]
+             "n seeds = independent completed runs of one config (runs that differ in any setting "
+             "but the seed are separate rows)."]
+    if show_settings:
+        notes.append("Settings = the config values in which rows with the same other columns differ.")
     if summary["deterministic"].any():
         notes.append("det. = deterministic method: one result reused across seeds, counted once, no CI.")
     if (~summary["deterministic"] & (summary["n_independent"] == 1)).any():
@@ -86,6 +100,8 @@ def _baseline_desc(c, vary):
         v = c.get(f"baseline.{k}")
         if not is_missing(v):
             parts.append(f"{COLUMN_NAMES[k].lower()}={plain(v)}")
+    if settings_cell(c.get("baseline.differs")):
+        parts.append(settings_cell(c["baseline.differs"]))
     return f"{c['baseline.method']}" + (f" ({', '.join(parts)})" if parts else "")
 
 
@@ -96,7 +112,8 @@ def comparison_table(comparisons, metric="accuracy", scale=100.0, digits=1):
     keys += [k for k in OPTIONAL_COLUMNS if comparisons[k].dropna().map(plain).nunique() > 1]
     unit = " (pp)" if scale == 100 else ""
     sign = (comparisons["test"] == "sign").all()
-    header = [COLUMN_NAMES[k] for k in keys] + ["vs", f"Δ{unit} [95% CI]", "items",
+    show_settings = comparisons["differs"].map(settings_cell).ne("").any()
+    header = [COLUMN_NAMES[k] for k in keys] + (["Settings"] if show_settings else []) + ["vs", f"Δ{unit} [95% CI]", "items",
                                                 "p (sign test)" if sign else "p (paired perm.)", "p (Holm)"]
     if sign:
         header.insert(-2, "wins / losses")
@@ -107,7 +124,8 @@ def comparison_table(comparisons, metric="accuracy", scale=100.0, digits=1):
         delta = "—" if is_missing(c["delta"]) else (
             f"{c['delta'] * scale:+.{digits}f} [{c['delta_ci_low'] * scale:+.{digits}f}, "
             f"{c['delta_ci_high'] * scale:+.{digits}f}]")
-        row = [plain(c[k]) for k in keys] + [_baseline_desc(c, base_keys), delta, str(int(c["n_items"]))]
+        row = ([plain(c[k]) for k in keys] + ([settings_cell(c["differs"])] if show_settings else [])
+               + [_baseline_desc(c, base_keys), delta, str(int(c["n_items"]))])
         if sign:
             row.append("—" if is_missing(c.get("b")) else f"{int(c['b'])} / {int(c['c'])}")
         row += [_pfmt(c["p"]), _pfmt(c["p_holm"])]
