@@ -132,6 +132,36 @@ def test_loader_keeps_failed_missing_and_malformed_runs(tmp_path):
     assert str(bad / "result.json") in by_id.loc["broken", "error.message"]
 
 
+def test_results_are_strict_json_and_nonfinite_records_are_malformed(tmp_path):
+    """telepathy.results writes null plus a reason for NaN / Infinity; a record that still holds
+    them (written by an older version, or by hand) is not valid JSON: the loader, and so the
+    report's validity check, marks it malformed instead of reading inf as a number."""
+    from telepathy.analysis.report import checks
+    from telepathy.results import write_json, write_jsonl
+
+    run = write_run(tmp_path, seed=0, metrics={"accuracy": 0.8})
+    rec = json.loads((run / "result.json").read_text())
+    rec["metrics"].update(compression_ratio=float("inf"), loss=float("nan"))
+    write_json(run / "result.json", rec)
+    text = (run / "result.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    back = json.loads(text)
+    assert back["metrics"]["compression_ratio"] is None and back["metrics"]["loss"] is None
+    assert back["nonfinite"] == {"metrics.compression_ratio": "inf", "metrics.loss": "nan"}
+    write_jsonl(tmp_path / "p.jsonl", [{"score": float("-inf")}])
+    assert json.loads((tmp_path / "p.jsonl").read_text()) == {"score": None, "nonfinite": {"score": "-inf"}}
+    assert analysis.load_runs(tmp_path)["status"].tolist() == ["completed"]
+
+    other = write_run(tmp_path, seed=1, metrics={"accuracy": 0.7})
+    (other / "result.json").write_text((other / "result.json").read_text().replace('"accuracy": 0.7',
+                                                                                   '"accuracy": NaN'))
+    with pytest.warns(UserWarning, match="NaN is not strict JSON"):
+        runs = analysis.load_runs(tmp_path)
+    assert runs.set_index("run_id").loc[other.name, "status"] == "malformed"
+    valid = {name: ok for name, ok, _ in checks(runs)}
+    assert valid["valid result.json for every run"] is False
+
+
 def test_loader_columns_and_no_default_seed(tmp_path):
     run = write_run(tmp_path, seed=7, metrics={"accuracy": 0.5}, compression=8, layer=16)
     rec = json.loads((run / "result.json").read_text())

@@ -154,6 +154,11 @@ def _hydra_config(run_dir):
         return OmegaConf.to_container(cfg, resolve=False)
 
 
+def _not_json(name):
+    """NaN / Infinity are not JSON; telepathy.results writes null plus a reason instead."""
+    raise json.JSONDecodeError(f"{name} is not strict JSON", name, 0)
+
+
 def _check_record(rec):
     """Reason the record is not a usable result.json, or None."""
     if not isinstance(rec, dict):
@@ -184,7 +189,7 @@ def read_run(run_dir):
     else:
         problem = None
         try:
-            rec = json.loads(path.read_text())
+            rec = json.loads(path.read_text(), parse_constant=_not_json)
             problem = _check_record(rec)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             problem = f"invalid JSON: {e}"
