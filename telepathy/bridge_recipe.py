@@ -22,7 +22,8 @@ from telepathy.bridge import build_bridge, count_params, diversity_loss
 from telepathy.config import num_latents, resolve_layer
 from telepathy.data import load_task
 from telepathy.evaluation import evaluate, evaluate_classification, text_prompt
-from telepathy.features import collate, sender_prompts
+from telepathy.compression import measured_compression
+from telepathy.features import collate, sender_inputs, sender_prompts
 from telepathy.metrics import ROUGE_TYPES, majority
 from telepathy.models import embedding_rms_median
 from telepathy.receiver import PromptIO, label_token_ids
@@ -58,7 +59,8 @@ def run(cfg, ctx) -> dict:
 
     # 1. the sender's hidden states, once per split (the sender never runs inside the loop)
     train_ids = sender_prompts(sender, train, cfg.task.prompt, cfg.task.max_input_tokens)
-    test_ids = sender_prompts(sender, test, cfg.task.prompt, cfg.task.max_input_tokens)
+    test_in = sender_inputs(sender, test, cfg.task.prompt, cfg.task.max_input_tokens)
+    test_ids = test_in.ids
     train_feats = ctx.sender_features(sender, train_ids, layer, split="train")
     test_feats = ctx.sender_features(sender, test_ids, layer, split="test")
     mean_tokens = sum(len(x) for x in test_ids) / len(test_ids)
@@ -123,6 +125,9 @@ def run(cfg, ctx) -> dict:
             "sender_layer": layer,
             "mean_sender_tokens": mean_tokens,
             "compression_ratio": mean_tokens / m,
+            # measured: text tokens the sender read per soft token (the ratio above counts template tokens)
+            **measured_compression(test_in.text_tokens, m),
+            "truncated_test_items": sum(test_in.truncated),
         },
         "params": {
             "bridge": count_params(bridge),

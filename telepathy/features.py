@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,23 @@ class _StopForward(Exception):
     pass
 
 
-def sender_prompts(lm: LoadedModel, examples: list[Example], template: str, max_tokens: int) -> list[list[int]]:
+@dataclass
+class SenderInputs:
+    """Each example's sender prompt ids, how many tokens of its text are in it, and whether
+    the text was cut (the measured side of compression: text tokens read per soft token)."""
+
+    ids: list[list[int]]
+    text_tokens: list[int]
+    truncated: list[bool]
+
+
+def sender_inputs(lm: LoadedModel, examples: list[Example], template: str, max_tokens: int) -> SenderInputs:
     """Token ids of each example's sender prompt, at most ``max_tokens`` long.
 
     Long inputs are cut inside the text, so the instruction after it (for example
-    ``Sentiment (positive or negative):``) survives truncation.
+    ``Sentiment (positive or negative):``) survives truncation. ``text_tokens`` counts the
+    text's own tokens (in the sender's tokenizer) that made it into the prompt: the chat
+    template and instruction are not text the bridge compresses.
     """
     tok = lm.tokenizer
 
@@ -55,16 +68,24 @@ def sender_prompts(lm: LoadedModel, examples: list[Example], template: str, max_
                                            add_generation_prompt=True, return_dict=False)
         return tok(prompt).input_ids
 
-    out = []
+    out = SenderInputs([], [], [])
     for ex in examples:
         ids = render(ex.text)
-        if len(ids) > max_tokens:
+        text_ids = tok(ex.text, add_special_tokens=False).input_ids
+        n_text, cut = len(text_ids), len(ids) > max_tokens
+        if cut:
             overflow = len(ids) - max_tokens
-            text_ids = tok(ex.text, add_special_tokens=False).input_ids
-            keep = max(len(text_ids) - overflow - 2, 1)  # -2: re-tokenisation at the cut can add tokens
-            ids = render(tok.decode(text_ids[:keep]))[:max_tokens]
-        out.append(ids)
+            n_text = max(len(text_ids) - overflow - 2, 1)  # -2: re-tokenisation at the cut can add tokens
+            ids = render(tok.decode(text_ids[:n_text]))[:max_tokens]
+        out.ids.append(ids)
+        out.text_tokens.append(n_text)
+        out.truncated.append(cut)
     return out
+
+
+def sender_prompts(lm: LoadedModel, examples: list[Example], template: str, max_tokens: int) -> list[list[int]]:
+    """``sender_inputs(...).ids``: the prompts alone."""
+    return sender_inputs(lm, examples, template, max_tokens).ids
 
 
 def _decoder_parts(model):

@@ -57,7 +57,9 @@ def write_run(root, task="sst2", method="bridge", seed=0, metrics=None, status="
     }
     if has_bridge:
         rec["bridge"] = {"num_latents": num_latents or 8, "compression_factor": compression,
-                         "mean_sender_tokens": 32.0, "compression_ratio": float(compression)}
+                         "mean_sender_tokens": 32.0, "compression_ratio": 32.0 / (num_latents or 8),
+                         # 20 text tokens per item: what the sender read, per soft token
+                         "text_tokens_mean": 20.0, "measured_compression_mean": 20.0 / (num_latents or 8)}
     (run_dir / "result.json").write_text(json.dumps(rec, indent=1))
     if correct is not None:
         with open(run_dir / "predictions.jsonl", "w") as f:

@@ -286,6 +286,27 @@ def test_runs_of_different_configs_are_not_pooled_as_seeds(tmp_path):
     assert sorted(r[col] for r in rows) == ["trainer.lr=0.0001", "trainer.lr=0.001"]
 
 
+def test_tables_show_measured_compression_beside_nominal(tmp_path):
+    """A bridge at nominal 8x whose sender read 10 text tokens into M=8 soft tokens is 1.25x
+    measured; LLMLingua's measured ratio and receiver positions come from its own metrics."""
+    from telepathy.analysis.tables import metric_table, to_markdown
+
+    for seed in (0, 1):
+        run = write_run(tmp_path, seed=seed, compression=8, metrics={"accuracy": 0.7})
+        rec = json.loads((run / "result.json").read_text())
+        rec["bridge"].update(num_latents=8, text_tokens_mean=10.0, measured_compression_mean=1.25)
+        (run / "result.json").write_text(json.dumps(rec))
+        write_run(tmp_path, method="llmlingua", seed=seed, compression=None,
+                  metrics={"accuracy": 0.6, "compression_ratio": 4.0, "compressed_tokens_mean": 2.5})
+    s = analysis.summarize(analysis.load_runs(tmp_path)).set_index("method")
+    assert s.loc["bridge", "measured_compression"] == pytest.approx(1.25)
+    assert s.loc["bridge", "positions"] == 8 and s.loc["llmlingua", "positions"] == pytest.approx(2.5)
+    md = to_markdown(*metric_table(s.reset_index()))
+    header = md.splitlines()[0]
+    assert header.index("Compression") < header.index("Measured ×") and "Receiver positions" in header
+    assert "| sst2 | bridge | 8 | 1.2× | 8 |" in md and "| sst2 | llmlingua |  | 4.0× | 2.5 |" in md
+
+
 def test_reused_runs_count_once(tmp_path):
     src = write_run(tmp_path, method="receiver_only", compression=None, seed=0, metrics={"accuracy": 0.5})
     for seed in (1, 2):

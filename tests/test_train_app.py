@@ -25,6 +25,9 @@ def test_single_run_writes_a_complete_record(outputs):
     assert record["metrics"]["n_test"] == 16
     assert record["bridge"]["num_latents"] == 8  # ceil(64 / 8)
     assert record["bridge"]["compression_ratio"] == pytest.approx(record["bridge"]["mean_sender_tokens"] / 8)
+    # measured compression counts the text the sender read, not the template around it
+    assert 0 < record["bridge"]["text_tokens_mean"] < record["bridge"]["mean_sender_tokens"]
+    assert record["bridge"]["measured_compression_mean"] == pytest.approx(record["bridge"]["text_tokens_mean"] / 8)
     assert record["params"]["trainable"] == record["params"]["bridge"] > 0
     assert record["config"]["trainer"]["max_steps"] == 4 and record["overrides"] == ["budget=tiny"]
     assert {"git_rev", "git_dirty", "hostname", "packages", "device"} <= set(record["env"])

@@ -49,7 +49,14 @@ FRIENDLY = {
     "model": ("config.method.model",),
     "batch_size": ("config.batch_size", "config.benchmark.batch_size", "config.method.batch_size"),
     "path": ("config.path", "config.benchmark.path", "config.method.path"),
+    # measured, not nominal: text tokens read per receiver position (bridge: / M; LLMLingua:
+    # original / kept text tokens), and the receiver positions that carry the input
+    "measured_compression": ("bridge.measured_compression_mean", "metrics.compression_ratio"),
+    "positions": ("bridge.num_latents", "prompt_tuning.num_virtual_tokens", "metrics.compressed_tokens_mean",
+                  "metrics.relay_tokens_mean"),
 }
+# FRIENDLY columns that describe a run's outcome: averaged per experiment, never grouped by
+MEASURED = ("measured_compression", "positions")
 # the columns tables show and group by; "same experiment across seeds" also needs the same
 # CONFIG_KEY (result.json's hash of the config without its seed): runs that differ in any
 # other setting (learning rate, test size, bridge depth, ...) are never pooled as seeds
@@ -263,7 +270,8 @@ def load_runs(paths):
             df[col] = None
     df["seed"] = pd.array([_as_int(v) for v in df["seed"]], dtype="Int64")
     df["num_latents"] = pd.array([_as_int(v) for v in df["num_latents"]], dtype="Int64")
-    df["compression"] = pd.to_numeric(df["compression"], errors="coerce").astype("float64")
+    for col in ("compression", *MEASURED):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
     first = ["run_dir", "run_id", "status", *FRIENDLY, "reused_from", "error.type", "error.message"]
     first += [c for c in ("error.oom",) if c in df]
     rest = sorted(c for c in df.columns if c not in first)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from telepathy.analysis.runs import (BENCHMARK_METHODS, CONFIG_KEY, GROUP_KEYS, MissingMetricError, is_missing,
-                                     is_reused)
+from telepathy.analysis.runs import (BENCHMARK_METHODS, CONFIG_KEY, GROUP_KEYS, MEASURED, MissingMetricError,
+                                     is_missing, is_reused)
 from telepathy.analysis.stats import (holm, item_means, mean_ci, paired_bootstrap, paired_permutation_p,
                                       sign_test_p)
 
@@ -63,6 +63,12 @@ def _groups(runs):
                 key = same[0]
         groups.setdefault(key, []).append(run)
     return groups
+
+
+def _mean_of(runs, col):
+    """Mean of a measured column over runs that recorded it; NaN when none did."""
+    vals = [float(r[col]) for r in runs if not is_missing(r.get(col))]
+    return sum(vals) / len(vals) if vals else math.nan
 
 
 def _settings(run):
@@ -140,6 +146,7 @@ def summarize(runs, metric="accuracy", confidence=0.95):
             "differs": differs.get(key, {}),
             "metric": metric, "n_runs": len(members), "n_completed": len(done),
             "n_independent": ci["n"], "deterministic": deterministic,
+            **{k: _mean_of(done, k) for k in MEASURED},
             "mean": ci["mean"], "std": ci["std"], "ci_low": ci["ci_low"],
             "ci_high": ci["ci_high"], "ci_half": ci["ci_half"],
             "seeds": sorted(int(r["seed"]) for r in done),

@@ -8,7 +8,8 @@ METRIC_NAMES = {"accuracy": "Accuracy", "macro_f1": "Macro-F1", "rouge1": "ROUGE
                 "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
 OPTIONAL_COLUMNS = ["sender", "receiver", "num_latents", "layer", "model"]
 COLUMN_NAMES = {"task": "Task", "method": "Method", "sender": "Sender", "receiver": "Receiver",
-                "compression": "Compression", "num_latents": "Latents", "layer": "Layer", "model": "Model"}
+                "compression": "Compression", "num_latents": "Latents", "layer": "Layer", "model": "Model",
+                "measured_compression": "Measured ×", "positions": "Receiver positions"}
 
 
 def _fmt(v, scale, digits):
@@ -29,6 +30,12 @@ def settings_cell(differs):
     if not isinstance(differs, dict):
         return ""
     return "; ".join(f"{k}={'—' if is_missing(v) else plain(v)}" for k, v in sorted(differs.items()))
+
+
+def _measured_cell(v, key):
+    if is_missing(v):
+        return ""
+    return f"{v:.1f}×" if key == "measured_compression" else f"{v:.1f}".removesuffix(".0")
 
 
 def metric_cell(g, scale=100.0, digits=1):
@@ -68,15 +75,16 @@ def metric_table(summary, metric="accuracy", scale=100.0, digits=1):
             constant[k] = vals[0] + (" (where used)" if summary[k].isna().any() else "")
     name = METRIC_NAMES.get(metric, metric) + (" (%)" if scale == 100 else "")
     show_settings = summary["differs"].map(settings_cell).ne("").any()
+    measured = [k for k in ("measured_compression", "positions") if k in summary and summary[k].notna().any()]
     header = ([COLUMN_NAMES[k] for k in keys] + (["Settings"] if show_settings else [])
-              + [f"{name}, mean ± 95% CI", "n seeds"])
+              + [COLUMN_NAMES[k] for k in measured] + [f"{name}, mean ± 95% CI", "n seeds"])
     show_incomplete = summary.apply(_not_completed, axis=1).ne("").any()
     if show_incomplete:
         header.append("Not completed")
     rows = []
     for g in summary.to_dict("records"):
         row = ([plain(g[k]) for k in keys] + ([settings_cell(g["differs"])] if show_settings else [])
-               + [metric_cell(g, scale, digits), n_cell(g)])
+               + [_measured_cell(g[k], k) for k in measured] + [metric_cell(g, scale, digits), n_cell(g)])
         if show_incomplete:
             row.append(_not_completed(g))
         rows.append(row)
@@ -85,6 +93,13 @@ def metric_table(summary, metric="accuracy", scale=100.0, digits=1):
              "but the seed are separate rows)."]
     if show_settings:
         notes.append("Settings = the config values in which rows with the same other columns differ.")
+    if "measured_compression" in measured:
+        notes.append("Compression = nominal factor (M = ceil(max input tokens / factor)); Measured × = text "
+                     "tokens actually read per receiver position (bridge: per soft token; LLMLingua: original / "
+                     "kept text tokens), mean over test items.")
+    if "positions" in measured:
+        notes.append("Receiver positions = what carries the input to the receiver: M soft tokens (bridge, "
+                     "prompt tuning), kept text tokens (LLMLingua) or message tokens (text relay), mean.")
     if summary["deterministic"].any():
         notes.append("det. = deterministic method: one result reused across seeds, counted once, no CI.")
     if (~summary["deterministic"] & (summary["n_independent"] == 1)).any():
