@@ -27,3 +27,18 @@ def test_measured_compression_is_text_tokens_per_position():
     assert m["measured_compression_p10"] < m["measured_compression_p90"]
     with pytest.raises(ValueError):
         measured_compression([], positions=8)
+
+
+def test_llmlingua_at_matched_positions_is_a_standard_p3_row():
+    """Beside rate 0.125, P3 runs LLMLingua keeping as many tokens as the bridge's M soft tokens."""
+    from omegaconf import OmegaConf
+
+    from baselines.llmlingua import compression_target
+    from helpers import compose
+    from telepathy.config import CONF_DIR
+
+    cfg = compose("method=llmlingua_matched", "compression=16")
+    assert cfg.method.name == "llmlingua" and cfg.method.budget == "match_bridge"
+    assert compression_target(cfg) == {"target_token": 4}  # ceil(64 / 16), the bridge's M
+    phase = OmegaConf.load(CONF_DIR / "phase" / "p3_baselines.yaml")
+    assert {"llmlingua", "llmlingua_matched", "bridge"} <= set(phase.hydra.sweeper.params.method.split(","))
