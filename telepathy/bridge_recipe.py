@@ -20,7 +20,7 @@ import torch
 
 from telepathy.bridge import build_bridge, count_params, diversity_loss
 from telepathy.config import num_latents, resolve_layer
-from telepathy.data import load_task
+from telepathy.data import holdout, load_task
 from telepathy.evaluation import evaluate, evaluate_classification, text_prompt
 from telepathy.compression import measured_compression
 from telepathy.features import collate, sender_inputs, sender_prompts
@@ -69,7 +69,8 @@ def run(cfg, ctx) -> dict:
     torch.manual_seed(cfg.seed)
     bridge = build_bridge(cfg, sender.hidden_size, receiver.hidden_size, m,
                           target_rms=embedding_rms_median(receiver.model))
-    bridge.set_input_stats(train_feats)
+    fit_items, probe = holdout(train, cfg.trainer, cfg.data.sample_seed)  # quick eval: held-out train items
+    bridge.set_input_stats([train_feats[e.idx] for e in fit_items])
     bridge.to(receiver.device)
     template = io.soft_prompt(cfg.task.receiver_primer, cfg.task.answer_prompt, cfg.bridge.placement)
     generation = cfg.task.type == "generation"
@@ -84,27 +85,29 @@ def run(cfg, ctx) -> dict:
         return [io.fill(template, soft[j]) for j in range(len(indices))], soft
 
     def loss_fn(indices):
+        indices = [fit_items[i].idx for i in indices]
         seqs, soft = prompts(train_feats, indices)
         ce = io.label_loss(seqs, [targets[i] for i in indices])
         div = diversity_loss(soft)
         loss = ce + cfg.trainer.diversity_weight * div
         return loss, {"loss": loss.item(), "ce": ce.item(), "diversity": div.item()}
 
-    probe = test[: cfg.trainer.eval_samples]
-
     def test_prompts(chunk):
         return prompts(test_feats, [e.idx for e in chunk])[0]
+
+    def probe_prompts(chunk):
+        return prompts(train_feats, [e.idx for e in chunk])[0]
 
     def eval_probe():
         if generation:  # held-out summary cross-entropy: generating every few steps costs too much on CPU
             probe_targets = generation_targets(io, probe, cfg.task)
             with torch.no_grad():
-                return {"eval_loss": io.label_loss(test_prompts(probe), probe_targets).item()}
-        metrics, _ = evaluate_classification(io, probe, test_prompts, cfg.task, cfg.eval, desc="eval@step")
+                return {"eval_loss": io.label_loss(probe_prompts(probe), probe_targets).item()}
+        metrics, _ = evaluate_classification(io, probe, probe_prompts, cfg.task, cfg.eval, desc="eval@step")
         return {"eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"]}
 
     # 3. train
-    result = fit(bridge, loss_fn, len(train), cfg.trainer, cfg.seed, ctx.run_dir, eval_fn=eval_probe,
+    result = fit(bridge, loss_fn, len(fit_items), cfg.trainer, cfg.seed, ctx.run_dir, eval_fn=eval_probe,
                  device=receiver.device)
 
     # 4. evaluate on the test items; the receiver's own zero-shot on the same items
@@ -137,5 +140,6 @@ def run(cfg, ctx) -> dict:
         },
         "timing": {"train_s": result.train_s, "eval_s": eval_s},
         "training": {"steps": result.steps, "resumed_from": result.resumed_from,
-                     "final_loss": result.final_loss, "examples_seen": result.examples_seen},
+                     "final_loss": result.final_loss, "examples_seen": result.examples_seen,
+                     "heldout_probe_items": len(probe)},
     }

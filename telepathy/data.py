@@ -125,6 +125,24 @@ def load_task(cfg) -> tuple[list[Example], list[Example]]:
     return train, test
 
 
+def holdout(train: list[Example], trainer_cfg, seed: int) -> tuple[list[Example], list[Example]]:
+    """(examples to train on, held-out probe) for the quick eval during training.
+
+    The probe is ``trainer.eval_samples`` training items drawn with the data seed (the same
+    for every run seed) and removed from training: the training curve's eval accuracy is
+    then neither on test items (which would make the test set a model-selection set) nor on
+    items being fitted. Without quick evals (``trainer.eval_every`` 0) nothing is held out.
+    """
+    n = int(trainer_cfg.eval_samples) if trainer_cfg.eval_every else 0
+    if n <= 0:
+        return list(train), []
+    if n >= len(train):
+        raise DataError(f"trainer.eval_samples={n} holds out every one of the {len(train)} training items; "
+                        f"allowed: fewer than the training items")
+    held = set(random.Random(seed).sample(range(len(train)), n))
+    return [e for i, e in enumerate(train) if i not in held], [e for i, e in enumerate(train) if i in held]
+
+
 def format_prompt(template: str, text: str) -> str:
     return template.replace("{text}", text)
 

@@ -42,3 +42,49 @@ def test_llmlingua_at_matched_positions_is_a_standard_p3_row():
     assert compression_target(cfg) == {"target_token": 4}  # ceil(64 / 16), the bridge's M
     phase = OmegaConf.load(CONF_DIR / "phase" / "p3_baselines.yaml")
     assert {"llmlingua", "llmlingua_matched", "bridge"} <= set(phase.hydra.sweeper.params.method.split(","))
+
+
+def test_quick_eval_probe_is_held_out_of_the_training_split():
+    from omegaconf import OmegaConf
+
+    from telepathy.data import DataError, holdout
+
+    train = [Example(idx=i, text=f"t{i}", label=i % 2) for i in range(20)]
+    trainer = OmegaConf.create({"eval_every": 5, "eval_samples": 4})
+    fit_items, probe = holdout(train, trainer, seed=0)
+    assert len(probe) == 4 and len(fit_items) == 16
+    assert {e.idx for e in fit_items}.isdisjoint(e.idx for e in probe)  # never trained on
+    assert holdout(train, trainer, seed=0) == (fit_items, probe)  # the same for every run seed
+    assert holdout(train, OmegaConf.create({"eval_every": 0, "eval_samples": 4}), seed=0) == (train, [])
+    with pytest.raises(DataError, match="trainer.eval_samples=20"):
+        holdout(train, OmegaConf.create({"eval_every": 5, "eval_samples": 20}), seed=0)
+
+
+@pytest.mark.parametrize("role", ["sender", "receiver"])  # with and without a chat template
+def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models, role):
+    import torch
+
+    from baselines.prompt_tuning import soft_prompt_sequences
+    from telepathy.receiver import SOFT, PromptIO
+
+    io = PromptIO(dict(zip(("sender", "receiver"), tiny_models))[role])
+    soft = torch.zeros(3, io.embed_layer.weight.shape[1])
+    (seq,) = soft_prompt_sequences(io, "Review: {text}\nSentiment:", soft, [Example(idx=0, text="fine", label=1)])
+    before, after = io.frame(SOFT + "Review: fine\nSentiment:")
+    bridge_before = io.soft_prompt("Review:", "\nSentiment:")[0]
+    assert seq[0] == before and seq[1] is soft and seq[2] == after
+    assert bridge_before.startswith(before)  # the same framing (BOS / chat header) precedes both
+    assert "Review: fine" in after
+
+
+def test_prompt_tuning_has_its_own_learning_rate():
+    from baselines.prompt_tuning import trainer_config, validate
+    from helpers import TINY, compose
+    from telepathy.config import ConfigError
+
+    cfg = compose(*TINY, "method=prompt_tuning")
+    assert cfg.method.lr == pytest.approx(3e-3) and trainer_config(cfg).lr == pytest.approx(3e-3)
+    assert trainer_config(cfg).max_steps == cfg.trainer.max_steps  # everything else is the bridge's
+    assert trainer_config(compose(*TINY, "method=prompt_tuning", "method.lr=null")).lr == cfg.trainer.lr
+    with pytest.raises(ConfigError, match="method.lr=-1"):
+        validate(compose(*TINY, "method=prompt_tuning", "method.lr=-1"))

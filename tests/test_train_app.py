@@ -37,6 +37,7 @@ def test_single_run_writes_a_complete_record(outputs):
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     assert any("eval_accuracy" in r for r in log)
+    assert record["training"]["heldout_probe_items"] == 4  # the quick eval reads training items, not test
     assert (run_dir / "checkpoints").is_dir()
 
 
