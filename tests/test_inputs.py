@@ -60,14 +60,17 @@ def test_quick_eval_probe_is_held_out_of_the_training_split():
         holdout(train, OmegaConf.create({"eval_every": 5, "eval_samples": 20}), seed=0)
 
 
-@pytest.mark.parametrize("role", ["sender", "receiver"])  # with and without a chat template
-def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models, role):
+@pytest.mark.parametrize("chat", [False, True])
+def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models, chat):
+    import dataclasses
+
     import torch
 
     from baselines.prompt_tuning import soft_prompt_sequences
     from telepathy.receiver import SOFT, PromptIO
 
-    io = PromptIO(dict(zip(("sender", "receiver"), tiny_models))[role])
+    sender = tiny_models[0]  # SmolLM2's tokenizer has a chat template; the demo config leaves it off
+    io = PromptIO(dataclasses.replace(sender, chat_template=chat))
     soft = torch.zeros(3, io.embed_layer.weight.shape[1])
     (seq,) = soft_prompt_sequences(io, "Review: {text}\nSentiment:", soft, [Example(idx=0, text="fine", label=1)])
     before, after = io.frame(SOFT + "Review: fine\nSentiment:")
@@ -75,6 +78,8 @@ def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models
     assert seq[0] == before and seq[1] is soft and seq[2] == after
     assert bridge_before.startswith(before)  # the same framing (BOS / chat header) precedes both
     assert "Review: fine" in after
+    if chat:  # inside the user turn, after the template's header
+        assert "<|im_start|>user" in before
 
 
 def test_prompt_tuning_has_its_own_learning_rate():
