@@ -93,3 +93,18 @@ def test_prompt_tuning_has_its_own_learning_rate():
     assert trainer_config(compose(*TINY, "method=prompt_tuning", "method.lr=null")).lr == cfg.trainer.lr
     with pytest.raises(ConfigError, match="method.lr=-1"):
         validate(compose(*TINY, "method=prompt_tuning", "method.lr=-1"))
+
+
+def test_latency_benchmark_times_the_accuracy_baselines_relay():
+    """One relay definition: the latency benchmark's relay.* is conf/method/text_relay.yaml."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from helpers import REPO, compose
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        latency = hydra_compose(config_name="latency", overrides=["task=trec"])
+    method = compose("method=text_relay", "task=trec").method
+    assert OmegaConf.to_container(latency.relay, resolve=True) == OmegaConf.to_container(method, resolve=True)
+    assert latency.relay.instruction == latency.task.prompt and latency.relay.max_new_tokens == 48
