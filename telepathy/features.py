@@ -52,12 +52,14 @@ class SenderInputs:
 
 
 def sender_inputs(lm: LoadedModel, examples: list[Example], template: str, max_tokens: int) -> SenderInputs:
-    """Token ids of each example's sender prompt, at most ``max_tokens`` long.
+    """Token ids of each example's sender prompt, with at most ``max_tokens`` tokens of text.
 
-    Long inputs are cut inside the text, so the instruction after it (for example
-    ``Sentiment (positive or negative):``) survives truncation. ``text_tokens`` counts the
-    text's own tokens (in the sender's tokenizer) that made it into the prompt: the chat
-    template and instruction are not text the bridge compresses.
+    The cap is on the text, not on the rendered prompt: a chat template or a long
+    instruction does not eat the text's budget, so senders with and without a template
+    read the same text (the task's word cap, ``task.max_text_words``, normally cuts
+    first; this one is the token bound M is computed from). Long inputs are cut inside
+    the text, so the instruction after it (for example ``Sentiment (positive or
+    negative):``) survives. ``text_tokens`` counts the text's own tokens in the prompt.
     """
     tok = lm.tokenizer
 
@@ -70,15 +72,10 @@ def sender_inputs(lm: LoadedModel, examples: list[Example], template: str, max_t
 
     out = SenderInputs([], [], [])
     for ex in examples:
-        ids = render(ex.text)
         text_ids = tok(ex.text, add_special_tokens=False).input_ids
-        n_text, cut = len(text_ids), len(ids) > max_tokens
-        if cut:
-            overflow = len(ids) - max_tokens
-            n_text = max(len(text_ids) - overflow - 2, 1)  # -2: re-tokenisation at the cut can add tokens
-            ids = render(tok.decode(text_ids[:n_text]))[:max_tokens]
-        out.ids.append(ids)
-        out.text_tokens.append(n_text)
+        cut = len(text_ids) > max_tokens
+        out.ids.append(render(tok.decode(text_ids[:max_tokens]) if cut else ex.text))
+        out.text_tokens.append(min(len(text_ids), max_tokens))
         out.truncated.append(cut)
     return out
 

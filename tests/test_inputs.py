@@ -15,9 +15,49 @@ def test_sender_inputs_count_text_tokens_and_truncation(tiny_models):
     got = sender_inputs(sender, examples, "Review: {text}\nSentiment:", max_tokens=40)
     n_short = len(tok(short, add_special_tokens=False).input_ids)
     assert got.text_tokens[0] == n_short and got.truncated == [False, True]
-    assert len(got.ids[1]) <= 40 and got.text_tokens[1] < len(tok(long, add_special_tokens=False).input_ids)
+    assert got.text_tokens[1] == 40 < len(tok(long, add_special_tokens=False).input_ids)
     # the prompt holds more than the text (instruction, template): only the text counts
     assert len(got.ids[0]) > got.text_tokens[0]
+
+
+def test_a_chat_template_does_not_eat_the_texts_budget(tiny_models):
+    """The cap is on the text: a sender with a (30-token) chat template reads the same text
+    as one without, so the model-size ablation does not compare different inputs."""
+    import dataclasses
+
+    sender = tiny_models[0]
+    text = " ".join(["good"] * 30)
+    examples = [Example(idx=0, text=text, label=1)]
+    plain = sender_inputs(sender, examples, "Review: {text}\nSentiment:", max_tokens=40)
+    chat = sender_inputs(dataclasses.replace(sender, chat_template=True), examples, "Review: {text}\nSentiment:",
+                         max_tokens=40)
+    assert len(chat.ids[0]) > len(plain.ids[0]) + 10  # the template is there
+    assert chat.truncated == plain.truncated == [False]
+    assert sender.tokenizer.decode(chat.ids[0]).count("good") == 30
+
+
+def test_text_is_capped_in_words_once_for_every_method(tmp_path):
+    """task.max_text_words cuts the text at load time (what every method reads), marks the
+    cut items, keeps formatting; null reads the whole text (the uncapped reference)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from telepathy.data import cap_words, load_split
+
+    assert cap_words("a  b\nc d", 3) == ("a  b\nc", True) and cap_words("a b", 3) == ("a b", False)
+    assert cap_words("a b c d", None) == ("a b c d", False)
+    (tmp_path / "t").mkdir()
+    rows = [{"text": "one two three four five", "label": 0}, {"text": "short one", "label": 1}]
+    (tmp_path / "t" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"local_dir": "t", "splits": {"test": "test"}, "text_column": "text", "label_column": "label",
+            "type": "classification", "labels": ["a", "b"], "max_text_words": 3}
+    data = OmegaConf.create({"root": str(tmp_path)})
+    got = load_split(OmegaConf.create(task), data, "test")
+    assert [e.text for e in got] == ["one two three", "short one"]
+    assert [e.extra.get("text_truncated", False) for e in got] == [True, False]
+    whole = load_split(OmegaConf.create({**task, "max_text_words": None}), data, "test")
+    assert whole[0].text == rows[0]["text"]
 
 
 def test_measured_compression_is_text_tokens_per_position():

@@ -23,6 +23,7 @@ def test_single_run_writes_a_complete_record(outputs):
     for key in ("accuracy", "macro_f1", "n_test", "majority_accuracy", "receiver_zeroshot_accuracy"):
         assert isinstance(record["metrics"][key], (int, float)), key
     assert record["metrics"]["n_test"] == 16
+    assert record["metrics"]["text_truncated_items"] == 0  # task.max_text_words cut no SST-2 test item here
     assert record["bridge"]["num_latents"] == 8  # ceil(64 / 8)
     assert record["bridge"]["compression_ratio"] == pytest.approx(record["bridge"]["mean_sender_tokens"] / 8)
     # measured compression counts the text the sender read, not the template around it
