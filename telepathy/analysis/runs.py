@@ -137,6 +137,8 @@ def find_run_dirs(paths):
 # loading
 
 def _flatten(d, prefix, out):
+    """Dotted keys, like pandas.json_normalize, except lists: json_normalize keeps them as
+    Python lists, which cannot be grouped or compared across runs; here they are JSON text."""
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if isinstance(v, dict):

@@ -163,6 +163,9 @@ def _pfmt(p):
 
 
 def to_markdown(header, rows, notes):
+    """Pipe table plus italic notes. Not DataFrame.to_markdown: it needs `tabulate` (not a
+    dependency) and has no notes; the LaTeX below is booktabs with the notes in the caption
+    and ±/Δ/— escaped, which Styler.to_latex does not do either."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(lines) + "\n"
