@@ -2,12 +2,12 @@
 
 import pytest
 
-from telepathy.compression import measured_compression
 from telepathy.data import Example
-from telepathy.features import sender_inputs
 
 
 def test_sender_inputs_count_text_tokens_and_truncation(tiny_models):
+    from telepathy.features import sender_inputs
+
     sender, _ = tiny_models
     tok = sender.tokenizer
     short, long = "a fine film", " ".join(["wonderful"] * 80)
@@ -24,6 +24,8 @@ def test_a_chat_template_does_not_eat_the_texts_budget(tiny_models):
     """The cap is on the text: a sender with a (30-token) chat template reads the same text
     as one without, so the model-size ablation does not compare different inputs."""
     import dataclasses
+
+    from telepathy.features import sender_inputs
 
     sender = tiny_models[0]
     text = " ".join(["good"] * 30)
@@ -61,6 +63,8 @@ def test_text_is_capped_in_words_once_for_every_method(tmp_path):
 
 
 def test_measured_compression_is_text_tokens_per_position():
+    from telepathy.compression import measured_compression
+
     m = measured_compression([8, 16, 24, 32], positions=8)
     assert m["text_tokens_mean"] == 20 and m["measured_compression_mean"] == pytest.approx(2.5)
     assert m["measured_compression_median"] == pytest.approx(2.5)
