@@ -57,7 +57,7 @@ def test_aggregate_cli_writes_tables_json_and_plots(tmp_path):
     assert "| sst2 | bridge | 8 | 2.5× | 8 | 65.8 ± 3.6 | 3 | 1 missing |" in md
     assert "| sst2 | receiver_only |  |  |  | 50.0 | 1 (det.) |  |" in md
     tex = (out / "summary.tex").read_text()
-    assert r"sst2 & bridge & 4 & 75.8 $\pm$ 3.6 & 3 & 1 failed \\" in tex
+    assert r"sst2 & bridge & 4 & 2.5$\times$ & 8 & 75.8 $\pm$ 3.6 & 3 & 1 failed \\" in tex
     assert r"receiver\_only" in tex and tex.count(r"\begin{tabular}") == 2
     for stem in ("accuracy_vs_compression", "training_curves"):
         for ext in ("png", "pdf"):

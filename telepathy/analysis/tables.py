@@ -178,7 +178,7 @@ _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#
 
 def _tex(s):
     s = "".join(_TEX.get(ch, ch) for ch in str(s))
-    return (s.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("—", "--")
+    return (s.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("×", r"$\times$").replace("—", "--")
             .replace("−", "-").replace("<0.001", "$<$0.001"))
 
 
