@@ -127,7 +127,8 @@ def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models
 
 
 def test_prompt_tuning_has_its_own_learning_rate():
-    from baselines.prompt_tuning import trainer_config, validate
+    from baselines.prompt_tuning import validate
+    from telepathy.recipe import trainer_config
     from helpers import TINY, compose
     from telepathy.config import ConfigError
 

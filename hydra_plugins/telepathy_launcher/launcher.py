@@ -30,7 +30,7 @@ from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQu
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
-from telepathy.cluster import sweep
+from telepathy.cluster import packing, sweep
 from telepathy.cluster.status import alive_runs
 from telepathy.cluster.sweep import PlannedJob
 
@@ -92,7 +92,11 @@ class _TelepathyMixin:
 
         state = Singleton.get_state()
         arrays, submitted = [], []
-        for name, jobs in sweep.group(j for j in planned if j.state == "queue").items():
+        queue = [j for j in planned if j.state == "queue"]
+        if self._EXECUTOR == "slurm":  # small runs share a GPU: several runs in one job (cluster/packing.py)
+            packs, queue = packing.split(queue, self.config)
+            arrays += self._submit_packs(packs)
+        for name, jobs in sweep.group(queue).items():
             executor = self._executor(jobs[0].resources)
             executor.update_parameters(name=f"{self.config.hydra.job.name}-{name}")
             args = [(j.job_overrides, "hydra.sweep.dir", j.idx, f"job_id_for_{j.idx}", state) for j in jobs]
@@ -105,7 +109,7 @@ class _TelepathyMixin:
                            "resources": jobs[0].resources.to_dict()})
             log.info("queued array %s (%s): %d jobs", array_id, name, len(jobs))
         manifest = sweep.write_manifest(sweep_dir, planned, arrays, phase, self._EXECUTOR)
-        print(f"queued {len(submitted)} jobs in {len(arrays)} arrays, skipped "
+        print(f"queued {sum(j.state == 'queue' for j in planned)} jobs in {len(arrays)} arrays, skipped "
               f"{sum(j.state != 'queue' for j in planned)}; manifest {manifest}\n"
               f"watch: python -m telepathy.status {self.config.paths.output_dir}", flush=True)
 
@@ -113,6 +117,25 @@ class _TelepathyMixin:
             return [_job_return(j, "queued" if j.state == "queue" else j.state) for j in planned]
         results = {job.idx: handle.results()[0] for job, handle in submitted}
         return [results.get(j.idx) or _job_return(j, j.state) for j in planned]
+
+    def _submit_packs(self, packs: List[List[PlannedJob]]) -> List[dict]:
+        """One array per resource class of packs; every member records its pack's job id."""
+        by_class: dict = {}
+        for pack in packs:
+            by_class.setdefault(packing.resources(pack).class_name, []).append(pack)
+        arrays = []
+        for name, group in by_class.items():
+            res = packing.resources(group[0])
+            executor = self._executor(res)
+            executor.update_parameters(name=f"{self.config.hydra.job.name}-pack-{name}")
+            handles = executor.map_array(packing.Pack(), [[packing.member_args(j) for j in p] for p in group])
+            for pack, handle in zip(group, handles):
+                for job in pack:
+                    job.slurm_job_id = str(handle.job_id)
+            arrays.append({"class": f"pack-{name}", "job_id": str(handles[0].job_id).split("_")[0],
+                           "n_jobs": sum(len(p) for p in group), "packs": len(group), "resources": res.to_dict()})
+            log.info("queued array %s (%d packs of small runs sharing a GPU)", arrays[-1]["job_id"], len(group))
+        return arrays
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Requeue this job with the same arguments: it resumes in the same run dir."""

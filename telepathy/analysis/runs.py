@@ -22,45 +22,37 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+from omegaconf.errors import OmegaConfBaseException
 
-RESULT_FILE = "result.json"
-PREDICTIONS_FILE = "predictions.jsonl"
-LOG_FILE = "log.jsonl"
+from telepathy.results import (IDENTITY, LOG_FILE, PREDICTIONS_FILE, RESULT_FILE, SCHEMA_VERSION, identity_block,
+                               run_identity)
+from telepathy.results import STATUSES as RECORD_STATUSES
+
 # any of these marks a directory as a run directory
 RUN_MARKERS = (RESULT_FILE, LOG_FILE, PREDICTIONS_FILE, "checkpoints")
-# statuses result.json may carry (telepathy/app.py); loaders add the last two
-STATUSES = ("completed", "running", "failed", "interrupted", "missing", "malformed")
-SCHEMA_VERSION = 1
+# statuses result.json may carry (telepathy/results.py); loaders add the last two
+STATUSES = (*RECORD_STATUSES, "missing", "malformed")
 # result.json objects that must be objects when present; every top-level object
 # (these and any other) becomes `section.key` columns
-SECTIONS = ("config", "metrics", "bridge", "params", "timing", "memory", "resources", "env", "error")
-# top-level keys that are not copied as columns under their own name
-OWN_COLUMNS = ("run_dir", "run_id", "status", "task", "method", "seed")
-# friendly column -> flattened keys to read it from, first present wins
-FRIENDLY = {
-    "task": ("config.task.name", "config.task", "task"),
-    "method": ("config.method.name", "config.method", "method"),
-    "sender": ("config.sender.name", "config.sender"),
-    "receiver": ("config.receiver.name", "config.receiver"),
-    "seed": ("config.seed", "seed"),
-    "compression": ("config.compression", "config.compression.factor", "bridge.compression_factor"),
-    "num_latents": ("bridge.num_latents", "config.bridge.num_latents", "config.method.num_latents"),
-    "layer": ("config.sender.layer",),
-    "model": ("config.method.model",),
-    "batch_size": ("config.batch_size", "config.benchmark.batch_size", "config.method.batch_size"),
-    "path": ("config.path", "config.benchmark.path", "config.method.path"),
-    # measured, not nominal: text tokens read per receiver position (bridge: / M; LLMLingua:
-    # original / kept text tokens), and the receiver positions that carry the input
+SECTIONS = ("identity", "config", "metrics", "bridge", "params", "timing", "memory", "resources", "env", "error")
+# top-level keys that are not copied as columns under their own name (the identity block has them)
+OWN_COLUMNS = ("run_dir", "run_id", "status", "task", "method", "seed", "identity")
+# the latency benchmark's own columns: its config says which path and batch size a record timed
+BENCHMARK_COLUMNS = ("batch_size", "path")
+# measured, not nominal: text tokens read per receiver position (bridge: / M; LLMLingua:
+# original / kept text tokens), and the receiver positions that carry the input;
+# column -> flattened keys to read it from, first present wins
+MEASURED_SOURCES = {
     "measured_compression": ("bridge.measured_compression_mean", "metrics.compression_ratio"),
     "positions": ("bridge.num_latents", "prompt_tuning.num_virtual_tokens", "metrics.compressed_tokens_mean",
                   "metrics.relay_tokens_mean"),
 }
-# FRIENDLY columns that describe a run's outcome: averaged per experiment, never grouped by
-MEASURED = ("measured_compression", "positions")
-# the columns tables show and group by; "same experiment across seeds" also needs the same
-# CONFIG_KEY (result.json's hash of the config without its seed): runs that differ in any
-# other setting (learning rate, test size, bridge depth, ...) are never pooled as seeds
-GROUP_KEYS = ["task", "method", "sender", "receiver", "compression", "num_latents", "layer", "model"]
+# columns that describe a run's outcome: averaged per experiment, never grouped by
+MEASURED = tuple(MEASURED_SOURCES)
+# "same experiment across seeds" = same values of these columns (the identity block, less the seed)
+# and the same CONFIG_KEY (result.json's hash of the config without its seed): runs that differ
+# in any other setting (learning rate, test size, bridge depth, ...) are never pooled as seeds
+GROUP_KEYS = [k for k in IDENTITY if k != "seed"]
 CONFIG_KEY = "seedless_hash"
 # methods that measure systems, not task quality: plotted, never in the metric tables
 BENCHMARK_METHODS = ("latency", "train_throughput")
@@ -192,9 +184,11 @@ def read_run(run_dir):
     path = run_dir / RESULT_FILE
     row = {"run_dir": str(run_dir), "run_id": run_dir.name}
     flat = {}
+    rec = {}
     if not path.exists():
         row["status"] = "missing"
-        _flatten(_hydra_config(run_dir), "config", flat)
+        config = _hydra_config(run_dir)
+        _flatten(config, "config", flat)
     else:
         problem = None
         try:
@@ -206,8 +200,10 @@ def read_run(run_dir):
             warnings.warn(f"malformed {path}: {problem}")
             row.update({"status": "malformed", "error.type": "MalformedResult",
                         "error.message": f"{path}: {problem}"})
-            _flatten(_hydra_config(run_dir), "config", flat)
+            rec, config = {}, _hydra_config(run_dir)
+            _flatten(config, "config", flat)
         else:
+            config = rec["config"]
             row["status"] = rec["status"]
             row["run_id"] = rec.get("run_id") or run_dir.name
             row["recorded_run_dir"] = rec.get("run_dir")  # differs when copied from a cluster
@@ -218,18 +214,17 @@ def read_run(run_dir):
                         v.pop("packages", None)  # dozens of columns; still in result.json
                     if k == "error":
                         v.pop("traceback", None)  # long; still in result.json
-                    _flatten(v, k, flat)
-                elif k in ("task", "method", "seed"):
-                    flat[k] = v
+                    if k != "identity":
+                        _flatten(v, k, flat)
                 elif k not in OWN_COLUMNS:
                     row[k] = json.dumps(v) if isinstance(v, list) else v
             row[CONFIG_KEY] = rec.get(CONFIG_KEY) or _seedless_fallback(rec["config"])
-    for name, keys in FRIENDLY.items():
+    row.update(_identity(rec, config))
+    for name in BENCHMARK_COLUMNS:
+        row[name] = flat.get(f"config.{name}")
+    for name, keys in MEASURED_SOURCES.items():
         row[name] = next((flat[k] for k in keys if flat.get(k) is not None), None)
-    _drop_unused(row, flat)
-    for k, v in flat.items():
-        if k not in ("task", "method", "seed"):
-            row[k] = v
+    row.update(flat)
     return row
 
 
@@ -243,20 +238,16 @@ def _seedless_fallback(config):
     return "cfg-" + hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def _drop_unused(row, flat):
-    """Blank the friendly columns a method does not use, so that, e.g., a text
-    baseline is not grouped or plotted by the (default) compression factor its
-    config happens to carry. `method.uses` / `method.models` as in conf/method/."""
-    uses, models = flat.get("config.method.uses"), flat.get("config.method.models")
-    if uses is not None and not {"bridge", "compression"} & set(json.loads(uses)):
-        row["compression"] = row["num_latents"] = None
-    if models is not None:
-        models = set(json.loads(models))
-        for role in ("sender", "receiver"):
-            if role not in models:
-                row[role] = None
-        if "sender" not in models:
-            row["layer"] = None
+def _identity(rec, config):
+    """The record's ``identity`` block (telepathy/results.py writes it). A record written
+    before the block existed, or a run that left only Hydra's config, gets the block the
+    writer would have written, computed from its config by the writer's own function."""
+    if isinstance(rec.get("identity"), dict):
+        return {k: rec["identity"].get(k) for k in IDENTITY}
+    try:
+        return run_identity(config)
+    except (AttributeError, KeyError, TypeError, ValueError, OmegaConfBaseException):
+        return identity_block()  # a config too partial to tell (e.g. a job that died while composing)
 
 
 def load_runs(paths):
@@ -274,7 +265,8 @@ def load_runs(paths):
     df["num_latents"] = pd.array([_as_int(v) for v in df["num_latents"]], dtype="Int64")
     for col in ("compression", *MEASURED):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    first = ["run_dir", "run_id", "status", *FRIENDLY, "reused_from", "error.type", "error.message"]
+    first = ["run_dir", "run_id", "status", *IDENTITY, *BENCHMARK_COLUMNS, *MEASURED, "reused_from",
+             "error.type", "error.message"]
     first += [c for c in ("error.oom",) if c in df]
     rest = sorted(c for c in df.columns if c not in first)
     return df[first + rest]
