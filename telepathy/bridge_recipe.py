@@ -99,7 +99,7 @@ def run(cfg, ctx) -> MethodOutput:
         probe_soft = prompts(test_feats, test[: cfg.trainer.eval_samples])[1]
     classification = cfg.task.type == "classification"
     diagnostics = collapse_diagnostics(probe_soft, [p["pred"] for p in out["predictions"]] if classification else None)
-    out["bridge"]["diagnostics"] = diagnostics
+    out["details"]["bridge"]["diagnostics"] = diagnostics
     if diagnostics.get("single_class"):
         log.warning("the bridge collapsed: the readout answers one class for all %d test items "
                     "(soft-token cosine across inputs %.4f); this run's accuracy is the majority rate",
