@@ -52,7 +52,8 @@ def run(cfg, ctx) -> MethodOutput:
     # a stand-in (budget=tiny, offline) lends its own weights folder: LLMLingua loads a folder, not a config
     folder = local_model_dir(stand_in_config(model_cfg) or model_cfg)
     device = ctx.devices.get(cfg.method.compressor, ctx.devices["sender"])
-    compressor = make_compressor(str(folder) if folder else model_cfg.hub_id, device=str(device))
+    compressor = make_compressor(str(folder) if folder else model_cfg.hub_id, device=str(device),
+                                 dtype=model_cfg.get("dtype", "auto"))
 
     t0 = time.time()
     target = compression_target(cfg)

@@ -156,21 +156,28 @@ class LegacyCacheCausalLM:
 # ---------------------------------------------------------------------------
 
 
-def make_compressor(model_dir: str, device: str = "cpu"):
+def make_compressor(model_dir: str, device: str = "cpu", dtype: str = "auto"):
     """A ``llmlingua.PromptCompressor`` (LLMLingua-1) on a local Hugging Face causal-LM folder.
 
     ``model_dir`` must contain ``config.json``, weights and tokenizer (e.g. from
-    ``telepathy.models.local_model_dir``); nothing is downloaded. The model runs
-    in fp32 on CPU (llmlingua's default for ``device_map="cpu"``).
+    ``telepathy.models.local_model_dir``); nothing is downloaded. ``dtype`` is the
+    model config's (``auto``: bf16 on a GPU, fp32 on CPU, as every other model loads
+    and as the resource planner budgets it); llmlingua's own default is fp32 for any
+    device but the bare string "cuda", so a compressor on "cuda:0" would take twice
+    the memory the planner reserved.
     """
+    import torch
     from llmlingua import PromptCompressor
+
+    from telepathy.models import resolve_dtype
 
     with _offline_tiktoken():
         compressor = PromptCompressor(
             model_name=str(model_dir),
             device_map=device,
             # llmlingua defaults trust_remote_code to True; a local folder needs no remote code.
-            model_config={"trust_remote_code": False},
+            model_config={"trust_remote_code": False,
+                          "torch_dtype": resolve_dtype(str(dtype), torch.device(device))},
         )
     compressor.model.eval()
     compressor.model = LegacyCacheCausalLM(compressor.model)

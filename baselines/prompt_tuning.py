@@ -1,12 +1,14 @@
-"""method=prompt_tuning: M trained soft-prompt vectors in front of the receiver's own text prompt.
+"""method=prompt_tuning: M trained soft-prompt vectors before the receiver's own text prompt.
 
-    receiver reads [M trained soft tokens] + cfg.task.prompt with the input text   (frozen)
+    receiver reads, inside its user turn, [M trained soft tokens] + cfg.task.prompt with the
+    input text (frozen); the soft tokens sit where the bridge's do (after BOS / chat header)
     loss: cross-entropy on the label verbaliser tokens only (``PromptIO.label_loss``)
     readout: the shared evaluation (label scoring by default), on the bridge's test items
 
 The fair counterpart of the bridge: as many soft tokens (M = ``config.num_latents``, so the
 run id carries the compression factor), the same optimiser, schedule, steps and data order
-(``cfg.trainer`` through ``telepathy.training.fit``, which also gives checkpoint/resume).
+(``cfg.trainer`` through ``telepathy.training.fit``, which also gives checkpoint/resume),
+except the learning rate: ``method.lr`` (default 3e-3; recorded in ``training.lr``).
 The difference is where the information comes from: the bridge's soft tokens are computed
 from the sender's reading of the input, these are one fixed task prompt and the receiver
 reads the input text itself.
@@ -25,9 +27,8 @@ import torch
 from torch import nn
 
 from baselines.common import check_classification, evaluate_counted
-from telepathy.config import check_choice, check_range, num_latents
-from telepathy.data import load_task
-from telepathy.evaluation import text_prompt
+from telepathy.config import ConfigError, check_choice, check_range, num_latents
+from telepathy.data import format_prompt, load_task
 from telepathy.methods import MethodOutput
 from telepathy.models import embedding_rms_median
 from telepathy.receiver import PromptIO
@@ -62,10 +63,22 @@ def init_soft_prompt(io: PromptIO, m: int, how: str, vocab_top: int, seed: int) 
     return torch.randn(m, d, generator=gen) * embedding_rms_median(io.model)
 
 
+def soft_prompt_sequences(io: PromptIO, template: str, soft: torch.Tensor, chunk) -> list[list]:
+    """The receiver's sequences: the soft tokens where the bridge puts its own, inside the user
+    turn (after BOS and the chat template's header), followed by the task prompt with the text.
+    In front of the whole sequence they would sit before the chat framing, a position the
+    receiver never sees content in, and the comparison with the bridge would not be like for like."""
+    return [io.fill(io.soft_prompt("", format_prompt(template, ex.text), "primer_soft_prompt"), soft)
+            for ex in chunk]
+
+
 def validate(cfg) -> None:
     check_classification(cfg)
     check_choice(cfg, "method.init", list(INITS))
     check_range(cfg, "method.init_vocab_top", lo=1, integer=True)
+    lr = cfg.method.get("lr")  # null: trainer.lr (recipe.trainer_config)
+    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0):
+        raise ConfigError(f"method.lr={lr!r} is not allowed; allowed: a number > 0 (or null: trainer.lr)")
 
 
 def run(cfg, ctx) -> MethodOutput:
@@ -75,11 +88,9 @@ def run(cfg, ctx) -> MethodOutput:
     m = num_latents(cfg)
     prompt = SoftPrompt(init_soft_prompt(io, m, cfg.method.init, int(cfg.method.init_vocab_top), cfg.seed))
     prompt.to(receiver.device)
-    text = text_prompt(io, cfg.task.prompt)
 
     def build(chunk):
-        soft = prompt().to(receiver.dtype)
-        return [[soft, *seq] for seq in text(chunk)]
+        return soft_prompt_sequences(io, cfg.task.prompt, prompt().to(receiver.dtype), chunk)
 
     return train_then_evaluate(
         cfg, ctx, io, prompt, train, test, build, params=trained_params(prompt, receiver), evaluate_fn=evaluate_counted,

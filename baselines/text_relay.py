@@ -34,15 +34,24 @@ def validate(cfg) -> None:
             raise ConfigError(f"method.{key}={cfg.method[key]!r} is not allowed; allowed: a template with {{text}}")
 
 
-def relay_messages(io: PromptIO, examples, instruction: str, max_new_tokens: int,
-                   batch_size: int) -> dict[int, str]:
-    """The sender's greedy message for each example, keyed by ``idx``."""
-    build = text_prompt(io, instruction)
+def relay_messages(io: PromptIO, examples, relay_cfg, batch_size: int) -> dict[int, str]:
+    """The sender's greedy message for each example, keyed by ``idx``.
+
+    ``relay_cfg`` is ``conf/method/text_relay.yaml`` (``cfg.method`` here, ``cfg.relay`` in the
+    latency benchmark): one definition of the relay, so the accuracy and the latency of
+    "the text relay" are measured on the same message (instruction, length cap).
+    """
+    build = text_prompt(io, relay_cfg.instruction)
     messages = {}
     for chunk in batches(examples, batch_size):
-        for ex, text in zip(chunk, io.generate(build(chunk), max_new_tokens=max_new_tokens)):
+        for ex, text in zip(chunk, io.generate(build(chunk), max_new_tokens=relay_cfg.max_new_tokens)):
             messages[ex.idx] = text.strip()
     return messages
+
+
+def relay_reader(io: PromptIO, relay_cfg):
+    """Builder of the receiver's prompts around each message (``relay_cfg.receiver_prompt``)."""
+    return text_prompt(io, relay_cfg.receiver_prompt)
 
 
 def run(cfg, ctx) -> MethodOutput:
@@ -51,11 +60,10 @@ def run(cfg, ctx) -> MethodOutput:
     sender_io, io = PromptIO(sender), PromptIO(receiver)
 
     t0 = time.time()
-    messages = relay_messages(sender_io, test, cfg.method.instruction, cfg.method.max_new_tokens,
-                              cfg.eval.batch_size)
+    messages = relay_messages(sender_io, test, cfg.method, cfg.eval.batch_size)
     relay_s = time.time() - t0
     relayed = [replace(ex, text=messages[ex.idx]) for ex in test]  # same idx, label and target
-    metrics, rows, eval_s = evaluate_counted(io, relayed, text_prompt(io, cfg.method.receiver_prompt), cfg,
+    metrics, rows, eval_s = evaluate_counted(io, relayed, relay_reader(io, cfg.method), cfg,
                                              desc="receiver reads the relay")
     for row in rows:
         row["relay"] = messages[row["idx"]]

@@ -7,7 +7,8 @@ Each job loads the sender and receiver once and times three paths on the same
 untimed batches of other inputs:
 
 * bridge:     tokenise → sender forward (up to ``sender.layer``) → bridge → receiver answers
-* text_relay: the sender generates a ``relay_tokens``-token message → the receiver reads it and answers
+* text_relay: the sender writes its message and the receiver answers from it, exactly as the accuracy
+  baseline ``method=text_relay`` does (``relay.*`` is conf/method/text_relay.yaml: one definition)
 * direct:     the receiver reads the whole text prompt and answers
 
 "Answers" is the same for all three: label scoring (one receiver pass, ``answer=score``)
@@ -35,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from baselines.text_relay import relay_messages, relay_reader  # noqa: E402
 from telepathy.bridge import build_bridge, count_params  # noqa: E402
 from telepathy.config import num_latents, resolve_layer  # noqa: E402
 from telepathy.data import Example, batches, load_split  # noqa: E402
@@ -126,7 +128,7 @@ class Paths:
         self.template = self.rio.soft_prompt(cfg.task.receiver_primer, cfg.task.answer_prompt, cfg.bridge.placement)
         self.label_ids = label_token_ids(self.rio, list(cfg.task.labels), cfg.task.label_prefix)
         self.read_text = text_prompt(self.rio, cfg.task.prompt)
-        self.relay_prompt = text_prompt(self.sio, cfg.relay_prompt)
+        self.read_relay = relay_reader(self.rio, cfg.relay)  # the accuracy baseline's relay (conf/method/text_relay)
         self.lengths: dict[str, list[int]] = {"sender_tokens": [], "relay_message_tokens": []}
 
     def answer(self, seqs: list[list]):
@@ -146,11 +148,10 @@ class Paths:
 
     @torch.no_grad()
     def text_relay_path(self, chunk: list[Example], timer: Timer):
-        messages = timer.stage("sender", lambda: self.sio.generate(self.relay_prompt(chunk),
-                                                                   max_new_tokens=self.cfg.relay_tokens))
-        self.lengths["relay_message_tokens"] += [len(self.sio.ids(m)) for m in messages]
-        relayed = [Example(idx=ex.idx, text=m.strip()) for ex, m in zip(chunk, messages)]
-        return timer.stage("receiver", lambda: self.answer(self.read_text(relayed)))
+        messages = timer.stage("sender", lambda: relay_messages(self.sio, chunk, self.cfg.relay, len(chunk)))
+        self.lengths["relay_message_tokens"] += [len(self.sio.ids(m)) for m in messages.values()]
+        relayed = [Example(idx=ex.idx, text=messages[ex.idx]) for ex in chunk]
+        return timer.stage("receiver", lambda: self.answer(self.read_relay(relayed)))
 
     @torch.no_grad()
     def direct_path(self, chunk: list[Example], timer: Timer):

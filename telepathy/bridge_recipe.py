@@ -19,10 +19,11 @@ import logging
 import torch
 
 from telepathy.bridge import build_bridge, collapse_diagnostics, count_params, diversity_loss
+from telepathy.compression import measured_compression
 from telepathy.config import check_choice, check_range, num_latents, resolve_layer
-from telepathy.data import load_task
+from telepathy.data import holdout, load_task
 from telepathy.evaluation import evaluate, text_prompt
-from telepathy.features import collate, sender_prompts
+from telepathy.features import Rows, collate, sender_inputs, sender_prompts
 from telepathy.methods import MethodOutput
 from telepathy.metrics import ROUGE_TYPES
 from telepathy.models import embedding_rms_median
@@ -51,7 +52,8 @@ def run(cfg, ctx) -> MethodOutput:
 
     # 1. the sender's hidden states, once per split (the sender never runs inside the loop)
     train_ids = sender_prompts(sender, train, cfg.task.prompt, cfg.task.max_input_tokens)
-    test_ids = sender_prompts(sender, test, cfg.task.prompt, cfg.task.max_input_tokens)
+    test_in = sender_inputs(sender, test, cfg.task.prompt, cfg.task.max_input_tokens)
+    test_ids = test_in.ids
     train_feats = ctx.sender_features(sender, train_ids, layer, split="train")
     test_feats = ctx.sender_features(sender, test_ids, layer, split="test")
     mean_tokens = sum(len(x) for x in test_ids) / len(test_ids)
@@ -60,7 +62,9 @@ def run(cfg, ctx) -> MethodOutput:
     torch.manual_seed(cfg.seed)
     bridge = build_bridge(cfg, sender.hidden_size, receiver.hidden_size, m,
                           target_rms=embedding_rms_median(receiver.model))
-    bridge.set_input_stats(train_feats)
+    # input statistics of the items it trains on (train_then_evaluate holds out the same probe items)
+    fit_items = holdout(train, cfg.trainer, cfg.data.sample_seed)[0]
+    bridge.set_input_stats(Rows(train_feats, [e.idx for e in fit_items]))  # streamed from the cache
     bridge.to(receiver.device)
     template = io.soft_prompt(cfg.task.receiver_primer, cfg.task.answer_prompt, cfg.bridge.placement)
 
@@ -78,13 +82,17 @@ def run(cfg, ctx) -> MethodOutput:
         total = ce + cfg.trainer.diversity_weight * div
         return total, {"loss": total.item(), "ce": ce.item(), "diversity": div.item()}
 
-    # 3. train, then evaluate on the test items
+    # 3. train, then evaluate on the test items (the quick eval reads held-out training items)
     out = train_then_evaluate(
         cfg, ctx, io, bridge, train, test, lambda chunk: prompts(test_feats, chunk)[0], loss=loss,
+        probe_prompts=lambda chunk: prompts(train_feats, chunk)[0],
         params={"bridge": count_params(bridge), "trainable": count_params(bridge, trainable_only=True),
                 "sender": sender.num_params(), "receiver": receiver.num_params()},
         bridge={"num_latents": m, "compression_factor": cfg.compression, "sender_layer": layer,
-                "mean_sender_tokens": mean_tokens, "compression_ratio": mean_tokens / m})
+                "mean_sender_tokens": mean_tokens, "compression_ratio": mean_tokens / m,
+                # measured: text tokens the sender read per soft token (the ratio above counts template tokens)
+                **measured_compression(test_in.text_tokens, m),
+                "truncated_test_items": sum(test_in.truncated)})
 
     # 4. collapse: one constant prompt for every input must never pass silently into a table
     with torch.no_grad():

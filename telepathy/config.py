@@ -152,13 +152,10 @@ def validate(cfg: DictConfig) -> None:
         labels = cfg.task.labels
         if not labels or len(set(labels)) != len(labels):
             raise ConfigError(f"task.labels must be a non-empty list of distinct verbalisers; got {labels}")
-    for key in ("task.train_samples", "task.test_samples"):
+    for key in ("task.train_samples", "task.test_samples", "task.max_text_words"):
         value = OmegaConf.select(cfg, key)
         if value is not None:
             check_range(cfg, key, lo=1, integer=True)
-    from telepathy import batching  # local import: batching reads the resource plan's model facts
-
-    batching.validate(cfg)
 
 
 # --- run identity -------------------------------------------------------------------

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,11 +92,25 @@ def _read_rows(task_cfg, data_cfg, split_name: str) -> tuple[list[dict], str]:
     return [dict(r) for r in ds], f"hub:{task_cfg.hub_id}/{split_name}"
 
 
+def cap_words(text: str, max_words: int | None) -> tuple[str, bool]:
+    """The text up to its ``max_words``-th word (whitespace-separated, formatting kept), and
+    whether it was cut. ``None`` keeps the text whole (the uncapped reference)."""
+    if max_words is None:
+        return text, False
+    words = list(re.finditer(r"\S+", text))
+    if len(words) <= max_words:
+        return text, False
+    return text[:words[max_words - 1].end()], True
+
+
 def load_split(task_cfg, data_cfg, split: str, cap: int | None = None, seed: int = 0) -> list[Example]:
     """Load ``split`` ("train" or "test", mapped through ``task.splits``) as Examples.
 
     ``cap`` keeps a seeded random subset of that many rows (the same rows for every
     run with the same data seed, so methods are compared on the same test items).
+    Each text is cut at ``task.max_text_words`` words, here, once, so every method reads
+    the same text: the bridge's sender, zero-shot, relay, LLMLingua, few-shot, LoRA and
+    prompt tuning alike (``extra["text_truncated"]`` marks a cut text; null: uncapped).
     """
     split_name = task_cfg.splits[split]
     rows, source = _read_rows(task_cfg, data_cfg, split_name)
@@ -127,12 +142,14 @@ def load_split(task_cfg, data_cfg, split: str, cap: int | None = None, seed: int
                     f"{source} row {row_idx}: {label_col}={label!r} is not a label id in 0..{n_labels - 1} "
                     f"(task.labels={list(task_cfg.labels)})"
                 )
+        text, cut = cap_words(str(row[text_col]), task_cfg.get("max_text_words"))
         examples.append(Example(
             idx=i,
-            text=str(row[text_col]),
+            text=text,
             label=label,
             target=str(row[target_col]) if target_col else None,
             id=str(row["id"]) if "id" in row else str(row_idx),
+            extra={"text_truncated": True} if cut else {},
         ))
     if not examples:
         raise DataError(f"{source}: no rows")
@@ -145,6 +162,24 @@ def load_task(cfg) -> tuple[list[Example], list[Example]]:
     train = load_split(cfg.task, cfg.data, "train", cfg.task.get("train_samples"), seed=cfg.data.sample_seed)
     test = load_split(cfg.task, cfg.data, "test", cfg.task.get("test_samples"), seed=cfg.data.sample_seed)
     return train, test
+
+
+def holdout(train: list[Example], trainer_cfg, seed: int) -> tuple[list[Example], list[Example]]:
+    """(examples to train on, held-out probe) for the quick eval during training.
+
+    The probe is ``trainer.eval_samples`` training items drawn with the data seed (the same
+    for every run seed) and removed from training: the training curve's eval accuracy is
+    then neither on test items (which would make the test set a model-selection set) nor on
+    items being fitted. Without quick evals (``trainer.eval_every`` 0) nothing is held out.
+    """
+    n = int(trainer_cfg.eval_samples) if trainer_cfg.eval_every else 0
+    if n <= 0:
+        return list(train), []
+    if n >= len(train):
+        raise DataError(f"trainer.eval_samples={n} holds out every one of the {len(train)} training items; "
+                        f"allowed: fewer than the training items")
+    held = set(random.Random(seed).sample(range(len(train)), n))
+    return [e for i, e in enumerate(train) if i not in held], [e for i, e in enumerate(train) if i in held]
 
 
 def format_prompt(template: str, text: str) -> str:

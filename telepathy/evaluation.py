@@ -126,4 +126,7 @@ def evaluate(io: PromptIO, examples: list[Example], build: Callable[[list[Exampl
     """The task type's evaluation: label accuracy, or generated text scored with ROUGE;
     returns (metrics, prediction rows, seconds)."""
     fn = evaluate_generation if cfg.task.type == "generation" else evaluate_classification
-    return fn(io, examples, build, cfg.task, cfg.eval, desc=desc)
+    metrics, rows, seconds = fn(io, examples, build, cfg.task, cfg.eval, desc=desc)
+    # how many inputs task.max_text_words cut (telepathy.data.cap_words), recorded per run
+    metrics["text_truncated_items"] = sum(bool(ex.extra.get("text_truncated")) for ex in examples)
+    return metrics, rows, seconds

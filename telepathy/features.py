@@ -30,6 +30,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +48,25 @@ class _StopForward(Exception):
     pass
 
 
-def sender_prompts(lm: LoadedModel, examples: list[Example], template: str, max_tokens: int) -> list[list[int]]:
-    """Token ids of each example's sender prompt, at most ``max_tokens`` long.
+@dataclass
+class SenderInputs:
+    """Each example's sender prompt ids, how many tokens of its text are in it, and whether
+    the text was cut (the measured side of compression: text tokens read per soft token)."""
 
-    Long inputs are cut inside the text, so the instruction after it (for example
-    ``Sentiment (positive or negative):``) survives truncation.
+    ids: list[list[int]]
+    text_tokens: list[int]
+    truncated: list[bool]
+
+
+def sender_inputs(lm: LoadedModel, examples: list[Example], template: str, max_tokens: int) -> SenderInputs:
+    """Token ids of each example's sender prompt, with at most ``max_tokens`` tokens of text.
+
+    The cap is on the text, not on the rendered prompt: a chat template or a long
+    instruction does not eat the text's budget, so senders with and without a template
+    read the same text (the task's word cap, ``task.max_text_words``, normally cuts
+    first; this one is the token bound M is computed from). Long inputs are cut inside
+    the text, so the instruction after it (for example ``Sentiment (positive or
+    negative):``) survives. ``text_tokens`` counts the text's own tokens in the prompt.
     """
     tok = lm.tokenizer
 
@@ -61,16 +76,19 @@ def sender_prompts(lm: LoadedModel, examples: list[Example], template: str, max_
             return lm.apply_chat(prompt, tokenize=True)
         return tok(prompt).input_ids
 
-    out = []
+    out = SenderInputs([], [], [])
     for ex in examples:
-        ids = render(ex.text)
-        if len(ids) > max_tokens:
-            overflow = len(ids) - max_tokens
-            text_ids = tok(ex.text, add_special_tokens=False).input_ids
-            keep = max(len(text_ids) - overflow - 2, 1)  # -2: re-tokenisation at the cut can add tokens
-            ids = render(tok.decode(text_ids[:keep]))[:max_tokens]
-        out.append(ids)
+        text_ids = tok(ex.text, add_special_tokens=False).input_ids
+        cut = len(text_ids) > max_tokens
+        out.ids.append(render(tok.decode(text_ids[:max_tokens]) if cut else ex.text))
+        out.text_tokens.append(min(len(text_ids), max_tokens))
+        out.truncated.append(cut)
     return out
+
+
+def sender_prompts(lm: LoadedModel, examples: list[Example], template: str, max_tokens: int) -> list[list[int]]:
+    """``sender_inputs(...).ids``: the prompts alone."""
+    return sender_inputs(lm, examples, template, max_tokens).ids
 
 
 def _decoder_parts(model):
@@ -249,6 +267,19 @@ class EntryWriter:
         with contextlib.suppress(OSError):
             os.close(self.fd)
         Path(self.tmp).unlink(missing_ok=True)
+
+
+class Rows(Sequence):
+    """Rows ``index`` of a feature sequence, read when accessed: a subset that stays on disk."""
+
+    def __init__(self, feats: Sequence, index: list[int]):
+        self.feats, self.index = feats, list(index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        return self.feats[self.index[i]]
 
 
 class FeatureFile(Sequence):

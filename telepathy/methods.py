@@ -76,6 +76,9 @@ def get(name: str) -> Method:
 
 
 def validate(cfg) -> None:
-    """Every check a run needs before anything loads: the shared ones, then the method's own."""
+    """Every check a run needs before anything loads: the shared ones, the batch plan, then the method's own."""
+    from telepathy import batching  # batching reads the resource plan's model facts
+
     tconfig.validate(cfg)
+    batching.validate(cfg)
     get(cfg.method.name).validate(cfg)

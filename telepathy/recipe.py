@@ -5,8 +5,9 @@ the frozen receiver (the bridge, prompt tuning, LoRA).
     loss     ``trainer.loss``: cross-entropy over the label verbalisers (``classes``, the default for
              classification scored by likelihood) or over the vocabulary on the target tokens
              (``tokens``: generation, the generate readout); a method may add a term
-    probe    every ``trainer.eval_every`` steps on the first ``trainer.eval_samples`` test
-             items: accuracy / macro-F1, or the held-out summary cross-entropy
+    probe    every ``trainer.eval_every`` steps on ``trainer.eval_samples`` training items held
+             out from training (``data.holdout``; never test items, which would make the test
+             set a model-selection set): accuracy / macro-F1, or the summary cross-entropy
     fit      ``telepathy.training.fit``: cfg.trainer, seeded data order, checkpoint / resume
     evaluate the shared readout on every test item; the majority class beside it
 
@@ -21,8 +22,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
 
-from telepathy.data import Example
+from telepathy.data import Example, holdout
 from telepathy.evaluation import evaluate, evaluate_classification
 from telepathy.methods import MethodOutput, output
 from telepathy.metrics import majority
@@ -56,19 +58,32 @@ def trained_params(module: torch.nn.Module, receiver) -> dict:
             "receiver": sum(p.numel() for p in receiver.model.parameters() if not p.requires_grad)}
 
 
+def trainer_config(cfg):
+    """``cfg.trainer`` with the method's own learning rate (``method.lr``) when it sets one:
+    a few vectors in embedding space (prompt tuning) train at ~1e-3 to 3e-2 (Lester et al.,
+    2021), far above the bridge's rate."""
+    lr = cfg.method.get("lr")
+    return cfg.trainer if lr is None else OmegaConf.merge(cfg.trainer, {"lr": float(lr)})
+
+
 def train_then_evaluate(cfg, ctx, io: PromptIO, module: torch.nn.Module, train: list[Example],
                         test: list[Example], prompts: Prompts, params: dict, loss: Loss | None = None,
-                        evaluate_fn=evaluate, **details: dict) -> MethodOutput:
+                        evaluate_fn=evaluate, probe_prompts: Prompts | None = None,
+                        **details: dict) -> MethodOutput:
     """Train ``module``'s trainable weights on ``train``, then evaluate ``prompts`` on ``test``.
 
     ``prompts(examples)`` gives the receiver's prompt sequences of test items (and of training
     items, unless ``loss`` is given). ``loss(examples, targets) -> (loss, stats)`` replaces the
     default cross-entropy on the targets; its stats (floats) go to ``log.jsonl``.
     ``evaluate_fn`` is ``evaluation.evaluate`` or a wrapper with the same signature (the
-    baselines count the tokens the receiver read). ``params`` and ``details`` go to the output
+    baselines count the tokens the receiver read). ``probe_prompts`` builds the held-out
+    training items' prompts where ``prompts`` cannot (the bridge reads the train split's
+    features for them); default ``prompts``. ``params`` and ``details`` go to the output
     as they are, with ``details["training"]`` added.
     """
-    targets = task_targets(io, train, cfg.task)
+    fit_items, probe = holdout(train, cfg.trainer, cfg.data.sample_seed)
+    probe_prompts = probe_prompts or prompts
+    targets = task_targets(io, fit_items, cfg.task)
     ce_loss = receiver_loss(io, cfg)
 
     def label_loss(chunk: list[Example], chunk_targets: list[list[int]]):
@@ -78,22 +93,22 @@ def train_then_evaluate(cfg, ctx, io: PromptIO, module: torch.nn.Module, train: 
     loss = loss or label_loss
 
     def loss_fn(indices: list[int]):
-        return loss([train[i] for i in indices], [targets[i] for i in indices])
-
-    probe = test[: cfg.trainer.eval_samples]
+        return loss([fit_items[i] for i in indices], [targets[i] for i in indices])
 
     def eval_probe() -> dict:
         # generation: held-out summary cross-entropy (generating every few steps costs too much on CPU)
         if cfg.task.type == "generation":
             with torch.no_grad():
-                return {"eval_loss": io.label_loss(prompts(probe), generation_targets(io, probe, cfg.task)).item()}
-        metrics, _, _ = evaluate_classification(io, probe, prompts, cfg.task, cfg.eval, desc="eval@step")
+                return {"eval_loss": io.label_loss(probe_prompts(probe), generation_targets(io, probe, cfg.task)).item()}
+        metrics, _, _ = evaluate_classification(io, probe, probe_prompts, cfg.task, cfg.eval, desc="eval@step")
         return {"eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"]}
 
-    result = fit(module, loss_fn, len(train), cfg.trainer, cfg.seed, ctx.run_dir, eval_fn=eval_probe,
+    trainer = trainer_config(cfg)
+    result = fit(module, loss_fn, len(fit_items), trainer, cfg.seed, ctx.run_dir, eval_fn=eval_probe,
                  device=io.lm.device)
     metrics, predictions, eval_s = evaluate_fn(io, test, prompts, cfg, desc="eval")
     if cfg.task.type == "classification":
         metrics.update(majority([e.label for e in train], [e.label for e in test]))
     return output(metrics, predictions, params, {"train_s": result.train_s, "eval_s": eval_s},
-                  **details, training={**result.as_record(), "loss": loss_kind(cfg)})
+                  **details, training={**result.as_record(), "loss": loss_kind(cfg), "lr": float(trainer.lr),
+                            "heldout_probe_items": len(probe)})

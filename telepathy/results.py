@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import socket
@@ -112,8 +113,34 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+NONFINITE_KEY = "nonfinite"
+
+
+def _finite(obj, where: str, found: dict):
+    """obj with every NaN / ±Infinity float replaced by None; found[dotted path] = what it was."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        found[where] = repr(obj)  # 'nan', 'inf', '-inf'
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v, f"{where}.{k}" if where else str(k), found) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v, f"{where}[{i}]", found) for i, v in enumerate(obj)]
+    return obj
+
+
+def strict_json(obj, **kwargs) -> str:
+    """Strict JSON text of a record: NaN and ±Infinity are not JSON (json.dumps writes them
+    anyway, and strict readers reject the file), so each becomes null and the record gets
+    ``"nonfinite": {"dotted.key": "inf"}`` saying which values were not finite and what they were."""
+    found: dict = {}
+    clean = _finite(obj, "", found)
+    if found and isinstance(clean, dict):
+        clean[NONFINITE_KEY] = {**(clean.get(NONFINITE_KEY) or {}), **found}
+    return json.dumps(clean, default=str, allow_nan=False, **kwargs)
+
+
 def write_json(path: Path, obj) -> None:
-    _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    _atomic_write_text(path, strict_json(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -121,14 +148,14 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_jsonl(path: Path, rows) -> None:
-    _atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
+    _atomic_write_text(path, "".join(strict_json(r) + "\n" for r in rows))
 
 
 def append_jsonl(path: Path, row: dict) -> None:
     """One line per call (the per-step training log). A line is written whole by one write()."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(row, default=str) + "\n")
+        f.write(strict_json(row) + "\n")
 
 
 def read_result(run_dir: Path) -> dict | None:

@@ -93,7 +93,13 @@ def _set_rng_state(state: dict) -> None:
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: p.detach().cpu().contiguous() for k, p in module.named_parameters() if p.requires_grad}
+    """The trainable parameters and the persistent buffers: what a checkpoint must hold to give
+    back the function that was trained (the bridge's input standardisation ``in_mean``/``in_std``
+    is set from data, not from the initialisation; Hugging Face models keep no persistent buffers)."""
+    persistent = module.state_dict(keep_vars=True)
+    state = {k: p for k, p in module.named_parameters() if p.requires_grad}
+    state.update((k, b) for k, b in module.named_buffers() if k in persistent)
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def save_checkpoint(run_dir: Path, module, optimizer, scheduler, stream: DataStream, step: int) -> Path:
@@ -124,10 +130,15 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_trainable(module: torch.nn.Module, checkpoint: Path) -> None:
+    """Load exactly ``trainable_state``'s keys: a missing one (e.g. a buffer an older checkpoint
+    lacks) would silently keep its initial value, an unknown one means another module."""
     weights = load_file(str(Path(checkpoint) / "trainable.safetensors"))
-    unexpected = module.load_state_dict(weights, strict=False).unexpected_keys
-    if unexpected:
-        raise RuntimeError(f"checkpoint {checkpoint} has unknown weights: {unexpected[:5]}")
+    want = set(trainable_state(module))
+    missing, unknown = sorted(want - set(weights)), sorted(set(weights) - want)
+    if missing or unknown:
+        raise RuntimeError(f"checkpoint {checkpoint} does not match the module: missing {missing[:5]}, "
+                           f"unknown {unknown[:5]}")
+    module.load_state_dict(weights, strict=False)  # frozen parameters are not in the checkpoint
 
 
 class _PreemptionGuard:

@@ -1,6 +1,7 @@
 """Synthetic run directories in the result.json / predictions.jsonl / log.jsonl
 layout of docs/ARCHITECTURE.md, with values the tests choose."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -48,6 +49,9 @@ def write_run(root, task="sst2", method="bridge", seed=0, metrics=None, status="
             compression=compression if method in ("bridge", "latency") else None,
             num_latents=(num_latents or 8) if method in ("bridge", "latency") else None),
         "config": config,
+        # like telepathy/app.py: the config's hash without its seed
+        "seedless_hash": hashlib.sha256(json.dumps({k: v for k, v in config.items() if k != "seed"},
+                                                   sort_keys=True).encode()).hexdigest()[:8],
         "overrides": [f"task={task}", f"method={method}", f"seed={seed}"],
         "metrics": metrics if metrics is not None else {},
         "params": {"trainable": 1000 if has_bridge else 0},
@@ -62,7 +66,9 @@ def write_run(root, task="sst2", method="bridge", seed=0, metrics=None, status="
     }
     if has_bridge:
         rec["bridge"] = {"num_latents": num_latents or 8, "compression_factor": compression,
-                         "mean_sender_tokens": 32.0, "compression_ratio": float(compression)}
+                         "mean_sender_tokens": 32.0, "compression_ratio": 32.0 / (num_latents or 8),
+                         # 20 text tokens per item: what the sender read, per soft token
+                         "text_tokens_mean": 20.0, "measured_compression_mean": 20.0 / (num_latents or 8)}
     (run_dir / "result.json").write_text(json.dumps(rec, indent=1))
     if correct is not None:
         with open(run_dir / "predictions.jsonl", "w") as f:

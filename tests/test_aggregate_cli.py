@@ -53,11 +53,11 @@ def test_aggregate_cli_writes_tables_json_and_plots(tmp_path):
     assert len(summary["comparisons"]) == 12 and all(c["p_holm"] is not None for c in summary["comparisons"])
 
     md = (out / "summary.md").read_text()
-    assert "| sst2 | bridge | 4 | 75.8 ± 3.6 | 3 | 1 failed |" in md
-    assert "| sst2 | bridge | 8 | 65.8 ± 3.6 | 3 | 1 missing |" in md
-    assert "| sst2 | receiver_only |  | 50.0 | 1 (det.) |  |" in md
+    assert "| sst2 | bridge | 4 | 2.5× | 8 | 75.8 ± 3.6 | 3 | 1 failed |" in md
+    assert "| sst2 | bridge | 8 | 2.5× | 8 | 65.8 ± 3.6 | 3 | 1 missing |" in md
+    assert "| sst2 | receiver_only |  |  |  | 50.0 | 1 (det.) |  |" in md
     tex = (out / "summary.tex").read_text()
-    assert r"sst2 & bridge & 4 & 75.8 $\pm$ 3.6 & 3 & 1 failed \\" in tex
+    assert r"sst2 & bridge & 4 & 2.5$\times$ & 8 & 75.8 $\pm$ 3.6 & 3 & 1 failed \\" in tex
     assert r"receiver\_only" in tex and tex.count(r"\begin{tabular}") == 2
     for stem in ("accuracy_vs_compression", "training_curves"):
         for ext in ("png", "pdf"):
@@ -98,7 +98,7 @@ def test_single_seed_table_says_no_ci(tmp_path):
     write_run(tmp_path, seed=0, metrics={"accuracy": 0.7})
     s = analysis.summarize(analysis.load_runs(tmp_path))
     header, rows, notes = aggregate.metric_table(s)
-    assert rows == [["sst2", "bridge", "4", "70.0", "1 (no CI)"]]
+    assert rows == [["sst2", "bridge", "4", "2.5×", "8", "70.0", "1 (no CI)"]]
     assert any("no CI" in n for n in notes)
 
 

@@ -63,12 +63,39 @@ def test_mcnemar_exact():
     assert analysis.mcnemar(0, 0) == 1.0
 
 
-def test_paired_bootstrap_keeps_strata_sizes():
-    # seed A: every item +1 (10 items); seed B: every item 0 (30 items).
-    # Resampling within strata keeps 10 and 30 items, so every resample is 0.25;
-    # pooled resampling would not.
-    est, lo, hi = analysis.paired_bootstrap([np.ones(10), np.zeros(30)], n_boot=2000)
-    assert est == pytest.approx(0.25) and lo == pytest.approx(0.25) and hi == pytest.approx(0.25)
+def test_paired_bootstrap_resamples_items_jointly_across_seeds():
+    # seed A: items 0-19 +1, seed B: the same items +1 as well; the rest 0. Resampling one
+    # set of items for both seeds keeps every resample's two seed means equal, so the CI
+    # is the one of 20-of-40 items, not of 40-of-80 independent ones.
+    d = np.r_[np.ones(20), np.zeros(20)]
+    est, lo, hi = analysis.paired_bootstrap([d, d], n_boot=4000)
+    _, lo1, hi1 = analysis.paired_bootstrap([d], n_boot=4000)
+    assert est == pytest.approx(0.5)
+    assert (lo, hi) == pytest.approx((lo1, hi1), abs=0.02)
+
+
+def test_paired_bootstrap_ci_coverage_in_a_seeded_simulation():
+    """Nominal 95% -> observed 93-97% over many simulated sweeps (seeded, vectorised).
+
+    Each data set: 100 items with difficulty p ~ Beta(2, 2); a deterministic baseline
+    answers item i right with p_i once (paired with every seed, as compare_to_baseline
+    does), the method with q_i = sqrt(p_i) in each of 3 seeds. True delta = E[q] - E[p].
+    Items are shared by the seeds, so resampling them within each seed independently
+    (the old bootstrap) covers far less than 95%.
+    """
+    from scipy.special import beta
+    rng = np.random.default_rng(12)
+    n_items, n_seeds, n_sets = 100, 3, 1000
+    truth = beta(2.5, 2) / beta(2, 2) - 0.5
+    p = rng.beta(2, 2, size=(n_sets, n_items))
+    base = rng.random((n_sets, 1, n_items)) < p[:, None, :]
+    method = rng.random((n_sets, n_seeds, n_items)) < np.sqrt(p)[:, None, :]
+    diffs = method.astype(float) - base
+    covered = 0
+    for k in range(n_sets):
+        _, lo, hi = analysis.paired_bootstrap(list(diffs[k]), n_boot=500, seed=k)
+        covered += lo <= truth <= hi
+    assert 0.93 <= covered / n_sets <= 0.97, covered / n_sets
 
 
 def test_paired_bootstrap_interval_covers_estimate():
@@ -103,6 +130,36 @@ def test_loader_keeps_failed_missing_and_malformed_runs(tmp_path):
     assert by_id.loc["only-log", "status"] == "missing"
     assert by_id.loc["broken", "status"] == "malformed"
     assert str(bad / "result.json") in by_id.loc["broken", "error.message"]
+
+
+def test_results_are_strict_json_and_nonfinite_records_are_malformed(tmp_path):
+    """telepathy.results writes null plus a reason for NaN / Infinity; a record that still holds
+    them (written by an older version, or by hand) is not valid JSON: the loader, and so the
+    report's validity check, marks it malformed instead of reading inf as a number."""
+    from telepathy.analysis.report import checks
+    from telepathy.results import write_json, write_jsonl
+
+    run = write_run(tmp_path, seed=0, metrics={"accuracy": 0.8})
+    rec = json.loads((run / "result.json").read_text())
+    rec["metrics"].update(compression_ratio=float("inf"), loss=float("nan"))
+    write_json(run / "result.json", rec)
+    text = (run / "result.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    back = json.loads(text)
+    assert back["metrics"]["compression_ratio"] is None and back["metrics"]["loss"] is None
+    assert back["nonfinite"] == {"metrics.compression_ratio": "inf", "metrics.loss": "nan"}
+    write_jsonl(tmp_path / "p.jsonl", [{"score": float("-inf")}])
+    assert json.loads((tmp_path / "p.jsonl").read_text()) == {"score": None, "nonfinite": {"score": "-inf"}}
+    assert analysis.load_runs(tmp_path)["status"].tolist() == ["completed"]
+
+    other = write_run(tmp_path, seed=1, metrics={"accuracy": 0.7})
+    (other / "result.json").write_text((other / "result.json").read_text().replace('"accuracy": 0.7',
+                                                                                   '"accuracy": NaN'))
+    with pytest.warns(UserWarning, match="NaN is not strict JSON"):
+        runs = analysis.load_runs(tmp_path)
+    assert runs.set_index("run_id").loc[other.name, "status"] == "malformed"
+    valid = {name: ok for name, ok, _ in checks(runs)}
+    assert valid["valid result.json for every run"] is False
 
 
 def test_loader_columns_and_no_default_seed(tmp_path):
@@ -211,6 +268,45 @@ def test_summarize_known_means_and_cis(tmp_path):
     assert s.loc["text_relay", "status_counts"] == {"completed": 2, "failed": 1}
 
 
+def test_runs_of_different_configs_are_not_pooled_as_seeds(tmp_path):
+    """Two seed-42 bridge runs that differ only in trainer.lr, plus one seed-123 run: two
+    experiments (n=2 and n=1), never one with n=3; the table labels them by the setting."""
+    for seed, lr, acc in ((42, 1e-3, 0.8), (42, 1e-4, 0.5), (123, 1e-3, 0.7)):
+        write_run(tmp_path, seed=seed, metrics={"accuracy": acc}, config_extra={"trainer": {"lr": lr}},
+                  name=f"sst2-bridge-s{seed}-lr{lr}")
+    s = analysis.summarize(analysis.load_runs(tmp_path))
+    assert sorted(s["n_independent"]) == [1, 2]
+    assert all(d.keys() == {"trainer.lr"} for d in s["differs"])  # only the setting that differs
+    by_lr = s.set_index(s["differs"].map(lambda d: d["trainer.lr"]))
+    assert by_lr.loc[1e-3, "mean"] == pytest.approx(0.75) and by_lr.loc[1e-4, "mean"] == pytest.approx(0.5)
+    from telepathy.analysis.tables import metric_table
+    header, rows, notes = metric_table(s)
+    assert "Settings" in header
+    col = header.index("Settings")
+    assert sorted(r[col] for r in rows) == ["trainer.lr=0.0001", "trainer.lr=0.001"]
+
+
+def test_tables_show_measured_compression_beside_nominal(tmp_path):
+    """A bridge at nominal 8x whose sender read 10 text tokens into M=8 soft tokens is 1.25x
+    measured; LLMLingua's measured ratio and receiver positions come from its own metrics."""
+    from telepathy.analysis.tables import metric_table, to_markdown
+
+    for seed in (0, 1):
+        run = write_run(tmp_path, seed=seed, compression=8, metrics={"accuracy": 0.7})
+        rec = json.loads((run / "result.json").read_text())
+        rec["bridge"].update(num_latents=8, text_tokens_mean=10.0, measured_compression_mean=1.25)
+        (run / "result.json").write_text(json.dumps(rec))
+        write_run(tmp_path, method="llmlingua", seed=seed, compression=None,
+                  metrics={"accuracy": 0.6, "compression_ratio": 4.0, "compressed_tokens_mean": 2.5})
+    s = analysis.summarize(analysis.load_runs(tmp_path)).set_index("method")
+    assert s.loc["bridge", "measured_compression"] == pytest.approx(1.25)
+    assert s.loc["bridge", "positions"] == 8 and s.loc["llmlingua", "positions"] == pytest.approx(2.5)
+    md = to_markdown(*metric_table(s.reset_index()))
+    header = md.splitlines()[0]
+    assert header.index("Compression") < header.index("Measured ×") and "Receiver positions" in header
+    assert "| sst2 | bridge | 8 | 1.2× | 8 |" in md and "| sst2 | llmlingua |  | 4.0× | 2.5 |" in md
+
+
 def test_reused_runs_count_once(tmp_path):
     src = write_run(tmp_path, method="receiver_only", compression=None, seed=0, metrics={"accuracy": 0.5})
     for seed in (1, 2):
@@ -269,12 +365,13 @@ def test_compare_to_baseline_counts_and_holm(tmp_path):
     runs = analysis.load_runs(tmp_path)
     s = analysis.summarize(runs)
     c = analysis.compare_to_baseline(runs, analysis.load_predictions(runs), s, n_boot=500).set_index("method")
-    assert (c.loc["relay_a", "b"], c.loc["relay_a", "c"]) == (0, 10)
-    assert (c.loc["relay_b", "b"], c.loc["relay_b", "c"]) == (10, 30)
-    assert c.loc["relay_a", "n_pairs"] == 2 * n and c.loc["relay_a", "n_strata"] == 2
+    # items, not seed x item pairs, are counted and tested: the two seeds agree on every item
+    assert (c.loc["relay_a", "b"], c.loc["relay_a", "c"]) == (0, 5)
+    assert (c.loc["relay_b", "b"], c.loc["relay_b", "c"]) == (5, 15)
+    assert c.loc["relay_a", "n_items"] == n and c.loc["relay_a", "n_strata"] == 2
     assert c.loc["relay_a", "delta"] == pytest.approx(-0.25)
     assert c.loc["relay_b", "delta"] == pytest.approx(-0.5)
-    pa, pb = analysis.mcnemar(0, 10), analysis.mcnemar(10, 30)
+    pa, pb = analysis.mcnemar(0, 5), analysis.mcnemar(5, 15)
     assert c.loc["relay_a", "p"] == pytest.approx(pa)
     assert c.loc["relay_a", "p_holm"] == pytest.approx(min(1, 2 * pa) if pa < pb else max(pa, 2 * pb))
     assert c.loc["relay_b", "p_holm"] == pytest.approx(min(1, 2 * pb) if pb < pa else max(pb, 2 * pa))
@@ -297,5 +394,5 @@ def test_sweep_comparisons_use_deterministic_baseline_for_every_seed(tmp_path):
     s = analysis.summarize(runs)
     c = analysis.compare_to_baseline(runs, analysis.load_predictions(runs), s, n_boot=200)
     ro = c[(c["method"] == "receiver_only") & (c["task"] == "sst2") & (c["baseline.compression"] == 4)].iloc[0]
-    assert ro["n_strata"] == 3 and ro["n_pairs"] == 60
+    assert ro["n_strata"] == 3 and ro["n_items"] == 20 and ro["n_pairs"] == 60
     assert c["p_holm"].notna().all() and (c["p_holm"] >= c["p"]).all()

@@ -9,7 +9,8 @@ import pytest
 
 from helpers import compose, needs_data
 from telepathy import batching, data
-from telepathy.config import ConfigError, validate
+from telepathy.config import ConfigError
+from telepathy.methods import validate
 
 
 @pytest.mark.parametrize("overrides, expect", [

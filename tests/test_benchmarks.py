@@ -9,7 +9,7 @@ import math
 from helpers import TINY, needs_data, run_script
 from telepathy.analysis import load_runs
 
-LATENCY_TINY = [*TINY, "num_inputs=4", "warmup_batches=1", "relay_tokens=3"]
+LATENCY_TINY = [*TINY, "num_inputs=4", "warmup_batches=1", "relay.max_new_tokens=3"]
 
 
 @needs_data

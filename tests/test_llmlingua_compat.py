@@ -89,6 +89,28 @@ def test_chunk_size_tiles_the_text(n, max_chunk, expected):
     assert size <= max_chunk
 
 
+@pytest.mark.parametrize("device,dtype,expected", [("cuda:0", "auto", torch.bfloat16), ("cpu", "auto", torch.float32),
+                                                   ("cpu", "bfloat16", torch.bfloat16)])
+def test_compressor_loads_in_the_dtype_the_planner_budgets(monkeypatch, device, dtype, expected):
+    """llmlingua loads fp32 on "cuda:0" unless told; the planner budgets `auto` as bf16 on a GPU."""
+    import llmlingua
+
+    from telepathy.cluster.resources import BYTES
+
+    seen = {}
+
+    class Fake:
+        def __init__(self, model_name, device_map, model_config):
+            seen.update(model_config)
+            self.model = torch.nn.Linear(1, 1)
+
+    monkeypatch.setattr(llmlingua, "PromptCompressor", Fake)
+    lc.make_compressor("some/folder", device=device, dtype=dtype)
+    assert seen["torch_dtype"] == expected
+    if device.startswith("cuda"):
+        assert seen["torch_dtype"].itemsize == BYTES[dtype]
+
+
 def test_compress_rejects_both_budgets():
     with pytest.raises(ValueError, match="not both"):
         lc.compress(None, "text", rate=0.5, target_token=3)

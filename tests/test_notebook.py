@@ -42,8 +42,8 @@ def test_notebook_on_synthetic_sweep(tmp_path, monkeypatch):
     runs = write_sweep(tmp_path / "runs")
     markdown, pngs = execute(runs, monkeypatch)
     table = markdown[0]
-    assert "| sst2 | bridge | 4 | 75.8 ± 3.6 | 3 | 1 failed |" in table
-    assert "| sst2 | receiver_only |  | 50.0 | 1 (det.) |  |" in table
+    assert "| sst2 | bridge | 4 | 2.5× | 8 | 75.8 ± 3.6 | 3 | 1 failed |" in table
+    assert "| sst2 | receiver_only |  |  |  | 50.0 | 1 (det.) |  |" in table
     assert "p (Holm)" in markdown[1]
     assert pngs == 2
 

@@ -101,8 +101,9 @@ def test_hooked_hidden_states_match_output_hidden_states(tiny_models):
 
 def test_sender_prompt_truncation_keeps_the_instruction(tiny_models):
     sender, _ = tiny_models
-    ids = sender_prompts(sender, [Example(0, "word " * 200)], "Review: {text}\nSentiment (positive or negative):", 32)[0]
-    assert len(ids) <= 32
+    template = "Review: {text}\nSentiment (positive or negative):"
+    ids = sender_prompts(sender, [Example(0, "word " * 200)], template, 32)[0]
+    assert len(ids) <= 32 + len(sender_prompts(sender, [Example(0, "")], template, 32)[0])  # 32 text tokens
     assert sender.tokenizer.decode(ids).endswith("Sentiment (positive or negative):")
 
 

@@ -23,8 +23,12 @@ def test_single_run_writes_a_complete_record(outputs):
     for key in ("accuracy", "macro_f1", "n_test", "majority_accuracy", "receiver_zeroshot_accuracy"):
         assert isinstance(record["metrics"][key], (int, float)), key
     assert record["metrics"]["n_test"] == 16
+    assert record["metrics"]["text_truncated_items"] == 0  # task.max_text_words cut no SST-2 test item here
     assert record["bridge"]["num_latents"] == 8  # ceil(64 / 8)
     assert record["bridge"]["compression_ratio"] == pytest.approx(record["bridge"]["mean_sender_tokens"] / 8)
+    # measured compression counts the text the sender read, not the template around it
+    assert 0 < record["bridge"]["text_tokens_mean"] < record["bridge"]["mean_sender_tokens"]
+    assert record["bridge"]["measured_compression_mean"] == pytest.approx(record["bridge"]["text_tokens_mean"] / 8)
     assert record["params"]["trainable"] == record["params"]["bridge"] > 0
     cfg = record["config"]
     assert record["identity"] == {"task": "sst2", "method": "bridge", "sender": cfg["sender"]["name"],
@@ -47,6 +51,7 @@ def test_single_run_writes_a_complete_record(outputs):
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     assert any("eval_accuracy" in r for r in log)
+    assert record["training"]["heldout_probe_items"] == 4  # the quick eval reads training items, not test
     assert (run_dir / "checkpoints").is_dir()
 
 

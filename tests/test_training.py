@@ -76,3 +76,26 @@ def test_only_trainable_parameters_are_saved(tmp_path):
     fit(model, make_loss(model), 20, trainer_cfg(max_steps=3), seed=0, run_dir=tmp_path)
     saved = load_file(str(latest_checkpoint(tmp_path) / "trainable.safetensors"))
     assert list(saved) == ["lin.weight"]
+
+
+def test_checkpoint_keeps_the_bridge_input_standardisation(tmp_path):
+    """A bridge loaded from a checkpoint computes the trained function: in_mean / in_std are
+    saved, and a checkpoint without them (or with other keys) is refused, never read as 0 / 1."""
+    from safetensors.torch import save_file
+
+    from telepathy.bridge import PerceiverBridge
+    from telepathy.training import load_trainable, trainable_state
+
+    torch.manual_seed(0)
+    trained = PerceiverBridge(12, 8, num_latents=3, dim=16, depth=1, heads=2).eval()
+    trained.set_input_stats([torch.randn(5, 12) * 7 + 3])
+    save_file(trainable_state(trained), str(tmp_path / "trainable.safetensors"))
+    fresh = PerceiverBridge(12, 8, num_latents=3, dim=16, depth=1, heads=2).eval()
+    load_trainable(fresh, tmp_path)
+    x, mask = torch.randn(2, 4, 12), torch.ones(2, 4)
+    torch.testing.assert_close(fresh(x, mask), trained(x, mask))
+
+    old = {k: v for k, v in trainable_state(trained).items() if k not in ("in_mean", "in_std")}
+    save_file(old, str(tmp_path / "trainable.safetensors"))
+    with pytest.raises(RuntimeError, match="missing.*in_mean"):
+        load_trainable(fresh, tmp_path)

@@ -1,7 +1,7 @@
 """The read side: run directories back into tables, statistics, plots and reports.
 
     runs       find run dirs, load result.json / predictions / logs into DataFrames
-    stats      seed-level CIs, Holm, McNemar, paired bootstrap and permutation tests
+    stats      seed-level CIs, Holm, McNemar, sign test, cluster bootstrap and permutation tests
     summarise  one row per experiment (mean and CI across seeds), paired comparisons
     tables     Markdown / LaTeX tables, JSON-safe values
     plots      accuracy vs compression, training curves, latency
@@ -15,10 +15,11 @@ The names below are the public API used by notebooks (``from telepathy import an
 from telepathy.analysis.runs import (BENCHMARK_METHODS, GROUP_KEYS, LOG_FILE, PREDICTIONS_FILE, RESULT_FILE,
                                      MissingMetricError, RunReadError, find_run_dirs, is_missing, is_reused,
                                      load_logs, load_predictions, load_runs, read_run)
-from telepathy.analysis.stats import holm, mcnemar, mean_ci, paired_bootstrap, paired_permutation_p
+from telepathy.analysis.stats import (holm, mcnemar, mean_ci, paired_bootstrap, paired_permutation_p,
+                                      sign_test_p)
 from telepathy.analysis.summarise import compare_to_baseline, metric_column, summarize
 
 __all__ = ["BENCHMARK_METHODS", "GROUP_KEYS", "LOG_FILE", "PREDICTIONS_FILE", "RESULT_FILE", "MissingMetricError",
            "RunReadError", "compare_to_baseline", "find_run_dirs", "holm", "is_missing", "is_reused", "load_logs",
            "load_predictions", "load_runs", "mcnemar", "mean_ci", "metric_column", "paired_bootstrap",
-           "paired_permutation_p", "read_run", "summarize"]
+           "paired_permutation_p", "read_run", "sign_test_p", "summarize"]

@@ -8,6 +8,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from telepathy.analysis.runs import BENCHMARK_METHODS, is_missing
+from telepathy.analysis.tables import settings_cell
 
 
 def save(fig, stem):
@@ -20,11 +21,15 @@ def save(fig, stem):
 
 
 def _label(row, vary):
+    """Legend label: the method, the columns that vary, and the settings in which an
+    experiment differs from others with the same columns (never one line for two configs)."""
     parts = [str(row["method"])]
     for k in vary:
         v = row[k]
         if not is_missing(v):
             parts.append(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}")
+    if settings_cell(row.get("differs")):
+        parts.append(settings_cell(row["differs"]))
     return " ".join(parts)
 
 
@@ -33,7 +38,8 @@ def _varying(df, keys):
 
 
 def accuracy_vs_compression(summary, metric="accuracy", scale=100.0, stem=None):
-    """Mean metric vs compression factor, one panel per task, CI bands across seeds.
+    """Mean metric vs nominal compression factor, one panel per task, CI bands across seeds;
+    each point is labelled with its measured compression (text tokens per soft token).
 
     Methods without a compression factor are horizontal lines (band = CI).
     Groups without a CI (one seed, deterministic) are drawn without a band.
@@ -54,6 +60,10 @@ def accuracy_vs_compression(summary, metric="accuracy", scale=100.0, stem=None):
             color = next(colors)
             x = g["compression"].to_numpy(float)
             ax.plot(x, g["mean"] * scale, "o-", color=color, label=label)
+            for xi, yi, mc in zip(x, g["mean"] * scale, g.get("measured_compression", [None] * len(g))):
+                if not is_missing(mc):  # the measured ratio beside the nominal factor
+                    ax.annotate(f"{mc:.1f}×", (xi, yi), textcoords="offset points", xytext=(3, 4),
+                                fontsize=6, color=color)
             ok = g["ci_low"].notna().to_numpy()
             ax.fill_between(x[ok], (g["ci_low"] * scale)[ok], (g["ci_high"] * scale)[ok], color=color, alpha=0.2)
         for _, r in t[t["compression"].isna()].iterrows():
@@ -66,7 +76,7 @@ def accuracy_vs_compression(summary, metric="accuracy", scale=100.0, stem=None):
             ticks = sorted(with_c["compression"].unique())
             ax.set_xticks(ticks, [f"{c:g}" for c in ticks])
         ax.set_title(task)
-        ax.set_xlabel("compression factor")
+        ax.set_xlabel("nominal compression factor (labels: measured ×)")
         ax.set_ylabel(metric + (" (%)" if scale == 100 else ""))
         ax.legend(fontsize=7)
     if stem:

@@ -39,8 +39,21 @@ SECTIONS = ("identity", "config", "metrics", "bridge", "params", "timing", "memo
 OWN_COLUMNS = ("run_dir", "run_id", "status", "task", "method", "seed", "identity")
 # the latency benchmark's own columns: its config says which path and batch size a record timed
 BENCHMARK_COLUMNS = ("batch_size", "path")
+# measured, not nominal: text tokens read per receiver position (bridge: / M; LLMLingua:
+# original / kept text tokens), and the receiver positions that carry the input;
+# column -> flattened keys to read it from, first present wins
+MEASURED_SOURCES = {
+    "measured_compression": ("bridge.measured_compression_mean", "metrics.compression_ratio"),
+    "positions": ("bridge.num_latents", "prompt_tuning.num_virtual_tokens", "metrics.compressed_tokens_mean",
+                  "metrics.relay_tokens_mean"),
+}
+# columns that describe a run's outcome: averaged per experiment, never grouped by
+MEASURED = tuple(MEASURED_SOURCES)
 # "same experiment across seeds" = same values of these columns (the identity block, less the seed)
+# and the same CONFIG_KEY (result.json's hash of the config without its seed): runs that differ
+# in any other setting (learning rate, test size, bridge depth, ...) are never pooled as seeds
 GROUP_KEYS = [k for k in IDENTITY if k != "seed"]
+CONFIG_KEY = "seedless_hash"
 # methods that measure systems, not task quality: plotted, never in the metric tables
 BENCHMARK_METHODS = ("latency", "train_throughput")
 
@@ -120,6 +133,8 @@ def find_run_dirs(paths):
 # loading
 
 def _flatten(d, prefix, out):
+    """Dotted keys, like pandas.json_normalize, except lists: json_normalize keeps them as
+    Python lists, which cannot be grouped or compared across runs; here they are JSON text."""
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if isinstance(v, dict):
@@ -142,6 +157,11 @@ def _hydra_config(run_dir):
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # custom resolvers (telepathy.run_dir) are not registered here
         return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _not_json(name):
+    """NaN / Infinity are not JSON; telepathy.results writes null plus a reason instead."""
+    raise json.JSONDecodeError(f"{name} is not strict JSON", name, 0)
 
 
 def _check_record(rec):
@@ -176,7 +196,7 @@ def read_run(run_dir):
     else:
         problem = None
         try:
-            rec = json.loads(path.read_text())
+            rec = json.loads(path.read_text(), parse_constant=_not_json)
             problem = _check_record(rec)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             problem = f"invalid JSON: {e}"
@@ -204,11 +224,24 @@ def read_run(run_dir):
                         _flatten(v, k, flat)
                 elif k not in OWN_COLUMNS:
                     row[k] = json.dumps(v) if isinstance(v, list) else v
+            row[CONFIG_KEY] = rec.get(CONFIG_KEY) or _seedless_fallback(rec["config"])
     row.update(_identity(rec, config))
     for name in BENCHMARK_COLUMNS:
         row[name] = flat.get(f"config.{name}")
+    for name, keys in MEASURED_SOURCES.items():
+        row[name] = next((flat[k] for k in keys if flat.get(k) is not None), None)
     row.update(flat)
     return row
+
+
+def _seedless_fallback(config):
+    """A config id for a record written before result.json had `seedless_hash`: the whole
+    recorded config without its seed. It may split runs that differ only in paths, never pools
+    runs that differ in a setting."""
+    import hashlib
+
+    rest = {k: v for k, v in config.items() if k != "seed"}
+    return "cfg-" + hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _identity(rec, config):
@@ -236,13 +269,14 @@ def load_runs(paths):
         except Exception as err:  # a record this reader does not expect: say which run, keep the cause
             raise RunReadError(f"cannot read run {d}: {type(err).__name__}: {err}") from err
     df = pd.DataFrame(rows)
-    for col in ("reused_from", "error.type", "error.message"):
+    for col in ("reused_from", "error.type", "error.message", CONFIG_KEY):
         if col not in df:
             df[col] = None
     for col in ("seed", "num_latents"):
         df[col] = pd.array([_as_int(v, col, d) for v, d in zip(df[col], df["run_dir"])], dtype="Int64")
-    df["compression"] = pd.to_numeric(df["compression"], errors="coerce").astype("float64")
-    first = ["run_dir", "run_id", "status", *IDENTITY, *BENCHMARK_COLUMNS, "reused_from",
+    for col in ("compression", *MEASURED):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
+    first = ["run_dir", "run_id", "status", *IDENTITY, *BENCHMARK_COLUMNS, *MEASURED, "reused_from",
              "error.type", "error.message"]
     first += [c for c in ("error.oom",) if c in df]
     rest = sorted(c for c in df.columns if c not in first)
@@ -296,7 +330,7 @@ def _run_file(run, filename, follow_reuse):
 
 def _per_run_rows(runs, filename, follow_reuse):
     out = []
-    keep = ["run_dir", "run_id", "status", "seed", "reused_from"] + GROUP_KEYS
+    keep = ["run_dir", "run_id", "status", "seed", "reused_from", CONFIG_KEY] + GROUP_KEYS
     for run in runs.to_dict("records"):
         path = _run_file(run, filename, follow_reuse)
         if path is not None:

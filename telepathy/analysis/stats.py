@@ -1,4 +1,4 @@
-"""The statistics used on runs: seed-level CIs, Holm, McNemar, paired bootstrap and permutation tests."""
+"""The statistics used on runs: seed-level CIs, Holm, McNemar, sign test, cluster bootstrap and permutation tests."""
 
 import math
 
@@ -26,51 +26,76 @@ def mean_ci(values, confidence=0.95):
 
 
 def holm(pvalues):
-    """Holm step-down adjusted p-values, in the input order; NaN stays NaN and is not counted."""
+    """Holm step-down adjusted p-values (statsmodels), in the input order; NaN stays NaN and is not counted.
+
+    statsmodels counts a NaN in the family size m, so only the finite p-values are passed to it.
+    """
+    from statsmodels.stats.multitest import multipletests
+
     p = np.asarray(pvalues, dtype=float)
     adj = np.full_like(p, np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    m = len(ok)
-    running = 0.0
-    for rank, i in enumerate(ok[np.argsort(p[ok], kind="stable")]):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        adj[i] = running
+    ok = ~np.isnan(p)
+    if ok.any():
+        adj[ok] = multipletests(p[ok], method="holm")[1]
     return adj
 
 
 def mcnemar(b, c):
-    """Exact McNemar p-value from the discordant counts.
+    """Exact McNemar p-value from the discordant counts (statsmodels).
 
     b: pairs where the method is right and the baseline wrong; c: the reverse.
     """
+    from statsmodels.stats.contingency_tables import mcnemar as _mcnemar
+
     if b + c == 0:
         return 1.0
-    return float(stats.binomtest(int(b), int(b + c), 0.5).pvalue)
+    return float(_mcnemar([[0, int(b)], [int(c), 0]], exact=True).pvalue)
 
 
-def paired_bootstrap(diffs_by_stratum, n_boot=10_000, confidence=0.95, seed=0):
-    """Percentile CI of the mean paired difference, resampling items within each stratum.
+def sign_test_p(diffs):
+    """Two-sided exact sign test of per-item differences (statsmodels); ties are dropped.
 
-    diffs_by_stratum: list of 1-d arrays, one per seed, of per-item
-    differences (method minus baseline). Each resample keeps each stratum's
-    size, so seeds are weighted as in the point estimate.
+    On seed-averaged per-item correctness this is the test of the paired comparison: with
+    one seed a side it is exactly McNemar's test (the signs are the discordant pairs).
+    """
+    from statsmodels.stats.descriptivestats import sign_test
+
+    d = np.asarray(diffs, dtype=float)
+    if not (d != 0).any():
+        return 1.0
+    return float(sign_test(d)[1])
+
+
+def item_means(by_seed):
+    """Per-item mean over seeds of a [seeds, items] array (a 1-d array is one seed)."""
+    d = np.asarray(by_seed, dtype=float)
+    return d if d.ndim == 1 else d.mean(axis=0)
+
+
+def paired_bootstrap(diffs_by_seed, n_boot=10_000, confidence=0.95, seed=0):
+    """Percentile CI of the mean paired difference by a cluster bootstrap over items.
+
+    diffs_by_seed: one 1-d array per seed of per-item differences (method minus
+    baseline), all aligned on the same test items ([seeds, items]; a 1-d array is
+    one seed). Items are the
+    unit of resampling: one resample of item indices is applied to every seed, because
+    the same item is hard or easy in every seed; resampling within each seed
+    independently treats seeds x items as independent and gives a too narrow CI.
+    Resampling the per-item seed means is the same thing, and uses less memory.
     """
     rng = np.random.default_rng(seed)
-    diffs = [np.asarray(d, dtype=float) for d in diffs_by_stratum if len(d)]
-    total = sum(len(d) for d in diffs)
-    if total == 0:
+    d = item_means(diffs_by_seed)
+    n = len(d)
+    if n == 0:
         return math.nan, math.nan, math.nan
-    estimate = float(sum(d.sum() for d in diffs) / total)
-    sums = np.zeros(n_boot)
-    for d in diffs:
-        for start in range(0, n_boot, 1000):  # bounded memory for large test sets
-            stop = min(n_boot, start + 1000)
-            idx = rng.integers(0, len(d), size=(stop - start, len(d)))
-            sums[start:stop] += d[idx].sum(axis=1)
-    boot = sums / total
+    boot = np.empty(n_boot)
+    step = max(1, 4_000_000 // n)  # bounded memory for large test sets
+    for start in range(0, n_boot, step):
+        stop = min(n_boot, start + step)
+        boot[start:stop] = d[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
     alpha = 1 - confidence
     lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    return estimate, float(lo), float(hi)
+    return float(d.mean()), float(lo), float(hi)
 
 
 def paired_permutation_p(x, y, n_resamples=9_999, seed=0):

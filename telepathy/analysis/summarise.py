@@ -1,19 +1,29 @@
 """Summarise runs into one row per experiment (mean and CI across seeds) and compare methods pairwise."""
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from telepathy.analysis.runs import BENCHMARK_METHODS, GROUP_KEYS, MissingMetricError, is_missing, is_reused
-from telepathy.analysis.stats import holm, mcnemar, mean_ci, paired_bootstrap, paired_permutation_p
+from telepathy.analysis.runs import (BENCHMARK_METHODS, CONFIG_KEY, GROUP_KEYS, MEASURED, MissingMetricError,
+                                     is_missing, is_reused)
+from telepathy.analysis.stats import (holm, item_means, mean_ci, paired_bootstrap, paired_permutation_p,
+                                      sign_test_p)
 
 
 # aggregation across seeds
 
+# an experiment: the table's columns plus the seedless config id (runs.CONFIG_KEY)
+EXPERIMENT_KEYS = GROUP_KEYS + [CONFIG_KEY]
+# keys a run that did not complete may lack (they come from result.json); it joins the one
+# group that matches it on every other key
+_MAY_LACK = [EXPERIMENT_KEYS.index("num_latents"), EXPERIMENT_KEYS.index(CONFIG_KEY)]
+
+
 def _group_key(row):
-    return tuple(None if is_missing(row[k]) else row[k] for k in GROUP_KEYS)
+    return tuple(None if is_missing(row.get(k)) else row[k] for k in EXPERIMENT_KEYS)
 
 
 def metric_column(metric):
@@ -34,25 +44,64 @@ def _independent(completed):
 
 
 def _groups(runs):
-    """{group key: [run rows]}. A run that did not complete has no recorded
-    num_latents (it comes from result.json's `bridge`); it joins the group
-    that matches it on every other key, when there is exactly one."""
+    """{experiment key: [run rows]}. A run that did not complete may have no
+    recorded num_latents or config id (a run that died before result.json); it
+    joins the group that matches it on every other key, when there is exactly one."""
     groups = {}
     records = runs.to_dict("records")
     for run in records:
         if run["status"] == "completed":
             groups.setdefault(_group_key(run), []).append(run)
-    i = GROUP_KEYS.index("num_latents")
     for run in records:
         if run["status"] == "completed":
             continue
         key = _group_key(run)
-        if key[i] is None:
-            same = [k for k in groups if k[:i] + k[i + 1:] == key[:i] + key[i + 1:]]
+        known = [i for i in range(len(key)) if i not in _MAY_LACK or key[i] is not None]
+        if len(known) < len(key):
+            same = [k for k in groups if all(k[i] == key[i] for i in known)]
             if len(same) == 1:
                 key = same[0]
         groups.setdefault(key, []).append(run)
     return groups
+
+
+def _mean_of(runs, col):
+    """Mean of a measured column over runs that recorded it; NaN when none did."""
+    vals = [float(r[col]) for r in runs if not is_missing(r.get(col))]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
+def _settings(run):
+    """The run's config without its seed and the keys that do not define a result
+    (`run.id_exclude`), as {dotted key: value}."""
+    exclude = json.loads(run.get("config.run.id_exclude") or "[]") + ["seed", "run"]
+    out = {}
+    for k, v in run.items():
+        if not k.startswith("config.") or is_missing(v):
+            continue
+        key = k.removeprefix("config.")
+        if not any(key == e or key.startswith(e + ".") for e in exclude):
+            out[key] = v
+    return out
+
+
+def _differing_settings(groups):
+    """{experiment key: {setting: value}} for experiments that share every table column
+    (GROUP_KEYS) but not their config: the settings in which they differ, so that a
+    table shows them as separate, labelled rows instead of averaging them."""
+    by_columns = {}
+    for key, members in groups.items():
+        done = [r for r in members if r["status"] == "completed"] or members
+        by_columns.setdefault(key[:len(GROUP_KEYS)], []).append((key, _settings(done[0])))
+    out = {}
+    for same in by_columns.values():
+        if len(same) < 2:
+            continue
+        keys = sorted(set().union(*(s for _, s in same)))
+        differ = [k for k in keys if len({json.dumps(s.get(k), default=str) for _, s in same}) > 1]
+        for key, s in same:
+            out[key] = {k: s.get(k) for k in differ}
+    return out
 
 
 def summarize(runs, metric="accuracy", confidence=0.95):
@@ -66,7 +115,7 @@ def summarize(runs, metric="accuracy", confidence=0.95):
     col = metric_column(metric)
     runs = runs[~runs["method"].isin(BENCHMARK_METHODS)]
     if not len(runs):
-        return pd.DataFrame(columns=GROUP_KEYS + ["n_runs", "n_completed", "n_independent", "deterministic",
+        return pd.DataFrame(columns=EXPERIMENT_KEYS + ["differs", "n_runs", "n_completed", "n_independent", "deterministic",
                                                   "mean", "ci_low", "ci_high", "ci_half", "run_dirs"])
     if col not in runs:
         raise MissingMetricError(f"no run reports {col}")
@@ -85,6 +134,7 @@ def summarize(runs, metric="accuracy", confidence=0.95):
         raise ValueError("the same run_id appears in several directories:\n  " + "\n  ".join(dup["run_dir"]))
 
     groups = _groups(runs[runs["task"].isin(tasks)])
+    differs = _differing_settings(groups)
     out = []
     for key, members in groups.items():
         done = [r for r in members if r["status"] == "completed"]
@@ -92,9 +142,11 @@ def summarize(runs, metric="accuracy", confidence=0.95):
         ci = mean_ci([r[col] for r in indep], confidence)
         by_status = pd.Series([r["status"] for r in members]).value_counts().to_dict()
         out.append({
-            **dict(zip(GROUP_KEYS, key)),
+            **dict(zip(EXPERIMENT_KEYS, key)),
+            "differs": differs.get(key, {}),
             "metric": metric, "n_runs": len(members), "n_completed": len(done),
             "n_independent": ci["n"], "deterministic": deterministic,
+            **{k: _mean_of(done, k) for k in MEASURED},
             "mean": ci["mean"], "std": ci["std"], "ci_low": ci["ci_low"],
             "ci_high": ci["ci_high"], "ci_half": ci["ci_half"],
             "seeds": sorted(int(r["seed"]) for r in done),
@@ -104,7 +156,7 @@ def summarize(runs, metric="accuracy", confidence=0.95):
             "run_dirs": sorted(r["run_dir"] for r in members),
         })
     df = pd.DataFrame(out)
-    return df.sort_values(["task", "method", "compression"], na_position="first", kind="stable",
+    return df.sort_values(["task", "method", "compression", CONFIG_KEY], na_position="first", kind="stable",
                           ignore_index=True)
 
 
@@ -130,6 +182,22 @@ def _strata(group_runs, predictions, value_col):
     return out
 
 
+def _paired_matrix(a, b, pairs):
+    """[pairs, items] arrays of the method's and the baseline's values on the items every
+    pair of strata has (aligned rows), and how many item rows could not be paired."""
+    merged = None
+    for j, (sa, sb) in enumerate(pairs):
+        m = a[sa].merge(b[sb], on="item", suffixes=("_m", "_b"))
+        m = m.rename(columns={"value_m": f"m{j}", "value_b": f"b{j}"})
+        merged = m if merged is None else merged.merge(m, on="item")
+    rows = sum(len(a[sa]) + len(b[sb]) for sa, sb in pairs)
+    if merged is None:
+        return np.empty((0, 0)), np.empty((0, 0)), rows
+    xs = merged[[f"m{j}" for j in range(len(pairs))]].to_numpy(float).T
+    ys = merged[[f"b{j}" for j in range(len(pairs))]].to_numpy(float).T
+    return xs, ys, rows - 2 * xs.size
+
+
 def _matches(a, b):
     """Two groups of one task are comparable when every key both define agrees."""
     for k in GROUP_KEYS:
@@ -145,12 +213,16 @@ def compare_to_baseline(runs, predictions, summary, metric="accuracy", baseline_
     """Paired comparison of every group in `summary` against the baseline group(s)
     of the same task (and same sender/receiver where both define them).
 
-    Accuracy: per-item `correct`, exact McNemar p-value. Other metrics: a
-    per-item column named like the metric, paired permutation p-value.
-    Holm correction over all comparisons made.
+    Items are the unit of analysis (docs/results.md): each side's per-item values are
+    averaged over its seeds (paired seed by seed; a deterministic side's one run pairs
+    with every seed), Δ's CI is a cluster bootstrap over items (one resample of items
+    for every seed), and the test is on the per-item seed means. Accuracy: per-item
+    `correct`, exact sign test (= McNemar with one seed a side); b / c count items the
+    method wins / loses. Other metrics: a per-item column named like the metric, paired
+    permutation (sign-flip) test. Holm correction over all comparisons made.
     """
     value_col = "correct" if metric_column(metric) == "metrics.accuracy" else metric.removeprefix("metrics.")
-    test = "mcnemar" if value_col == "correct" else "permutation"
+    test = "sign" if value_col == "correct" else "permutation"
     if predictions is None or not len(predictions) or value_col not in predictions:
         return pd.DataFrame()
     members = _groups(runs)
@@ -162,8 +234,8 @@ def compare_to_baseline(runs, predictions, summary, metric="accuracy", baseline_
         for base in groups:
             if base["method"] != baseline_method or not _matches(g, base):
                 continue
-            row = {**{k: g[k] for k in GROUP_KEYS},
-                   **{f"baseline.{k}": base[k] for k in GROUP_KEYS if k not in ("task",)},
+            row = {**{k: g[k] for k in EXPERIMENT_KEYS}, "differs": g["differs"],
+                   **{f"baseline.{k}": base[k] for k in EXPERIMENT_KEYS + ["differs"] if k not in ("task",)},
                    "test": test}
             a = _strata(members[_group_key(g)], predictions, value_col)
             b = _strata(members[_group_key(base)], predictions, value_col)
@@ -175,25 +247,19 @@ def compare_to_baseline(runs, predictions, summary, metric="accuracy", baseline_
                 pairs = [(s, "*") for s in sorted(a)]
             else:
                 pairs = [(s, s) for s in sorted(set(a) & set(b))]
-            diffs, xs, ys, unpaired = [], [], [], 0
-            for sa, sb in pairs:
-                m = a[sa].merge(b[sb], on="item", suffixes=("_m", "_b"))
-                unpaired += len(a[sa]) + len(b[sb]) - 2 * len(m)
-                diffs.append((m["value_m"] - m["value_b"]).to_numpy())
-                xs.append(m["value_m"].to_numpy())
-                ys.append(m["value_b"].to_numpy())
-            n_pairs = sum(len(d) for d in diffs)
-            row.update(n_strata=len(pairs), n_pairs=n_pairs, n_unpaired=unpaired)
-            if n_pairs == 0:
+            xs, ys, unpaired = _paired_matrix(a, b, pairs)
+            n_items = xs.shape[1]
+            row.update(n_strata=len(pairs), n_items=n_items, n_pairs=n_items * len(pairs), n_unpaired=unpaired)
+            if n_items == 0:
                 row.update(delta=math.nan, delta_ci_low=math.nan, delta_ci_high=math.nan, p=math.nan,
                            note="no paired predictions (missing files or no common seeds)")
                 rows.append(row)
                 continue
-            delta, lo, hi = paired_bootstrap(diffs, n_boot, confidence, seed)
-            x, y = np.concatenate(xs), np.concatenate(ys)
-            if test == "mcnemar":
-                bb, cc = int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum())
-                row.update(b=bb, c=cc, p=mcnemar(bb, cc))
+            # items are the unit: seed-averaged per-item values, items resampled jointly across seeds
+            delta, lo, hi = paired_bootstrap(xs - ys, n_boot, confidence, seed)
+            x, y = item_means(xs), item_means(ys)
+            if test == "sign":
+                row.update(b=int((x > y).sum()), c=int((x < y).sum()), p=sign_test_p(x - y))
             else:
                 row["p"] = paired_permutation_p(x, y, seed=seed)
             row.update(delta=delta, delta_ci_low=lo, delta_ci_high=hi,

@@ -8,7 +8,8 @@ METRIC_NAMES = {"accuracy": "Accuracy", "macro_f1": "Macro-F1", "rouge1": "ROUGE
                 "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
 OPTIONAL_COLUMNS = ["sender", "receiver", "num_latents", "layer", "model"]
 COLUMN_NAMES = {"task": "Task", "method": "Method", "sender": "Sender", "receiver": "Receiver",
-                "compression": "Compression", "num_latents": "Latents", "layer": "Layer", "model": "Model"}
+                "compression": "Compression", "num_latents": "Latents", "layer": "Layer", "model": "Model",
+                "measured_compression": "Measured ×", "positions": "Receiver positions"}
 
 
 def _fmt(v, scale, digits):
@@ -21,6 +22,20 @@ def plain(v):
     if isinstance(v, float) and v.is_integer():
         return f"{v:g}"
     return str(v)
+
+
+def settings_cell(differs):
+    """'key=value; ...' of the settings in which an experiment differs from others with the
+    same table columns (summarise: `differs`); '' when it differs in none."""
+    if not isinstance(differs, dict):
+        return ""
+    return "; ".join(f"{k}={'—' if is_missing(v) else plain(v)}" for k, v in sorted(differs.items()))
+
+
+def _measured_cell(v, key):
+    if is_missing(v):
+        return ""
+    return f"{v:.1f}×" if key == "measured_compression" else f"{v:.1f}".removesuffix(".0")
 
 
 def metric_cell(g, scale=100.0, digits=1):
@@ -59,18 +74,32 @@ def metric_table(summary, metric="accuracy", scale=100.0, digits=1):
         elif len(vals) == 1:
             constant[k] = vals[0] + (" (where used)" if summary[k].isna().any() else "")
     name = METRIC_NAMES.get(metric, metric) + (" (%)" if scale == 100 else "")
-    header = [COLUMN_NAMES[k] for k in keys] + [f"{name}, mean ± 95% CI", "n seeds"]
+    show_settings = summary["differs"].map(settings_cell).ne("").any()
+    measured = [k for k in ("measured_compression", "positions") if k in summary and summary[k].notna().any()]
+    header = ([COLUMN_NAMES[k] for k in keys] + (["Settings"] if show_settings else [])
+              + [COLUMN_NAMES[k] for k in measured] + [f"{name}, mean ± 95% CI", "n seeds"])
     show_incomplete = summary.apply(_not_completed, axis=1).ne("").any()
     if show_incomplete:
         header.append("Not completed")
     rows = []
     for g in summary.to_dict("records"):
-        row = [plain(g[k]) for k in keys] + [metric_cell(g, scale, digits), n_cell(g)]
+        row = ([plain(g[k]) for k in keys] + ([settings_cell(g["differs"])] if show_settings else [])
+               + [_measured_cell(g[k], k) for k in measured] + [metric_cell(g, scale, digits), n_cell(g)])
         if show_incomplete:
             row.append(_not_completed(g))
         rows.append(row)
     notes = ["Mean over independent seeds ± half-width of the 95% Student-t interval; "
-             "n seeds = independent completed runs."]
+             "n seeds = independent completed runs of one config (runs that differ in any setting "
+             "but the seed are separate rows)."]
+    if show_settings:
+        notes.append("Settings = the config values in which rows with the same other columns differ.")
+    if "measured_compression" in measured:
+        notes.append("Compression = nominal factor (M = ceil(max input tokens / factor)); Measured × = text "
+                     "tokens actually read per receiver position (bridge: per soft token; LLMLingua: original / "
+                     "kept text tokens), mean over test items.")
+    if "positions" in measured:
+        notes.append("Receiver positions = what carries the input to the receiver: M soft tokens (bridge, "
+                     "prompt tuning), kept text tokens (LLMLingua) or message tokens (text relay), mean.")
     if summary["deterministic"].any():
         notes.append("det. = deterministic method: one result reused across seeds, counted once, no CI.")
     if (~summary["deterministic"] & (summary["n_independent"] == 1)).any():
@@ -86,6 +115,8 @@ def _baseline_desc(c, vary):
         v = c.get(f"baseline.{k}")
         if not is_missing(v):
             parts.append(f"{COLUMN_NAMES[k].lower()}={plain(v)}")
+    if settings_cell(c.get("baseline.differs")):
+        parts.append(settings_cell(c["baseline.differs"]))
     return f"{c['baseline.method']}" + (f" ({', '.join(parts)})" if parts else "")
 
 
@@ -95,10 +126,11 @@ def comparison_table(comparisons, metric="accuracy", scale=100.0, digits=1):
         keys.append("compression")
     keys += [k for k in OPTIONAL_COLUMNS if comparisons[k].dropna().map(plain).nunique() > 1]
     unit = " (pp)" if scale == 100 else ""
-    mcnemar = (comparisons["test"] == "mcnemar").all()
-    header = [COLUMN_NAMES[k] for k in keys] + ["vs", f"Δ{unit} [95% CI]", "pairs",
-                                                "p (McNemar)" if mcnemar else "p (paired perm.)", "p (Holm)"]
-    if mcnemar:
+    sign = (comparisons["test"] == "sign").all()
+    show_settings = comparisons["differs"].map(settings_cell).ne("").any()
+    header = [COLUMN_NAMES[k] for k in keys] + (["Settings"] if show_settings else []) + ["vs", f"Δ{unit} [95% CI]", "items",
+                                                "p (sign test)" if sign else "p (paired perm.)", "p (Holm)"]
+    if sign:
         header.insert(-2, "wins / losses")
     base_keys = [k for k in ("compression", "num_latents", "layer", "model")
                  if comparisons[f"baseline.{k}"].dropna().map(plain).nunique() > 1]
@@ -107,17 +139,20 @@ def comparison_table(comparisons, metric="accuracy", scale=100.0, digits=1):
         delta = "—" if is_missing(c["delta"]) else (
             f"{c['delta'] * scale:+.{digits}f} [{c['delta_ci_low'] * scale:+.{digits}f}, "
             f"{c['delta_ci_high'] * scale:+.{digits}f}]")
-        row = [plain(c[k]) for k in keys] + [_baseline_desc(c, base_keys), delta, str(int(c["n_pairs"]))]
-        if mcnemar:
+        row = ([plain(c[k]) for k in keys] + ([settings_cell(c["differs"])] if show_settings else [])
+               + [_baseline_desc(c, base_keys), delta, str(int(c["n_items"]))])
+        if sign:
             row.append("—" if is_missing(c.get("b")) else f"{int(c['b'])} / {int(c['c'])}")
         row += [_pfmt(c["p"]), _pfmt(c["p_holm"])]
         rows.append(row)
-    notes = ["Paired on the same test items and seeds; Δ = method − baseline with a paired bootstrap "
-             "95% CI (items resampled within each seed). "
-             + ("McNemar exact test on pooled discordant pairs; " if mcnemar else "Paired permutation test; ")
-             + f"Holm correction over all {len(comparisons)} comparisons."]
-    if mcnemar:
-        notes.append("wins / losses = items the method gets right and the baseline wrong / the reverse.")
+    notes = ["Paired on the same test items (and seeds); Δ = method − baseline, 95% CI by a cluster "
+             "bootstrap over items (one resample of items applied to every seed). "
+             + ("Exact sign test on per-item accuracy averaged over seeds (McNemar with one seed); "
+                if sign else "Paired permutation test on per-item values averaged over seeds; ")
+             + f"Holm correction over all {len(comparisons)} comparisons of this table."]
+    if sign:
+        notes.append("wins / losses = items where the method's seed-averaged accuracy is above / below the "
+                     "baseline's.")
     return header, rows, notes
 
 
@@ -128,6 +163,9 @@ def _pfmt(p):
 
 
 def to_markdown(header, rows, notes):
+    """Pipe table plus italic notes. Not DataFrame.to_markdown: it needs `tabulate` (not a
+    dependency) and has no notes; the LaTeX below is booktabs with the notes in the caption
+    and ±/Δ/— escaped, which Styler.to_latex does not do either."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     text = "\n".join(lines) + "\n"
@@ -140,7 +178,7 @@ _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#
 
 def _tex(s):
     s = "".join(_TEX.get(ch, ch) for ch in str(s))
-    return (s.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("—", "--")
+    return (s.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("×", r"$\times$").replace("—", "--")
             .replace("−", "-").replace("<0.001", "$<$0.001"))
 
 

@@ -195,9 +195,9 @@ def job_work(cfg, stats: dict | None = None) -> dict[str, Work]:
         items = int(cfg.num_inputs) + int(cfg.warmup_batches) * int(cfg.batch_size)
         _add(work["load"], bytes=_weight_bytes(sender) + _weight_bytes(receiver))
         _fwd(work["eval"], sender, items * t_in, items / int(cfg.batch_size))
-        _fwd(work["eval"], receiver, items * (t_in + num_latents(cfg) + int(cfg.relay_tokens)),
+        _fwd(work["eval"], receiver, items * (t_in + num_latents(cfg) + int(cfg.relay.max_new_tokens)),
              3 * items / int(cfg.batch_size))
-        _dec(work["decode"], sender, items / int(cfg.batch_size) * int(cfg.relay_tokens))
+        _dec(work["decode"], sender, items / int(cfg.batch_size) * int(cfg.relay.max_new_tokens))
         return work
 
     roles = list(dict.fromkeys(models_used(cfg)))

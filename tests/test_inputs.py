@@ -1,0 +1,155 @@
+"""What each method reads: the sender's prompt, the text tokens in it, and measured compression."""
+
+import pytest
+
+from telepathy.data import Example
+
+
+def test_sender_inputs_count_text_tokens_and_truncation(tiny_models):
+    from telepathy.features import sender_inputs
+
+    sender, _ = tiny_models
+    tok = sender.tokenizer
+    short, long = "a fine film", " ".join(["wonderful"] * 80)
+    examples = [Example(idx=0, text=short, label=0), Example(idx=1, text=long, label=1)]
+    got = sender_inputs(sender, examples, "Review: {text}\nSentiment:", max_tokens=40)
+    n_short = len(tok(short, add_special_tokens=False).input_ids)
+    assert got.text_tokens[0] == n_short and got.truncated == [False, True]
+    assert got.text_tokens[1] == 40 < len(tok(long, add_special_tokens=False).input_ids)
+    # the prompt holds more than the text (instruction, template): only the text counts
+    assert len(got.ids[0]) > got.text_tokens[0]
+
+
+def test_a_chat_template_does_not_eat_the_texts_budget(tiny_models):
+    """The cap is on the text: a sender with a (30-token) chat template reads the same text
+    as one without, so the model-size ablation does not compare different inputs."""
+    import dataclasses
+
+    from telepathy.features import sender_inputs
+
+    sender = tiny_models[0]
+    text = " ".join(["good"] * 30)
+    examples = [Example(idx=0, text=text, label=1)]
+    plain = sender_inputs(sender, examples, "Review: {text}\nSentiment:", max_tokens=40)
+    chat = sender_inputs(dataclasses.replace(sender, chat_template=True), examples, "Review: {text}\nSentiment:",
+                         max_tokens=40)
+    assert len(chat.ids[0]) > len(plain.ids[0]) + 10  # the template is there
+    assert chat.truncated == plain.truncated == [False]
+    assert sender.tokenizer.decode(chat.ids[0]).count("good") == 30
+
+
+def test_text_is_capped_in_words_once_for_every_method(tmp_path):
+    """task.max_text_words cuts the text at load time (what every method reads), marks the
+    cut items, keeps formatting; null reads the whole text (the uncapped reference)."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from telepathy.data import cap_words, load_split
+
+    assert cap_words("a  b\nc d", 3) == ("a  b\nc", True) and cap_words("a b", 3) == ("a b", False)
+    assert cap_words("a b c d", None) == ("a b c d", False)
+    (tmp_path / "t").mkdir()
+    rows = [{"text": "one two three four five", "label": 0}, {"text": "short one", "label": 1}]
+    (tmp_path / "t" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"local_dir": "t", "splits": {"test": "test"}, "text_column": "text", "label_column": "label",
+            "type": "classification", "labels": ["a", "b"], "max_text_words": 3}
+    data = OmegaConf.create({"root": str(tmp_path)})
+    got = load_split(OmegaConf.create(task), data, "test")
+    assert [e.text for e in got] == ["one two three", "short one"]
+    assert [e.extra.get("text_truncated", False) for e in got] == [True, False]
+    whole = load_split(OmegaConf.create({**task, "max_text_words": None}), data, "test")
+    assert whole[0].text == rows[0]["text"]
+
+
+def test_measured_compression_is_text_tokens_per_position():
+    from telepathy.compression import measured_compression
+
+    m = measured_compression([8, 16, 24, 32], positions=8)
+    assert m["text_tokens_mean"] == 20 and m["measured_compression_mean"] == pytest.approx(2.5)
+    assert m["measured_compression_median"] == pytest.approx(2.5)
+    assert m["measured_compression_p10"] < m["measured_compression_p90"]
+    with pytest.raises(ValueError):
+        measured_compression([], positions=8)
+
+
+def test_llmlingua_at_matched_positions_is_a_standard_p3_row():
+    """Beside rate 0.125, P3 runs LLMLingua keeping as many tokens as the bridge's M soft tokens."""
+    from omegaconf import OmegaConf
+
+    from baselines.llmlingua import compression_target
+    from helpers import compose
+    from telepathy.config import CONF_DIR
+
+    cfg = compose("method=llmlingua_matched", "compression=16")
+    assert cfg.method.name == "llmlingua" and cfg.method.budget == "match_bridge"
+    assert compression_target(cfg) == {"target_token": 4}  # ceil(64 / 16), the bridge's M
+    phase = OmegaConf.load(CONF_DIR / "phase" / "p3_baselines.yaml")
+    assert {"llmlingua", "llmlingua_matched", "bridge"} <= set(phase.hydra.sweeper.params.method.split(","))
+
+
+def test_quick_eval_probe_is_held_out_of_the_training_split():
+    from omegaconf import OmegaConf
+
+    from telepathy.data import DataError, holdout
+
+    train = [Example(idx=i, text=f"t{i}", label=i % 2) for i in range(20)]
+    trainer = OmegaConf.create({"eval_every": 5, "eval_samples": 4})
+    fit_items, probe = holdout(train, trainer, seed=0)
+    assert len(probe) == 4 and len(fit_items) == 16
+    assert {e.idx for e in fit_items}.isdisjoint(e.idx for e in probe)  # never trained on
+    assert holdout(train, trainer, seed=0) == (fit_items, probe)  # the same for every run seed
+    assert holdout(train, OmegaConf.create({"eval_every": 0, "eval_samples": 4}), seed=0) == (train, [])
+    with pytest.raises(DataError, match="trainer.eval_samples=20"):
+        holdout(train, OmegaConf.create({"eval_every": 5, "eval_samples": 20}), seed=0)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models, chat):
+    import dataclasses
+
+    import torch
+
+    from baselines.prompt_tuning import soft_prompt_sequences
+    from telepathy.receiver import SOFT, PromptIO
+
+    sender = tiny_models[0]  # SmolLM2's tokenizer has a chat template; the demo config leaves it off
+    io = PromptIO(dataclasses.replace(sender, chat_template=chat))
+    soft = torch.zeros(3, io.embed_layer.weight.shape[1])
+    (seq,) = soft_prompt_sequences(io, "Review: {text}\nSentiment:", soft, [Example(idx=0, text="fine", label=1)])
+    before, after = io.frame(SOFT + "Review: fine\nSentiment:")
+    bridge_before = io.soft_prompt("Review:", "\nSentiment:")[0]
+    assert seq[0] == before and seq[1] is soft and seq[2] == after
+    assert bridge_before.startswith(before)  # the same framing (BOS / chat header) precedes both
+    assert "Review: fine" in after
+    if chat:  # inside the user turn, after the template's header
+        assert "<|im_start|>user" in before
+
+
+def test_prompt_tuning_has_its_own_learning_rate():
+    from baselines.prompt_tuning import validate
+    from telepathy.recipe import trainer_config
+    from helpers import TINY, compose
+    from telepathy.config import ConfigError
+
+    cfg = compose(*TINY, "method=prompt_tuning")
+    assert cfg.method.lr == pytest.approx(3e-3) and trainer_config(cfg).lr == pytest.approx(3e-3)
+    assert trainer_config(cfg).max_steps == cfg.trainer.max_steps  # everything else is the bridge's
+    assert trainer_config(compose(*TINY, "method=prompt_tuning", "method.lr=null")).lr == cfg.trainer.lr
+    with pytest.raises(ConfigError, match="method.lr=-1"):
+        validate(compose(*TINY, "method=prompt_tuning", "method.lr=-1"))
+
+
+def test_latency_benchmark_times_the_accuracy_baselines_relay():
+    """One relay definition: the latency benchmark's relay.* is conf/method/text_relay.yaml."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from helpers import REPO, compose
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        latency = hydra_compose(config_name="latency", overrides=["task=trec"])
+    method = compose("method=text_relay", "task=trec").method
+    assert OmegaConf.to_container(latency.relay, resolve=True) == OmegaConf.to_container(method, resolve=True)
+    assert latency.relay.instruction == latency.task.prompt and latency.relay.max_new_tokens == 48
