@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from telepathy import config as tconfig
-from telepathy import features, methods
+from telepathy import features, methods, runlock
 from telepathy.models import LoadedModel, load_model
 from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, SCHEMA_VERSION, environment, now, peak_memory,
                                read_result, write_json, write_jsonl)
@@ -115,6 +115,12 @@ def main(cfg: DictConfig) -> dict | None:
     tconfig.validate(cfg)
     run_dir = _output_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # one live job per run dir (a second one exits before writing) + heartbeat for `telepathy.status`
+    with runlock.hold(run_dir, float(OmegaConf.select(cfg, "run.heartbeat_s", default=30))):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
     existing = read_result(run_dir)
     rerun = cfg.get("rerun")
     if existing and existing.get("status") == "completed" and rerun != "all":

@@ -105,6 +105,7 @@ def validate(cfg: DictConfig) -> None:
     _check_choice(cfg, "eval.readout", ["score", "generate"])
     _check_range(cfg, "eval.batch_size", lo=1, integer=True)
     _check_choice(cfg, "cache.mode", ["on", "off"])
+    _check_range(cfg, "run.heartbeat_s", lo=1)
     if cfg.task.type == "classification":
         labels = cfg.task.labels
         if not labels or len(set(labels)) != len(labels):

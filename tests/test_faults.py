@@ -1,0 +1,244 @@
+"""Fault injection: what survives what (docs/cluster.md, "What survives what").
+
+Each test injects one fault the way it happens on a cluster and checks that no work
+is lost, doubled or left in an unknown state. The unit tests here need no cluster;
+the ones that need the scheduler are in the ``slurm``-marked section at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, TINY, compose, needs_data, run_train
+from telepathy import checkpoint as ckpt
+from telepathy.training import CHECKPOINT_DIR, fit, latest_checkpoint
+from test_training import Toy, make_loss, trainer_cfg
+
+
+# --- checkpoints ----------------------------------------------------------------------
+
+def _train(run_dir: Path, **kw):
+    model = Toy()
+    return model, fit(model, make_loss(model), 20, trainer_cfg(**kw), seed=7, run_dir=run_dir)
+
+
+def test_truncated_checkpoint_falls_back_to_the_newest_intact_one(tmp_path, caplog):
+    ref, _ = _train(tmp_path / "ref", max_steps=6)
+    run = tmp_path / "run"
+    _train(run, max_steps=6)  # checkpoints step 3 and step 6
+    newest = latest_checkpoint(run)
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a node died mid-copy
+
+    model, result = _train(run, max_steps=6)
+    assert result.resumed_from == 3
+    assert "step_00000006: trainable.safetensors has" in caplog.text  # which and why
+    assert (run / CHECKPOINT_DIR / "damaged_step_00000006").is_dir()
+    for a, b in zip(ref.parameters(), model.parameters()):
+        assert torch.equal(a, b)  # resuming from the older checkpoint is still exact
+
+
+def test_checkpoint_damaged_in_place_is_caught_by_its_hash(tmp_path, caplog):
+    run = tmp_path / "run"
+    _train(run, max_steps=6)
+    state = latest_checkpoint(run) / ckpt.STATE
+    raw = bytearray(state.read_bytes())
+    raw[-40] ^= 0xFF  # same size, one flipped byte
+    state.write_bytes(bytes(raw))
+    _, result = _train(run, max_steps=6)
+    assert result.resumed_from == 3
+    assert "state.pt does not match its sha256" in caplog.text
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(self.target),))
+
+
+def test_a_pickle_payload_in_state_pt_is_refused_and_never_runs(tmp_path, caplog):
+    run = tmp_path / "run"
+    _train(run, max_steps=3)
+    folder = latest_checkpoint(run)
+    marker = tmp_path / "payload-ran"
+    payload = _Payload()
+    payload.target = str(marker)
+    state = torch.load(folder / ckpt.STATE, weights_only=False)  # the test's own file
+    state["data_position"] = payload
+    torch.save(state, folder / ckpt.STATE)  # someone who can write the scratch dir; the manifest is rewritten too
+    ckpt.write_manifest(folder, 3)
+
+    _, result = _train(run, max_steps=3)
+    assert not marker.exists(), "the checkpoint's pickle ran code"
+    assert result.resumed_from is None  # refused, so training started again
+    assert "does not load (UnpicklingError" in caplog.text
+
+
+def test_log_rows_after_the_checkpoint_are_not_doubled_on_resume(tmp_path):
+    run = tmp_path / "run"
+    _train(run, max_steps=5, checkpoint_every=2)  # keeps checkpoints 4 and the final 5; log rows 1..5
+    for folder in sorted((run / CHECKPOINT_DIR).glob("step_*"))[1:]:
+        shutil.rmtree(folder)  # as if killed (-9) after step 5 was logged but before it was checkpointed
+    assert latest_checkpoint(run).name == "step_00000004"
+    _, result = _train(run, max_steps=5, checkpoint_every=2)
+    assert result.resumed_from == 4
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+# --- shared model cache ---------------------------------------------------------------
+
+CONTENT = b"A" * 4096 + b"B" * 4096
+FAKE_PACKAGE = """
+import os, time
+from pathlib import Path
+
+def assemble(path):
+    # like the real chunk packages: copy the chunks into `path`, slowly
+    with open(Path(__file__).parent / "calls", "a") as log:
+        log.write("x")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"A" * 4096)
+        f.flush()
+        time.sleep(0.3)
+        if os.environ.get("FAKE_GGUF_FAIL"):
+            raise OSError("job killed mid-assembly")
+        f.write(b"B" * 4096)
+    return Path(path)
+"""
+
+
+@pytest.fixture
+def chunked_gguf(tmp_path, monkeypatch):
+    """(model config, cached GGUF path, assemble-call counter) for a fake chunked-GGUF package."""
+    from omegaconf import OmegaConf
+
+    name = f"fake_gguf_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / "pkgs" / name).mkdir(parents=True)
+    (tmp_path / "pkgs" / name / "__init__.py").write_text(FAKE_PACKAGE)
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    cfg = OmegaConf.create({"name": "fake", "gguf_package": name, "gguf_file": "m.gguf", "gguf_assemble": True,
+                            "cache_dir": str(tmp_path / "cache")})
+    calls = tmp_path / "pkgs" / name / "calls"
+    return cfg, tmp_path / "cache" / "gguf" / "m.gguf", lambda: len(calls.read_text()) if calls.exists() else 0
+
+
+def test_a_killed_assembly_leaves_no_half_file_in_the_cache(chunked_gguf, monkeypatch):
+    from telepathy.models import _gguf_source
+
+    cfg, target, calls = chunked_gguf
+    monkeypatch.setenv("FAKE_GGUF_FAIL", "1")
+    with pytest.raises(OSError):
+        _gguf_source(cfg)
+    assert not target.exists()
+    monkeypatch.delenv("FAKE_GGUF_FAIL")
+    _gguf_source(cfg)  # the next job assembles it again instead of reading half a file
+    assert calls() == 2 and target.read_bytes() == CONTENT
+
+
+def test_concurrent_jobs_assemble_once_and_never_read_half_a_file(chunked_gguf):
+    from telepathy.models import _gguf_source
+
+    cfg, target, calls = chunked_gguf
+    seen, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            if target.exists():
+                seen.append(target.read_bytes())
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=_gguf_source, args=(cfg,)) for _ in range(3)]
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    watcher.join()
+    seen.append(target.read_bytes())
+    assert calls() == 1
+    assert all(content == CONTENT for content in seen), "a reader saw a half-written GGUF"
+
+
+# --- run-dir lock and heartbeat ---------------------------------------------------------
+
+HOLDER = """
+import sys, time
+from telepathy import runlock
+from telepathy.results import write_json
+with runlock.hold(sys.argv[1], float(sys.argv[2])):
+    write_json(sys.argv[1] + "/result.json", {"status": "running"})
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.fixture
+def holder():
+    """Start a process that owns a run dir (lock + heartbeat) the way a running job does."""
+    procs = []
+
+    def start(run_dir: Path, heartbeat_s: float = 30.0) -> subprocess.Popen:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir), str(heartbeat_s)],
+                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+@needs_data
+@pytest.mark.slow  # one train.py start (~20 s on 2 shared cores)
+def test_a_second_job_on_a_live_run_exits_without_writing(tmp_path, holder):
+    from telepathy.config import run_dir as config_run_dir
+
+    args = [*TINY, "task=sst2", "trainer.max_steps=2", f"paths.output_dir={tmp_path / 'out'}"]
+    run_dir = config_run_dir(compose(*args))
+    holder(run_dir)
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    proc = run_train(*args, outputs=tmp_path / "out", check=False)
+    assert proc.returncode != 0
+    assert "is already running as job - on" in proc.stderr, proc.stderr[-2000:]
+    assert json.loads((run_dir / "result.json").read_text()) == {"status": "running"}
+    after = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != ".hydra"}
+    assert {k: v for k, v in after.items() if not k.endswith(".log")} == \
+        {k: v for k, v in before.items() if k in after and not k.endswith(".log")}
+
+
+def test_a_run_killed_without_a_signal_shows_interrupted_stale(tmp_path, holder):
+    from telepathy.cluster import status
+
+    run_dir = tmp_path / "out" / "runs" / "r1"
+    proc = holder(run_dir, heartbeat_s=1)
+    rows = status.collect(tmp_path / "out")
+    assert [(r["state"], r["detail"].startswith("heartbeat")) for r in rows] == [("running", True)]
+    proc.kill()  # kill -9: no signal handler runs, result.json stays "running"
+    proc.wait()
+    row, = status.collect(tmp_path / "out")
+    assert row["state"] == "interrupted" and row["detail"].startswith("(stale) pid"), row
+    assert "relaunch starts it again" in row["detail"]
+
+
+def test_a_heartbeat_from_another_host_goes_stale_after_four_beats(tmp_path):
+    from telepathy import runlock
+
+    beat = {"host": "elsewhere", "pid": 1, "time": 1000.0, "interval_s": 30}
+    assert runlock.staleness(beat, now=1000.0 + 4 * 30) is None
+    assert runlock.staleness(beat, now=1000.0 + 4 * 30 + 1).startswith("no heartbeat for 121s from elsewhere")
