@@ -242,3 +242,110 @@ def test_a_heartbeat_from_another_host_goes_stale_after_four_beats(tmp_path):
     beat = {"host": "elsewhere", "pid": 1, "time": 1000.0, "interval_s": 30}
     assert runlock.staleness(beat, now=1000.0 + 4 * 30) is None
     assert runlock.staleness(beat, now=1000.0 + 4 * 30 + 1).startswith("no heartbeat for 121s from elsewhere")
+
+
+# --- launches on the local SLURM cluster ------------------------------------------------
+
+def _slurm():
+    from test_slurm import SKIP_REASON
+
+    return pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")
+
+
+slurm = [pytest.mark.slurm, needs_data]
+# a 1-GPU job (150G) and a 2-GPU job (300G): the node has 256G, so the second array cannot run
+TOO_BIG = ["-m", "hydra/launcher=slurm", *TINY, "task=trec", "trainer.max_steps=2", "receiver.num_params=1e10",
+           "sender.num_params=1e8,1e10", "cluster.gpu_mem_gb=30", "cluster.cpus_per_gpu=1",
+           "cluster.mem_gb_per_gpu=150", "cluster.single_model.cpus=1"]
+TWO_RUNS = ["-m", "hydra/launcher=slurm", *TINY, "task=sst2,trec", "trainer.max_steps=2", "cluster.cpus_per_gpu=1",
+            "cluster.mem_gb_per_gpu=1", "cluster.single_model.cpus=1", "cluster.single_model.mem_gb=1"]
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """Start every launch of this section at once (each is a train.py start), then wait for all."""
+    from helpers import run_env
+    from test_slurm import _job_ids
+
+    base = tmp_path_factory.mktemp("faults")
+    before = _job_ids()
+    commands = {"partial": [*TOO_BIG, "cluster.preflight=false"],
+                "twin_a": TWO_RUNS, "twin_b": TWO_RUNS}
+    outputs = {name: base / ("twins" if name.startswith("twin") else name) for name in commands}
+    procs = {name: subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=run_env(outputs[name]),
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, args in commands.items()}
+    done = {name: (proc.wait(timeout=300), *proc.communicate()) for name, proc in procs.items()}
+    new = _job_ids() - before
+    yield {"out": outputs, "procs": done, "new_jobs": new}
+    for job in new:  # these tests check what was queued, not the runs: free the node
+        subprocess.run(["scancel", job.split("_")[0]], capture_output=True)
+
+
+def _manifest_jobs(out: Path) -> list[dict]:
+    return [j for path in sorted(out.glob("sweeps/*/jobs.json")) for j in json.loads(path.read_text())["jobs"]]
+
+
+@pytest.mark.slurm
+@_slurm()
+def test_an_array_no_node_can_run_is_refused_in_one_line_by_sinfo():
+    """What the launcher asks before its first sbatch (``_submit`` → ``_preflight``), against the real sinfo."""
+    from telepathy.cluster import preflight
+    from telepathy.cluster.resources import Resources
+
+    def request(gpus, mem_gb):
+        return Resources(gpus=gpus, cpus=gpus, mem_gb=mem_gb, timeout_min=240, placement={}, estimate_gb=1.0,
+                         device_gb=(1.0,) * gpus)
+
+    assert preflight.check({"1gpu": request(1, 150)}, None) is None
+    message = preflight.check({"1gpu": request(1, 150), "2gpu": request(2, 300)}, None)
+    assert "\n" not in message and message.startswith("the cluster cannot run this launch; nothing was submitted")
+    assert "array 2gpu (--gpus-per-node=2 --cpus-per-task=2 --mem=300G) fits no node of partition" in message
+    assert "1gpu" not in message.split("fits no node")[0].replace("array 2gpu", "")
+    assert "does not exist on this cluster" in preflight.check({"1gpu": request(1, 1)}, "nosuchpartition")
+    assert "fits no node" in preflight.check({"9gpu": request(9, 1)}, None)  # more GPUs than a node has
+
+
+def test_sinfo_lines_are_parsed_per_node_and_partition():
+    from telepathy.cluster.preflight import parse_sinfo
+
+    nodes, default = parse_sinfo("gpu*|64|515000|gpu:a100:4(S:0-1)\ngpu*|64|515000|gpu:a100:4(S:0-1)\n"
+                                 "long|64|515000|gpu:a100:4(S:0-1)\ncpu|128|256000|(null)\n")
+    assert default == "gpu"
+    assert sorted((n.partitions, n.gpus, n.cpus) for n in nodes) == [(("cpu",), 0, 128), (("gpu", "long"), 4, 64)]
+
+
+@pytest.mark.slurm
+@needs_data
+@_slurm()
+def test_a_failing_sbatch_leaves_every_queued_array_recorded(launches):
+    from telepathy.cluster import status
+
+    out = launches["out"]["partial"]
+    rc, stdout, stderr = launches["procs"]["partial"]
+    assert rc == 1
+    error = stderr.strip().splitlines()[-1]
+    assert error.startswith("error: sbatch failed for array 2gpu") and "were queued before it and are recorded" in error
+    jobs = _manifest_jobs(out)
+    assert [(j["resources"]["gpus"], j["state"]) for j in jobs] == [(1, "queued")]
+    assert jobs[0]["slurm_job_id"] in launches["new_jobs"]
+    assert [r["slurm_job_id"] for r in status.collect(out)] == [jobs[0]["slurm_job_id"]]  # not "no runs found"
+    # what a relaunch plans with: the recorded job is alive, so it is not queued again
+    assert status.alive_runs(out) in ({jobs[0]["run_dir"]: jobs[0]["slurm_job_id"]}, {}), "job already ended"
+
+
+@pytest.mark.slurm
+@needs_data
+@_slurm()
+def test_two_launches_of_one_sweep_at_once_queue_each_run_once(launches):
+    out = launches["out"]["twin_a"]
+    results = [launches["procs"][name] for name in ("twin_a", "twin_b")]
+    assert [rc for rc, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
+    jobs = _manifest_jobs(out)
+    queued = [j for j in jobs if j["state"] == "queued"]
+    assert len(queued) == 2 and len({j["run_dir"] for j in queued}) == 2, jobs
+    assert sorted(j["state"] for j in jobs if j["state"] != "queued") in (["active", "active"],
+                                                                           ["skipped", "skipped"],
+                                                                           ["active", "skipped"])
+    dirs = {json.loads(p.read_text())["sweep_dir"] for p in out.glob("sweeps/*/jobs.json")}
+    assert len(dirs) == 2  # one sweep dir per launch, even in the same second

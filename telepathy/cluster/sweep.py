@@ -189,3 +189,41 @@ def write_manifest(sweep_dir: Path, planned: list[PlannedJob], arrays: list[dict
                          for j in planned]
     write_json(path, manifest)
     return path
+
+
+# --- launching safely: one launch per output root, one sweep dir per launch ---------------
+
+LAUNCH_LOCK = ".launch.lock"
+
+
+def launch_lock(output_dir: Path):
+    """Plan-then-submit under an exclusive lock on ``<output_dir>/.launch.lock``.
+
+    Two launches of the same sweep at once would both plan before either submits and
+    queue every job twice. Under the lock the second one plans after the first has
+    submitted and recorded its jobs, so it finds them queued (``active``) and skips them.
+    """
+    from telepathy.fsutil import file_lock
+
+    return file_lock(Path(output_dir) / LAUNCH_LOCK,
+                     waiting_message=f"another launch into {output_dir} is submitting; waiting for it to finish")
+
+
+def check_sweep_dir(sweep_dir: Path, written_by_this_launch: bool) -> None:
+    """Refuse a sweep dir another launch already wrote a manifest into (two launches in the same instant)."""
+    if (Path(sweep_dir) / MANIFEST).exists() and not written_by_this_launch:
+        raise LaunchError(f"sweep dir {sweep_dir} already holds another launch's {MANIFEST}; "
+                          f"nothing was submitted: launch again (the new launch gets a new dir)")
+
+
+def partial_launch_error(err: BaseException, failed: str, n_failed: int, arrays: list[dict], manifest: Path,
+                         output_dir) -> LaunchError:
+    """One line for an ``sbatch`` that failed after earlier arrays of the launch were queued."""
+    first = next((line.strip() for line in str(err).splitlines() if "error" in line.lower()),
+                 str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    queued = sum(a["n_jobs"] for a in arrays)
+    ids = " ".join(str(a["job_id"]) for a in arrays)
+    done = (f"{queued} jobs in {len(arrays)} arrays ({ids}) were queued before it and are recorded in {manifest} "
+            f"(`python -m telepathy.status {output_dir}` shows them, a relaunch leaves them alone; "
+            f"`scancel {ids}` cancels them)") if arrays else "nothing was queued"
+    return LaunchError(f"sbatch failed for array {failed} ({n_failed} jobs): {first}; {done}")
