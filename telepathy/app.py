@@ -26,6 +26,7 @@ from telepathy import features, methods, runlock
 from telepathy.models import LoadedModel, load_model
 from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, SCHEMA_VERSION, environment, now, peak_memory,
                                read_result, write_json, write_jsonl)
+from telepathy.shared_runs import share_result
 
 log = logging.getLogger("telepathy")
 
@@ -161,6 +162,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
                       **{k: source.get(k) for k in ("metrics", "params", "bridge", "timing", "extra") if k in source},
                       "started_at": started, "finished_at": now()}
             write_json(run_dir / RESULT_FILE, record)
+            share_result(cfg, record)
             return record["metrics"]
 
     write_json(run_dir / RESULT_FILE, {**base, "status": "running", "started_at": started})
@@ -187,6 +189,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
     record = {**base, "status": "completed", **out, "timing": timing, "memory": peak_memory(),
               "started_at": started, "finished_at": timing["finished_at"]}
     write_json(run_dir / RESULT_FILE, record)
+    share_result(cfg, record)  # deterministic: the same record for the seeds the sweep pointed here
     _print_summary(record)
     return record["metrics"]
 

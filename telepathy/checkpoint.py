@@ -23,8 +23,8 @@ import hashlib
 import json
 import logging
 import random
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch

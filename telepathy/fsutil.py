@@ -24,8 +24,8 @@ import fcntl
 import logging
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
-
 from analysis_fixtures import write_run
 from helpers import REPO
 

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, TINY, compose, needs_data, run_train
-from telepathy.training import CHECKPOINT_DIR, fit, latest_checkpoint
 from test_training import Toy, make_loss, trainer_cfg
 
+from telepathy.training import CHECKPOINT_DIR, fit, latest_checkpoint
 
 # --- checkpoints ----------------------------------------------------------------------
 
@@ -281,7 +280,7 @@ def launches(tmp_path_factory):
     new = _job_ids() - before
     yield {"out": outputs, "procs": done, "new_jobs": new}
     for job in new:  # these tests check what was queued, not the runs: free the node
-        subprocess.run(["scancel", job.split("_")[0]], capture_output=True)
+        subprocess.run(["scancel", job.split("_")[0]], capture_output=True, check=False)
 
 
 def _manifest_jobs(out: Path) -> list[dict]:
@@ -324,7 +323,7 @@ def test_a_failing_sbatch_leaves_every_queued_array_recorded(launches):
     from telepathy.cluster import status
 
     out = launches["out"]["partial"]
-    rc, stdout, stderr = launches["procs"]["partial"]
+    rc, _, stderr = launches["procs"]["partial"]
     assert rc == 1
     error = stderr.strip().splitlines()[-1]
     assert error.startswith("error: sbatch failed for array 2gpu") and "were queued before it and are recorded" in error
@@ -351,3 +350,44 @@ def test_two_launches_of_one_sweep_at_once_queue_each_run_once(launches):
                                                                            ["active", "skipped"])
     dirs = {json.loads(p.read_text())["sweep_dir"] for p in out.glob("sweeps/*/jobs.json")}
     assert len(dirs) == 2  # one sweep dir per launch, even in the same second
+
+
+# --- deterministic baselines: one job per result ------------------------------------------
+
+def _plan(*sweep: list[str]):
+    from telepathy.cluster import sweep as sweep_mod
+
+    jobs = [[*TINY, *overrides] for overrides in sweep]
+    return sweep_mod.plan(lambda overrides: compose(*overrides), compose(*TINY), jobs, 0, {})
+
+
+def test_deterministic_seeds_are_one_job_and_bridge_seeds_are_not(tmp_path, monkeypatch):
+    from telepathy.cluster.sweep import describe
+
+    monkeypatch.setenv("TELEPATHY_OUTPUTS", str(tmp_path))
+    planned = _plan(*[[f"method={m}", f"seed={s}"] for m in ("zeroshot", "bridge") for s in (1, 2, 3)])
+    assert [(j.state, j.seed) for j in planned] == [("queue", 1), ("shared", 2), ("shared", 3),
+                                                    ("queue", 1), ("queue", 2), ("queue", 3)]
+    assert planned[1].shares == planned[2].shares == planned[0].run_dir
+    assert "++run.reuse_seeds=[2,3]" in planned[0].job_overrides
+    assert not any("reuse_seeds" in o for j in planned[3:] for o in j.job_overrides)
+    hours = sum(j.resources.gpu_hours for j in planned if j.state == "queue")
+    assert "4 to run in" in describe(planned, "") and "2 shared" in describe(planned, "")
+    assert f"up to {hours:.1f} GPU-hours (GPUs" in describe(planned, "")
+
+
+@needs_data
+@pytest.mark.slow  # loads the two tiny models and evaluates (~15 s)
+def test_the_one_deterministic_job_writes_every_seeds_record(tmp_path):
+    from telepathy import app
+    from telepathy.config import run_dir
+    from telepathy.results import read_result
+
+    args = [*TINY, "method=zeroshot", "task=sst2", f"paths.output_dir={tmp_path}"]
+    app.main(compose(*args, "seed=1", "++run.reuse_seeds=[2,3]"))
+    first = read_result(run_dir(compose(*args, "seed=1")))
+    for seed in (2, 3):
+        other = read_result(run_dir(compose(*args, f"seed={seed}")))
+        assert other["status"] == "completed" and other["seed"] == seed
+        assert other["reused_from"] == first["run_dir"] and other["metrics"] == first["metrics"]
+        assert other["config_hash"] == run_dir(compose(*args, f"seed={seed}")).name.rsplit("-", 1)[1]

@@ -127,8 +127,8 @@ class _TelepathyMixin:
         classes = sweep.group(j for j in planned if j.state == "queue")
         self._preflight(classes)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        manifest = sweep.write_manifest(sweep_dir, [j for j in planned if j.state != "queue"], [], phase,
-                                        self._EXECUTOR)
+        manifest = sweep.write_manifest(sweep_dir, [j for j in planned if j.state not in ("queue", "shared")], [],
+                                        phase, self._EXECUTOR)
         written.add(str(sweep_dir))
 
         state = Singleton.get_state()
@@ -147,7 +147,7 @@ class _TelepathyMixin:
             array_id = str(handles[0].job_id).split("_")[0] if handles else None
             array = {"class": name, "job_id": array_id, "n_jobs": len(jobs), "resources": jobs[0].resources.to_dict()}
             arrays.append(array)
-            sweep.write_manifest(sweep_dir, jobs, [array], phase, self._EXECUTOR)
+            sweep.write_manifest(sweep_dir, jobs + sweep.sharers(planned, jobs), [array], phase, self._EXECUTOR)
             log.info("queued array %s (%s): %d jobs", array_id, name, len(jobs))
         print(f"queued {len(submitted)} jobs in {len(arrays)} arrays, skipped "
               f"{sum(j.state != 'queue' for j in planned)}; manifest {manifest}\n"
