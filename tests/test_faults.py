@@ -212,7 +212,7 @@ def test_a_second_job_on_a_live_run_exits_without_writing(tmp_path, holder):
 
     args = [*TINY, "task=sst2", "trainer.max_steps=2", f"paths.output_dir={tmp_path / 'out'}"]
     run_dir = config_run_dir(compose(*args))
-    holder(run_dir)
+    holder(run_dir, heartbeat_s=3600)  # its heartbeat.json does not change during the test
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     proc = run_train(*args, outputs=tmp_path / "out", check=False)
     assert proc.returncode != 0
