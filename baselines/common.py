@@ -2,7 +2,7 @@
 tokens the reading model saw, and the result they return.
 
 The baselines build prompts for frozen models and hand them to the shared evaluation
-(``telepathy.evaluation`` through the task-type dispatch of ``telepathy.bridge_recipe``),
+(``telepathy.evaluation.evaluate``, which dispatches on the task type),
 so they are scored like the bridge: same test items, same verbalisers, same readout.
 """
 
@@ -11,10 +11,10 @@ from __future__ import annotations
 import statistics
 
 import torch
-from omegaconf import OmegaConf
 
+from telepathy.config import ConfigError, check_choice, group_options
 from telepathy.evaluation import evaluate
-from telepathy.config import ConfigError, group_options
+from telepathy.methods import MethodOutput, output
 from telepathy.metrics import majority
 from telepathy.models import LoadedModel
 from telepathy.receiver import PromptIO
@@ -24,10 +24,7 @@ ROLES = ("sender", "receiver")
 
 def check_model_choice(cfg, key: str) -> None:
     """``key`` must name a role of the run or a model config (``conf/model/<name>.yaml``)."""
-    value = OmegaConf.select(cfg, key)
-    allowed = [*ROLES, *group_options("model")]
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(allowed)}")
+    check_choice(cfg, key, [*ROLES, *group_options("model")])
 
 
 def check_classification(cfg) -> None:
@@ -48,7 +45,7 @@ def prompt_tokens(io: PromptIO, sequence: list) -> int:
     return n
 
 
-def evaluate_counted(io: PromptIO, examples, build, cfg, desc: str = "eval") -> tuple[dict, list[dict]]:
+def evaluate_counted(io: PromptIO, examples, build, cfg, desc: str = "eval") -> tuple[dict, list[dict], float]:
     """The task's evaluation (label readout, or ROUGE for generation), plus what the model read:
     ``receiver_tokens`` on every prediction row and ``receiver_tokens_mean`` in the metrics.
 
@@ -62,19 +59,18 @@ def evaluate_counted(io: PromptIO, examples, build, cfg, desc: str = "eval") -> 
             counts[ex.idx] = prompt_tokens(io, seq)
         return sequences
 
-    metrics, rows = evaluate(io, examples, counting_build, cfg, desc=desc)
+    metrics, rows, eval_s = evaluate(io, examples, counting_build, cfg, desc=desc)
     for row in rows:
         row["receiver_tokens"] = counts[row["idx"]]
     metrics["receiver_tokens_mean"] = statistics.mean(counts.values())
-    return metrics, rows
+    return metrics, rows, eval_s
 
 
 def inference_result(cfg, metrics: dict, rows: list[dict], train, test, models: dict[str, LoadedModel],
-                     eval_s: float, **extra) -> dict:
+                     eval_s: float, **details: dict) -> MethodOutput:
     """A baseline's run output: nothing trained (0 parameters, 0 s), the majority baseline
     beside classification metrics, and the size of each model it read with."""
     if cfg.task.type == "classification":
         metrics.update(majority([e.label for e in train], [e.label for e in test]))
     params = {"trainable": 0, **{name: lm.num_params() for name, lm in models.items()}}
-    return {"metrics": metrics, "predictions": rows, "params": params,
-            "timing": {"train_s": 0.0, "eval_s": eval_s}, **extra}
+    return output(metrics, rows, params, {"train_s": 0.0, "eval_s": eval_s}, **details)

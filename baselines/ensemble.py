@@ -17,6 +17,7 @@ from baselines.common import check_classification, evaluate_counted, inference_r
 from telepathy.config import ConfigError
 from telepathy.data import load_task
 from telepathy.evaluation import text_prompt
+from telepathy.methods import MethodOutput
 from telepathy.metrics import classification
 from telepathy.receiver import PromptIO
 
@@ -36,14 +37,14 @@ def average_probabilities(scores: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([s.float().softmax(-1) for s in scores]).mean(0)
 
 
-def run(cfg, ctx) -> dict:
+def run(cfg, ctx) -> MethodOutput:
     train, test = load_task(cfg)
     models = {role: ctx.model(role) for role in MEMBERS}
     metrics, member_rows, eval_s = {}, {}, 0.0
     for role, lm in models.items():
         io = PromptIO(lm)
-        m, rows = evaluate_counted(io, test, text_prompt(io, cfg.task.prompt), cfg, desc=f"{role} zero-shot")
-        eval_s += m.pop("eval_s")
+        m, rows, seconds = evaluate_counted(io, test, text_prompt(io, cfg.task.prompt), cfg, desc=f"{role} zero-shot")
+        eval_s += seconds
         metrics.update({f"{role}_accuracy": m["accuracy"], f"{role}_macro_f1": m["macro_f1"]})
         member_rows[role] = {r["idx"]: r for r in rows}
 

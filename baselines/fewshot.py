@@ -18,8 +18,9 @@ import random
 from collections import Counter
 
 from baselines.common import check_classification, evaluate_counted, inference_result
-from telepathy.config import ConfigError
+from telepathy.config import ConfigError, check_range
 from telepathy.data import Example, format_prompt, load_task
+from telepathy.methods import MethodOutput
 from telepathy.receiver import PromptIO
 
 DETERMINISTIC = False
@@ -62,12 +63,10 @@ def demonstrations_text(demos: list[Example], task_cfg, separator: str) -> str:
 
 def validate(cfg) -> None:
     check_classification(cfg)
-    shots = cfg.method.shots
-    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 1:
-        raise ConfigError(f"method.shots={shots!r} is not allowed; allowed: an integer >= 1")
+    check_range(cfg, "method.shots", lo=1, integer=True)
 
 
-def run(cfg, ctx) -> dict:
+def run(cfg, ctx) -> MethodOutput:
     train, test = load_task(cfg)
     receiver = ctx.model("receiver")
     io = PromptIO(receiver)
@@ -78,8 +77,7 @@ def run(cfg, ctx) -> dict:
         return [[io.frame(demonstrations_text(demos[ex.idx], cfg.task, cfg.method.separator)
                           + format_prompt(cfg.task.prompt, ex.text))[0]] for ex in chunk]
 
-    metrics, rows = evaluate_counted(io, test, build, cfg, desc=f"{cfg.method.shots}-shot")
+    metrics, rows, eval_s = evaluate_counted(io, test, build, cfg, desc=f"{cfg.method.shots}-shot")
     for row in rows:
         row["demonstrations"] = [d.id for d in demos[row["idx"]]]
-    eval_s = metrics.pop("eval_s")
     return inference_result(cfg, metrics, rows, train, test, {"receiver": receiver}, eval_s)

@@ -30,10 +30,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from baselines.common import check_classification
-from telepathy.config import ConfigError, resolve_layer
+from telepathy.config import ConfigError, check_choice, resolve_layer
 from telepathy.data import load_task
 from telepathy.evaluation import score_rows
 from telepathy.features import sender_prompts
+from telepathy.methods import MethodOutput, output
 from telepathy.metrics import classification, majority
 
 log = logging.getLogger(__name__)
@@ -82,17 +83,14 @@ def validate(cfg) -> None:
     """Fail before launch: unknown model role, a layer outside the model's published depth, bad knobs."""
     check_classification(cfg)
     m = cfg.method
-    if m.model not in ROLES:
-        raise ConfigError(f"method.model={m.model!r} is not allowed; allowed: {', '.join(ROLES)}")
+    check_choice(cfg, "method.model", list(ROLES))
     layers = probe_layers(cfg, int(cfg[m.model].num_layers))
-    if m.report not in ("validation", "bridge"):
-        raise ConfigError(f"method.report={m.report!r} is not allowed; allowed: validation, bridge")
+    check_choice(cfg, "method.report", ["validation", "bridge"])
     if m.report == "bridge" and m.model != "sender":
         raise ConfigError("method.report=bridge needs method.model=sender (the bridge reads the sender)")
     if m.report == "bridge" and resolve_layer(cfg.sender.layer, int(cfg.sender.num_layers)) not in layers:
         raise ConfigError("method.report=bridge needs 'bridge' (or sender.layer) in method.layers")
-    if m.pooling not in ("last", "mean"):
-        raise ConfigError(f"method.pooling={m.pooling!r} is not allowed; allowed: last, mean")
+    check_choice(cfg, "method.pooling", ["last", "mean"])
     if not 0 < float(m.val_fraction) < 1:
         raise ConfigError(f"method.val_fraction={m.val_fraction!r} is not allowed; allowed: a number in (0, 1)")
     if not m.C_grid or any(float(c) <= 0 for c in m.C_grid):
@@ -147,7 +145,7 @@ def held_out_split(labels: list[int], fraction: float, seed: int) -> tuple[np.nd
     return fit_idx, val_idx
 
 
-def run(cfg, ctx) -> dict:
+def run(cfg, ctx) -> MethodOutput:
     train, test = load_task(cfg)
     role = cfg.method.model
     lm = ctx.model(role)
@@ -201,13 +199,10 @@ def run(cfg, ctx) -> dict:
     metrics["model_tokens_mean"] = tokens_read
     metrics["receiver_tokens_mean"] = tokens_read if role == "receiver" else 0.0
     classifier = probes[reported][0][-1]
-    return {
-        "metrics": metrics,
-        "predictions": rows,
-        "params": {"trainable": int(classifier.coef_.size + classifier.intercept_.size), role: lm.num_params()},
-        "timing": {"train_s": train_s, "eval_s": eval_s},
-        "probe": {"model": lm.name, "role": role, "num_layers": lm.num_layers, "layers": layers,
-                  "reported_layer": reported, "report": cfg.method.report, "bridge_layer": bridge_layer,
-                  "pooling": cfg.method.pooling, "n_fit": len(fit_idx), "n_val": len(val_idx),
-                  "method_layers": OmegaConf.to_container(cfg.method.layers, resolve=True)},
-    }
+    return output(
+        metrics, rows, {"trainable": int(classifier.coef_.size + classifier.intercept_.size), role: lm.num_params()},
+        {"train_s": train_s, "eval_s": eval_s},
+        probe={"model": lm.name, "role": role, "num_layers": lm.num_layers, "layers": layers,
+               "reported_layer": reported, "report": cfg.method.report, "bridge_layer": bridge_layer,
+               "pooling": cfg.method.pooling, "n_fit": len(fit_idx), "n_val": len(val_idx),
+               "method_layers": OmegaConf.to_container(cfg.method.layers, resolve=True)})

@@ -19,10 +19,10 @@ from dataclasses import replace
 
 from baselines.common import check_model_choice, evaluate_counted, inference_result
 from baselines.llmlingua_compat import compress, make_compressor
-from telepathy.app import model_config
-from telepathy.config import ConfigError, num_latents
+from telepathy.config import ConfigError, check_choice, model_config, num_latents
 from telepathy.data import load_task
 from telepathy.evaluation import text_prompt
+from telepathy.methods import MethodOutput
 from telepathy.models import local_model_dir
 from telepathy.receiver import PromptIO
 
@@ -31,8 +31,7 @@ DETERMINISTIC = True
 
 def validate(cfg) -> None:
     check_model_choice(cfg, "method.compressor")
-    if cfg.method.budget not in ("rate", "match_bridge"):
-        raise ConfigError(f"method.budget={cfg.method.budget!r} is not allowed; allowed: rate, match_bridge")
+    check_choice(cfg, "method.budget", ["rate", "match_bridge"])
     rate = cfg.method.rate
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 1:
         raise ConfigError(f"method.rate={rate!r} is not allowed; allowed: a number in (0, 1]")
@@ -45,7 +44,7 @@ def compression_target(cfg) -> dict:
     return {"rate": float(cfg.method.rate)}
 
 
-def run(cfg, ctx) -> dict:
+def run(cfg, ctx) -> MethodOutput:
     train, test = load_task(cfg)
     receiver = ctx.model("receiver")
     io = PromptIO(receiver)
@@ -59,8 +58,8 @@ def run(cfg, ctx) -> dict:
     compressed = {ex.idx: compress(compressor, ex.text, **target) for ex in test}
     compress_s = time.time() - t0
     short = [replace(ex, text=compressed[ex.idx].text) for ex in test]
-    metrics, rows = evaluate_counted(io, short, text_prompt(io, cfg.task.prompt), cfg,
-                                     desc="receiver reads compressed text")
+    metrics, rows, eval_s = evaluate_counted(io, short, text_prompt(io, cfg.task.prompt), cfg,
+                                             desc="receiver reads compressed text")
     for row in rows:
         c = compressed[row["idx"]]
         row.update(compressed_text=c.text, origin_tokens=c.origin_tokens, compressed_tokens=c.compressed_tokens)
@@ -68,6 +67,5 @@ def run(cfg, ctx) -> dict:
     kept = statistics.mean(c.compressed_tokens for c in compressed.values())
     metrics.update(origin_tokens_mean=origin, compressed_tokens_mean=kept,
                    compression_ratio=origin / kept if kept else float("inf"), compress_s=compress_s, **target)
-    eval_s = compress_s + metrics.pop("eval_s")
-    return inference_result(cfg, metrics, rows, train, test, {"receiver": receiver}, eval_s,
+    return inference_result(cfg, metrics, rows, train, test, {"receiver": receiver}, compress_s + eval_s,
                             extra={"compressor": model_cfg.name})

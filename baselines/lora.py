@@ -19,13 +19,14 @@ import torch
 from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 
-from baselines.common import check_classification
-from baselines.prompt_tuning import train_and_evaluate
-from telepathy.config import ConfigError
+from baselines.common import check_classification, evaluate_counted
+from telepathy.config import ConfigError, check_range
 from telepathy.data import load_task
 from telepathy.evaluation import text_prompt
+from telepathy.methods import MethodOutput
 from telepathy.models import LoadedModel
 from telepathy.receiver import PromptIO
+from telepathy.recipe import trained_params, train_then_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,7 @@ DETERMINISTIC = False
 def validate(cfg) -> None:
     check_classification(cfg)
     m = cfg.method
-    if not isinstance(m.r, int) or m.r < 1:
-        raise ConfigError(f"method.r={m.r!r} is not allowed; allowed: an integer >= 1")
+    check_range(cfg, "method.r", lo=1, integer=True)
     if not float(m.alpha) > 0:
         raise ConfigError(f"method.alpha={m.alpha!r} is not allowed; allowed: a number > 0")
     if not 0 <= float(m.dropout) < 1:
@@ -72,12 +72,13 @@ def add_lora(lm: LoadedModel, method_cfg, seed: int) -> torch.nn.Module:
     return lm.model
 
 
-def run(cfg, ctx) -> dict:
+def run(cfg, ctx) -> MethodOutput:
     train, test = load_task(cfg)
     receiver = ctx.model("receiver")
     module = add_lora(receiver, cfg.method, cfg.seed)
     io = PromptIO(receiver)
-    out = train_and_evaluate(cfg, ctx, io, module, text_prompt(io, cfg.task.prompt), train, test)
-    out["lora"] = {"r": cfg.method.r, "alpha": cfg.method.alpha, "dropout": cfg.method.dropout,
-                   "target_modules": list(cfg.method.target_modules)}
-    return out
+    return train_then_evaluate(
+        cfg, ctx, io, module, train, test, text_prompt(io, cfg.task.prompt),
+        params=trained_params(module, receiver), evaluate_fn=evaluate_counted,
+        lora={"r": cfg.method.r, "alpha": cfg.method.alpha, "dropout": cfg.method.dropout,
+              "target_modules": list(cfg.method.target_modules)})

@@ -25,14 +25,13 @@ import torch
 from torch import nn
 
 from baselines.common import check_classification, evaluate_counted
-from telepathy.bridge_recipe import classification_targets
-from telepathy.config import ConfigError, num_latents
+from telepathy.config import check_choice, check_range, num_latents
 from telepathy.data import load_task
-from telepathy.evaluation import evaluate_classification, text_prompt
-from telepathy.metrics import majority
+from telepathy.evaluation import text_prompt
+from telepathy.methods import MethodOutput
 from telepathy.models import embedding_rms_median
 from telepathy.receiver import PromptIO
-from telepathy.training import fit
+from telepathy.recipe import trained_params, train_then_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -65,52 +64,11 @@ def init_soft_prompt(io: PromptIO, m: int, how: str, vocab_top: int, seed: int) 
 
 def validate(cfg) -> None:
     check_classification(cfg)
-    if cfg.method.init not in INITS:
-        raise ConfigError(f"method.init={cfg.method.init!r} is not allowed; allowed: {', '.join(INITS)}")
-    if int(cfg.method.init_vocab_top) < 1:
-        raise ConfigError(f"method.init_vocab_top={cfg.method.init_vocab_top!r} is not allowed; allowed: an integer >= 1")
+    check_choice(cfg, "method.init", list(INITS))
+    check_range(cfg, "method.init_vocab_top", lo=1, integer=True)
 
 
-def train_and_evaluate(cfg, ctx, io: PromptIO, module: nn.Module, build, train, test) -> dict:
-    """Train ``module``'s trainable weights on the label loss of ``build``'s prompts, then evaluate.
-
-    Shared by the two baselines that train something on the receiver side (this one and
-    ``baselines.lora``): ``build(examples)`` gives the receiver's prompt sequences, and the
-    loss scores the label verbaliser tokens after them only. Training goes through ``fit``
-    (cfg.trainer, seeded data order, checkpoint/resume), evaluation through the shared
-    readout on all test items, with the receiver's tokens per example counted.
-    """
-    receiver = io.lm
-    targets = classification_targets(io, train, cfg.task)
-
-    def loss_fn(indices):
-        loss = io.label_loss(build([train[i] for i in indices]), [targets[i] for i in indices])
-        return loss, {"loss": loss.item()}
-
-    probe = test[: cfg.trainer.eval_samples]
-
-    def eval_probe():
-        metrics, _ = evaluate_classification(io, probe, build, cfg.task, cfg.eval, desc="eval@step")
-        return {"eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"]}
-
-    result = fit(module, loss_fn, len(train), cfg.trainer, cfg.seed, ctx.run_dir, eval_fn=eval_probe,
-                 device=receiver.device)
-    metrics, rows = evaluate_counted(io, test, build, cfg, desc="eval")
-    metrics.update(majority([e.label for e in train], [e.label for e in test]))
-    eval_s = metrics.pop("eval_s")
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return {
-        "metrics": metrics,
-        "predictions": rows,
-        "params": {"trainable": trainable, "receiver": sum(p.numel() for p in receiver.model.parameters()
-                                                           if not p.requires_grad)},
-        "timing": {"train_s": result.train_s, "eval_s": eval_s},
-        "training": {"steps": result.steps, "resumed_from": result.resumed_from,
-                     "final_loss": result.final_loss, "examples_seen": result.examples_seen},
-    }
-
-
-def run(cfg, ctx) -> dict:
+def run(cfg, ctx) -> MethodOutput:
     train, test = load_task(cfg)
     receiver = ctx.model("receiver")
     io = PromptIO(receiver)
@@ -123,6 +81,6 @@ def run(cfg, ctx) -> dict:
         soft = prompt().to(receiver.dtype)
         return [[soft, *seq] for seq in text(chunk)]
 
-    out = train_and_evaluate(cfg, ctx, io, prompt, build, train, test)
-    out["prompt_tuning"] = {"num_virtual_tokens": m, "compression_factor": cfg.compression, "init": cfg.method.init}
-    return out
+    return train_then_evaluate(
+        cfg, ctx, io, prompt, train, test, build, params=trained_params(prompt, receiver), evaluate_fn=evaluate_counted,
+        prompt_tuning={"num_virtual_tokens": m, "compression_factor": cfg.compression, "init": cfg.method.init})

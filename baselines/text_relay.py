@@ -18,18 +18,17 @@ import time
 from dataclasses import replace
 
 from baselines.common import evaluate_counted, inference_result
-from telepathy.config import ConfigError
+from telepathy.config import ConfigError, check_range
 from telepathy.data import batches, load_task
 from telepathy.evaluation import text_prompt
+from telepathy.methods import MethodOutput
 from telepathy.receiver import PromptIO
 
 DETERMINISTIC = True
 
 
 def validate(cfg) -> None:
-    n = cfg.method.max_new_tokens
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ConfigError(f"method.max_new_tokens={n!r} is not allowed; allowed: an integer >= 1")
+    check_range(cfg, "method.max_new_tokens", lo=1, integer=True)
     for key in ("instruction", "receiver_prompt"):
         if "{text}" not in cfg.method[key]:
             raise ConfigError(f"method.{key}={cfg.method[key]!r} is not allowed; allowed: a template with {{text}}")
@@ -46,7 +45,7 @@ def relay_messages(io: PromptIO, examples, instruction: str, max_new_tokens: int
     return messages
 
 
-def run(cfg, ctx) -> dict:
+def run(cfg, ctx) -> MethodOutput:
     train, test = load_task(cfg)
     sender, receiver = ctx.model("sender"), ctx.model("receiver")
     sender_io, io = PromptIO(sender), PromptIO(receiver)
@@ -56,12 +55,12 @@ def run(cfg, ctx) -> dict:
                               cfg.eval.batch_size)
     relay_s = time.time() - t0
     relayed = [replace(ex, text=messages[ex.idx]) for ex in test]  # same idx, label and target
-    metrics, rows = evaluate_counted(io, relayed, text_prompt(io, cfg.method.receiver_prompt), cfg,
-                                     desc="receiver reads the relay")
+    metrics, rows, eval_s = evaluate_counted(io, relayed, text_prompt(io, cfg.method.receiver_prompt), cfg,
+                                             desc="receiver reads the relay")
     for row in rows:
         row["relay"] = messages[row["idx"]]
         row["relay_tokens"] = len(sender_io.ids(row["relay"]))
     metrics["relay_tokens_mean"] = statistics.mean(r["relay_tokens"] for r in rows)
     metrics["relay_s"] = relay_s
-    eval_s = relay_s + metrics.pop("eval_s")
-    return inference_result(cfg, metrics, rows, train, test, {"sender": sender, "receiver": receiver}, eval_s)
+    return inference_result(cfg, metrics, rows, train, test, {"sender": sender, "receiver": receiver},
+                            relay_s + eval_s)

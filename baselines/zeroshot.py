@@ -15,6 +15,7 @@ from __future__ import annotations
 from baselines.common import check_model_choice, evaluate_counted, inference_result
 from telepathy.data import load_task
 from telepathy.evaluation import text_prompt
+from telepathy.methods import MethodOutput
 from telepathy.receiver import PromptIO
 
 DETERMINISTIC = True
@@ -24,11 +25,11 @@ def validate(cfg) -> None:
     check_model_choice(cfg, "method.model")
 
 
-def run(cfg, ctx) -> dict:
+def run(cfg, ctx) -> MethodOutput:
     train, test = load_task(cfg)
     lm = ctx.model(cfg.method.model)
     io = PromptIO(lm)
-    metrics, rows = evaluate_counted(io, test, text_prompt(io, cfg.task.prompt), cfg, desc=f"{lm.name} zero-shot")
-    eval_s = metrics.pop("eval_s")
+    metrics, rows, eval_s = evaluate_counted(io, test, text_prompt(io, cfg.task.prompt), cfg,
+                                             desc=f"{lm.name} zero-shot")
     return inference_result(cfg, metrics, rows, train, test, {cfg.method.model: lm}, eval_s,
                             extra={"model": lm.name})

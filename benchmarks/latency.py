@@ -35,15 +35,14 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from telepathy.app import placement  # noqa: E402
 from telepathy.bridge import build_bridge, count_params  # noqa: E402
 from telepathy.config import num_latents, resolve_layer  # noqa: E402
 from telepathy.data import Example, batches, load_split  # noqa: E402
 from telepathy.evaluation import text_prompt  # noqa: E402
 from telepathy.features import collate, encode, sender_prompts  # noqa: E402
-from telepathy.models import embedding_rms_median, load_model  # noqa: E402
+from telepathy.models import embedding_rms_median, load_model, placement  # noqa: E402
 from telepathy.receiver import PromptIO, label_token_ids  # noqa: E402
-from telepathy.results import RESULT_FILE, SCHEMA_VERSION, environment, now, write_json  # noqa: E402
+from telepathy.results import RESULT_FILE, environment, identity_block, now, record, write_json  # noqa: E402
 from telepathy.training import latest_checkpoint, load_trainable  # noqa: E402
 
 log = logging.getLogger("telepathy.latency")
@@ -210,14 +209,13 @@ def main(cfg: DictConfig) -> dict:
         "bridge_share_of_bridge_path": results["bridge"].get("bridge_share", 0.0),
     }
     config = OmegaConf.to_container(cfg, resolve=True)
+    identity = identity_block(task=cfg.task.name, method="latency", sender=cfg.sender.name, receiver=cfg.receiver.name,
+                              compression=cfg.compression, num_latents=m, layer=cfg.sender.layer, seed=cfg.seed)
     for name in PATHS:
-        write_json(job_dir / name / RESULT_FILE, {
-            "schema_version": SCHEMA_VERSION, "run_id": f"{job_dir.name}-{name}", "run_dir": str(job_dir / name),
-            "status": "completed", "method": "latency", "task": cfg.task.name, "seed": cfg.seed,
-            "config": {**config, "method": "latency", "path": name, "batch_size": bs},
-            "metrics": results[name], "latency": info, "env": environment(device=str(devices["receiver"])),
-            "finished_at": now(),
-        })
+        write_json(job_dir / name / RESULT_FILE, record(
+            "completed", run_id=f"{job_dir.name}-{name}", run_dir=job_dir / name, identity=identity,
+            config={**config, "method": "latency", "path": name, "batch_size": bs},
+            metrics=results[name], latency=info, env=environment(device=str(devices["receiver"])), finished_at=now()))
     write_json(job_dir / "summary.json", {"config": config, "info": info, "paths": results, "ratios": ratios})
 
     print(f"latency c{cfg.compression} batch {bs} on {info['device']['receiver']} "

@@ -31,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from telepathy.results import PREDICTIONS_FILE, RESULT_FILE, environment, now, write_json  # noqa: E402
+from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, environment, identity_block, now,  # noqa: E402
+                               record, write_json)
 
 
 def run_sweep(seeds: str, overrides: list[str], outputs: Path, cache_args: list[str]) -> float:
@@ -49,21 +50,22 @@ def run_sweep(seeds: str, overrides: list[str], outputs: Path, cache_args: list[
 
 def run_stats(run_dir: Path) -> dict:
     """Per-run numbers from what train.py wrote: result.json and log.jsonl."""
-    record = json.loads((run_dir / RESULT_FILE).read_text())
+    rec = json.loads((run_dir / RESULT_FILE).read_text())
     steps = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     loop_eps = [row["examples_per_s"] for row in steps if "examples_per_s" in row]
-    seen = record["training"]["examples_seen"]
+    seen = rec["training"]["examples_seen"]
     return {
-        "seed": record["seed"],
-        "total_s": record["timing"]["total_s"],
-        "train_s": record["timing"]["train_s"],
-        "eval_s": record["timing"]["eval_s"],
+        "seed": rec["seed"],
+        "identity": rec["identity"],
+        "total_s": rec["timing"]["total_s"],
+        "train_s": rec["timing"]["train_s"],
+        "eval_s": rec["timing"]["eval_s"],
         "examples_seen": seen,
-        "end_to_end_eps": seen / record["timing"]["total_s"],
+        "end_to_end_eps": seen / rec["timing"]["total_s"],
         "train_loop_eps": statistics.median(loop_eps) if loop_eps else None,
-        "peak_rss_mb": record["memory"]["peak_rss_mb"],
-        "peak_gpu_mb": record["memory"]["peak_gpu_mb"],
-        "metrics": record["metrics"],
+        "peak_rss_mb": rec["memory"]["peak_rss_mb"],
+        "peak_gpu_mb": rec["memory"]["peak_gpu_mb"],
+        "metrics": rec["metrics"],
         "predictions": (run_dir / PREDICTIONS_FILE).read_text(),
     }
 
@@ -95,22 +97,20 @@ def main() -> None:
         for r in sweep["runs"]:
             r.pop("predictions")
     speedup = sweeps["uncached"]["wall_s"] / sweeps["cached"]["wall_s"]
-    record = {
-        "method": "train_throughput",
-        "status": "completed",
-        "config": {"seeds": args.seeds, "overrides": args.overrides},
-        "metrics": {
+    # the runs it timed say what was trained (task, models, compression); the benchmark has no one seed
+    timed = {**sweeps["cached"]["runs"][0]["identity"], "method": "train_throughput", "seed": None}
+    result = record(
+        "completed", run_id=out.name, run_dir=out, identity=identity_block(**timed),
+        config={"seeds": args.seeds, "overrides": args.overrides},
+        metrics={
             "uncached_sweep_s": sweeps["uncached"]["wall_s"],
             "cached_sweep_s": sweeps["cached"]["wall_s"],
             "sweep_speedup": speedup,
             "identical_metrics": identical,
             "feature_cache_mb": sum(p.stat().st_size for p in feature_dir.rglob("*.safetensors")) / 2**20,
         },
-        "sweeps": sweeps,
-        "env": environment(),
-        "finished_at": now(),
-    }
-    write_json(out / RESULT_FILE, record)
+        sweeps=sweeps, env=environment(), finished_at=now())
+    write_json(out / RESULT_FILE, result)
 
     print(f"\n{'sweep':<9} {'seed':>4} {'run s':>7} {'train s':>8} {'e2e ex/s':>9} {'loop ex/s':>10} "
           f"{'peak RSS MB':>12}  accuracy")

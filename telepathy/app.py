@@ -3,7 +3,7 @@
 1. validate the config (nothing loads before it passes);
 2. find the run's directory (a function of its config: reruns land in the same place);
 3. skip it if it already completed (``+rerun=all`` forces); for a deterministic
-   method, reuse a completed run of another seed with the same config;
+   method, reuse a completed run of another seed with the same config (its whole record);
 4. run ``method=<name>``; write ``result.json`` on every exit path: completed,
    failed (error type, traceback, out-of-memory flag) or interrupted (preempted:
    the requeued job resumes from the last checkpoint).
@@ -23,42 +23,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from telepathy import config as tconfig
 from telepathy import features, methods, runlock
-from telepathy.models import LoadedModel, load_model
-from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, SCHEMA_VERSION, environment, now, peak_memory,
-                               read_result, write_json, write_jsonl)
+from telepathy.models import LoadedModel, load_model, placement
+from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, environment, measured, now, peak_memory, read_result,
+                               record, run_identity, write_json, write_jsonl)
 from telepathy.shared_runs import share_result
 
 log = logging.getLogger("telepathy")
 
 
-def placement(cfg) -> dict[str, torch.device]:
-    """Where each model runs: 2 visible GPUs → sender on the first, receiver (+ bridge) on the second."""
-    want = cfg.get("device", "auto")
-    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
-        cpu = torch.device("cpu")
-        return {"sender": cpu, "receiver": cpu}
-    n = torch.cuda.device_count()
-    return {"sender": torch.device("cuda:0"), "receiver": torch.device("cuda:1" if n > 1 else "cuda:0")}
-
-
-def model_config(cfg, name: str) -> DictConfig:
-    """The config of a role (``cfg.sender`` / ``cfg.receiver``) or of a model named by its config file.
-
-    Single-model baselines may evaluate any model of ``conf/model/``, not only the two the
-    run composes; its ``${paths.*}`` entries (cache folders) resolve against this run's paths.
-    """
-    if name in ("sender", "receiver"):
-        return cfg[name]
-    path = tconfig.CONF_DIR / "model" / f"{name}.yaml"
-    if not path.exists():
-        raise tconfig.ConfigError(f"model {name!r} is not allowed; allowed: sender, receiver, "
-                                  f"{', '.join(tconfig.group_options('model'))}")
-    root = OmegaConf.create({"paths": OmegaConf.to_container(cfg.paths, resolve=True), "model": OmegaConf.load(path)})
-    return root.model
-
-
 @dataclass
 class RunContext:
+    """What a method gets besides its config: the run's folder (checkpoints, step log), the
+    devices ``models.placement`` chose, and models loaded once per run on their device."""
+
     cfg: DictConfig
     run_dir: Path
     devices: dict[str, torch.device]
@@ -69,7 +46,7 @@ class RunContext:
         config (``conf/model/<name>.yaml``, e.g. ``method.model=llama32_1b``), on the receiver's device."""
         if role not in self._models:
             device = self.devices.get(role, self.devices["receiver"])
-            self._models[role] = load_model(model_config(self.cfg, role), device)
+            self._models[role] = load_model(tconfig.model_config(self.cfg, role), device)
         return self._models[role]
 
     def sender_features(self, lm: LoadedModel, ids: list[list[int]], layer: int | list[int],
@@ -79,8 +56,7 @@ class RunContext:
         A list of layers returns {layer: features}, all computed in one forward pass.
         """
         layers = [layer] if isinstance(layer, int) else list(layer)
-        model_cfg = self.cfg.receiver if lm is self._models.get("receiver") else self.cfg.sender
-        out = features.cached_encode(lm, ids, layers, self.cfg.get("cache"), model_cfg,
+        out = features.cached_encode(lm, ids, layers, self.cfg.get("cache"), lm.config,
                                      batch_size=self.cfg.eval.batch_size, desc=f"sender features ({split})")
         return out[layer] if isinstance(layer, int) else out
 
@@ -105,15 +81,15 @@ def _find_reusable(cfg, run_dir: Path) -> dict | None:
     for other in sorted(run_dir.parent.glob("*")):
         if other == run_dir:
             continue
-        record = read_result(other)
-        if record and record.get("status") == "completed" and record.get("seedless_hash") == key \
-                and not record.get("reused_from"):
-            return record
+        found = read_result(other)
+        if found and found.get("status") == "completed" and found.get("seedless_hash") == key \
+                and not found.get("reused_from"):
+            return found
     return None
 
 
 def main(cfg: DictConfig) -> dict | None:
-    tconfig.validate(cfg)
+    methods.validate(cfg)
     run_dir = _output_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     # one live job per run dir (a second one exits before writing) + heartbeat for `telepathy.status`
@@ -134,12 +110,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
     method = methods.get(cfg.method.name)
     devices = placement(cfg)
     base = {
-        "schema_version": SCHEMA_VERSION,
         "run_id": run_dir.name,
-        "run_dir": str(run_dir),
-        "method": cfg.method.name,
-        "task": cfg.task.name,
-        "seed": cfg.seed,
+        "run_dir": run_dir,
+        "identity": run_identity(cfg),
         "config_hash": tconfig.config_hash(cfg),
         "seedless_hash": tconfig.config_hash(cfg, exclude=("seed",)),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -151,47 +124,42 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
     started = now()
     t0 = time.time()
 
-    if getattr(method, "DETERMINISTIC", False):
+    if method.DETERMINISTIC:
         source = _find_reusable(cfg, run_dir)
         if source is not None:
             log.info("deterministic method: reusing %s for seed %s", source["run_dir"], cfg.seed)
             src_pred = Path(source["run_dir"]) / PREDICTIONS_FILE
             if src_pred.exists():
                 shutil.copyfile(src_pred, run_dir / PREDICTIONS_FILE)
-            record = {**base, "status": "completed", "reused_from": source["run_dir"],
-                      **{k: source.get(k) for k in ("metrics", "params", "bridge", "timing", "extra") if k in source},
-                      "started_at": started, "finished_at": now()}
-            write_json(run_dir / RESULT_FILE, record)
-            share_result(cfg, record)
-            return record["metrics"]
+            done = record("completed", **{**base, "reused_from": source["run_dir"]}, **measured(source),
+                          started_at=started, finished_at=now())
+            write_json(run_dir / RESULT_FILE, done)
+            share_result(cfg, done)
+            return done["metrics"]
 
-    write_json(run_dir / RESULT_FILE, {**base, "status": "running", "started_at": started})
+    write_json(run_dir / RESULT_FILE, record("running", **base, started_at=started))
     try:
         out = method.run(cfg, RunContext(cfg, run_dir, devices))
     except SystemExit as stop:  # preempted after a checkpoint: the requeued job resumes
-        write_json(run_dir / RESULT_FILE, {**base, "status": "interrupted", "started_at": started,
-                                           "finished_at": now(), "error": {"type": "SystemExit",
-                                                                          "message": str(stop)}})
+        write_json(run_dir / RESULT_FILE, record("interrupted", **base, started_at=started, finished_at=now(),
+                                                 error={"type": "SystemExit", "message": str(stop)}))
         raise
     except BaseException as err:
-        write_json(run_dir / RESULT_FILE, {
-            **base, "status": "failed", "started_at": started, "finished_at": now(),
-            "memory": peak_memory(),
-            "error": {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc(),
-                      "oom": _is_oom(err)},
-        })
+        write_json(run_dir / RESULT_FILE, record(
+            "failed", **base, started_at=started, finished_at=now(), memory=peak_memory(),
+            error={"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc(),
+                   "oom": _is_oom(err)}))
         log.error("run failed (%s: %s); record in %s", type(err).__name__, err, run_dir / RESULT_FILE)
         raise
-    predictions = out.pop("predictions", None)
-    if predictions is not None:
-        write_jsonl(run_dir / PREDICTIONS_FILE, predictions)
-    timing = {**out.pop("timing", {}), "total_s": time.time() - t0, "started_at": started, "finished_at": now()}
-    record = {**base, "status": "completed", **out, "timing": timing, "memory": peak_memory(),
-              "started_at": started, "finished_at": timing["finished_at"]}
-    write_json(run_dir / RESULT_FILE, record)
-    share_result(cfg, record)  # deterministic: the same record for the seeds the sweep pointed here
-    _print_summary(record)
-    return record["metrics"]
+    if out["predictions"] is not None:
+        write_jsonl(run_dir / PREDICTIONS_FILE, out["predictions"])
+    timing = {**out["timing"], "total_s": time.time() - t0, "started_at": started, "finished_at": now()}
+    done = record("completed", **base, metrics=out["metrics"], params=out["params"], **out["details"],
+                  timing=timing, memory=peak_memory(), started_at=started, finished_at=timing["finished_at"])
+    write_json(run_dir / RESULT_FILE, done)
+    share_result(cfg, done)  # deterministic: the same record for the seeds the sweep pointed here
+    _print_summary(done)
+    return done["metrics"]
 
 
 def _resources(cfg) -> dict:

@@ -19,37 +19,30 @@ import logging
 import torch
 
 from telepathy.bridge import build_bridge, count_params, diversity_loss
-from telepathy.config import num_latents, resolve_layer
+from telepathy.config import check_choice, check_range, num_latents, resolve_layer
 from telepathy.data import load_task
-from telepathy.evaluation import evaluate, evaluate_classification, text_prompt
+from telepathy.evaluation import evaluate, text_prompt
 from telepathy.features import collate, sender_prompts
-from telepathy.metrics import ROUGE_TYPES, majority
+from telepathy.methods import MethodOutput
+from telepathy.metrics import ROUGE_TYPES
 from telepathy.models import embedding_rms_median
-from telepathy.receiver import PromptIO, label_token_ids
-from telepathy.training import fit
+from telepathy.receiver import PromptIO
+from telepathy.recipe import train_then_evaluate
 
 log = logging.getLogger(__name__)
 
 DETERMINISTIC = False
+PLACEMENTS = ("primer_soft_prompt", "soft_primer_prompt", "primer_prompt_soft")
 
 
-def classification_targets(io: PromptIO, examples, task_cfg) -> list[list[int]]:
-    """Each example's label verbaliser token ids: the loss scores the label only."""
-    label_ids = label_token_ids(io, list(task_cfg.labels), task_cfg.label_prefix)
-    return [label_ids[ex.label] for ex in examples]
+def validate(cfg) -> None:
+    """Keys only the bridge reads (the architecture's shape is checked for every run: it is in
+    every run id and the memory plan)."""
+    check_choice(cfg, "bridge.placement", list(PLACEMENTS))
+    check_range(cfg, "trainer.diversity_weight", lo=0)
 
 
-def generation_targets(io: PromptIO, examples, task_cfg) -> list[list[int]]:
-    """Each example's reference tokens (at most ``max_target_tokens`` with EOS) after the answer prompt.
-
-    EOS ends every target so the receiver learns where to stop; the summary is tokenised
-    with ``target_prefix`` as it follows the answer prompt.
-    """
-    keep = task_cfg.max_target_tokens - 1
-    return [io.ids(task_cfg.target_prefix + ex.target)[:keep] + [io.tok.eos_token_id] for ex in examples]
-
-
-def run(cfg, ctx) -> dict:
+def run(cfg, ctx) -> MethodOutput:
     train, test = load_task(cfg)
     sender, receiver = ctx.model("sender"), ctx.model("receiver")
     io = PromptIO(receiver)
@@ -70,67 +63,30 @@ def run(cfg, ctx) -> dict:
     bridge.set_input_stats(train_feats)
     bridge.to(receiver.device)
     template = io.soft_prompt(cfg.task.receiver_primer, cfg.task.answer_prompt, cfg.bridge.placement)
-    generation = cfg.task.type == "generation"
-    targets = (generation_targets if generation else classification_targets)(io, train, cfg.task)
 
-    def soft_tokens(feats, indices):
-        states, mask = collate([feats[i] for i in indices], receiver.device)
-        return bridge(states, mask).to(receiver.dtype)
+    def prompts(feats, chunk):
+        states, mask = collate([feats[ex.idx] for ex in chunk], receiver.device)
+        soft = bridge(states, mask).to(receiver.dtype)
+        return [io.fill(template, soft[j]) for j in range(len(chunk))], soft
 
-    def prompts(feats, indices):
-        soft = soft_tokens(feats, indices)
-        return [io.fill(template, soft[j]) for j in range(len(indices))], soft
-
-    def loss_fn(indices):
-        seqs, soft = prompts(train_feats, indices)
-        ce = io.label_loss(seqs, [targets[i] for i in indices])
+    def loss(chunk, targets):
+        seqs, soft = prompts(train_feats, chunk)
+        ce = io.label_loss(seqs, targets)
         div = diversity_loss(soft)
-        loss = ce + cfg.trainer.diversity_weight * div
-        return loss, {"loss": loss.item(), "ce": ce.item(), "diversity": div.item()}
+        total = ce + cfg.trainer.diversity_weight * div
+        return total, {"loss": total.item(), "ce": ce.item(), "diversity": div.item()}
 
-    probe = test[: cfg.trainer.eval_samples]
+    # 3. train, then evaluate on the test items
+    out = train_then_evaluate(
+        cfg, ctx, io, bridge, train, test, lambda chunk: prompts(test_feats, chunk)[0], loss=loss,
+        params={"bridge": count_params(bridge), "trainable": count_params(bridge, trainable_only=True),
+                "sender": sender.num_params(), "receiver": receiver.num_params()},
+        bridge={"num_latents": m, "compression_factor": cfg.compression, "sender_layer": layer,
+                "mean_sender_tokens": mean_tokens, "compression_ratio": mean_tokens / m})
 
-    def test_prompts(chunk):
-        return prompts(test_feats, [e.idx for e in chunk])[0]
-
-    def eval_probe():
-        if generation:  # held-out summary cross-entropy: generating every few steps costs too much on CPU
-            probe_targets = generation_targets(io, probe, cfg.task)
-            with torch.no_grad():
-                return {"eval_loss": io.label_loss(test_prompts(probe), probe_targets).item()}
-        metrics, _ = evaluate_classification(io, probe, test_prompts, cfg.task, cfg.eval, desc="eval@step")
-        return {"eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"]}
-
-    # 3. train
-    result = fit(bridge, loss_fn, len(train), cfg.trainer, cfg.seed, ctx.run_dir, eval_fn=eval_probe,
-                 device=receiver.device)
-
-    # 4. evaluate on the test items; the receiver's own zero-shot on the same items
-    metrics, predictions = evaluate(io, test, test_prompts, cfg, desc="eval")
-    if not generation:
-        metrics.update(majority([e.label for e in train], [e.label for e in test]))
+    # 4. the receiver's own zero-shot on the same items
     if cfg.eval.receiver_zeroshot:
-        zs, _ = evaluate(io, test, text_prompt(io, cfg.task.prompt), cfg, desc="receiver zero-shot")
-        keys = list(ROUGE_TYPES) if generation else ["accuracy", "macro_f1"]
-        metrics.update({f"receiver_zeroshot_{k}": zs[k] for k in keys})
-    eval_s = metrics.pop("eval_s")
-    return {
-        "metrics": metrics,
-        "predictions": predictions,
-        "bridge": {
-            "num_latents": m,
-            "compression_factor": cfg.compression,
-            "sender_layer": layer,
-            "mean_sender_tokens": mean_tokens,
-            "compression_ratio": mean_tokens / m,
-        },
-        "params": {
-            "bridge": count_params(bridge),
-            "trainable": count_params(bridge, trainable_only=True),
-            "sender": sender.num_params(),
-            "receiver": receiver.num_params(),
-        },
-        "timing": {"train_s": result.train_s, "eval_s": eval_s},
-        "training": {"steps": result.steps, "resumed_from": result.resumed_from,
-                     "final_loss": result.final_loss, "examples_seen": result.examples_seen},
-    }
+        zs, _, _ = evaluate(io, test, text_prompt(io, cfg.task.prompt), cfg, desc="receiver zero-shot")
+        keys = list(ROUGE_TYPES) if cfg.task.type == "generation" else ["accuracy", "macro_f1"]
+        out["metrics"].update({f"receiver_zeroshot_{k}": zs[k] for k in keys})
+    return out

@@ -1,7 +1,9 @@
 """Configuration checks and the derived values every part of the code agrees on.
 
-* ``validate(cfg)`` runs before any model loads or any job is submitted. A bad value
-  raises ``ConfigError`` naming the key and the allowed values.
+* ``validate(cfg)`` holds the checks every method shares; ``telepathy.methods.validate``
+  runs them, then the method's own, before any model loads or any job is submitted. A
+  bad value raises ``ConfigError`` naming the key and the allowed values. This module
+  imports nothing else of telepathy (it is the leaf every other module may import).
 * ``num_latents(cfg)`` is M, the number of soft tokens.
 * ``run_dir(cfg)`` is the one place that says where a run's outputs live. It is a
   pure function of the resolved config, so a relaunched sweep finds its old runs.
@@ -34,13 +36,15 @@ def _fail(key: str, value, allowed) -> None:
     raise ConfigError(f"{key}={value!r} is not allowed; allowed: {allowed_text}")
 
 
-def _check_choice(cfg, key: str, allowed) -> None:
+def check_choice(cfg, key: str, allowed) -> None:
+    """``cfg.<key>`` must be one of ``allowed``."""
     value = OmegaConf.select(cfg, key)
     if value not in allowed:
         _fail(key, value, allowed)
 
 
-def _check_range(cfg, key: str, lo=None, hi=None, integer=False) -> None:
+def check_range(cfg, key: str, lo=None, hi=None, integer=False) -> None:
+    """``cfg.<key>`` must be a number (an integer with ``integer``) in [lo, hi] (None: unbounded)."""
     value = OmegaConf.select(cfg, key)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if ok and integer:
@@ -53,6 +57,10 @@ def _check_range(cfg, key: str, lo=None, hi=None, integer=False) -> None:
         kind = "an integer" if integer else "a number"
         bounds = f" in [{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
         _fail(key, value, kind + bounds)
+
+
+# the former private names, for code written before they became public
+_check_choice, _check_range = check_choice, check_range
 
 
 def resolve_layer(layer: int, num_layers: int, key: str = "sender.layer") -> int:
@@ -69,6 +77,24 @@ def resolve_layer(layer: int, num_layers: int, key: str = "sender.layer") -> int
     return layer % (num_layers + 1)
 
 
+def model_config(cfg, name: str) -> DictConfig:
+    """The config of a role (``cfg.sender`` / ``cfg.receiver``) or of a model named by its config file.
+
+    Single-model baselines may evaluate any model of ``conf/model/``, not only the two the
+    run composes; its ``${paths.*}`` entries (cache folders) resolve against this run's paths.
+    The resource estimate reads the same configs, so a named model is planned as it loads.
+    """
+    if name in ("sender", "receiver"):
+        return cfg[name]
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"model {name!r} is not allowed; allowed: sender, receiver, "
+                          f"{', '.join(group_options('model'))}")
+    paths = OmegaConf.to_container(cfg.paths, resolve=True) if "paths" in cfg else {}
+    root = OmegaConf.create({"paths": paths, "model": OmegaConf.load(path)})
+    return root.model
+
+
 def num_latents(cfg) -> int:
     """M = ceil(max_input_tokens / compression factor), unless ``bridge.num_latents`` is set."""
     if cfg.bridge.get("num_latents"):
@@ -76,36 +102,45 @@ def num_latents(cfg) -> int:
     return math.ceil(cfg.task.max_input_tokens / cfg.compression)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check a composed config; raise ConfigError on the first bad value."""
-    from telepathy import methods  # local import: methods imports the recipes
+def uses_soft_tokens(cfg) -> bool:
+    """Does the method give the receiver M soft tokens (``method.uses: [bridge]``)?
 
-    _check_choice(cfg, "method.name", sorted(methods.REGISTRY))
-    _check_choice(cfg, "task.name", group_options("task"))
-    _check_choice(cfg, "task.type", ["classification", "generation"])
+    Then ``compression`` / M are part of what the run is (its id carries ``c<factor>``,
+    its record's identity has them, the memory estimate counts M receiver positions);
+    for any other method they are defaults the config merely carries.
+    """
+    return "bridge" in list(OmegaConf.select(cfg, "method.uses", default=None) or [])
+
+
+def validate(cfg: DictConfig) -> None:
+    """The checks every method shares; raise ConfigError on the first bad value.
+
+    Entry points call ``telepathy.methods.validate``, which adds the method's own checks.
+    """
+    check_choice(cfg, "method.name", group_options("method"))
+    check_choice(cfg, "task.name", group_options("task"))
+    check_choice(cfg, "task.type", ["classification", "generation"])
     for role in ("sender", "receiver"):
-        _check_choice(cfg, f"{role}.name", group_options("model"))
-        _check_choice(cfg, f"{role}.dtype", ["auto", "float32", "bfloat16", "float16"])
-    _check_range(cfg, "compression", lo=1, integer=True)
+        check_choice(cfg, f"{role}.name", group_options("model"))
+        check_choice(cfg, f"{role}.dtype", ["auto", "float32", "bfloat16", "float16"])
+    check_range(cfg, "compression", lo=1, integer=True)
     resolve_layer(cfg.sender.layer, cfg.sender.num_layers)
     if cfg.bridge.get("num_latents") is not None:
-        _check_range(cfg, "bridge.num_latents", lo=1, integer=True)
+        check_range(cfg, "bridge.num_latents", lo=1, integer=True)
     for key, lo in [("bridge.dim", 1), ("bridge.depth", 1), ("bridge.heads", 1)]:
-        _check_range(cfg, key, lo=lo, integer=True)
+        check_range(cfg, key, lo=lo, integer=True)
     if cfg.bridge.dim % cfg.bridge.heads:
         raise ConfigError(f"bridge.dim={cfg.bridge.dim} must be divisible by bridge.heads={cfg.bridge.heads}")
-    _check_range(cfg, "bridge.mlp_ratio", lo=0.25)
-    _check_choice(cfg, "bridge.placement", ["primer_soft_prompt", "soft_primer_prompt", "primer_prompt_soft"])
-    _check_range(cfg, "trainer.lr", lo=0)
-    _check_range(cfg, "trainer.batch_size", lo=1, integer=True)
-    _check_range(cfg, "trainer.grad_accum", lo=1, integer=True)
-    _check_range(cfg, "trainer.max_steps", lo=0, integer=True)
-    _check_range(cfg, "trainer.diversity_weight", lo=0)
-    _check_choice(cfg, "trainer.schedule", ["cosine", "constant"])
-    _check_choice(cfg, "eval.readout", ["score", "generate"])
-    _check_range(cfg, "eval.batch_size", lo=1, integer=True)
-    _check_choice(cfg, "cache.mode", ["on", "off"])
-    _check_range(cfg, "run.heartbeat_s", lo=1)
+    check_range(cfg, "bridge.mlp_ratio", lo=0.25)
+    check_range(cfg, "trainer.lr", lo=0)
+    check_range(cfg, "trainer.batch_size", lo=1, integer=True)
+    check_range(cfg, "trainer.grad_accum", lo=1, integer=True)
+    check_range(cfg, "trainer.max_steps", lo=0, integer=True)
+    check_choice(cfg, "trainer.schedule", ["cosine", "constant"])
+    check_choice(cfg, "eval.readout", ["score", "generate"])
+    check_range(cfg, "eval.batch_size", lo=1, integer=True)
+    check_choice(cfg, "cache.mode", ["on", "off"])
+    check_range(cfg, "run.heartbeat_s", lo=1)
     if cfg.task.type == "classification":
         labels = cfg.task.labels
         if not labels or len(set(labels)) != len(labels):
@@ -113,10 +148,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("task.train_samples", "task.test_samples"):
         value = OmegaConf.select(cfg, key)
         if value is not None:
-            _check_range(cfg, key, lo=1, integer=True)
-    method_validate = methods.validator(cfg.method.name)
-    if method_validate is not None:
-        method_validate(cfg)
+            check_range(cfg, key, lo=1, integer=True)
 
 
 # --- run identity -------------------------------------------------------------------
@@ -163,7 +195,7 @@ def run_name(cfg) -> str:
     # a role stands for its model; single-model baselines may list a model config name itself
     model_names = "_".join(_slug(cfg[role].name if role in ("sender", "receiver") else role) for role in models)
     parts = [cfg.task.name, cfg.method.name, model_names]
-    if "bridge" in cfg.method.get("uses", []):
+    if uses_soft_tokens(cfg):
         parts.append(f"c{cfg.compression}")
     parts += [f"s{cfg.seed}", config_hash(cfg)]
     return "-".join(_slug(p) for p in parts)

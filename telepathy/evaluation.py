@@ -1,6 +1,7 @@
-"""Evaluation shared by all methods: one prompt builder in, metrics and per-example
-predictions out (``evaluate_classification`` or, for ``task.type=generation``,
-``evaluate_generation``).
+"""Evaluation shared by all methods: one prompt builder in, metrics, per-example
+predictions and the seconds it took out (``evaluate_classification`` or, for
+``task.type=generation``, ``evaluate_generation``). The time is returned beside the
+metrics, not inside them: it describes the run, not the model's answers.
 
 A method hands ``evaluate_classification`` a function that turns a batch of test
 examples into prompt *sequences* for the model (see ``telepathy.receiver``); the
@@ -29,8 +30,8 @@ def evaluate_classification(
     task_cfg,
     eval_cfg,
     desc: str = "eval",
-) -> tuple[dict, list[dict]]:
-    """Score ``examples``; returns (metrics, prediction rows)."""
+) -> tuple[dict, list[dict], float]:
+    """Score ``examples``; returns (metrics, prediction rows, seconds)."""
     labels = list(task_cfg.labels)
     label_ids = label_token_ids(io, labels, task_cfg.label_prefix)
     rows = []
@@ -50,8 +51,7 @@ def evaluate_classification(
     metrics = classification([r["label"] for r in rows], [r["pred"] for r in rows], len(labels))
     if eval_cfg.readout == "generate":
         metrics["unparseable"] = sum(r["pred"] == -1 for r in rows)
-    metrics["eval_s"] = time.time() - t0
-    return metrics, rows
+    return metrics, rows, time.time() - t0
 
 
 def score_rows(examples: list[Example], scores: torch.Tensor) -> list[dict]:
@@ -80,13 +80,13 @@ def evaluate_generation(
     task_cfg,
     eval_cfg,
     desc: str = "eval",
-) -> tuple[dict, list[dict]]:
+) -> tuple[dict, list[dict], float]:
     """Generate an output for each of ``examples`` and score it against ``example.target``
-    with ROUGE-1/2/L F1; returns (metrics, prediction rows), like ``evaluate_classification``.
+    with ROUGE-1/2/L F1; returns (metrics, prediction rows, seconds), like ``evaluate_classification``.
 
     Decoding follows ``eval_cfg.generation`` (greedy by default; ``max_new_tokens`` null
     means ``task_cfg.max_target_tokens``). Metrics: mean ROUGE with 95% bootstrap CIs over
-    items, ``n_test``, output length in tokens (mean, median), ``empty_outputs`` and ``eval_s``.
+    items, ``n_test``, output length in tokens (mean, median) and ``empty_outputs``.
     """
     gen = eval_cfg.generation
     max_new = gen.get("max_new_tokens") or task_cfg.max_target_tokens
@@ -107,9 +107,8 @@ def evaluate_generation(
     lengths = [r["output_tokens"] for r in rows]
     metrics = rouge_summary(per_item)
     metrics.update(n_test=len(rows), mean_output_tokens=statistics.mean(lengths),
-                   median_output_tokens=statistics.median(lengths), empty_outputs=lengths.count(0),
-                   eval_s=time.time() - t0)
-    return metrics, rows
+                   median_output_tokens=statistics.median(lengths), empty_outputs=lengths.count(0))
+    return metrics, rows, time.time() - t0
 
 
 def text_prompt(io: PromptIO, template: str) -> Callable[[list[Example]], list[list]]:
@@ -123,7 +122,8 @@ def text_prompt(io: PromptIO, template: str) -> Callable[[list[Example]], list[l
 
 
 def evaluate(io: PromptIO, examples: list[Example], build: Callable[[list[Example]], list[list]], cfg,
-             desc: str = "eval") -> tuple[dict, list[dict]]:
-    """The task type's evaluation: label accuracy, or generated text scored with ROUGE."""
+             desc: str = "eval") -> tuple[dict, list[dict], float]:
+    """The task type's evaluation: label accuracy, or generated text scored with ROUGE;
+    returns (metrics, prediction rows, seconds)."""
     fn = evaluate_generation if cfg.task.type == "generation" else evaluate_classification
     return fn(io, examples, build, cfg.task, cfg.eval, desc=desc)

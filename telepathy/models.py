@@ -24,7 +24,7 @@ import importlib.util
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     chat_template: bool
+    # the model config it was loaded from: the feature cache keys on it (features.model_identity)
+    config: Any = field(default=None, repr=False)
 
     @property
     def hidden_size(self) -> int:
@@ -60,6 +62,16 @@ class LoadedModel:
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+def placement(cfg) -> dict[str, torch.device]:
+    """Where each model runs: 2 visible GPUs → sender on the first, receiver (+ bridge) on the second."""
+    want = cfg.get("device", "auto")
+    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
+        cpu = torch.device("cpu")
+        return {"sender": cpu, "receiver": cpu}
+    n = torch.cuda.device_count()
+    return {"sender": torch.device("cuda:0"), "receiver": torch.device("cuda:1" if n > 1 else "cuda:0")}
 
 
 def cache_root(model_cfg) -> Path:
@@ -251,6 +263,7 @@ def load_model(model_cfg, device: str | torch.device = "cpu") -> LoadedModel:
         device=device,
         dtype=dtype,
         chat_template=bool(model_cfg.get("chat_template", False)) and tokenizer.chat_template is not None,
+        config=model_cfg,
     )
 
 

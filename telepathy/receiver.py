@@ -167,6 +167,28 @@ def label_token_ids(io: PromptIO, labels: list[str], prefix: str = " ") -> list[
     return ids
 
 
+def classification_targets(io: PromptIO, examples, task_cfg) -> list[list[int]]:
+    """Each example's label verbaliser token ids: the loss scores the label only."""
+    label_ids = label_token_ids(io, list(task_cfg.labels), task_cfg.label_prefix)
+    return [label_ids[ex.label] for ex in examples]
+
+
+def generation_targets(io: PromptIO, examples, task_cfg) -> list[list[int]]:
+    """Each example's reference tokens (at most ``max_target_tokens`` with EOS) after the answer prompt.
+
+    EOS ends every target so the receiver learns where to stop; the summary is tokenised
+    with ``target_prefix`` as it follows the answer prompt.
+    """
+    keep = task_cfg.max_target_tokens - 1
+    return [io.ids(task_cfg.target_prefix + ex.target)[:keep] + [io.tok.eos_token_id] for ex in examples]
+
+
+def task_targets(io: PromptIO, examples, task_cfg) -> list[list[int]]:
+    """The tokens a trained method's loss scores after the prompt, for the task's type."""
+    fn = generation_targets if task_cfg.type == "generation" else classification_targets
+    return fn(io, examples, task_cfg)
+
+
 def parse_label(text: str, labels: list[str]) -> int:
     """Strict parser: the label the output's first line starts with, or -1.
 

@@ -1,9 +1,12 @@
 """Results are data: one ``result.json`` per run, written atomically, never lost.
 
 This module writes records; ``telepathy.analysis`` reads them into tables. The
-schema is in docs/ARCHITECTURE.md. Every write goes to a temporary file in the
-same folder and is renamed over the target, so a reader (or a job killed
-mid-write) never sees half a file.
+schema is in docs/ARCHITECTURE.md. ``record(...)`` builds every ``result.json`` (train.py
+runs and both benchmarks), so each one carries the same fixed ``identity`` block: the
+columns an experiment is grouped by, filled in by the writer, which knows what the run
+used, rather than guessed by the reader from whatever its config happens to carry.
+Every write goes to a temporary file in the same folder and is renamed over the
+target, so a reader (or a job killed mid-write) never sees half a file.
 """
 
 from __future__ import annotations
@@ -19,11 +22,75 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from telepathy.config import num_latents, uses_soft_tokens
+
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 LOG_FILE = "log.jsonl"
+# what a run's record may say about it (telepathy/app.py); readers add "missing" and "malformed"
+STATUSES = ("completed", "running", "failed", "interrupted")
+# the identity block: what makes two runs the same experiment (up to the seed); None = not used
+IDENTITY = ("task", "method", "sender", "receiver", "compression", "num_latents", "layer", "model", "seed")
+# fields every run sets for itself; everything else in a completed record is what it measured
+RUN_FIELDS = ("schema_version", "run_id", "run_dir", "status", "task", "method", "seed", "identity", "config",
+              "config_hash", "seedless_hash", "overrides", "env", "resources", "reused_from", "memory", "error",
+              "started_at", "finished_at")
 PACKAGES = ("torch", "transformers", "hydra-core", "submitit", "peft", "llmlingua", "numpy", "scikit-learn")
+
+
+def identity_block(**values) -> dict:
+    """The fixed ``identity`` block: every key of IDENTITY, None where the run has no such thing."""
+    unknown = set(values) - set(IDENTITY)
+    if unknown:
+        raise ValueError(f"identity has no field(s) {sorted(unknown)}; fields: {', '.join(IDENTITY)}")
+    return {key: values.get(key) for key in IDENTITY}
+
+
+def run_identity(cfg) -> dict:
+    """The identity of a ``train.py`` run, from its (composed or recorded) config.
+
+    ``sender`` / ``receiver`` / ``layer`` only when the method loads that role
+    (``method.models``); ``compression`` and ``num_latents`` only when it gives the
+    receiver soft tokens (``config.uses_soft_tokens``); ``model`` is ``method.model``
+    for single-model methods. A text baseline is thus never grouped or plotted by
+    the default compression factor its config carries.
+    """
+    cfg = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg)
+    method = cfg.method
+    models = [str(m) for m in (method.get("models") or ["sender", "receiver"])]
+    soft = uses_soft_tokens(cfg)
+    sender = cfg.get("sender") or {}
+    return identity_block(
+        task=cfg.task.name, method=method.name, seed=cfg.get("seed"),
+        sender=sender.get("name") if "sender" in models else None,
+        receiver=(cfg.get("receiver") or {}).get("name") if "receiver" in models else None,
+        layer=sender.get("layer") if "sender" in models else None,
+        compression=cfg.get("compression") if soft else None, num_latents=num_latents(cfg) if soft else None,
+        model=method.get("model"))
+
+
+def record(status: str, *, run_id: str, run_dir, identity: dict, config: dict, **fields) -> dict:
+    """One ``result.json`` object: schema, run, status, ``identity`` (``identity_block``) and the
+    resolved config, then ``fields`` as given (metrics, params, timing, error, method sections ...).
+
+    ``task``, ``method`` and ``seed`` are also top-level fields (as readers of older records expect).
+    """
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
+    if tuple(identity) != IDENTITY:
+        raise ValueError(f"identity must have exactly the fields {', '.join(IDENTITY)}; got {', '.join(identity)}")
+    return {"schema_version": SCHEMA_VERSION, "run_id": run_id, "run_dir": str(run_dir), "status": status,
+            "task": identity["task"], "method": identity["method"], "seed": identity["seed"],
+            "identity": identity, "config": config, **fields}
+
+
+def measured(record: dict) -> dict:
+    """What a completed run measured: its record without the fields each run sets for itself
+    (a deterministic method's other seeds copy exactly this)."""
+    return {k: v for k, v in record.items() if k not in RUN_FIELDS}
 
 
 def now() -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from telepathy import config as tconfig
-from telepathy.results import PREDICTIONS_FILE, RESULT_FILE, read_result, write_json
+from telepathy.results import PREDICTIONS_FILE, RESULT_FILE, read_result, run_identity, write_json
 
 
 def share_result(cfg, record: dict) -> list[Path]:
@@ -37,7 +37,7 @@ def share_result(cfg, record: dict) -> list[Path]:
         if (source / PREDICTIONS_FILE).exists():
             shutil.copyfile(source / PREDICTIONS_FILE, run_dir / PREDICTIONS_FILE)
         write_json(run_dir / RESULT_FILE, {
-            **record, "run_id": run_dir.name, "run_dir": str(run_dir), "seed": int(seed),
+            **record, "run_id": run_dir.name, "run_dir": str(run_dir), "seed": int(seed), "identity": run_identity(other),
             "config_hash": tconfig.config_hash(other), "config": OmegaConf.to_container(other, resolve=True),
             "reused_from": str(source)})
         written.append(run_dir)

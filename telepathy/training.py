@@ -183,6 +183,11 @@ class FitResult:
     final_loss: float | None
     examples_seen: int
 
+    def as_record(self) -> dict:
+        """The record's ``training`` section (``train_s`` goes to ``timing``)."""
+        return {"steps": self.steps, "resumed_from": self.resumed_from, "final_loss": self.final_loss,
+                "examples_seen": self.examples_seen}
+
 
 def fit(
     module: torch.nn.Module,

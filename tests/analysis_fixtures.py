@@ -4,6 +4,8 @@ layout of docs/ARCHITECTURE.md, with values the tests choose."""
 import json
 from pathlib import Path
 
+from telepathy.results import identity_block
+
 
 def write_run(root, task="sst2", method="bridge", seed=0, metrics=None, status="completed",
               compression=4, sender="tiny-sender", receiver="tiny-receiver", layer=-1,
@@ -38,6 +40,13 @@ def write_run(root, task="sst2", method="bridge", seed=0, metrics=None, status="
         "method": method,
         "task": task,
         "seed": seed,
+        # as telepathy/results.py writes it: compression and M only where soft tokens are read
+        # (the bridge, the latency benchmark), a role only where the method loads it
+        "identity": identity_block(
+            task=task, method=method, seed=seed, sender=sender if "sender" in models else None,
+            receiver=receiver, layer=layer if "sender" in models else None,
+            compression=compression if method in ("bridge", "latency") else None,
+            num_latents=(num_latents or 8) if method in ("bridge", "latency") else None),
         "config": config,
         "overrides": [f"task={task}", f"method={method}", f"seed={seed}"],
         "metrics": metrics if metrics is not None else {},
@@ -104,6 +113,7 @@ def write_sweep(root, n_items=40):
     died = root / "sst2-bridge-c8-s3"
     (died / ".hydra").mkdir(parents=True)
     (died / ".hydra" / "config.yaml").write_text(
-        "seed: 3\ntask:\n  name: sst2\nmethod:\n  name: bridge\nsender:\n  name: tiny-sender\n  layer: -1\n"
+        "seed: 3\ntask:\n  name: sst2\n  max_input_tokens: 64\nmethod:\n  name: bridge\n  models: [sender, receiver]\n"
+        "  uses: [bridge]\nbridge:\n  num_latents: null\nsender:\n  name: tiny-sender\n  layer: -1\n"
         "receiver:\n  name: tiny-receiver\ncompression: 8\n")
     return root

@@ -11,7 +11,8 @@ from baselines.common import prompt_tokens
 from baselines.ensemble import average_probabilities
 from baselines.fewshot import DemonstrationSampler, demonstrations_text
 from helpers import TINY, compose, needs_data, results, run_train
-from telepathy.config import ConfigError, group_options, run_name, validate
+from telepathy.config import ConfigError, group_options, run_name
+from telepathy.methods import validate
 from telepathy.data import Example, format_prompt
 from telepathy.evaluation import text_prompt
 from telepathy.receiver import PromptIO

@@ -19,6 +19,7 @@ from baselines.lora import add_lora
 from baselines.prompt_tuning import SoftPrompt, init_soft_prompt
 from helpers import TINY, compose, needs_data, results, run_train
 from telepathy import config as tconfig
+from telepathy import methods
 from telepathy.models import embedding_rms_median, load_model
 from telepathy.receiver import PromptIO
 
@@ -47,12 +48,12 @@ def test_probe_config_is_checked_before_launch():
     # llama32_1b has 16 layers (its config says so): the seed plan's 8/16/24/31 cannot run on it
     cfg = compose("method=linear_probe", "sender=llama32_1b", "method.layers=[8,16,24,31]")
     with pytest.raises(tconfig.ConfigError, match=r"method\.layers.*allowed: integers in \[-17, 16\]"):
-        tconfig.validate(cfg)
-    tconfig.validate(compose("method=linear_probe", "sender=llama32_1b", "method.layers=[4,8,12,16]"))
+        methods.validate(cfg)
+    methods.validate(compose("method=linear_probe", "sender=llama32_1b", "method.layers=[4,8,12,16]"))
     with pytest.raises(tconfig.ConfigError, match="method.pooling"):
-        tconfig.validate(compose("method=linear_probe", "method.pooling=max"))
+        methods.validate(compose("method=linear_probe", "method.pooling=max"))
     with pytest.raises(tconfig.ConfigError, match="method.model"):
-        tconfig.validate(compose("method=linear_probe", "method.model=llama32_1b"))
+        methods.validate(compose("method=linear_probe", "method.model=llama32_1b"))
 
 
 def test_probe_features_pooled_in_chunks_match_one_pass(tiny_models, tmp_path, monkeypatch):
@@ -176,6 +177,9 @@ def test_linear_probe_run(outputs):
     assert sum(r["correct"] for r in rows) / 16 == m["accuracy"]
     # deterministic: the second seed reuses the first's result
     assert second["reused_from"] == first["run_dir"] and second["metrics"] == m
+    # ... its whole record: the method's own sections too (a reused probe once lost `probe`)
+    assert second["probe"] == first["probe"] and second["params"] == first["params"]
+    assert second["identity"] == {**first["identity"], "seed": 2}
 
 
 @needs_data

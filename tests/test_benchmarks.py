@@ -23,6 +23,10 @@ def test_latency_writes_one_valid_record_per_path(tmp_path):
     for r in records:
         assert r["method"] == "latency" and r["status"] == "completed"
         assert r["config"]["batch_size"] == 2 and r["config"]["compression"] == 8
+        assert r["identity"] == {"task": "sst2", "method": "latency", "sender": r["config"]["sender"]["name"],
+                                 "receiver": r["config"]["receiver"]["name"], "compression": 8,
+                                 "num_latents": r["latency"]["num_latents"], "layer": r["config"]["sender"]["layer"],
+                                 "model": None, "seed": r["config"]["seed"]}
         m = r["metrics"]
         assert m["n_examples"] == 4 and m["n_batches"] == 2
         assert 0 < m["p50_ms"] <= m["p90_ms"] <= m["p99_ms"]

@@ -3,7 +3,8 @@
 import pytest
 
 from helpers import TINY, compose, run_train
-from telepathy.config import ConfigError, config_hash, resolve_layer, run_name, validate
+from telepathy.config import ConfigError, config_hash, resolve_layer, run_name
+from telepathy.methods import validate
 
 
 def test_default_config_is_valid_and_is_the_demo_pair():

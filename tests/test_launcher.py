@@ -68,11 +68,12 @@ def test_completed_runs_are_skipped_unless_rerun_all(outputs):
 
 def test_invalid_jobs_abort_the_whole_launch_with_every_problem(outputs):
     proc = run_train("-m", "hydra/launcher=slurm", "task=sst2", "sender.layer=1,99", "cluster.gpu_mem_gb=80,0.001",
-                     outputs=outputs, check=False)
+                     "bridge.placement=primer_soft_prompt,middle", outputs=outputs, check=False)
     assert proc.returncode != 0
     err = proc.stderr
-    assert "3 of 4 jobs are invalid; nothing was submitted" in err
+    assert "7 of 8 jobs are invalid; nothing was submitted" in err
     assert "sender.layer=99 is out of range" in err
+    assert "bridge.placement='middle' is not allowed" in err  # the method's own checks run too
     assert "does not fit one 0.001 GB GPU (cluster.gpu_mem_gb)" in err
     assert not list(outputs.glob("sweeps/*/jobs.json"))
     assert not list(outputs.glob("sweeps/*/.submitit"))

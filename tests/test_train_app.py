@@ -26,6 +26,11 @@ def test_single_run_writes_a_complete_record(outputs):
     assert record["bridge"]["num_latents"] == 8  # ceil(64 / 8)
     assert record["bridge"]["compression_ratio"] == pytest.approx(record["bridge"]["mean_sender_tokens"] / 8)
     assert record["params"]["trainable"] == record["params"]["bridge"] > 0
+    cfg = record["config"]
+    assert record["identity"] == {"task": "sst2", "method": "bridge", "sender": cfg["sender"]["name"],
+                                  "receiver": cfg["receiver"]["name"], "compression": 8, "num_latents": 8,
+                                  "layer": cfg["sender"]["layer"], "model": None, "seed": 42}
+    assert record["training"]["steps"] == 4 and record["timing"]["eval_s"] > 0
     assert record["config"]["trainer"]["max_steps"] == 4 and record["overrides"] == ["budget=tiny"]
     assert {"git_rev", "git_dirty", "hostname", "packages", "device"} <= set(record["env"])
     assert record["timing"]["train_s"] > 0 and record["memory"]["peak_rss_mb"] > 0

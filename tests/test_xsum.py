@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import TINY, compose, needs_data, results, run_train
-from telepathy.bridge_recipe import generation_targets
+from telepathy.receiver import generation_targets
 from telepathy.data import Example
 from telepathy.metrics import rouge_scores, rouge_summary
 from telepathy.receiver import PromptIO

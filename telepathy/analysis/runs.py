@@ -22,36 +22,25 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+from omegaconf.errors import OmegaConfBaseException
 
-RESULT_FILE = "result.json"
-PREDICTIONS_FILE = "predictions.jsonl"
-LOG_FILE = "log.jsonl"
+from telepathy.results import (IDENTITY, LOG_FILE, PREDICTIONS_FILE, RESULT_FILE, SCHEMA_VERSION, identity_block,
+                               run_identity)
+from telepathy.results import STATUSES as RECORD_STATUSES
+
 # any of these marks a directory as a run directory
 RUN_MARKERS = (RESULT_FILE, LOG_FILE, PREDICTIONS_FILE, "checkpoints")
-# statuses result.json may carry (telepathy/app.py); loaders add the last two
-STATUSES = ("completed", "running", "failed", "interrupted", "missing", "malformed")
-SCHEMA_VERSION = 1
+# statuses result.json may carry (telepathy/results.py); loaders add the last two
+STATUSES = (*RECORD_STATUSES, "missing", "malformed")
 # result.json objects that must be objects when present; every top-level object
 # (these and any other) becomes `section.key` columns
-SECTIONS = ("config", "metrics", "bridge", "params", "timing", "memory", "resources", "env", "error")
-# top-level keys that are not copied as columns under their own name
-OWN_COLUMNS = ("run_dir", "run_id", "status", "task", "method", "seed")
-# friendly column -> flattened keys to read it from, first present wins
-FRIENDLY = {
-    "task": ("config.task.name", "config.task", "task"),
-    "method": ("config.method.name", "config.method", "method"),
-    "sender": ("config.sender.name", "config.sender"),
-    "receiver": ("config.receiver.name", "config.receiver"),
-    "seed": ("config.seed", "seed"),
-    "compression": ("config.compression", "config.compression.factor", "bridge.compression_factor"),
-    "num_latents": ("bridge.num_latents", "config.bridge.num_latents", "config.method.num_latents"),
-    "layer": ("config.sender.layer",),
-    "model": ("config.method.model",),
-    "batch_size": ("config.batch_size", "config.benchmark.batch_size", "config.method.batch_size"),
-    "path": ("config.path", "config.benchmark.path", "config.method.path"),
-}
-# "same experiment across seeds" = same values of these columns
-GROUP_KEYS = ["task", "method", "sender", "receiver", "compression", "num_latents", "layer", "model"]
+SECTIONS = ("identity", "config", "metrics", "bridge", "params", "timing", "memory", "resources", "env", "error")
+# top-level keys that are not copied as columns under their own name (the identity block has them)
+OWN_COLUMNS = ("run_dir", "run_id", "status", "task", "method", "seed", "identity")
+# the latency benchmark's own columns: its config says which path and batch size a record timed
+BENCHMARK_COLUMNS = ("batch_size", "path")
+# "same experiment across seeds" = same values of these columns (the identity block, less the seed)
+GROUP_KEYS = [k for k in IDENTITY if k != "seed"]
 # methods that measure systems, not task quality: plotted, never in the metric tables
 BENCHMARK_METHODS = ("latency", "train_throughput")
 
@@ -175,9 +164,11 @@ def read_run(run_dir):
     path = run_dir / RESULT_FILE
     row = {"run_dir": str(run_dir), "run_id": run_dir.name}
     flat = {}
+    rec = {}
     if not path.exists():
         row["status"] = "missing"
-        _flatten(_hydra_config(run_dir), "config", flat)
+        config = _hydra_config(run_dir)
+        _flatten(config, "config", flat)
     else:
         problem = None
         try:
@@ -189,8 +180,10 @@ def read_run(run_dir):
             warnings.warn(f"malformed {path}: {problem}")
             row.update({"status": "malformed", "error.type": "MalformedResult",
                         "error.message": f"{path}: {problem}"})
-            _flatten(_hydra_config(run_dir), "config", flat)
+            rec, config = {}, _hydra_config(run_dir)
+            _flatten(config, "config", flat)
         else:
+            config = rec["config"]
             row["status"] = rec["status"]
             row["run_id"] = rec.get("run_id") or run_dir.name
             row["recorded_run_dir"] = rec.get("run_dir")  # differs when copied from a cluster
@@ -201,34 +194,27 @@ def read_run(run_dir):
                         v.pop("packages", None)  # dozens of columns; still in result.json
                     if k == "error":
                         v.pop("traceback", None)  # long; still in result.json
-                    _flatten(v, k, flat)
-                elif k in ("task", "method", "seed"):
-                    flat[k] = v
+                    if k != "identity":
+                        _flatten(v, k, flat)
                 elif k not in OWN_COLUMNS:
                     row[k] = json.dumps(v) if isinstance(v, list) else v
-    for name, keys in FRIENDLY.items():
-        row[name] = next((flat[k] for k in keys if flat.get(k) is not None), None)
-    _drop_unused(row, flat)
-    for k, v in flat.items():
-        if k not in ("task", "method", "seed"):
-            row[k] = v
+    row.update(_identity(rec, config))
+    for name in BENCHMARK_COLUMNS:
+        row[name] = flat.get(f"config.{name}")
+    row.update(flat)
     return row
 
 
-def _drop_unused(row, flat):
-    """Blank the friendly columns a method does not use, so that, e.g., a text
-    baseline is not grouped or plotted by the (default) compression factor its
-    config happens to carry. `method.uses` / `method.models` as in conf/method/."""
-    uses, models = flat.get("config.method.uses"), flat.get("config.method.models")
-    if uses is not None and not {"bridge", "compression"} & set(json.loads(uses)):
-        row["compression"] = row["num_latents"] = None
-    if models is not None:
-        models = set(json.loads(models))
-        for role in ("sender", "receiver"):
-            if role not in models:
-                row[role] = None
-        if "sender" not in models:
-            row["layer"] = None
+def _identity(rec, config):
+    """The record's ``identity`` block (telepathy/results.py writes it). A record written
+    before the block existed, or a run that left only Hydra's config, gets the block the
+    writer would have written, computed from its config by the writer's own function."""
+    if isinstance(rec.get("identity"), dict):
+        return {k: rec["identity"].get(k) for k in IDENTITY}
+    try:
+        return run_identity(config)
+    except (AttributeError, KeyError, TypeError, ValueError, OmegaConfBaseException):
+        return identity_block()  # a config too partial to tell (e.g. a job that died while composing)
 
 
 def load_runs(paths):
@@ -245,7 +231,8 @@ def load_runs(paths):
     df["seed"] = pd.array([_as_int(v) for v in df["seed"]], dtype="Int64")
     df["num_latents"] = pd.array([_as_int(v) for v in df["num_latents"]], dtype="Int64")
     df["compression"] = pd.to_numeric(df["compression"], errors="coerce").astype("float64")
-    first = ["run_dir", "run_id", "status", *FRIENDLY, "reused_from", "error.type", "error.message"]
+    first = ["run_dir", "run_id", "status", *IDENTITY, *BENCHMARK_COLUMNS, "reused_from",
+             "error.type", "error.message"]
     first += [c for c in ("error.oom",) if c in df]
     rest = sorted(c for c in df.columns if c not in first)
     return df[first + rest]

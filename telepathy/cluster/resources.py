@@ -22,7 +22,9 @@ on one ``cluster.gpu_mem_gb`` GPU, 2 GPUs (sender on ``cuda:0``, receiver and
 bridge on ``cuda:1``) when only the split fits, ``ConfigError`` naming the
 estimate when even that does not fit. ``method.models`` says what a method loads:
 roles (``sender``, ``receiver``) or model configs named by file (``llama32_1b``),
-which live on the receiver's device as in ``telepathy.app``. Methods that load a
+which live on the receiver's device as in ``telepathy.app``. What a method adds
+(back-propagation through the receiver, demonstrations in the prompt, every layer's
+hidden states kept) is its config's ``memory:`` block (``conf/method/*.yaml``). Methods that load a
 single model always get one GPU and the smaller ``cluster.single_model`` request.
 """
 
@@ -33,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 from omegaconf import OmegaConf
 
-from telepathy.config import CONF_DIR, ConfigError, group_options, num_latents
+from telepathy.config import ConfigError, group_options, model_config, num_latents, uses_soft_tokens
 
 GB = 1024**3
 BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
@@ -44,13 +46,6 @@ TRAINABLE_BYTES_PER_PARAM = 16
 BACKWARD_BYTES_PER_TOKEN_HIDDEN_LAYER = 34
 # transient buffers of one forward layer (attention + MLP intermediates), per token and hidden unit
 FORWARD_BYTES_PER_TOKEN_HIDDEN = 16
-# methods whose training back-propagates through the receiver, and the fraction of the
-# receiver's parameters they train (adapters) on top of the bridge
-BACKPROP_THROUGH_RECEIVER = {"bridge": 0.0, "prompt_tuning": 0.0, "lora": 0.01}
-# methods that put demonstrations in the prompt: key of the shots per class
-FEWSHOT_METHODS = {"fewshot": "shots"}
-# methods that read every layer's hidden states of the model they load
-KEEP_ALL_LAYERS = {"linear_probe"}
 
 
 def _get(cfg, key: str, default=None):
@@ -68,18 +63,6 @@ def models_used(cfg) -> list[str]:
         raise ConfigError(f"method.models={entries} is not allowed; allowed: a non-empty list of "
                           f"{', '.join(allowed)}")
     return entries
-
-
-def model_facts(cfg, entry: str):
-    """The model config of a role, or of a model named by its ``conf/model`` file (only the
-    published facts are read: num_params, hidden_size, num_layers, vocab_size, dtype)."""
-    if entry in ("sender", "receiver"):
-        return cfg[entry]
-    return OmegaConf.load(CONF_DIR / "model" / f"{entry}.yaml")
-
-
-def uses_bridge(cfg) -> bool:
-    return "bridge" in list(_get(cfg, "method.uses", []))
 
 
 def _weights_gb(model_cfg) -> float:
@@ -159,7 +142,11 @@ class Estimate:
 
 def estimate(cfg) -> Estimate:
     roles = models_used(cfg)
-    method = str(_get(cfg, "method.name", "bridge"))
+    # what the method does to memory, from its config's ``memory:`` block (conf/method/*.yaml)
+    backprop = bool(_get(cfg, "method.memory.backprop", False))
+    trained_fraction = float(_get(cfg, "method.memory.receiver_trained_fraction", 0.0))
+    demos_per_class = int(_get(cfg, "method.memory.demos_per_class", 0))
+    keep_all_layers = bool(_get(cfg, "method.memory.keep_all_layers", False))
     overhead = int(_get(cfg, "resources.prompt_tokens", 32))
     text_tokens = int(cfg.task.max_input_tokens) + overhead
     if _get(cfg, "task.type", "classification") == "generation":
@@ -167,10 +154,11 @@ def estimate(cfg) -> Estimate:
     train_batch = int(cfg.trainer.batch_size)
     eval_batch = int(_get(cfg, "eval.batch_size", train_batch))
 
-    feeds_bridge = uses_bridge(cfg) and "sender" in roles
+    soft = uses_soft_tokens(cfg)
+    feeds_bridge = soft and "sender" in roles
     sender_gb = sender_act = receiver_gb = receiver_act = bridge_gb = 0.0
     for entry in dict.fromkeys(roles):
-        model = model_facts(cfg, entry)
+        model = model_config(cfg, entry)
         if entry == "sender":
             # the sender's hidden states feed the bridge / probe: every layer is kept
             sender_gb += _weights_gb(model)
@@ -181,18 +169,15 @@ def estimate(cfg) -> Estimate:
         receiver_gb += _weights_gb(model)
         if entry == "receiver" and feeds_bridge:
             tokens = num_latents(cfg) + overhead  # soft tokens instead of the text
-        elif entry == "receiver" and uses_bridge(cfg):
+        elif entry == "receiver" and soft:
             tokens = text_tokens + num_latents(cfg)  # prompt tuning: M learned tokens + the text
-        elif method in FEWSHOT_METHODS:
-            shots = int(_get(cfg, f"method.{FEWSHOT_METHODS[method]}", 4))
+        else:  # the text, after demos_per_class solved examples of every label (few-shot)
             n_labels = len(_get(cfg, "task.labels", []) or [None])
-            tokens = (shots * n_labels + 1) * text_tokens
-        else:
-            tokens = text_tokens
-        act = _forward_activations_gb(model, eval_batch, tokens, keep_all_layers=method in KEEP_ALL_LAYERS)
-        if entry == "receiver" and method in BACKPROP_THROUGH_RECEIVER:
+            tokens = (demos_per_class * n_labels + 1) * text_tokens
+        act = _forward_activations_gb(model, eval_batch, tokens, keep_all_layers=keep_all_layers)
+        if entry == "receiver" and backprop:
             act = max(act, _backward_activations_gb(model, train_batch, tokens))
-            bridge_gb += BACKPROP_THROUGH_RECEIVER[method] * float(model.num_params) * TRAINABLE_BYTES_PER_PARAM / GB
+            bridge_gb += trained_fraction * float(model.num_params) * TRAINABLE_BYTES_PER_PARAM / GB
         receiver_act += act
     if feeds_bridge:
         bridge_gb += bridge_params(cfg) * TRAINABLE_BYTES_PER_PARAM / GB

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from telepathy.cluster.sweep import MANIFEST
+from telepathy.results import RESULT_FILE
 
 LIVE = {"PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending",
         "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "SUSPENDED": "running",
@@ -96,7 +97,7 @@ def manifests(output_dir: Path) -> list[dict]:
 
 def _read_result(run_dir: str) -> dict | None:
     try:
-        return json.loads((Path(run_dir) / "result.json").read_text())
+        return json.loads((Path(run_dir) / RESULT_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None
 

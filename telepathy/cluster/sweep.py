@@ -74,7 +74,8 @@ def _filter(overrides: Sequence[str]) -> list[str]:
 def plan_job(idx: int, overrides: list[str], cfg, rerun: bool, alive: dict[str, str]) -> PlannedJob:
     """One composed job: validated, resource-planned, and marked skipped/active when it need not run."""
     from telepathy.cluster import resources
-    from telepathy.config import run_dir, validate
+    from telepathy.config import run_dir
+    from telepathy.methods import validate
     from telepathy.results import read_result
 
     if OmegaConf.select(cfg, "method.name") is None:

@@ -1,0 +1,79 @@
+"""Train, then evaluate: the shell of every method that trains weights in front of or inside
+the frozen receiver (the bridge, prompt tuning, LoRA).
+
+    targets  the label verbaliser (classification) or the reference + EOS (generation)
+    loss     receiver cross-entropy on the targets only (a method may add a term)
+    probe    every ``trainer.eval_every`` steps on the first ``trainer.eval_samples`` test
+             items: accuracy / macro-F1, or the held-out summary cross-entropy
+    fit      ``telepathy.training.fit``: cfg.trainer, seeded data order, checkpoint / resume
+    evaluate the shared readout on every test item; the majority class beside it
+
+One shell keeps the comparison fair: the methods differ only in what they train and
+how they build the receiver's prompt, never in the loop, the probe or the scoring.
+A method hands over its trainable module and a prompt builder (and, the bridge, its
+own loss); it keeps only what makes it different.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from telepathy.data import Example
+from telepathy.evaluation import evaluate, evaluate_classification
+from telepathy.methods import MethodOutput, output
+from telepathy.metrics import majority
+from telepathy.receiver import PromptIO, generation_targets, task_targets
+from telepathy.training import fit
+
+Prompts = Callable[[list[Example]], list[list]]
+Loss = Callable[[list[Example], list[list[int]]], tuple[torch.Tensor, dict]]
+
+
+def trained_params(module: torch.nn.Module, receiver) -> dict:
+    """A receiver-side method's ``params``: what it trains, and the frozen receiver it trains it for."""
+    return {"trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            "receiver": sum(p.numel() for p in receiver.model.parameters() if not p.requires_grad)}
+
+
+def train_then_evaluate(cfg, ctx, io: PromptIO, module: torch.nn.Module, train: list[Example],
+                        test: list[Example], prompts: Prompts, params: dict, loss: Loss | None = None,
+                        evaluate_fn=evaluate, **details: dict) -> MethodOutput:
+    """Train ``module``'s trainable weights on ``train``, then evaluate ``prompts`` on ``test``.
+
+    ``prompts(examples)`` gives the receiver's prompt sequences of test items (and of training
+    items, unless ``loss`` is given). ``loss(examples, targets) -> (loss, stats)`` replaces the
+    default cross-entropy on the targets; its stats (floats) go to ``log.jsonl``.
+    ``evaluate_fn`` is ``evaluation.evaluate`` or a wrapper with the same signature (the
+    baselines count the tokens the receiver read). ``params`` and ``details`` go to the output
+    as they are, with ``details["training"]`` added.
+    """
+    targets = task_targets(io, train, cfg.task)
+
+    def label_loss(chunk: list[Example], chunk_targets: list[list[int]]):
+        ce = io.label_loss(prompts(chunk), chunk_targets)
+        return ce, {"loss": ce.item()}
+
+    loss = loss or label_loss
+
+    def loss_fn(indices: list[int]):
+        return loss([train[i] for i in indices], [targets[i] for i in indices])
+
+    probe = test[: cfg.trainer.eval_samples]
+
+    def eval_probe() -> dict:
+        # generation: held-out summary cross-entropy (generating every few steps costs too much on CPU)
+        if cfg.task.type == "generation":
+            with torch.no_grad():
+                return {"eval_loss": io.label_loss(prompts(probe), generation_targets(io, probe, cfg.task)).item()}
+        metrics, _, _ = evaluate_classification(io, probe, prompts, cfg.task, cfg.eval, desc="eval@step")
+        return {"eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"]}
+
+    result = fit(module, loss_fn, len(train), cfg.trainer, cfg.seed, ctx.run_dir, eval_fn=eval_probe,
+                 device=io.lm.device)
+    metrics, predictions, eval_s = evaluate_fn(io, test, prompts, cfg, desc="eval")
+    if cfg.task.type == "classification":
+        metrics.update(majority([e.label for e in train], [e.label for e in test]))
+    return output(metrics, predictions, params, {"train_s": result.train_s, "eval_s": eval_s},
+                  **details, training=result.as_record())

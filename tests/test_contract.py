@@ -1,0 +1,115 @@
+"""The method contract (telepathy/methods.py) and the result record (telepathy/results.py),
+checked without loading a model."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO, TINY, compose
+from telepathy import app, config, methods, results
+from telepathy.config import ConfigError
+
+
+@pytest.mark.parametrize("name", sorted(methods.REGISTRY))
+def test_every_method_keeps_the_contract(name):
+    module = methods.get(name)
+    assert isinstance(module.DETERMINISTIC, bool)
+    assert callable(module.validate) and callable(module.run)
+    methods.validate(compose(*TINY, f"method={name}"))  # its defaults pass its own checks
+
+
+def _imports(path: Path, known: set[str]) -> set[str]:
+    """Modules of ``known`` that ``path`` imports anywhere (function-local imports too; not
+    under ``if TYPE_CHECKING``, which never runs)."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree)
+                   if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                      for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found & known
+
+
+def test_the_import_graph_has_no_cycle():
+    """config.py is a leaf (it once imported methods, which import the recipes, which import config)."""
+    files = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in [*(REPO / "telepathy").rglob("*.py"), *(REPO / "baselines").glob("*.py")]}
+    graph = {name: _imports(path, set(files)) - {name} for name, path in files.items()}
+    assert not graph["telepathy.config"]
+
+    def reachable(start):
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    assert not sorted(name for name in graph if name in reachable(name))
+
+
+def test_validation_runs_the_shared_checks_then_the_methods_own():
+    bad_placement = compose("bridge.placement=middle")
+    config.validate(bad_placement)  # only the bridge reads it ...
+    with pytest.raises(ConfigError, match=r"bridge\.placement='middle' is not allowed"):
+        methods.validate(bad_placement)  # ... so the bridge's own checks reject it
+    methods.validate(compose("method=zeroshot", "bridge.placement=middle"))
+    with pytest.raises(ConfigError, match=r"compression=0"):  # shared checks apply to every method
+        methods.validate(compose("method=zeroshot", "compression=0"))
+    with pytest.raises(ConfigError, match=r"method\.r=0 is not allowed; allowed: an integer in \[1, inf\]"):
+        methods.validate(compose("method=lora", "method.r=0"))
+
+
+def test_identity_block_says_what_a_run_used():
+    bridge = results.run_identity(compose("compression=4"))
+    assert bridge == {"task": "sst2", "method": "bridge", "sender": "smollm2_135m", "receiver": "gemma3_270m",
+                      "compression": 4, "num_latents": config.num_latents(compose("compression=4")), "layer": 16,
+                      "model": None, "seed": 42}
+    relay = results.run_identity(compose("method=text_relay"))
+    assert relay["compression"] is None and relay["num_latents"] is None and relay["sender"] == "smollm2_135m"
+    tuned = results.run_identity(compose("method=prompt_tuning", "compression=16"))
+    assert (tuned["sender"], tuned["layer"], tuned["compression"]) == (None, None, 16)
+    probe = results.run_identity(compose("method=zeroshot", "method.model=llama32_1b"))
+    assert (probe["sender"], probe["receiver"], probe["model"]) == (None, None, "llama32_1b")
+    with pytest.raises(ValueError, match="identity has no field"):
+        results.identity_block(batch_size=2)
+
+
+def test_memory_facts_do_not_change_run_ids():
+    """The method's ``memory:`` block is for the resource plan only: not part of a run's id."""
+    cfg = compose("method=fewshot")
+    assert cfg.method.memory.demos_per_class == cfg.method.shots
+    assert config.run_name(cfg) == config.run_name(compose("method=fewshot", "method.memory.demos_per_class=9"))
+
+
+def test_reusing_a_deterministic_run_copies_its_whole_record(tmp_path):
+    """A second seed of a deterministic method copies every section the first measured, its
+    own sections included (a reused linear_probe once lost `probe`), and loads no model."""
+    first = compose(*TINY, "method=linear_probe", "seed=1", f"paths.output_dir={tmp_path}")
+    source_dir = config.run_dir(first)
+    source = results.record(
+        "completed", run_id=source_dir.name, run_dir=source_dir, identity=results.run_identity(first), config={},
+        seedless_hash=config.config_hash(first, exclude=("seed",)), reused_from=None,
+        metrics={"accuracy": 0.75}, params={"trainable": 65}, timing={"train_s": 1.0, "eval_s": 0.5},
+        probe={"layers": [1, 2], "reported_layer": 2}, memory={"peak_rss_mb": 1.0})
+    results.write_json(source_dir / results.RESULT_FILE, source)
+    (source_dir / results.PREDICTIONS_FILE).write_text('{"idx": 0, "pred": 1}\n')
+
+    second = compose(*TINY, "method=linear_probe", "seed=2", f"paths.output_dir={tmp_path}")
+    assert app.main(second) == {"accuracy": 0.75}
+    reused = json.loads((config.run_dir(second) / results.RESULT_FILE).read_text())
+    assert reused["reused_from"] == str(source_dir) and reused["status"] == "completed"
+    assert reused["probe"] == source["probe"] and reused["params"] == source["params"]
+    assert reused["timing"] == source["timing"] and "memory" not in reused  # nothing was measured here
+    assert reused["identity"] == {**source["identity"], "seed": 2} and reused["seed"] == 2
+    assert (Path(reused["run_dir"]) / results.PREDICTIONS_FILE).read_text() == '{"idx": 0, "pred": 1}\n'
