@@ -16,7 +16,13 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from telepathy import config as tconfig
-from telepathy.results import PREDICTIONS_FILE, RESULT_FILE, read_result, run_identity, write_json
+from telepathy.results import (
+    PREDICTIONS_FILE,
+    RESULT_FILE,
+    read_result,
+    run_identity,
+    write_json,
+)
 
 
 def share_result(cfg, record: dict) -> list[Path]:
