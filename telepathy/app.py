@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from telepathy import config as tconfig
 from telepathy import features, methods, runlock
+from telepathy.cluster import telemetry
 from telepathy.models import LoadedModel, load_model, placement
 from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, environment, measured, now, peak_memory, read_result,
                                record, run_identity, write_json, write_jsonl)
@@ -138,15 +139,17 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
             return done["metrics"]
 
     write_json(run_dir / RESULT_FILE, record("running", **base, started_at=started))
+    sampler = telemetry.start(cfg, run_dir)  # GPU / host usage → telemetry.jsonl, summary in the record
     try:
         out = method.run(cfg, RunContext(cfg, run_dir, devices))
     except SystemExit as stop:  # preempted after a checkpoint: the requeued job resumes
         write_json(run_dir / RESULT_FILE, record("interrupted", **base, started_at=started, finished_at=now(),
+                                                 telemetry=sampler.stop(),
                                                  error={"type": "SystemExit", "message": str(stop)}))
         raise
     except BaseException as err:
         write_json(run_dir / RESULT_FILE, record(
-            "failed", **base, started_at=started, finished_at=now(), memory=peak_memory(),
+            "failed", **base, started_at=started, finished_at=now(), memory=peak_memory(), telemetry=sampler.stop(),
             error={"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc(),
                    "oom": _is_oom(err)}))
         log.error("run failed (%s: %s); record in %s", type(err).__name__, err, run_dir / RESULT_FILE)
@@ -155,7 +158,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
         write_jsonl(run_dir / PREDICTIONS_FILE, out["predictions"])
     timing = {**out["timing"], "total_s": time.time() - t0, "started_at": started, "finished_at": now()}
     done = record("completed", **base, metrics=out["metrics"], params=out["params"], **out["details"],
-                  timing=timing, memory=peak_memory(), started_at=started, finished_at=timing["finished_at"])
+                  timing=timing, memory=peak_memory(), telemetry=sampler.stop(), started_at=started,
+                  finished_at=timing["finished_at"])
     write_json(run_dir / RESULT_FILE, done)
     share_result(cfg, done)  # deterministic: the same record for the seeds the sweep pointed here
     _print_summary(done)
@@ -191,4 +195,9 @@ def _print_summary(record: dict) -> None:
         b = record["bridge"]
         lines.append(f"  {'soft tokens (M)':<{width}}  {b['num_latents']} "
                      f"(compression {b['compression_ratio']:.1f}x of {b['mean_sender_tokens']:.1f} sender tokens)")
+        d = b.get("diagnostics") or {}
+        if "soft_token_cosine_mean" in d:
+            lines.append(f"  {'soft-token cosine':<{width}}  {d['soft_token_cosine_mean']:.4f} (across test inputs)")
+        if d.get("single_class"):
+            lines.append("  WARNING: collapsed bridge: one class predicted for every test item")
     print("\n".join(lines), flush=True)

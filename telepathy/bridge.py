@@ -105,6 +105,23 @@ def diversity_loss(soft_tokens: torch.Tensor) -> torch.Tensor:
     return off_diag / (b * (b - 1))
 
 
+@torch.no_grad()
+def collapse_diagnostics(soft_tokens: torch.Tensor, predicted: list[int] | None = None) -> dict:
+    """How close a trained bridge is to one constant prompt, for result.json.
+
+    A collapsed bridge sends (nearly) the same soft tokens for every input, so the
+    receiver answers one class for every item; its accuracy is then the majority
+    rate and could pass unnoticed into a table. ``soft_tokens`` [N, M, d] are the
+    bridge's outputs for N held-out inputs; ``predicted`` the readout's label ids
+    (-1: unparsed, ignored), None for generation tasks.
+    """
+    out = {"soft_token_cosine_mean": float(diversity_loss(soft_tokens)), "cosine_inputs": int(soft_tokens.shape[0])}
+    if predicted is not None:
+        classes = len({p for p in predicted if p >= 0})
+        out.update(predicted_classes=classes, single_class=classes <= 1)
+    return out
+
+
 def build_bridge(cfg, sender_dim: int, receiver_dim: int, num_latents: int, target_rms: float) -> PerceiverBridge:
     b = cfg.bridge
     return PerceiverBridge(

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from telepathy.bridge import build_bridge, count_params, diversity_loss
+from telepathy.bridge import build_bridge, collapse_diagnostics, count_params, diversity_loss
 from telepathy.config import check_choice, check_range, num_latents, resolve_layer
 from telepathy.data import load_task
 from telepathy.evaluation import evaluate, text_prompt
@@ -27,7 +27,7 @@ from telepathy.methods import MethodOutput
 from telepathy.metrics import ROUGE_TYPES
 from telepathy.models import embedding_rms_median
 from telepathy.receiver import PromptIO
-from telepathy.recipe import train_then_evaluate
+from telepathy.recipe import receiver_loss, train_then_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +69,11 @@ def run(cfg, ctx) -> MethodOutput:
         soft = bridge(states, mask).to(receiver.dtype)
         return [io.fill(template, soft[j]) for j in range(len(chunk))], soft
 
+    ce_loss = receiver_loss(io, cfg)
+
     def loss(chunk, targets):
         seqs, soft = prompts(train_feats, chunk)
-        ce = io.label_loss(seqs, targets)
+        ce = ce_loss(seqs, chunk, targets)
         div = diversity_loss(soft)
         total = ce + cfg.trainer.diversity_weight * div
         return total, {"loss": total.item(), "ce": ce.item(), "diversity": div.item()}
@@ -84,7 +86,18 @@ def run(cfg, ctx) -> MethodOutput:
         bridge={"num_latents": m, "compression_factor": cfg.compression, "sender_layer": layer,
                 "mean_sender_tokens": mean_tokens, "compression_ratio": mean_tokens / m})
 
-    # 4. the receiver's own zero-shot on the same items
+    # 4. collapse: one constant prompt for every input must never pass silently into a table
+    with torch.no_grad():
+        probe_soft = prompts(test_feats, test[: cfg.trainer.eval_samples])[1]
+    classification = cfg.task.type == "classification"
+    diagnostics = collapse_diagnostics(probe_soft, [p["pred"] for p in out["predictions"]] if classification else None)
+    out["details"]["bridge"]["diagnostics"] = diagnostics
+    if diagnostics.get("single_class"):
+        log.warning("the bridge collapsed: the readout answers one class for all %d test items "
+                    "(soft-token cosine across inputs %.4f); this run's accuracy is the majority rate",
+                    len(out["predictions"]), diagnostics["soft_token_cosine_mean"])
+
+    # 5. the receiver's own zero-shot on the same items
     if cfg.eval.receiver_zeroshot:
         zs, _, _ = evaluate(io, test, text_prompt(io, cfg.task.prompt), cfg, desc="receiver zero-shot")
         keys = list(ROUGE_TYPES) if cfg.task.type == "generation" else ["accuracy", "macro_f1"]

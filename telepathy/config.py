@@ -137,10 +137,17 @@ def validate(cfg: DictConfig) -> None:
     check_range(cfg, "trainer.grad_accum", lo=1, integer=True)
     check_range(cfg, "trainer.max_steps", lo=0, integer=True)
     check_choice(cfg, "trainer.schedule", ["cosine", "constant"])
+    check_choice(cfg, "trainer.loss", ["auto", "classes", "tokens"])
+    if cfg.trainer.loss == "classes" and cfg.task.type != "classification":
+        raise ConfigError(f"trainer.loss='classes' is not allowed for task.type={cfg.task.type!r}; "
+                          "allowed: auto, tokens")
     check_choice(cfg, "eval.readout", ["score", "generate"])
     check_range(cfg, "eval.batch_size", lo=1, integer=True)
     check_choice(cfg, "cache.mode", ["on", "off"])
     check_range(cfg, "run.heartbeat_s", lo=1)
+    for key, lo, integer in (("cluster.telemetry_interval_s", 0, False), ("cluster.pack_max", 1, True)):
+        if OmegaConf.select(cfg, key) is not None:  # telemetry sampling; runs per GPU when packing
+            check_range(cfg, key, lo=lo, integer=integer)
     if cfg.task.type == "classification":
         labels = cfg.task.labels
         if not labels or len(set(labels)) != len(labels):

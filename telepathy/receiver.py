@@ -127,20 +127,32 @@ class PromptIO:
         """Cross-entropy on the label tokens only (mean over label tokens of the batch)."""
         return -torch.cat(self.continuation_logprobs(prefixes, label_ids)).mean()
 
-    @torch.no_grad()
-    def score_labels(self, prefixes: list[list], label_ids: list[list[int]]) -> torch.Tensor:
-        """[B, K] summed log-likelihood of each label's verbaliser after each prefix."""
-        if all(len(ids) == 1 for ids in label_ids):
+    def label_scores(self, prefixes: list[list], label_ids: list[list[int]]) -> torch.Tensor:
+        """[B, K] summed log-likelihood of each label's verbaliser after each prefix (differentiable)."""
+        if all(len(ids) == 1 for ids in label_ids):  # one forward pass scores every label
             embeds, mask, lengths = self.embed(prefixes, pad_side="right")
             h = self.hidden(embeds, mask)
             last = h[torch.arange(len(prefixes)), torch.tensor(lengths, device=h.device) - 1]
             logp = F.log_softmax(self.logits(last), dim=-1)
             return logp[:, [ids[0] for ids in label_ids]]
-        scores = torch.empty(len(prefixes), len(label_ids))
-        for k, ids in enumerate(label_ids):
-            per_example = self.continuation_logprobs(prefixes, [ids] * len(prefixes))
-            scores[:, k] = torch.stack([lp.sum() for lp in per_example]).cpu()
-        return scores
+        per_label = [torch.stack([lp.sum() for lp in self.continuation_logprobs(prefixes, [ids] * len(prefixes))])
+                     for ids in label_ids]
+        return torch.stack(per_label, dim=1)
+
+    @torch.no_grad()
+    def score_labels(self, prefixes: list[list], label_ids: list[list[int]]) -> torch.Tensor:
+        """``label_scores`` without gradients, on the CPU: what the score readout decides on."""
+        return self.label_scores(prefixes, label_ids).cpu()
+
+    def class_loss(self, prefixes: list[list], label_ids: list[list[int]], labels: list[int]) -> torch.Tensor:
+        """Cross-entropy over the K label verbalisers' log-likelihoods: the score readout's own decision.
+
+        Unlike ``label_loss`` (the label tokens against the whole vocabulary) it has no part that
+        every input shares at the start of training ("answer with a label word at all"), which pushed
+        every input's soft tokens the same way until they collapsed to one constant prompt.
+        """
+        scores = self.label_scores(prefixes, label_ids)
+        return F.cross_entropy(scores, torch.tensor(labels, device=scores.device))
 
     @torch.no_grad()
     def generate(self, sequences: list[list], max_new_tokens: int, num_beams: int = 1,

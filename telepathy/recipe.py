@@ -2,7 +2,9 @@
 the frozen receiver (the bridge, prompt tuning, LoRA).
 
     targets  the label verbaliser (classification) or the reference + EOS (generation)
-    loss     receiver cross-entropy on the targets only (a method may add a term)
+    loss     ``trainer.loss``: cross-entropy over the label verbalisers (``classes``, the default for
+             classification scored by likelihood) or over the vocabulary on the target tokens
+             (``tokens``: generation, the generate readout); a method may add a term
     probe    every ``trainer.eval_every`` steps on the first ``trainer.eval_samples`` test
              items: accuracy / macro-F1, or the held-out summary cross-entropy
     fit      ``telepathy.training.fit``: cfg.trainer, seeded data order, checkpoint / resume
@@ -24,11 +26,28 @@ from telepathy.data import Example
 from telepathy.evaluation import evaluate, evaluate_classification
 from telepathy.methods import MethodOutput, output
 from telepathy.metrics import majority
-from telepathy.receiver import PromptIO, generation_targets, task_targets
+from telepathy.receiver import PromptIO, generation_targets, label_token_ids, task_targets
 from telepathy.training import fit
 
 Prompts = Callable[[list[Example]], list[list]]
 Loss = Callable[[list[Example], list[list[int]]], tuple[torch.Tensor, dict]]
+
+
+def loss_kind(cfg) -> str:
+    """``trainer.loss`` resolved: ``auto`` is ``classes`` for classification read out by label
+    likelihood (the loss then trains exactly the decision the readout makes), else ``tokens``."""
+    kind = cfg.trainer.loss
+    if kind == "auto":
+        kind = "classes" if cfg.task.type == "classification" and cfg.eval.readout == "score" else "tokens"
+    return kind
+
+
+def receiver_loss(io: PromptIO, cfg) -> Callable[[list[list], list[Example], list[list[int]]], torch.Tensor]:
+    """``(prompt sequences, examples, targets) -> loss``: the receiver's cross-entropy for ``trainer.loss``."""
+    if loss_kind(cfg) == "classes":
+        label_ids = label_token_ids(io, list(cfg.task.labels), cfg.task.label_prefix)
+        return lambda seqs, examples, targets: io.class_loss(seqs, label_ids, [ex.label for ex in examples])
+    return lambda seqs, examples, targets: io.label_loss(seqs, targets)
 
 
 def trained_params(module: torch.nn.Module, receiver) -> dict:
@@ -50,9 +69,10 @@ def train_then_evaluate(cfg, ctx, io: PromptIO, module: torch.nn.Module, train: 
     as they are, with ``details["training"]`` added.
     """
     targets = task_targets(io, train, cfg.task)
+    ce_loss = receiver_loss(io, cfg)
 
     def label_loss(chunk: list[Example], chunk_targets: list[list[int]]):
-        ce = io.label_loss(prompts(chunk), chunk_targets)
+        ce = ce_loss(prompts(chunk), chunk, chunk_targets)
         return ce, {"loss": ce.item()}
 
     loss = loss or label_loss
@@ -76,4 +96,4 @@ def train_then_evaluate(cfg, ctx, io: PromptIO, module: torch.nn.Module, train: 
     if cfg.task.type == "classification":
         metrics.update(majority([e.label for e in train], [e.label for e in test]))
     return output(metrics, predictions, params, {"train_s": result.train_s, "eval_s": eval_s},
-                  **details, training=result.as_record())
+                  **details, training={**result.as_record(), "loss": loss_kind(cfg)})

@@ -37,7 +37,7 @@ IDENTITY = ("task", "method", "sender", "receiver", "compression", "num_latents"
 # fields every run sets for itself; everything else in a completed record is what it measured
 RUN_FIELDS = ("schema_version", "run_id", "run_dir", "status", "task", "method", "seed", "identity", "config",
               "config_hash", "seedless_hash", "overrides", "env", "resources", "reused_from", "memory", "error",
-              "started_at", "finished_at")
+              "telemetry", "started_at", "finished_at")
 PACKAGES = ("torch", "transformers", "hydra-core", "submitit", "peft", "llmlingua", "numpy", "scikit-learn")
 
 
@@ -114,6 +114,10 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     _atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic_write_text(path, text)
 
 
 def write_jsonl(path: Path, rows) -> None:

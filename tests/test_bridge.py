@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from telepathy.bridge import PerceiverBridge, count_params, diversity_loss
+from telepathy.bridge import PerceiverBridge, collapse_diagnostics, count_params, diversity_loss
 from telepathy.config import num_latents
 
 
@@ -85,3 +85,14 @@ def test_input_standardisation_removes_a_shared_massive_dimension():
     out = bridge(torch.stack(states[:2]), mask)
     cos = torch.nn.functional.cosine_similarity(out[0].flatten(), out[1].flatten(), dim=0)
     assert cos < 0.99
+
+
+def test_collapse_diagnostics_flag_a_constant_bridge():
+    constant = torch.randn(1, 5, 40).expand(6, -1, -1)
+    diag = collapse_diagnostics(constant, [1, 1, 1, -1, 1, 1])
+    assert diag["soft_token_cosine_mean"] == pytest.approx(1.0, abs=1e-5) and diag["cosine_inputs"] == 6
+    assert diag["predicted_classes"] == 1 and diag["single_class"]
+    varied = make()(torch.randn(6, 11, 24), torch.ones(6, 11, dtype=torch.long))
+    diag = collapse_diagnostics(varied, [0, 1, 0, 0, 1, 1])
+    assert diag["soft_token_cosine_mean"] < 0.99 and diag["predicted_classes"] == 2 and not diag["single_class"]
+    assert set(collapse_diagnostics(varied)) == {"soft_token_cosine_mean", "cosine_inputs"}  # generation tasks

@@ -25,10 +25,12 @@ def test_default_config_is_valid_and_is_the_demo_pair():
     ("method.name=telepathy", "method.name"),
     ("sender.dtype=int4", "sender.dtype"),
     ("bridge.placement=middle", "bridge.placement"),
+    ("trainer.loss=mse", "trainer.loss"),
+    ("task=xsum trainer.loss=classes", "trainer.loss"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(compose(override))
+        validate(compose(*override.split()))
 
 
 def test_layer_error_lists_the_allowed_range():

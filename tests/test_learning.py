@@ -1,6 +1,8 @@
 """A bridge between the real demo models learns: SST-2 accuracy clearly above the majority class.
 
-Real weights (SmolLM2-135M → Gemma-3-270M), CPU, about two minutes on 2 cores.
+Real weights (SmolLM2-135M → Gemma-3-270M), CPU, about two minutes on 2 cores. With the
+token loss (``trainer.loss=tokens``) this budget collapsed to one class on some machines and
+seeds (benchmarks/README.md, "Robustness of short runs").
 """
 
 import pytest
@@ -16,4 +18,6 @@ def test_bridge_on_sst2_beats_the_majority_class(outputs):
     (record,) = results(outputs)
     metrics = record["metrics"]
     assert record["status"] == "completed" and metrics["n_test"] == 120
-    assert metrics["accuracy"] >= metrics["majority_accuracy"] + 0.15, metrics
+    diagnostics = record["bridge"]["diagnostics"]
+    assert not diagnostics["single_class"] and diagnostics["predicted_classes"] == 2, diagnostics
+    assert metrics["accuracy"] >= metrics["majority_accuracy"] + 0.15, (metrics, diagnostics)

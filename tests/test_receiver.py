@@ -104,3 +104,17 @@ def test_sender_prompt_truncation_keeps_the_instruction(tiny_models):
     ids = sender_prompts(sender, [Example(0, "word " * 200)], "Review: {text}\nSentiment (positive or negative):", 32)[0]
     assert len(ids) <= 32
     assert sender.tokenizer.decode(ids).endswith("Sentiment (positive or negative):")
+
+
+def test_class_loss_is_cross_entropy_over_the_label_scores_and_trains_them(tiny_models):
+    # trainer.loss=classes: the loss of the score readout's own decision, with gradients
+    _, receiver = tiny_models
+    io = PromptIO(receiver)
+    label_ids = label_token_ids(io, ["negative", "positive", "neutral stance"])  # one multi-token label
+    soft = (torch.randn(2, 3, receiver.hidden_size) * 0.02).requires_grad_()
+    prefixes = [["Review:", soft[i], "\nSentiment:"] for i in range(2)]
+    loss = io.class_loss(prefixes, label_ids, [1, 2])
+    expected = F.cross_entropy(io.score_labels(prefixes, label_ids), torch.tensor([1, 2]))
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-4)
+    loss.backward()
+    assert soft.grad is not None and soft.grad.abs().sum() > 0

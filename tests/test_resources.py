@@ -137,3 +137,21 @@ def test_resource_class_groups_identical_requests():
     assert c.class_name == "2gpu-16cpu-128gb-240min"
     assert c.gpu_hours == pytest.approx(8.0)
     assert b.to_dict()["estimate_gb"] == 3.0
+
+
+def test_generation_adds_the_target_tokens_not_the_classification_readout_cap():
+    """XSum trains on and generates task.max_target_tokens (64), not eval.max_new_tokens (8)."""
+    base = estimate(compose("task=xsum"))
+    longer = estimate(compose("task=xsum", "task.max_target_tokens=512"))
+    assert longer.receiver_activations_gb > base.receiver_activations_gb  # the bridge's receiver reads them too
+    assert longer.sender_activations_gb > base.sender_activations_gb
+    assert estimate(compose("task=xsum", "eval.max_new_tokens=512")).total_gb == pytest.approx(base.total_gb)
+    capped = estimate(compose("task=xsum", "task.max_target_tokens=512", "eval.generation.max_new_tokens=64"))
+    assert capped.total_gb == pytest.approx(base.total_gb)
+
+
+def test_prompt_tuning_counts_its_trained_soft_prompt():
+    cfg = compose("method=prompt_tuning")
+    expected = num_latents(cfg) * cfg.receiver.hidden_size * 16 / GB
+    assert estimate(cfg).bridge_gb == pytest.approx(expected)
+    assert estimate(cfg).bridge_gb > 0

@@ -9,6 +9,7 @@ jobs run side by side; each test then waits for the runs it checks:
 * a job signalled mid-training (SIGUSR2, as SLURM does before preemption/time limit)
   checkpoints, is requeued, resumes in the same run dir and ends with the same
   losses and metrics as an uninterrupted run of the same config;
+* two small runs packed into one 1-GPU job both complete, each with its own result.json;
 * relaunching the finished sweep queues zero jobs;
 * a sweep with an invalid job queues nothing.
 """
@@ -42,11 +43,13 @@ pytestmark = [pytest.mark.slurm, needs_data, pytest.mark.skipif(SKIP_REASON is n
 
 # small requests so that every job of the module fits the test node at once
 SMALL = ["cluster.cpus_per_gpu=1", "cluster.mem_gb_per_gpu=1", "cluster.single_model.cpus=1",
-         "cluster.single_model.mem_gb=1"]
+         "cluster.single_model.mem_gb=1", "cluster.pack_max=1"]  # one run per job here; packing: test_packing.py
 SWEEP3 = ["-m", "hydra/launcher=slurm", *TINY, *SMALL, "task=sst2,agnews,trec", "trainer.max_steps=2"]
 # sender 0.1B + receiver 10B fit one 30 GB GPU; 10B + 10B need two
 GPU_SPLIT = ["-m", "hydra/launcher=slurm", *TINY, *SMALL, "task=trec", "trainer.max_steps=2",
              "receiver.num_params=1e10", "sender.num_params=1e8,1e10", "cluster.gpu_mem_gb=30"]
+# two tiny runs packed into one 1-GPU job (telepathy/cluster/packing.py)
+PACK = ["-m", "hydra/launcher=slurm", *TINY, *SMALL, "cluster.pack_max=2", "task=sst2,trec", "trainer.max_steps=2"]
 PREEMPT_STEPS = 30
 PREEMPT = [*TINY, *SMALL, "task=sst2", f"trainer.max_steps={PREEMPT_STEPS}", "trainer.checkpoint_every=1000",
            "trainer.eval_every=0"]
@@ -100,7 +103,7 @@ def _log_rows(run_dir) -> list[dict]:
 def launched(tmp_path_factory):
     """Launch every sweep of the module; signal the preemption job mid-training."""
     base = tmp_path_factory.mktemp("slurm")
-    out = {name: base / name for name in ("sweep3", "split", "preempt")}
+    out = {name: base / name for name in ("sweep3", "split", "preempt", "pack")}
     # the interrupted run and its uninterrupted twin: same config, different output roots
     interrupted, reference = out["preempt"] / "interrupted", out["preempt"] / "reference"
     t0 = time.time()
@@ -116,7 +119,7 @@ def launched(tmp_path_factory):
     subprocess.run(["scancel", "--signal=USR2", job["slurm_job_id"]], check=True)
 
     launches = {"preempt": {"interrupted": job, "signalled_at": signalled_at}}
-    for name, args in (("sweep3", SWEEP3), ("split", GPU_SPLIT)):
+    for name, args in (("sweep3", SWEEP3), ("split", GPU_SPLIT), ("pack", PACK)):
         proc = run_train(*args, outputs=out[name])
         launches[name] = {"stdout": proc.stdout, "manifest": _manifest(out[name])}
     launches["launch_s"] = time.time() - t0
@@ -208,3 +211,17 @@ def test_bad_config_queues_nothing(launched, tmp_path):
     assert "sender.layer=99 is out of range" in proc.stderr
     assert not list(tmp_path.glob("sweeps/*/jobs.json"))
     assert _job_ids() == before
+
+
+def test_two_small_runs_packed_on_one_gpu_both_complete(launched):
+    out, launches = launched
+    manifest = launches["pack"]["manifest"]
+    (array,) = manifest["arrays"]
+    assert array["class"].startswith("pack-") and array["packs"] == 1 and array["n_jobs"] == 2
+    assert array["resources"]["gpus"] == 1
+    ids = {j["slurm_job_id"] for j in manifest["jobs"]}
+    assert len(ids) == 1  # one SLURM job, one GPU, two runs
+    records = _wait_finished(out["pack"], [j["run_dir"] for j in manifest["jobs"]], timeout_s=300)
+    assert [r["status"] for r in records] == ["completed"] * 2, [r.get("error") for r in records]
+    assert {r["env"]["slurm_job_id"] for r in records} == {ids.pop().split("_")[0]}
+    assert sorted(r["task"] for r in records) == ["sst2", "trec"]

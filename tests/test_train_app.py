@@ -15,7 +15,7 @@ pytestmark = needs_data
 
 
 def test_single_run_writes_a_complete_record(outputs):
-    run_train(*TINY, outputs=outputs)
+    proc = run_train(*TINY, outputs=outputs)
     (record,) = results(outputs)
     assert record["status"] == "completed"
     run_dir = Path(record["run_dir"])
@@ -34,8 +34,16 @@ def test_single_run_writes_a_complete_record(outputs):
     assert record["config"]["trainer"]["max_steps"] == 4 and record["overrides"] == ["budget=tiny"]
     assert {"git_rev", "git_dirty", "hostname", "packages", "device"} <= set(record["env"])
     assert record["timing"]["train_s"] > 0 and record["memory"]["peak_rss_mb"] > 0
+    telemetry = record["telemetry"]  # sampled in the background; this machine has no GPU: host figures only
+    assert telemetry["gpu_available"] is False and telemetry["gpu_unavailable"] and telemetry["n_samples"] >= 1
+    assert telemetry["host"]["rss_peak_mb"] > 50 and (run_dir / "telemetry.jsonl").exists()
     predictions = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 16 and {"idx", "label", "pred", "correct", "scores"} <= set(predictions[0])
+    diagnostics = record["bridge"]["diagnostics"]  # collapse: reported, and warned about when it happens
+    assert -1 <= diagnostics["soft_token_cosine_mean"] <= 1 and diagnostics["cosine_inputs"] == 4  # eval_samples
+    assert diagnostics["single_class"] == (len({p["pred"] for p in predictions}) == 1)
+    assert ("WARNING: collapsed bridge" in proc.stdout) == diagnostics["single_class"]
+    assert record["training"]["loss"] == "classes"  # trainer.loss=auto on a classification task
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     assert any("eval_accuracy" in r for r in log)

@@ -32,7 +32,7 @@ from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQu
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
-from telepathy.cluster import preflight, sweep
+from telepathy.cluster import packing, preflight, sweep
 from telepathy.cluster.status import alive_runs
 from telepathy.cluster.sweep import PlannedJob
 
@@ -107,32 +107,47 @@ class _TelepathyMixin:
         results = {job.idx: handle.results()[0] for job, handle in submitted}
         return [results.get(j.idx) or _job_return(j, j.state) for j in planned]
 
-    def _preflight(self, classes) -> None:
+    def _preflight(self, classes, packs=()) -> None:
         """Refuse, before the first sbatch, arrays that no node of the partition can run (one line)."""
         enabled = OmegaConf.select(self.config, "cluster.preflight", default=True)
         if not isinstance(enabled, bool):
             raise sweep.LaunchError(f"cluster.preflight={enabled!r} is not allowed; allowed: true, false")
-        if self._EXECUTOR != "slurm" or not enabled or not classes:
+        if self._EXECUTOR != "slurm" or not enabled or not (classes or packs):
             return
-        problem = preflight.check({name: jobs[0].resources for name, jobs in classes.items()},
-                                  self.params.get("partition"))
+        requests = {name: jobs[0].resources for name, jobs in classes.items()}
+        for pack in packs:  # a pack asks for one GPU and its members' CPUs and memory added up
+            res = packing.resources(pack)
+            requests.setdefault(f"pack-{res.class_name}", res)
+        problem = preflight.check(requests, self.params.get("partition"))
         if problem:
             raise sweep.LaunchError(problem)
 
     def _submit(self, planned: List[PlannedJob], sweep_dir: Path, phase, output_dir: Path) -> list:
-        """One array per resource class; each is added to jobs.json as soon as sbatch accepts it,
-        so a later failing sbatch leaves no queued job unrecorded."""
+        """Packs of small runs (one array per resource class of packs), then one array per resource class;
+        each is added to jobs.json as soon as sbatch accepts it, so a later failing sbatch leaves no
+        queued job unrecorded."""
         written = self.__dict__.setdefault("_manifest_dirs", set())  # a batched sweeper launches more than once
         sweep.check_sweep_dir(sweep_dir, str(sweep_dir) in written)
-        classes = sweep.group(j for j in planned if j.state == "queue")
-        self._preflight(classes)
+        queue = [j for j in planned if j.state == "queue"]
+        packs: List[List[PlannedJob]] = []
+        if self._EXECUTOR == "slurm":  # small runs share a GPU: several runs in one job (cluster/packing.py)
+            packs, queue = packing.split(queue, self.config)
+        classes = sweep.group(queue)
+        self._preflight(classes, packs)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         manifest = sweep.write_manifest(sweep_dir, [j for j in planned if j.state not in ("queue", "shared")], [],
                                         phase, self._EXECUTOR)
         written.add(str(sweep_dir))
 
+        def recorded(array: dict, jobs: List[PlannedJob]) -> None:
+            arrays.append(array)
+            sweep.write_manifest(sweep_dir, jobs + sweep.sharers(planned, jobs), [array], phase, self._EXECUTOR)
+
+        arrays: List[dict] = []
+        self._submit_packs(packs, recorded, manifest, output_dir, arrays)
+        n_packed = sum(len(p) for p in packs)
         state = Singleton.get_state()
-        arrays, submitted = [], []
+        submitted = []
         for name, jobs in classes.items():
             executor = self._executor(jobs[0].resources)
             executor.update_parameters(name=f"{self.config.hydra.job.name}-{name}")
@@ -145,14 +160,37 @@ class _TelepathyMixin:
                 job.slurm_job_id = str(handle.job_id)
             submitted += list(zip(jobs, handles))
             array_id = str(handles[0].job_id).split("_")[0] if handles else None
-            array = {"class": name, "job_id": array_id, "n_jobs": len(jobs), "resources": jobs[0].resources.to_dict()}
-            arrays.append(array)
-            sweep.write_manifest(sweep_dir, jobs + sweep.sharers(planned, jobs), [array], phase, self._EXECUTOR)
+            recorded({"class": name, "job_id": array_id, "n_jobs": len(jobs), "resources": jobs[0].resources.to_dict()},
+                     jobs)
             log.info("queued array %s (%s): %d jobs", array_id, name, len(jobs))
-        print(f"queued {len(submitted)} jobs in {len(arrays)} arrays, skipped "
+        print(f"queued {len(submitted) + n_packed} jobs in {len(arrays)} arrays, skipped "
               f"{sum(j.state != 'queue' for j in planned)}; manifest {manifest}\n"
               f"watch: python -m telepathy.status {output_dir}", flush=True)
         return submitted
+
+    def _submit_packs(self, packs: List[List[PlannedJob]], recorded, manifest: Path, output_dir: Path,
+                      arrays: List[dict]) -> None:
+        """One array per resource class of packs; every member records its pack's job id, and each array
+        goes into jobs.json (``recorded``) right after sbatch accepts it."""
+        by_class: dict = {}
+        for pack in packs:
+            by_class.setdefault(packing.resources(pack).class_name, []).append(pack)
+        for name, group in by_class.items():
+            res = packing.resources(group[0])
+            executor = self._executor(res)
+            executor.update_parameters(name=f"{self.config.hydra.job.name}-pack-{name}")
+            n_jobs = sum(len(p) for p in group)
+            try:
+                handles = executor.map_array(packing.Pack(), [[packing.member_args(j) for j in p] for p in group])
+            except Exception as err:  # noqa: BLE001 - sbatch refused it: say what is queued and recorded
+                raise sweep.partial_launch_error(err, f"pack-{name}", n_jobs, arrays, manifest, output_dir) from None
+            for pack, handle in zip(group, handles):
+                for job in pack:
+                    job.slurm_job_id = str(handle.job_id)
+            array = {"class": f"pack-{name}", "job_id": str(handles[0].job_id).split("_")[0],
+                     "n_jobs": n_jobs, "packs": len(group), "resources": res.to_dict()}
+            recorded(array, [j for p in group for j in p])
+            log.info("queued array %s (%d packs of small runs sharing a GPU)", array["job_id"], len(group))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Requeue this job with the same arguments: it resumes in the same run dir."""

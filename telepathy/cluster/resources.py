@@ -140,6 +140,13 @@ class Estimate:
                 f"{self.activations_gb:.1f})")
 
 
+def generation_tokens(cfg) -> int:
+    """Target tokens a generation task trains on and generates (0 for classification)."""
+    if _get(cfg, "task.type", "classification") != "generation":
+        return 0
+    return int(_get(cfg, "eval.generation.max_new_tokens", None) or _get(cfg, "task.max_target_tokens", 0))
+
+
 def estimate(cfg) -> Estimate:
     roles = models_used(cfg)
     # what the method does to memory, from its config's ``memory:`` block (conf/method/*.yaml)
@@ -149,8 +156,10 @@ def estimate(cfg) -> Estimate:
     keep_all_layers = bool(_get(cfg, "method.memory.keep_all_layers", False))
     overhead = int(_get(cfg, "resources.prompt_tokens", 32))
     text_tokens = int(cfg.task.max_input_tokens) + overhead
-    if _get(cfg, "task.type", "classification") == "generation":
-        text_tokens += int(_get(cfg, "eval.max_new_tokens", 0))
+    # generation (XSum): the receiver trains on and generates up to this many target tokens
+    # (eval.generation.max_new_tokens, else task.max_target_tokens), after the text or the soft tokens
+    gen_tokens = generation_tokens(cfg)
+    text_tokens += gen_tokens
     train_batch = int(cfg.trainer.batch_size)
     eval_batch = int(_get(cfg, "eval.batch_size", train_batch))
 
@@ -168,7 +177,7 @@ def estimate(cfg) -> Estimate:
         # the receiver and any named model live on the receiver's device
         receiver_gb += _weights_gb(model)
         if entry == "receiver" and feeds_bridge:
-            tokens = num_latents(cfg) + overhead  # soft tokens instead of the text
+            tokens = num_latents(cfg) + overhead + gen_tokens  # soft tokens instead of the text
         elif entry == "receiver" and soft:
             tokens = text_tokens + num_latents(cfg)  # prompt tuning: M learned tokens + the text
         else:  # the text, after demos_per_class solved examples of every label (few-shot)
@@ -181,6 +190,8 @@ def estimate(cfg) -> Estimate:
         receiver_act += act
     if feeds_bridge:
         bridge_gb += bridge_params(cfg) * TRAINABLE_BYTES_PER_PARAM / GB
+    elif soft:  # prompt tuning: M trained receiver-sized vectors, with gradients and AdamW state
+        bridge_gb += num_latents(cfg) * int(cfg.receiver.hidden_size) * TRAINABLE_BYTES_PER_PARAM / GB
 
     margin = float(_get(cfg, "resources.margin", 1.25))
     if margin < 1:

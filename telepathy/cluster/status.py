@@ -42,6 +42,7 @@ from telepathy.results import RESULT_FILE
 LIVE = {"PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending",
         "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "SUSPENDED": "running",
         "STOPPED": "running", "RESIZING": "running", "SIGNALING": "running", "STAGE_OUT": "running"}
+OOM_STATE = "OUT_OF_MEMORY"  # sacct: the job (or a step) was killed for exceeding its memory
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -72,12 +73,18 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
     """Final SLURM state of finished jobs (the latest record of a requeued job)."""
     if not job_ids:
         return {}
-    out = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(sorted(set(job_ids)))])
+    out = _run(["sacct", "-n", "-P", "-o", "JobID,State", "-j", ",".join(sorted(set(job_ids)))])
     states = {}
     for line in (out or "").splitlines():
         if "|" in line:
             job_id, state = line.strip().split("|", 1)
-            states[job_id] = state.split()[0]  # "CANCELLED by 0" → CANCELLED
+            state = state.split()[0]  # "CANCELLED by 0" → CANCELLED
+            if "." in job_id:  # a step (123.batch): only its out-of-memory kill matters (the job may say FAILED)
+                base = job_id.split(".")[0]
+                if state == OOM_STATE and base in states:
+                    states[base] = OOM_STATE
+                continue
+            states[job_id] = state
     return states
 
 
@@ -135,9 +142,12 @@ def run_state(job: dict, live: dict[str, str] | None, finished: dict[str, str]) 
         return "failed", f"{error.get('type', '?')}: {str(error.get('message', ''))[:80]}{oom}"
     if job_id and live is not None and job_id in live:
         earlier = " (queued by an earlier launch)" if job.get("state") == "active" else ""
-        return LIVE.get(live[job_id], "running"), live[job_id].lower() + earlier
+        return LIVE.get(live[job_id], "running"), live[job_id].lower() + _progress(job["run_dir"]) + earlier
     if job.get("kind") == "benchmark" and finished.get(job_id) == "COMPLETED":
         return "completed", "benchmark job finished"
+    if job_id and finished.get(job_id) == OOM_STATE:
+        record_oom(job["run_dir"], record, job_id)
+        return "failed", f"SLURM killed job {job_id} for memory ({OOM_STATE}) (out of memory)"
     if status in ("running", "interrupted"):
         return _started_state(job["run_dir"], status, finished.get(job_id) if job_id else None,
                               gone=bool(job_id) and live is not None)
@@ -174,6 +184,29 @@ def _started_state(run_dir: str, status: str, ended: str | None, gone: bool) -> 
     return "running", "result.json says running"
 
 
+def _progress(run_dir: str) -> str:
+    """`` step 120/2000, ETA 0:35:10`` of a training run from its log.jsonl ('' before the first step)."""
+    from telepathy.cluster.telemetry import progress
+
+    p = progress(Path(run_dir))
+    if not p:
+        return ""
+    eta = f", ETA {int(p['eta_s']) // 3600}:{int(p['eta_s']) % 3600 // 60:02d}:{int(p['eta_s']) % 60:02d}" \
+        if p["eta_s"] is not None else ""
+    return f" step {p['step']}/{p['max_steps'] or '?'}{eta}"
+
+
+def record_oom(run_dir: str, record: dict, job_id: str) -> None:
+    """A run SLURM killed for memory never wrote its own failure: record it as failed, out of memory."""
+    from telepathy.results import now, write_json
+
+    if not record or record.get("status") not in ("running", "interrupted"):
+        return
+    write_json(Path(run_dir) / "result.json", {
+        **record, "status": "failed", "finished_at": now(),
+        "error": {"type": "SlurmOutOfMemory", "message": f"SLURM job {job_id} ended {OOM_STATE}", "oom": True}})
+
+
 def collect(output_dir: Path) -> list[dict]:
     """One row per run per launch: phase, sweep, run, state, detail, SLURM job id, resources."""
     output_dir = Path(output_dir)
@@ -189,6 +222,7 @@ def collect(output_dir: Path) -> list[dict]:
             rows.append({"phase": manifest.get("phase") or "-", "sweep": manifest.get("sweep_dir"),
                          "launcher": manifest.get("launcher"), "run": Path(job["run_dir"]).name,
                          "run_dir": job["run_dir"], "state": state, "detail": detail,
+                         "oom": "(out of memory)" in detail,
                          "slurm_job_id": job.get("slurm_job_id"), "resources": job.get("resources")})
     for run_dir in sorted((output_dir / "runs").glob("*")):
         if str(run_dir.resolve()) in seen or not run_dir.is_dir():
@@ -220,13 +254,32 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) if lines else "no runs found"
 
 
+def _plan_report(output_dir: Path, plan_arg: str, rows: list[dict], phase: str | None, as_json: bool) -> int:
+    from telepathy.cluster import checklist
+
+    path = checklist.latest_plan(output_dir) if plan_arg == "latest" else Path(plan_arg)
+    if path is None or not path.exists():
+        print(f"error: --plan={plan_arg} is not allowed; allowed: a plan.json (python -m telepathy.plan writes "
+              f"<outputs>/plans/<time>/plan.json)", file=sys.stderr)
+        return 2
+    report = checklist.compare(json.loads(path.read_text()), rows, phase)
+    print(json.dumps(report, default=str) if as_json else f"plan {path}\n" + checklist.render(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m telepathy.status", description=__doc__.split("\n\n")[0])
     parser.add_argument("output_dir", nargs="?", default="outputs", help="paths.output_dir (default: outputs)")
     parser.add_argument("--phase", help="only this phase (e.g. p1_seeds)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    parser.add_argument("--plan", nargs="?", const="latest", metavar="PLAN_JSON",
+                        help="compare with a plan (python -m telepathy.plan; default: the latest under "
+                             "<outputs>/plans): wall time and GPU utilisation per phase, OOMs, predicted vs "
+                             "actual, success metrics")
     args = parser.parse_args(argv)
     rows = collect(Path(args.output_dir))
+    if args.plan:
+        return _plan_report(Path(args.output_dir), args.plan, rows, args.phase, args.json)
     if args.phase:
         rows = [r for r in rows if r["phase"] == args.phase]
     if args.json:

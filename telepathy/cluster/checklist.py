@@ -1,0 +1,132 @@
+"""The plan against what ran: per phase wall time, GPU utilisation, OOMs, predicted vs actual, success metrics.
+
+    python -m telepathy.status outputs/ --plan                 # the latest <outputs>/plans/*/plan.json
+    python -m telepathy.status outputs/ --plan path/plan.json --phase p1_seeds
+
+Why: the plan's success metrics (every phase done in the window, >80% average GPU
+utilisation, no OOM, valid JSON from every experiment, 3 seeds with confidence intervals)
+are facts about many runs together; this puts the planner's ``plan.json`` next to the runs'
+result.json (timing, telemetry, errors) and the scheduler's view (``status.collect``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from telepathy.cluster.plan import PLAN_FILE
+
+UTIL_TARGET = 80.0
+SEEDS_NEEDED = 3
+
+
+def latest_plan(output_dir: Path) -> Path | None:
+    found = sorted(Path(output_dir).glob(f"plans/*/{PLAN_FILE}"))
+    return found[-1] if found else None
+
+
+def _record(run_dir: str) -> dict | None:
+    try:
+        return json.loads((Path(run_dir) / "result.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _seconds(iso: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(iso).timestamp()
+
+
+def compare(plan: dict, rows: list[dict], phase: str | None = None) -> dict:
+    """Everything the report shows, as data (``render`` prints it)."""
+    jobs = [j for j in plan["jobs"] if phase in (None, j["phase"])]
+    oom_dirs = {r["run_dir"] for r in rows if r.get("oom")}
+    per_job, phases = [], {}
+    for j in jobs:
+        rec = _record(j["run_dir"]) if j["run_dir"] else None
+        status = (rec or {}).get("status", "missing")
+        tel = (rec or {}).get("telemetry") or {}
+        actual = ((rec or {}).get("timing") or {}).get("total_s")
+        oom = bool(((rec or {}).get("error") or {}).get("oom")) or j["run_dir"] in oom_dirs
+        # actual: the run's own clock (after start-up), so against the prediction without start-up
+        per_job.append({"job": j["job"], "phase": j["phase"], "status": status, "predicted_s": j["run_s"],
+                        "actual_s": actual, "gpu_util_pct": tel.get("gpu_util_mean_pct"), "oom": oom,
+                        "seed": ((rec or {}).get("seed")), "seedless_hash": (rec or {}).get("seedless_hash"),
+                        "host": ((rec or {}).get("env") or {}).get("hostname"), "gpus": tel.get("gpus") or [],
+                        "started_at": (rec or {}).get("started_at"), "finished_at": (rec or {}).get("finished_at")})
+        p = phases.setdefault(j["phase"], {"planned_start_s": j["start_s"], "planned_end_s": 0.0})
+        p["planned_start_s"] = min(p["planned_start_s"], j["start_s"])
+        p["planned_end_s"] = max(p["planned_end_s"], j["start_s"] + j["predicted_s"])
+    for name, p in phases.items():
+        members = [r for r in per_job if r["phase"] == name]
+        starts = [_seconds(r["started_at"]) for r in members if r["started_at"]]
+        ends = [_seconds(r["finished_at"]) for r in members if r["finished_at"]]
+        p["planned_s"] = p["planned_end_s"] - p["planned_start_s"]
+        p["wall_s"] = max(ends) - min(starts) if starts and ends else None
+        utils = [r["gpu_util_pct"] for r in members if r["gpu_util_pct"] is not None]
+        p["gpu_util_pct"] = sum(utils) / len(utils) if utils else None
+        p["oom"] = sum(r["oom"] for r in members)
+        p["done"] = sum(r["status"] == "completed" for r in members)
+        p["jobs"] = len(members)
+    per_gpu: dict[str, list[float]] = {}
+    for r in per_job:
+        for g in r["gpus"]:
+            per_gpu.setdefault(f"{r['host']}:gpu{g['gpu']}", []).append(g["util_mean_pct"])
+    return {"jobs": per_job, "phases": phases, "per_gpu": {k: sum(v) / len(v) for k, v in sorted(per_gpu.items())},
+            "checklist": checklist(plan, per_job)}
+
+
+def checklist(plan: dict, per_job: list[dict]) -> list[tuple[str, bool, str]]:
+    """The five success metrics: (name, passed, evidence)."""
+    window_s = float(plan["cluster"]["window_h"]) * 3600
+    done = [r for r in per_job if r["status"] == "completed"]
+    starts = [_seconds(r["started_at"]) for r in per_job if r["started_at"]]
+    ends = [_seconds(r["finished_at"]) for r in done if r["finished_at"]]
+    span = max(ends) - min(starts) if starts and ends else None
+    in_window = len(done) == len(per_job) and span is not None and span <= window_s
+    utils = [r["gpu_util_pct"] for r in per_job if r["gpu_util_pct"] is not None]
+    util = sum(utils) / len(utils) if utils else None
+    ooms = sum(r["oom"] for r in per_job)
+    valid = sum(r["status"] not in ("missing",) for r in per_job)
+    seeds: dict[str, set] = {}
+    for r in done:
+        if r["seedless_hash"]:
+            seeds.setdefault(r["seedless_hash"], set()).add(r["seed"])
+    short = [k for k, v in seeds.items() if len(v) < SEEDS_NEEDED]
+    return [
+        ("every phase done in the window", in_window,
+         f"{len(done)}/{len(per_job)} completed in {span / 3600:.2f} h of {window_s / 3600:g} h" if span is not None
+         else f"{len(done)}/{len(per_job)} completed"),
+        (f">{UTIL_TARGET:g}% average GPU utilisation", util is not None and util > UTIL_TARGET,
+         f"{util:.1f}% over {len(utils)} runs" if util is not None else "no GPU telemetry recorded"),
+        ("no OOM", ooms == 0, f"{ooms} runs out of memory"),
+        ("valid JSON from every experiment", valid == len(per_job), f"{valid}/{len(per_job)} result.json readable"),
+        (f"{SEEDS_NEEDED} seeds with confidence intervals", bool(seeds) and not short,
+         f"{len(seeds) - len(short)}/{len(seeds)} configurations with >= {SEEDS_NEEDED} completed seeds"),
+    ]
+
+
+def _h(seconds) -> str:
+    return "-" if seconds is None else f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+
+
+def render(report: dict) -> str:
+    lines = ["phase           jobs  done  planned    wall       GPU util  OOM"]
+    for name, p in sorted(report["phases"].items()):
+        util = "-"
+        if p["gpu_util_pct"] is not None:
+            util = f"{p['gpu_util_pct']:.0f}%{'' if p['gpu_util_pct'] > UTIL_TARGET else ' <80'}"
+        lines.append(f"{name:<15} {p['jobs']:<5} {p['done']:<5} {_h(p['planned_s']):<10} {_h(p['wall_s']):<10} "
+                     f"{util:<9} {p['oom']}")
+    if report["per_gpu"]:
+        lines.append("per GPU: " + ", ".join(f"{k} {v:.0f}%" for k, v in report["per_gpu"].items()))
+    lines += ["", "predicted vs actual per job:"]
+    width = max([len(r["job"]) for r in report["jobs"]] + [3])
+    for r in report["jobs"]:
+        ratio = f"{r['actual_s'] / r['predicted_s']:.2f}x" if r["actual_s"] and r["predicted_s"] else "-"
+        lines.append(f"  {r['job']:<{width}}  {r['status']:<10} predicted {_h(r['predicted_s']):<9} "
+                     f"actual {_h(r['actual_s']):<9} {ratio}")
+    lines += ["", "success metrics:"]
+    lines += [f"  [{'PASS' if ok else 'FAIL'}] {name}: {evidence}" for name, ok, evidence in report["checklist"]]
+    return "\n".join(lines)

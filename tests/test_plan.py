@@ -1,0 +1,134 @@
+"""The planner: schedule (known optimal makespans), cuts, calibration from result.json, the CLI."""
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, compose, needs_data, run_env
+from telepathy.cluster import costs
+from telepathy.cluster.plan import Job, cuts, makespan, occupancy, schedule
+from telepathy.config import ConfigError
+
+
+def _brute_force_makespan(durations, n_gpus):
+    """The optimal makespan of independent 1-GPU jobs: try every assignment."""
+    best = float("inf")
+    for assign in itertools.product(range(n_gpus), repeat=len(durations)):
+        loads = [0.0] * n_gpus
+        for d, g in zip(durations, assign):
+            loads[g] += d
+        best = min(best, max(loads))
+    return best
+
+
+def test_schedule_reaches_the_known_optimal_makespan():
+    durations = [4, 3, 3, 2, 2, 2]
+    jobs = [Job(name=f"j{i}", phase="p", duration_s=d) for i, d in enumerate(durations)]
+    slots = schedule(jobs, n_gpus=2, gpu_mem_gb=80)
+    assert makespan(slots) == _brute_force_makespan(durations, 2) == 8
+    assert occupancy(slots, 2) == [1.0, 1.0]
+    assert sorted(s.job.name for s in slots) == sorted(j.name for j in jobs)  # every job exactly once
+
+
+def test_two_gpu_jobs_and_phase_dependencies_are_respected():
+    jobs = [Job("big", "p1", 5, gpus=2, priority=1),
+            Job("small", "p1", 1, priority=1),
+            Job("lat1", "p4", 5, priority=2, after=("p1",)),
+            Job("lat2", "p4", 5, priority=2, after=("p1",))]
+    slots = {s.job.name: s for s in schedule(jobs, n_gpus=2, gpu_mem_gb=80)}
+    assert len(slots["big"].gpus) == 2
+    p1_end = max(slots["big"].end, slots["small"].end)
+    assert slots["lat1"].start >= p1_end and slots["lat2"].start >= p1_end
+    assert makespan(list(slots.values())) == 11  # big (5) | small (1) | both latency jobs in parallel (5)
+
+
+def test_small_jobs_pack_onto_one_gpu_within_its_memory():
+    small = [Job(f"s{i}", "p", 6, mem_gb=20, packable=True) for i in range(3)]
+    assert makespan(schedule(small, 1, 80, pack_max=3)) == 6
+    assert makespan(schedule(small, 1, 80, pack_max=1)) == 18
+    fat = [Job(f"f{i}", "p", 6, mem_gb=30, packable=True) for i in range(3)]
+    assert makespan(schedule(fat, 1, 80, pack_max=3)) == 12  # 3 x 30 GB > 80 GB: two at a time
+    # a non-packable job never shares its GPU
+    mixed = [Job("whole", "p", 6, mem_gb=10), *small]
+    slots = schedule(mixed, 1, 80, pack_max=3)
+    whole = next(s for s in slots if s.job.name == "whole")
+    assert all(s.start >= whole.end or s.end <= whole.start for s in slots if s is not whole)
+
+
+def test_a_plan_over_the_window_gets_cuts_that_fit():
+    jobs = [Job(f"t{i}", "p1", 10, train_s=8, priority=1, params=(("seed", str(i % 3)),)) for i in range(6)]
+    jobs += [Job("late", "p6", 10, priority=5)]
+    assert makespan(schedule(jobs, 2, 80)) == 40  # 7 jobs of 10 s, 2 at a time
+    found = cuts(jobs, 30, 2, 80, 1)
+    assert any(c.startswith("fewer steps") for c in found)
+    assert any(c.startswith("a phase later: run p6") for c in found)
+
+
+def test_a_job_wider_than_the_cluster_is_one_error():
+    with pytest.raises(ConfigError, match="cluster.gpus=1"):
+        schedule([Job("x", "p", 1, gpus=2)], 1, 80)
+
+
+def _record(cfg, train_s, eval_s, total_s):
+    from omegaconf import OmegaConf
+
+    return {"status": "completed", "run_id": "r", "config": OmegaConf.to_container(cfg, resolve=True),
+            "env": {"device": "cpu"}, "timing": {"train_s": train_s, "eval_s": eval_s, "total_s": total_s}}
+
+
+@needs_data
+def test_measured_runs_calibrate_the_prediction_and_say_so():
+    cfg = compose("budget=tiny", "task=trec")
+    before = costs.predict(cfg, "cpu")
+    assert set(before.sources.values()) == {"default"}
+    cal = costs.Calibration()
+    costs.calibrate_from_record(cal, _record(cfg, 3 * before.seconds["train"], before.seconds["eval"],
+                                             10 * sum(before.seconds.values())))
+    after = costs.predict(cfg, "cpu", cal)
+    assert after.seconds["train"] == pytest.approx(3 * before.seconds["train"])
+    assert after.sources["train"] == "calibrated (1)"
+    assert after.seconds["eval"] == pytest.approx(before.seconds["eval"], rel=0.01)
+    # the rest of total_s calibrates load + features (model load has no model of its own: the receiver's key)
+    prep = 10 * sum(before.seconds.values()) - 3 * before.seconds["train"] - before.seconds["eval"]
+    assert after.seconds["load"] + after.seconds["features"] == pytest.approx(prep, rel=0.01)
+    assert after.sources["load"] == after.sources["features"] == "calibrated (1)"
+    # more steps → proportionally more train time at the calibrated rate
+    longer = costs.predict(compose("budget=tiny", "task=trec", "trainer.max_steps=40"), "cpu", cal)
+    assert longer.seconds["train"] == pytest.approx(10 * after.seconds["train"], rel=0.01)
+
+
+@needs_data
+def test_generation_counts_decoding_and_token_counts_come_from_the_data():
+    stats = costs.token_stats(compose("budget=tiny", "task=xsum"))
+    assert stats["train"]["rows"] == 500 and stats["test"]["rows"] == 500
+    assert costs.capped_mean(stats["test"]["prompt_hist"], 512) > 300  # articles are long; capped at 512
+    work = costs.job_work(compose("budget=tiny", "task=xsum"), stats)
+    assert work["decode"].bytes > 0
+    assert costs.job_work(compose("budget=tiny", "task=trec"))["decode"].bytes == 0
+
+
+@pytest.mark.slow  # imports torch + transformers in a subprocess: ~30 s on the shared 2-core machine
+@needs_data
+def test_plan_cli_plans_a_phase_slice_on_the_cpu(tmp_path):
+    args = [sys.executable, "-m", "telepathy.plan", "+phase=p1_seeds", "budget=tiny", "task=trec", "seed=42",
+            "cluster.device=cpu", "cluster.gpus=2", "--out", str(tmp_path / "plan")]
+    proc = subprocess.run(args, cwd=REPO, env=run_env(tmp_path / "out"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert [j["job"] for j in plan["jobs"]] == ["p1_seeds: method=bridge task=trec seed=42",
+                                                "p1_seeds: method=zeroshot task=trec seed=42"]
+    assert plan["fits"] and plan["makespan_s"] > 0
+    assert (tmp_path / "plan" / "gantt.png").stat().st_size > 0
+    assert "| GPU |" in (tmp_path / "plan" / "gantt.md").read_text()
+    assert "verdict: FITS" in proc.stdout and "on defaults only" in proc.stdout
+
+
+def test_plan_cli_rejects_a_bad_cluster_value_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "telepathy.plan", "+phase=p1_seeds", "cluster.gpus=0"],
+                          cwd=REPO, env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: cluster.gpus=0 is not allowed; allowed: an integer in [1, inf]"]
