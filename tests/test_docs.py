@@ -9,8 +9,8 @@ that start with ``python``. What each kind gets, and why:
   a documented command breaks (``+cluster=default`` appending a group the defaults list
   already has); running them would train or submit, and the dry-run path of a phase is
   run by tests/test_launcher.py.
-* ``python -m telepathy.status|aggregate|report|prepare ...``: run for real (their ``main``) on
-  synthetic run dirs, with ``outputs`` pointing at a temporary folder.
+* ``python -m telepathy.status|aggregate|report|prepare|plan|control ...``: run for real (their ``main``) on
+  synthetic run dirs (``control`` finds no job of them to hold/release/cancel), with ``outputs`` pointing at a temporary folder.
 * synopses with placeholders (``PHASE_DIR [--metric accuracy]``) are skipped: they are
   not commands. The shell lines of the local-cluster section (``up.sh``, ``pytest -m
   slurm``, ``down.sh``) are what CI itself runs to bring the cluster up and test it.
@@ -26,7 +26,8 @@ from analysis_fixtures import write_run
 from helpers import REPO
 
 SCRIPTS = {"train.py": "train", "benchmarks/latency.py": "latency"}
-CLI = {"telepathy.status", "telepathy.aggregate", "telepathy.report", "telepathy.prepare"}
+CLI = {"telepathy.status", "telepathy.aggregate", "telepathy.report", "telepathy.prepare", "telepathy.plan",
+       "telepathy.control"}
 
 
 def doc_commands() -> list[tuple[str, str]]:
