@@ -22,12 +22,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from telepathy import config as tconfig
-from telepathy import batching, data, features, methods
+from telepathy import batching, data, features, methods, runlock
 from telepathy.cli import stop_on_signals
 from telepathy.cluster import telemetry
 from telepathy.models import LoadedModel, load_model, placement
 from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, environment, measured, now, peak_memory, read_result,
                                record, run_identity, write_json, write_jsonl)
+from telepathy.shared_runs import share_result
 
 log = logging.getLogger("telepathy")
 
@@ -93,6 +94,12 @@ def main(cfg: DictConfig) -> dict | None:
     methods.validate(cfg)
     run_dir = _output_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # one live job per run dir (a second one exits before writing) + heartbeat for `telepathy.status`
+    with runlock.hold(run_dir, float(OmegaConf.select(cfg, "run.heartbeat_s", default=30))):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
     existing = read_result(run_dir)
     rerun = cfg.get("rerun")
     if existing and existing.get("status") == "completed" and rerun != "all":
@@ -130,6 +137,7 @@ def main(cfg: DictConfig) -> dict | None:
             done = record("completed", **{**base, "reused_from": source["run_dir"]}, **measured(source),
                           started_at=started, finished_at=now())
             write_json(run_dir / RESULT_FILE, done)
+            share_result(cfg, done)
             return done["metrics"]
 
     write_json(run_dir / RESULT_FILE, record("running", **base, started_at=started))
@@ -158,6 +166,7 @@ def main(cfg: DictConfig) -> dict | None:
                   started_at=started,
                   finished_at=timing["finished_at"])
     write_json(run_dir / RESULT_FILE, done)
+    share_result(cfg, done)  # deterministic: the same record for the seeds the sweep pointed here
     _log_summary(done)
     return done["metrics"]
 

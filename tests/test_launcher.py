@@ -153,7 +153,7 @@ def test_status_reads_manifests_results_and_the_queue(tmp_path, monkeypatch):
     monkeypatch.setattr(status, "sacct_states", lambda ids: {"8_1": "CANCELLED"})
     rows = {r["run"]: r for r in status.collect(out)}
     assert {k: r["state"] for k, r in rows.items()} == {
-        "done": "completed", "oom": "failed", "pending": "queued", "live": "running", "gone": "failed",
+        "done": "completed", "oom": "failed", "pending": "pending", "live": "running", "gone": "interrupted",
         "old": "skipped"}
     assert "out of memory" in rows["oom"]["detail"]
     assert "CANCELLED" in rows["gone"]["detail"]

@@ -17,8 +17,10 @@ What it changes in hydra-submitit-launcher's ``BaseSubmititLauncher``:
   (conf/hydra/launcher/slurm.yaml and local.yaml select them).
 """
 
+import contextlib
 import logging
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Sequence
@@ -30,7 +32,7 @@ from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQu
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
-from telepathy.cluster import packing, sweep
+from telepathy.cluster import packing, preflight, sweep
 from telepathy.cluster.status import alive_runs
 from telepathy.cluster.sweep import PlannedJob
 
@@ -76,66 +78,119 @@ class _TelepathyMixin:
         return executor
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        try:
+            return self._launch(job_overrides, initial_job_idx)
+        except sweep.LaunchError as err:  # the message says it all: no traceback
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+
+    def _launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None and self.hydra_context is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        planned = self.plan(job_overrides, initial_job_idx)
         dry = bool(self.params.get("dry_run")) or bool(OmegaConf.select(self.config, "dry_run", default=False))
         phase = sweep.phase(self.config)
-        header = (f"{'DRY RUN (nothing submitted): ' if dry else ''}{len(planned)} jobs"
-                  f"{' of phase ' + phase if phase else ''} via {self._EXECUTOR}")
-        summary = sweep.describe(planned, header)
-        if dry:
-            print(summary, flush=True)
-            return [_job_return(j, "dry_run") for j in planned]
-        log.info("%s", summary)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-
-        state = Singleton.get_state()
-        arrays, submitted = [], []
-        queue = [j for j in planned if j.state == "queue"]
-        if self._EXECUTOR == "slurm":  # small runs share a GPU: several runs in one job (cluster/packing.py)
-            packs, queue = packing.split(queue, self.config)
-            arrays += self._submit_packs(packs)
-        for name, jobs in sweep.group(queue).items():
-            executor = self._executor(jobs[0].resources)
-            executor.update_parameters(name=f"{self.config.hydra.job.name}-{name}")
-            args = [(j.job_overrides, "hydra.sweep.dir", j.idx, f"job_id_for_{j.idx}", state) for j in jobs]
-            handles = executor.map_array(self, *zip(*args))
-            for job, handle in zip(jobs, handles):
-                job.slurm_job_id = str(handle.job_id)
-            submitted += list(zip(jobs, handles))
-            array_id = str(handles[0].job_id).split("_")[0] if handles else None
-            arrays.append({"class": name, "job_id": array_id, "n_jobs": len(jobs),
-                           "resources": jobs[0].resources.to_dict()})
-            log.info("queued array %s (%s): %d jobs", array_id, name, len(jobs))
-        manifest = sweep.write_manifest(sweep_dir, planned, arrays, phase, self._EXECUTOR)
-        print(f"queued {sum(j.state == 'queue' for j in planned)} jobs in {len(arrays)} arrays, skipped "
-              f"{sum(j.state != 'queue' for j in planned)}; manifest {manifest}\n"
-              f"watch: python -m telepathy.status {self.config.paths.output_dir}", flush=True)
+        output_dir = Path(str(self.config.paths.output_dir))
+        # plan-then-submit under a lock per output root: a concurrent launch plans after this one has queued
+        with contextlib.nullcontext() if dry else sweep.launch_lock(output_dir):
+            planned = self.plan(job_overrides, initial_job_idx)
+            header = (f"{'DRY RUN (nothing submitted): ' if dry else ''}{len(planned)} jobs"
+                      f"{' of phase ' + phase if phase else ''} via {self._EXECUTOR}")
+            summary = sweep.describe(planned, header)
+            if dry:
+                print(summary, flush=True)
+                return [_job_return(j, "dry_run") for j in planned]
+            log.info("%s", summary)
+            submitted = self._submit(planned, sweep_dir, phase, output_dir)
 
         if not self._WAIT_FOR_RESULTS:
             return [_job_return(j, "queued" if j.state == "queue" else j.state) for j in planned]
         results = {job.idx: handle.results()[0] for job, handle in submitted}
         return [results.get(j.idx) or _job_return(j, j.state) for j in planned]
 
-    def _submit_packs(self, packs: List[List[PlannedJob]]) -> List[dict]:
-        """One array per resource class of packs; every member records its pack's job id."""
+    def _preflight(self, classes, packs=()) -> None:
+        """Refuse, before the first sbatch, arrays that no node of the partition can run (one line)."""
+        enabled = OmegaConf.select(self.config, "cluster.preflight", default=True)
+        if not isinstance(enabled, bool):
+            raise sweep.LaunchError(f"cluster.preflight={enabled!r} is not allowed; allowed: true, false")
+        if self._EXECUTOR != "slurm" or not enabled or not (classes or packs):
+            return
+        requests = {name: jobs[0].resources for name, jobs in classes.items()}
+        for pack in packs:  # a pack asks for one GPU and its members' CPUs and memory added up
+            res = packing.resources(pack)
+            requests.setdefault(f"pack-{res.class_name}", res)
+        problem = preflight.check(requests, self.params.get("partition"))
+        if problem:
+            raise sweep.LaunchError(problem)
+
+    def _submit(self, planned: List[PlannedJob], sweep_dir: Path, phase, output_dir: Path) -> list:
+        """Packs of small runs (one array per resource class of packs), then one array per resource class;
+        each is added to jobs.json as soon as sbatch accepts it, so a later failing sbatch leaves no
+        queued job unrecorded."""
+        written = self.__dict__.setdefault("_manifest_dirs", set())  # a batched sweeper launches more than once
+        sweep.check_sweep_dir(sweep_dir, str(sweep_dir) in written)
+        queue = [j for j in planned if j.state == "queue"]
+        packs: List[List[PlannedJob]] = []
+        if self._EXECUTOR == "slurm":  # small runs share a GPU: several runs in one job (cluster/packing.py)
+            packs, queue = packing.split(queue, self.config)
+        classes = sweep.group(queue)
+        self._preflight(classes, packs)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        manifest = sweep.write_manifest(sweep_dir, [j for j in planned if j.state not in ("queue", "shared")], [],
+                                        phase, self._EXECUTOR)
+        written.add(str(sweep_dir))
+
+        def recorded(array: dict, jobs: List[PlannedJob]) -> None:
+            arrays.append(array)
+            sweep.write_manifest(sweep_dir, jobs + sweep.sharers(planned, jobs), [array], phase, self._EXECUTOR)
+
+        arrays: List[dict] = []
+        self._submit_packs(packs, recorded, manifest, output_dir, arrays)
+        n_packed = sum(len(p) for p in packs)
+        state = Singleton.get_state()
+        submitted = []
+        for name, jobs in classes.items():
+            executor = self._executor(jobs[0].resources)
+            executor.update_parameters(name=f"{self.config.hydra.job.name}-{name}")
+            args = [(j.job_overrides, "hydra.sweep.dir", j.idx, f"job_id_for_{j.idx}", state) for j in jobs]
+            try:
+                handles = executor.map_array(self, *zip(*args))
+            except Exception as err:  # noqa: BLE001 - sbatch refused it: say what is queued and recorded
+                raise sweep.partial_launch_error(err, name, len(jobs), arrays, manifest, output_dir) from None
+            for job, handle in zip(jobs, handles):
+                job.slurm_job_id = str(handle.job_id)
+            submitted += list(zip(jobs, handles))
+            array_id = str(handles[0].job_id).split("_")[0] if handles else None
+            recorded({"class": name, "job_id": array_id, "n_jobs": len(jobs), "resources": jobs[0].resources.to_dict()},
+                     jobs)
+            log.info("queued array %s (%s): %d jobs", array_id, name, len(jobs))
+        print(f"queued {len(submitted) + n_packed} jobs in {len(arrays)} arrays, skipped "
+              f"{sum(j.state != 'queue' for j in planned)}; manifest {manifest}\n"
+              f"watch: python -m telepathy.status {output_dir}", flush=True)
+        return submitted
+
+    def _submit_packs(self, packs: List[List[PlannedJob]], recorded, manifest: Path, output_dir: Path,
+                      arrays: List[dict]) -> None:
+        """One array per resource class of packs; every member records its pack's job id, and each array
+        goes into jobs.json (``recorded``) right after sbatch accepts it."""
         by_class: dict = {}
         for pack in packs:
             by_class.setdefault(packing.resources(pack).class_name, []).append(pack)
-        arrays = []
         for name, group in by_class.items():
             res = packing.resources(group[0])
             executor = self._executor(res)
             executor.update_parameters(name=f"{self.config.hydra.job.name}-pack-{name}")
-            handles = executor.map_array(packing.Pack(), [[packing.member_args(j) for j in p] for p in group])
+            n_jobs = sum(len(p) for p in group)
+            try:
+                handles = executor.map_array(packing.Pack(), [[packing.member_args(j) for j in p] for p in group])
+            except Exception as err:  # noqa: BLE001 - sbatch refused it: say what is queued and recorded
+                raise sweep.partial_launch_error(err, f"pack-{name}", n_jobs, arrays, manifest, output_dir) from None
             for pack, handle in zip(group, handles):
                 for job in pack:
                     job.slurm_job_id = str(handle.job_id)
-            arrays.append({"class": f"pack-{name}", "job_id": str(handles[0].job_id).split("_")[0],
-                           "n_jobs": sum(len(p) for p in group), "packs": len(group), "resources": res.to_dict()})
-            log.info("queued array %s (%d packs of small runs sharing a GPU)", arrays[-1]["job_id"], len(group))
-        return arrays
+            array = {"class": f"pack-{name}", "job_id": str(handles[0].job_id).split("_")[0],
+                     "n_jobs": n_jobs, "packs": len(group), "resources": res.to_dict()}
+            recorded(array, [j for p in group for j in p])
+            log.info("queued array %s (%d packs of small runs sharing a GPU)", array["job_id"], len(group))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Requeue this job with the same arguments: it resumes in the same run dir."""

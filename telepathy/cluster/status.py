@@ -13,8 +13,13 @@ A run's state is one of
 * ``skipped``    the launch found it completed and did not queue it;
 * ``failed``     result.json says failed (error type shown), or its SLURM job
                  ended (cancelled, timed out, node failure, ...) without a result;
-* ``running``    its SLURM job is running (or a local run is writing result.json);
-* ``queued``     its SLURM job is pending (or requeued after preemption);
+* ``running``    its SLURM job is running, or (outside SLURM) its process is alive:
+                 result.json says running and its heartbeat is fresh;
+* ``pending``    its SLURM job waits in the queue (or was requeued after preemption);
+* ``interrupted`` it stopped before the end and relaunching resumes it from its last
+                 checkpoint: preempted, its SLURM job ended (cancelled, time limit,
+                 node failure) mid-run, or ``(stale)``: its process is gone or its
+                 heartbeat (``<run dir>/heartbeat.json``, telepathy/runlock.py) is old;
 * ``unknown``    no result and no scheduler information.
 
 Runs under ``<outputs>/runs`` that no manifest mentions (single local runs) are
@@ -28,12 +33,13 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from telepathy.cluster.sweep import MANIFEST
 from telepathy.results import RESULT_FILE
 
-LIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued", "REQUEUE_FED": "queued",
+LIVE = {"PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending",
         "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "SUSPENDED": "running",
         "STOPPED": "running", "RESIZING": "running", "SIGNALING": "running", "STAGE_OUT": "running"}
 OOM_STATE = "OUT_OF_MEMORY"  # sacct: the job (or a step) was killed for exceeding its memory
@@ -134,24 +140,48 @@ def run_state(job: dict, live: dict[str, str] | None, finished: dict[str, str]) 
         error = record.get("error") or {}
         oom = " (out of memory)" if error.get("oom") else ""
         return "failed", f"{error.get('type', '?')}: {str(error.get('message', ''))[:80]}{oom}"
-    if job.get("state") == "active":
-        return "running", f"still held by an earlier launch ({job_id})"
     if job_id and live is not None and job_id in live:
-        return LIVE.get(live[job_id], "running"), live[job_id].lower() + _progress(job["run_dir"])
+        earlier = " (queued by an earlier launch)" if job.get("state") == "active" else ""
+        return LIVE.get(live[job_id], "running"), live[job_id].lower() + _progress(job["run_dir"]) + earlier
     if job.get("kind") == "benchmark" and finished.get(job_id) == "COMPLETED":
         return "completed", "benchmark job finished"
     if job_id and finished.get(job_id) == OOM_STATE:
         record_oom(job["run_dir"], record, job_id)
         return "failed", f"SLURM killed job {job_id} for memory ({OOM_STATE}) (out of memory)"
-    if job_id and job_id in finished and finished[job_id] not in LIVE:
-        return "failed", f"SLURM job ended {finished[job_id]} without a completed result"
     if status in ("running", "interrupted"):
-        if live is None:
-            return "running", f"result.json says {status}"
-        return "failed", f"result.json says {status} but its job is gone"
+        return _started_state(job["run_dir"], status, finished.get(job_id) if job_id else None,
+                              gone=bool(job_id) and live is not None)
+    if job_id and job_id in finished and finished[job_id] not in LIVE:
+        return "failed", f"SLURM job ended {finished[job_id]} without a result"
     if job_id and finished.get(job_id) in LIVE:
         return LIVE[finished[job_id]], finished[job_id].lower()
     return "unknown", "no result.json and no scheduler record"
+
+
+def _started_state(run_dir: str, status: str, ended: str | None, gone: bool) -> tuple[str, str]:
+    """A run whose result.json says running/interrupted: still running, or interrupted and resumable.
+
+    ``ended`` is the final SLURM state of its job (if it ended), ``gone`` says its job is
+    in neither squeue nor sacct; without either, the heartbeat decides.
+    """
+    from telepathy import runlock
+
+    steps = sorted(Path(run_dir).glob("checkpoints/step_*"))
+    resume = (f"relaunch resumes from step {int(steps[-1].name.split('_')[1])}" if steps
+              else "relaunch starts it again (no checkpoint yet)")
+    beat = runlock.read_heartbeat(Path(run_dir))
+    stale = runlock.staleness(beat)
+    if stale:
+        return "interrupted", f"(stale) {stale}; {resume}"
+    if ended and ended not in LIVE:
+        return "interrupted", f"SLURM job ended {ended} mid-run; {resume}"
+    if status == "interrupted":
+        return "interrupted", f"preempted; {resume}"
+    if gone:
+        return "interrupted", f"its SLURM job is gone; {resume}"
+    if beat:
+        return "running", f"heartbeat {time.time() - float(beat.get('time', 0)):.0f}s ago on {beat.get('host')}"
+    return "running", "result.json says running"
 
 
 def _progress(run_dir: str) -> str:

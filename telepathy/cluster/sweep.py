@@ -19,7 +19,7 @@ import shlex
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -47,6 +47,11 @@ class PlannedJob:
     reason: str = ""
     slurm_job_id: str | None = None
     kind: str = "run"  # "run": a train.py run dir with result.json | "benchmark": another app's job dir
+    # deterministic methods: the config hash without the seed (same key → same result); None otherwise
+    share_key: str | None = None
+    seed: int | None = None
+    shares: str | None = None  # state "shared": the run dir of the job that computes this result
+    reuse_seeds: list = field(default_factory=list)  # the job computing a shared result: the other seeds
 
     @property
     def job_overrides(self) -> list[str]:
@@ -56,6 +61,8 @@ class PlannedJob:
                  f"++resources.timeout_min={r.timeout_min}", f"++resources.estimate_gb={r.estimate_gb:.3f}",
                  f"++resources.device_gb=[{','.join(f'{g:.3f}' for g in r.device_gb)}]"]
         extra += [f"++resources.placement.{role}='{dev}'" for role, dev in r.placement.items()]
+        if self.reuse_seeds:  # the run writes its record for these seeds too (telepathy/shared_runs.py)
+            extra.append(f"++run.reuse_seeds=[{','.join(str(seed) for seed in self.reuse_seeds)}]")
         return list(self.overrides) + extra
 
 
@@ -75,7 +82,8 @@ def plan_job(idx: int, overrides: list[str], cfg, rerun: bool, alive: dict[str, 
         return plan_benchmark_job(idx, overrides, cfg)
     validate(cfg)
     rdir = str(run_dir(cfg))
-    job = PlannedJob(idx=idx, overrides=list(overrides), run_dir=rdir, state="queue", resources=resources.plan(cfg))
+    job = PlannedJob(idx=idx, overrides=list(overrides), run_dir=rdir, state="queue", resources=resources.plan(cfg),
+                     share_key=_share_key(cfg), seed=cfg.get("seed"))
     if rerun:
         return job
     record = read_result(Path(rdir)) or {}
@@ -127,7 +135,46 @@ def plan(compose: Callable[[list[str]], Any], config, job_overrides: Sequence[Se
     if errors:
         raise LaunchError(f"{len(errors)} of {len(job_overrides)} jobs are invalid; nothing was submitted:\n"
                           + "\n".join(errors))
+    share_deterministic(planned)
     return planned
+
+
+def _share_key(cfg) -> str | None:
+    """The seedless config hash of a run whose method gives the same result for every seed."""
+    from telepathy import methods
+    from telepathy.config import config_hash
+
+    if not getattr(methods.get(cfg.method.name), "DETERMINISTIC", False):
+        return None
+    return config_hash(cfg, exclude=("seed",))
+
+
+def share_deterministic(planned: list[PlannedJob]) -> None:
+    """One job per deterministic result: the other seeds' jobs become ``shared`` and point to it.
+
+    Queued in one array, the seeds of a zero-shot run would all start at once, so none
+    could reuse another's result; the job that runs gets ``run.reuse_seeds`` and writes
+    the same record into the other seeds' run dirs when it completes.
+    """
+    first: dict[str, PlannedJob] = {}
+    for job in planned:
+        if job.state != "queue" or job.share_key is None:
+            continue
+        primary = first.setdefault(job.share_key, job)
+        if primary is not job:
+            job.state, job.shares = "shared", primary.run_dir
+            job.reason = f"same result as job #{primary.idx} (deterministic method: the seed does not change it)"
+            primary.reuse_seeds.append(job.seed)
+
+
+def sharers(planned: list[PlannedJob], jobs: list[PlannedJob]) -> list[PlannedJob]:
+    """The ``shared`` jobs whose result one of ``jobs`` computes, given that job's SLURM id
+    (so status and relaunches follow the job that writes their record)."""
+    ids = {j.run_dir: j.slurm_job_id for j in jobs}
+    out = [j for j in planned if j.state == "shared" and j.shares in ids]
+    for job in out:
+        job.slurm_job_id = ids[job.shares]
+    return out
 
 
 def group(jobs: Iterable[PlannedJob]) -> OrderedDict[str, list[PlannedJob]]:
@@ -148,7 +195,7 @@ def describe(planned: list[PlannedJob], header: str) -> str:
     rows = [("#", "state", "gpus", "cpus", "mem", "time", "est GB", "GPU-h", "run", "overrides")]
     for j in planned:
         r = j.resources
-        state = {"queue": "queue", "skipped": "skip", "active": "active", "duplicate": "dup"}[j.state]
+        state = {"queue": "queue", "skipped": "skip", "active": "active", "duplicate": "dup", "shared": "share"}[j.state]
         rows.append((str(j.idx), state, str(r.gpus), str(r.cpus), f"{r.mem_gb}G", f"{r.timeout_min}m",
                      "/".join(f"{g:.1f}" for g in r.device_gb), f"{r.gpu_hours:.1f}",
                      Path(j.run_dir).name, " ".join(_filter(j.overrides))))
@@ -166,7 +213,8 @@ def describe(planned: list[PlannedJob], header: str) -> str:
     lines.append(f"total: {n_queue} to run in {len(classes)} arrays, "
                  f"{sum(j.state == 'skipped' for j in planned)} skipped (completed), "
                  f"{sum(j.state == 'active' for j in planned)} still queued/running, "
-                 f"{sum(j.state == 'duplicate' for j in planned)} duplicates; "
+                 f"{sum(j.state == 'duplicate' for j in planned)} duplicates, "
+                 f"{sum(j.state == 'shared' for j in planned)} shared (deterministic, computed once); "
                  f"up to {total:.1f} GPU-hours (GPUs x time limit)")
     return "\n".join(lines)
 
@@ -185,8 +233,47 @@ def write_manifest(sweep_dir: Path, planned: list[PlannedJob], arrays: list[dict
     manifest["arrays"] += arrays
     manifest["jobs"] += [{"idx": j.idx, "state": "queued" if j.state == "queue" else j.state,
                           "reason": j.reason, "kind": j.kind, "run_dir": j.run_dir, "overrides": j.overrides,
+                          "shares": j.shares,
                           "slurm_job_id": j.slurm_job_id,
                           "resources": {**j.resources.to_dict(), "class": j.resources.class_name}}
                          for j in planned]
     write_json(path, manifest)
     return path
+
+
+# --- launching safely: one launch per output root, one sweep dir per launch ---------------
+
+LAUNCH_LOCK = ".launch.lock"
+
+
+def launch_lock(output_dir: Path):
+    """Plan-then-submit under an exclusive lock on ``<output_dir>/.launch.lock``.
+
+    Two launches of the same sweep at once would both plan before either submits and
+    queue every job twice. Under the lock the second one plans after the first has
+    submitted and recorded its jobs, so it finds them queued (``active``) and skips them.
+    """
+    from telepathy.fsutil import file_lock
+
+    return file_lock(Path(output_dir) / LAUNCH_LOCK,
+                     waiting_message=f"another launch into {output_dir} is submitting; waiting for it to finish")
+
+
+def check_sweep_dir(sweep_dir: Path, written_by_this_launch: bool) -> None:
+    """Refuse a sweep dir another launch already wrote a manifest into (two launches in the same instant)."""
+    if (Path(sweep_dir) / MANIFEST).exists() and not written_by_this_launch:
+        raise LaunchError(f"sweep dir {sweep_dir} already holds another launch's {MANIFEST}; "
+                          f"nothing was submitted: launch again (the new launch gets a new dir)")
+
+
+def partial_launch_error(err: BaseException, failed: str, n_failed: int, arrays: list[dict], manifest: Path,
+                         output_dir) -> LaunchError:
+    """One line for an ``sbatch`` that failed after earlier arrays of the launch were queued."""
+    first = next((line.strip() for line in str(err).splitlines() if "error" in line.lower()),
+                 str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    queued = sum(a["n_jobs"] for a in arrays)
+    ids = " ".join(str(a["job_id"]) for a in arrays)
+    done = (f"{queued} jobs in {len(arrays)} arrays ({ids}) were queued before it and are recorded in {manifest} "
+            f"(`python -m telepathy.status {output_dir}` shows them, a relaunch leaves them alone; "
+            f"`scancel {ids}` cancels them)") if arrays else "nothing was queued"
+    return LaunchError(f"sbatch failed for array {failed} ({n_failed} jobs): {first}; {done}")

@@ -1,0 +1,85 @@
+"""File writes that other processes may read or repeat at the same time.
+
+Jobs of one sweep share the model cache, the feature cache and the output root, and
+SLURM can start two of them at the same moment. Two rules keep them out of each
+other's way:
+
+* a reader never sees half a file: ``atomic_path`` hands out a temporary name in the
+  target's folder and renames it over the target only once it is complete (a job
+  killed mid-write leaves a stray ``.tmp`` file, never a truncated target);
+* work that two writers would both do in full (assembling a GGUF, converting a model)
+  runs under ``file_lock``, and the second writer re-checks for the result after it
+  gets the lock.
+
+``file_lock`` is an ``fcntl.flock`` on a ``.lock`` file: the kernel drops it when its
+process dies (even ``kill -9``), so a crashed job never leaves a lock behind. It holds
+across nodes on NFSv4 and on Lustre/GPFS mounted with flock support.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class LockHeld(RuntimeError):
+    """A non-blocking ``file_lock`` found the lock taken by another process."""
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, blocking: bool = True, waiting_message: str | None = None) -> Iterator[int]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block; yields its fd.
+
+    ``blocking=False`` raises ``LockHeld`` at once when another process holds it;
+    otherwise it waits, logging ``waiting_message`` (if given) when it has to.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            if not blocking:
+                raise LockHeld(str(path)) from None
+            if waiting_message:
+                log.warning("%s", waiting_message)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # closing the last fd of the open file releases the flock
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path next to ``target``; renamed over it when the block ends without error.
+
+    The caller writes the whole file to the yielded path (any writer that takes a
+    path: ``save_file``, ``torch.save``, a package's ``assemble``); on an exception the
+    temporary file is removed and ``target`` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    os.unlink(tmp)  # writers that refuse to overwrite (``assemble``) get a fresh name
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o644)  # mkstemp names are private; other users of a shared scratch read it
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,112 @@
+"""Every command in docs/ is run (or composed) by a test, so the docs cannot drift from the code.
+
+Commands are read from the fenced code blocks and the inline ``code`` spans of docs/*.md
+that start with ``python``. What each kind gets, and why:
+
+* ``python train.py ...`` and ``python benchmarks/latency.py ...`` (runs, sweeps, phase
+  launches): composed in-process with the same config, overrides and config name as the
+  script, taking the first value of each swept key, then validated. Composition is where
+  a documented command breaks (``+cluster=default`` appending a group the defaults list
+  already has); running them would train or submit, and the dry-run path of a phase is
+  run by tests/test_launcher.py.
+* ``python -m telepathy.status|aggregate|report|prepare|plan|control ...``: run for real (their ``main``) on
+  synthetic run dirs (``control`` finds no job of them to hold/release/cancel), with ``outputs`` pointing at a temporary folder.
+* synopses with placeholders (``PHASE_DIR [--metric accuracy]``) are skipped: they are
+  not commands. The shell lines of the local-cluster section (``up.sh``, ``pytest -m
+  slurm``, ``down.sh``) are what CI itself runs to bring the cluster up and test it.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+from analysis_fixtures import write_run
+from helpers import REPO
+
+SCRIPTS = {"train.py": "train", "benchmarks/latency.py": "latency"}
+CLI = {"telepathy.status", "telepathy.aggregate", "telepathy.report", "telepathy.prepare", "telepathy.plan",
+       "telepathy.control"}
+
+
+def doc_commands() -> list[tuple[str, str]]:
+    """(file:line, command) for every ``python ...`` command in docs/*.md."""
+    found = []
+    for path in sorted((REPO / "docs").glob("*.md")):
+        fenced = False
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                fenced = not fenced
+                continue
+            candidates = [line] if fenced else re.findall(r"`(python [^`]+)`", line)
+            for text in candidates:
+                text = text.split(" #")[0].strip()
+                if text.startswith("python ") and "[" not in text and not re.search(r"\b[A-Z]+_[A-Z]+\b", text):
+                    found.append((f"{path.name}:{number}", text.replace(" ...", "")))
+    return found
+
+
+COMMANDS = doc_commands()
+
+
+def test_docs_have_commands_and_each_is_handled():
+    kinds = set()
+    for where, command in COMMANDS:
+        argv = shlex.split(command)
+        kind = argv[1] if argv[1] in SCRIPTS else (argv[2] if argv[1] == "-m" and argv[2] in CLI else None)
+        assert kind, f"{where}: no test knows how to run `{command}`"
+        kinds.add(kind)
+    assert {"train.py", "benchmarks/latency.py", "telepathy.status"} <= kinds
+
+
+def _first_values(overrides: list[str]) -> list[str]:
+    """Each swept override (``task=a,b``) reduced to its first value; launcher options kept."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = []
+    for text, parsed in zip(overrides, OverridesParser.create().parse_overrides(overrides)):
+        if parsed.is_sweep_override():
+            out.append(f"{text.split('=', 1)[0]}={next(iter(parsed.sweep_string_iterator()))}")
+        else:
+            out.append(text)
+    return out
+
+
+@pytest.mark.parametrize("where,command", [c for c in COMMANDS if shlex.split(c[1])[1] in SCRIPTS],
+                         ids=[c[0] for c in COMMANDS if shlex.split(c[1])[1] in SCRIPTS])
+def test_documented_run_and_launch_commands_compose(where, command, monkeypatch, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from telepathy.config import register_resolvers, validate
+
+    monkeypatch.setenv("TELEPATHY_OUTPUTS", str(tmp_path))
+    argv = shlex.split(command)
+    overrides = _first_values([a for a in argv[2:] if a not in ("-m", "--multirun")])
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name=SCRIPTS[argv[1]], overrides=overrides)
+    if argv[1] == "train.py":
+        validate(cfg)
+    assert cfg.get("cluster") is not None  # the launchers read cluster.*
+
+
+@pytest.mark.parametrize("where,command", [c for c in COMMANDS if shlex.split(c[1])[1] == "-m"],
+                         ids=[c[0] for c in COMMANDS if shlex.split(c[1])[1] == "-m"])
+def test_documented_cli_commands_run(where, command, tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.chdir(tmp_path)  # the docs say `outputs/...`: a fresh one here
+    for runs in (tmp_path / "outputs" / "runs", tmp_path / "outputs" / "p1" / "runs"):  # also 'outputs/*/runs'
+        for seed in (0, 1):
+            write_run(runs, seed=seed, metrics={"accuracy": 0.8 + seed / 100}, correct=[1, 0, 1, 1])
+    argv = shlex.split(command)
+    args = argv[3:] or ["--help"]  # a bare `python -m telepathy.x` in a table names the tool
+    try:
+        code = importlib.import_module(argv[2]).main(args)
+    except SystemExit as stop:
+        code = stop.code
+    # --check exits 1 when a success check fails, as documented; two synthetic seeds may fail one
+    assert code in (0, None) or (code == 1 and "--check" in args), f"{command} exited {code}"
