@@ -30,8 +30,10 @@ def check_model_choice(cfg, key: str) -> None:
 def check_classification(cfg) -> None:
     """For baselines that only make sense with a label set."""
     if cfg.task.type != "classification":
-        raise ConfigError(f"method={cfg.method.name} needs a classification task; "
-                          f"task={cfg.task.name} has task.type={cfg.task.type!r}")
+        raise ConfigError(
+            f"method={cfg.method.name} needs a classification task; "
+            f"task={cfg.task.name} has task.type={cfg.task.type!r}"
+        )
 
 
 def prompt_tokens(io: PromptIO, sequence: list) -> int:
@@ -66,8 +68,9 @@ def evaluate_counted(io: PromptIO, examples, build, cfg, desc: str = "eval") -> 
     return metrics, rows, eval_s
 
 
-def inference_result(cfg, metrics: dict, rows: list[dict], train, test, models: dict[str, LoadedModel],
-                     eval_s: float, **details: dict) -> MethodOutput:
+def inference_result(
+    cfg, metrics: dict, rows: list[dict], train, test, models: dict[str, LoadedModel], eval_s: float, **details: dict
+) -> MethodOutput:
     """A baseline's run output: nothing trained (0 parameters, 0 s), the majority baseline
     beside classification metrics, and the size of each model it read with."""
     if cfg.task.type == "classification":

@@ -28,8 +28,10 @@ MEMBERS = ("sender", "receiver")
 def validate(cfg) -> None:
     check_classification(cfg)
     if cfg.eval.readout != "score":
-        raise ConfigError(f"eval.readout={cfg.eval.readout!r} is not allowed with method=ensemble; allowed: score "
-                          f"(it averages label probabilities)")
+        raise ConfigError(
+            f"eval.readout={cfg.eval.readout!r} is not allowed with method=ensemble; allowed: score "
+            f"(it averages label probabilities)"
+        )
 
 
 def average_probabilities(scores: list[torch.Tensor]) -> torch.Tensor:
@@ -54,11 +56,19 @@ def run(cfg, ctx) -> MethodOutput:
     preds = probs.argmax(-1).tolist()
     rows = []
     for ex, pred, p in zip(test, preds, probs.tolist()):
-        rows.append({"idx": ex.idx, "id": ex.id, "label": ex.label, "pred": pred, "correct": pred == ex.label,
-                     "scores": [round(v, 4) for v in p],
-                     **{f"{role}_pred": member_rows[role][ex.idx]["pred"] for role in MEMBERS},
-                     "sender_tokens": member_rows["sender"][ex.idx]["receiver_tokens"],
-                     "receiver_tokens": member_rows["receiver"][ex.idx]["receiver_tokens"]})
+        rows.append(
+            {
+                "idx": ex.idx,
+                "id": ex.id,
+                "label": ex.label,
+                "pred": pred,
+                "correct": pred == ex.label,
+                "scores": [round(v, 4) for v in p],
+                **{f"{role}_pred": member_rows[role][ex.idx]["pred"] for role in MEMBERS},
+                "sender_tokens": member_rows["sender"][ex.idx]["receiver_tokens"],
+                "receiver_tokens": member_rows["receiver"][ex.idx]["receiver_tokens"],
+            }
+        )
     metrics.update(classification([r["label"] for r in rows], preds, len(cfg.task.labels)))
     metrics["receiver_tokens_mean"] = sum(r["receiver_tokens"] for r in rows) / len(rows)
     metrics["sender_tokens_mean"] = sum(r["sender_tokens"] for r in rows) / len(rows)

@@ -35,8 +35,10 @@ class DemonstrationSampler:
         self.text_counts = [Counter(ex.text for ex in members) for members in self.by_class]
         short = {k: len(m) for k, m in enumerate(self.by_class) if len(m) < shots}
         if short:
-            raise ConfigError(f"method.shots={shots} needs {shots} training examples of every class; "
-                              f"classes with too few (class: count): {short} (raise task.train_samples)")
+            raise ConfigError(
+                f"method.shots={shots} needs {shots} training examples of every class; "
+                f"classes with too few (class: count): {short} (raise task.train_samples)"
+            )
 
     def draw(self, seed: int, query: Example) -> list[Example]:
         """``shots`` examples of every class, none with the query's text, in a random order."""
@@ -47,9 +49,11 @@ class DemonstrationSampler:
             n = min(len(members), self.shots + counts[query.text])
             picked = [ex for ex in rng.sample(members, n) if ex.text != query.text]
             if len(picked) < self.shots:
-                raise ConfigError(f"method.shots={self.shots}: too few training examples left once the query "
-                                  f"{query.id!r} is excluded (raise task.train_samples)")
-            demos += picked[:self.shots]
+                raise ConfigError(
+                    f"method.shots={self.shots}: too few training examples left once the query "
+                    f"{query.id!r} is excluded (raise task.train_samples)"
+                )
+            demos += picked[: self.shots]
         rng.shuffle(demos)
         return demos
 
@@ -57,8 +61,9 @@ class DemonstrationSampler:
 def demonstrations_text(demos: list[Example], task_cfg, separator: str) -> str:
     """Each demonstration as the task prompt followed by its answer, as the query will be answered."""
     labels = list(task_cfg.labels)
-    return "".join(format_prompt(task_cfg.prompt, d.text) + task_cfg.label_prefix + labels[d.label] + separator
-                   for d in demos)
+    return "".join(
+        format_prompt(task_cfg.prompt, d.text) + task_cfg.label_prefix + labels[d.label] + separator for d in demos
+    )
 
 
 def validate(cfg) -> None:
@@ -74,8 +79,15 @@ def run(cfg, ctx) -> MethodOutput:
     demos = {ex.idx: sampler.draw(cfg.seed, ex) for ex in test}
 
     def build(chunk):
-        return [[io.frame(demonstrations_text(demos[ex.idx], cfg.task, cfg.method.separator)
-                          + format_prompt(cfg.task.prompt, ex.text))[0]] for ex in chunk]
+        return [
+            [
+                io.frame(
+                    demonstrations_text(demos[ex.idx], cfg.task, cfg.method.separator)
+                    + format_prompt(cfg.task.prompt, ex.text)
+                )[0]
+            ]
+            for ex in chunk
+        ]
 
     metrics, rows, eval_s = evaluate_counted(io, test, build, cfg, desc=f"{cfg.method.shots}-shot")
     for row in rows:

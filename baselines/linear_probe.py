@@ -67,8 +67,9 @@ def resolve_layers(spec, num_layers: int, bridge_layer: int | None = None, key: 
         else:
             layers.add(resolve_layer(entry, num_layers, key=f"{key} entry"))
     if not layers:
-        raise ConfigError(f"{key}={list(spec)} names no layer; allowed: a non-empty list of hidden_states "
-                          f"indices, 'N%' or 'bridge'")
+        raise ConfigError(
+            f"{key}={list(spec)} names no layer; allowed: a non-empty list of hidden_states indices, 'N%' or 'bridge'"
+        )
     return sorted(layers)
 
 
@@ -103,7 +104,9 @@ def pool(states: list[torch.Tensor], how: str) -> np.ndarray:
     return torch.stack(rows).float().numpy()
 
 
-def pooled_features(ctx, lm, ids: list[list[int]], layers: list[int], pooling: str, split: str) -> dict[int, np.ndarray]:
+def pooled_features(
+    ctx, lm, ids: list[list[int]], layers: list[int], pooling: str, split: str
+) -> dict[int, np.ndarray]:
     """{layer: [N, d]} pooled features, FEATURE_CHUNK examples at a time.
 
     ``sender_features`` returns every token's state at every layer; pooling chunk by chunk
@@ -112,7 +115,7 @@ def pooled_features(ctx, lm, ids: list[list[int]], layers: list[int], pooling: s
     """
     pooled = {layer: [] for layer in layers}
     for start in range(0, len(ids), FEATURE_CHUNK):
-        feats = ctx.sender_features(lm, ids[start:start + FEATURE_CHUNK], layers, split=split)
+        feats = ctx.sender_features(lm, ids[start : start + FEATURE_CHUNK], layers, split=split)
         for layer in layers:
             pooled[layer].append(pool(feats[layer], pooling))
     return {layer: np.concatenate(chunks) for layer, chunks in pooled.items()}
@@ -200,9 +203,21 @@ def run(cfg, ctx) -> MethodOutput:
     metrics["receiver_tokens_mean"] = tokens_read if role == "receiver" else 0.0
     classifier = probes[reported][0][-1]
     return output(
-        metrics, rows, {"trainable": int(classifier.coef_.size + classifier.intercept_.size), role: lm.num_params()},
+        metrics,
+        rows,
+        {"trainable": int(classifier.coef_.size + classifier.intercept_.size), role: lm.num_params()},
         {"train_s": train_s, "eval_s": eval_s},
-        probe={"model": lm.name, "role": role, "num_layers": lm.num_layers, "layers": layers,
-               "reported_layer": reported, "report": cfg.method.report, "bridge_layer": bridge_layer,
-               "pooling": cfg.method.pooling, "n_fit": len(fit_idx), "n_val": len(val_idx),
-               "method_layers": OmegaConf.to_container(cfg.method.layers, resolve=True)})
+        probe={
+            "model": lm.name,
+            "role": role,
+            "num_layers": lm.num_layers,
+            "layers": layers,
+            "reported_layer": reported,
+            "report": cfg.method.report,
+            "bridge_layer": bridge_layer,
+            "pooling": cfg.method.pooling,
+            "n_fit": len(fit_idx),
+            "n_val": len(val_idx),
+            "method_layers": OmegaConf.to_container(cfg.method.layers, resolve=True),
+        },
+    )

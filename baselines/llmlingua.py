@@ -52,22 +52,37 @@ def run(cfg, ctx) -> MethodOutput:
     # a stand-in (budget=tiny, offline) lends its own weights folder: LLMLingua loads a folder, not a config
     folder = local_model_dir(stand_in_config(model_cfg) or model_cfg)
     device = ctx.devices.get(cfg.method.compressor, ctx.devices["sender"])
-    compressor = make_compressor(str(folder) if folder else model_cfg.hub_id, device=str(device),
-                                 dtype=model_cfg.get("dtype", "auto"))
+    compressor = make_compressor(
+        str(folder) if folder else model_cfg.hub_id, device=str(device), dtype=model_cfg.get("dtype", "auto")
+    )
 
     t0 = time.time()
     target = compression_target(cfg)
     compressed = {ex.idx: compress(compressor, ex.text, **target) for ex in test}
     compress_s = time.time() - t0
     short = [replace(ex, text=compressed[ex.idx].text) for ex in test]
-    metrics, rows, eval_s = evaluate_counted(io, short, text_prompt(io, cfg.task.prompt), cfg,
-                                             desc="receiver reads compressed text")
+    metrics, rows, eval_s = evaluate_counted(
+        io, short, text_prompt(io, cfg.task.prompt), cfg, desc="receiver reads compressed text"
+    )
     for row in rows:
         c = compressed[row["idx"]]
         row.update(compressed_text=c.text, origin_tokens=c.origin_tokens, compressed_tokens=c.compressed_tokens)
     origin = statistics.mean(c.origin_tokens for c in compressed.values())
     kept = statistics.mean(c.compressed_tokens for c in compressed.values())
-    metrics.update(origin_tokens_mean=origin, compressed_tokens_mean=kept,
-                   compression_ratio=origin / kept if kept else float("inf"), compress_s=compress_s, **target)
-    return inference_result(cfg, metrics, rows, train, test, {"receiver": receiver}, compress_s + eval_s,
-                            extra={"compressor": model_cfg.name})
+    metrics.update(
+        origin_tokens_mean=origin,
+        compressed_tokens_mean=kept,
+        compression_ratio=origin / kept if kept else float("inf"),
+        compress_s=compress_s,
+        **target,
+    )
+    return inference_result(
+        cfg,
+        metrics,
+        rows,
+        train,
+        test,
+        {"receiver": receiver},
+        compress_s + eval_s,
+        extra={"compressor": model_cfg.name},
+    )

@@ -176,8 +176,7 @@ def make_compressor(model_dir: str, device: str = "cpu", dtype: str = "auto"):
             model_name=str(model_dir),
             device_map=device,
             # llmlingua defaults trust_remote_code to True; a local folder needs no remote code.
-            model_config={"trust_remote_code": False,
-                          "torch_dtype": resolve_dtype(str(dtype), torch.device(device))},
+            model_config={"trust_remote_code": False, "torch_dtype": resolve_dtype(str(dtype), torch.device(device))},
         )
     compressor.model.eval()
     compressor.model = LegacyCacheCausalLM(compressor.model)

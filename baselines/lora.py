@@ -26,7 +26,7 @@ from telepathy.evaluation import text_prompt
 from telepathy.methods import MethodOutput
 from telepathy.models import LoadedModel
 from telepathy.receiver import PromptIO
-from telepathy.recipe import trained_params, train_then_evaluate
+from telepathy.recipe import train_then_evaluate, trained_params
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,10 @@ def validate(cfg) -> None:
     if not 0 <= float(m.dropout) < 1:
         raise ConfigError(f"method.dropout={m.dropout!r} is not allowed; allowed: a number in [0, 1)")
     if not m.target_modules:
-        raise ConfigError("method.target_modules is empty; allowed: a non-empty list of module names "
-                          "(e.g. [q_proj, k_proj, v_proj, o_proj])")
+        raise ConfigError(
+            "method.target_modules is empty; allowed: a non-empty list of module names "
+            "(e.g. [q_proj, k_proj, v_proj, o_proj])"
+        )
 
 
 def add_lora(lm: LoadedModel, method_cfg, seed: int) -> torch.nn.Module:
@@ -67,8 +69,10 @@ def add_lora(lm: LoadedModel, method_cfg, seed: int) -> torch.nn.Module:
     trainable = [name for name, p in lm.model.named_parameters() if p.requires_grad]
     not_lora = [name for name in trainable if "lora_" not in name]
     if not trainable or not_lora:
-        raise RuntimeError(f"LoRA setup: expected only adapter weights to train; trainable non-LoRA: {not_lora[:5]}, "
-                           f"{len(trainable)} trainable tensors (target_modules={list(config.target_modules)})")
+        raise RuntimeError(
+            f"LoRA setup: expected only adapter weights to train; trainable non-LoRA: {not_lora[:5]}, "
+            f"{len(trainable)} trainable tensors (target_modules={list(config.target_modules)})"
+        )
     return lm.model
 
 
@@ -78,7 +82,19 @@ def run(cfg, ctx) -> MethodOutput:
     module = add_lora(receiver, cfg.method, cfg.seed)
     io = PromptIO(receiver)
     return train_then_evaluate(
-        cfg, ctx, io, module, train, test, text_prompt(io, cfg.task.prompt),
-        params=trained_params(module, receiver), evaluate_fn=evaluate_counted,
-        lora={"r": cfg.method.r, "alpha": cfg.method.alpha, "dropout": cfg.method.dropout,
-              "target_modules": list(cfg.method.target_modules)})
+        cfg,
+        ctx,
+        io,
+        module,
+        train,
+        test,
+        text_prompt(io, cfg.task.prompt),
+        params=trained_params(module, receiver),
+        evaluate_fn=evaluate_counted,
+        lora={
+            "r": cfg.method.r,
+            "alpha": cfg.method.alpha,
+            "dropout": cfg.method.dropout,
+            "target_modules": list(cfg.method.target_modules),
+        },
+    )

@@ -32,7 +32,7 @@ from telepathy.data import format_prompt, load_task
 from telepathy.methods import MethodOutput
 from telepathy.models import embedding_rms_median
 from telepathy.receiver import PromptIO
-from telepathy.recipe import trained_params, train_then_evaluate
+from telepathy.recipe import train_then_evaluate, trained_params
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,7 @@ def soft_prompt_sequences(io: PromptIO, template: str, soft: torch.Tensor, chunk
     turn (after BOS and the chat template's header), followed by the task prompt with the text.
     In front of the whole sequence they would sit before the chat framing, a position the
     receiver never sees content in, and the comparison with the bridge would not be like for like."""
-    return [io.fill(io.soft_prompt("", format_prompt(template, ex.text), "primer_soft_prompt"), soft)
-            for ex in chunk]
+    return [io.fill(io.soft_prompt("", format_prompt(template, ex.text), "primer_soft_prompt"), soft) for ex in chunk]
 
 
 def validate(cfg) -> None:
@@ -93,5 +92,14 @@ def run(cfg, ctx) -> MethodOutput:
         return soft_prompt_sequences(io, cfg.task.prompt, prompt().to(receiver.dtype), chunk)
 
     return train_then_evaluate(
-        cfg, ctx, io, prompt, train, test, build, params=trained_params(prompt, receiver), evaluate_fn=evaluate_counted,
-        prompt_tuning={"num_virtual_tokens": m, "compression_factor": cfg.compression, "init": cfg.method.init})
+        cfg,
+        ctx,
+        io,
+        prompt,
+        train,
+        test,
+        build,
+        params=trained_params(prompt, receiver),
+        evaluate_fn=evaluate_counted,
+        prompt_tuning={"num_virtual_tokens": m, "compression_factor": cfg.compression, "init": cfg.method.init},
+    )

@@ -63,12 +63,12 @@ def run(cfg, ctx) -> MethodOutput:
     messages = relay_messages(sender_io, test, cfg.method, cfg.eval.batch_size)
     relay_s = time.time() - t0
     relayed = [replace(ex, text=messages[ex.idx]) for ex in test]  # same idx, label and target
-    metrics, rows, eval_s = evaluate_counted(io, relayed, relay_reader(io, cfg.method), cfg,
-                                             desc="receiver reads the relay")
+    metrics, rows, eval_s = evaluate_counted(
+        io, relayed, relay_reader(io, cfg.method), cfg, desc="receiver reads the relay"
+    )
     for row in rows:
         row["relay"] = messages[row["idx"]]
         row["relay_tokens"] = len(sender_io.ids(row["relay"]))
     metrics["relay_tokens_mean"] = statistics.mean(r["relay_tokens"] for r in rows)
     metrics["relay_s"] = relay_s
-    return inference_result(cfg, metrics, rows, train, test, {"sender": sender, "receiver": receiver},
-                            relay_s + eval_s)
+    return inference_result(cfg, metrics, rows, train, test, {"sender": sender, "receiver": receiver}, relay_s + eval_s)

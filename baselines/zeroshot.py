@@ -29,7 +29,7 @@ def run(cfg, ctx) -> MethodOutput:
     train, test = load_task(cfg)
     lm = ctx.model(cfg.method.model)
     io = PromptIO(lm)
-    metrics, rows, eval_s = evaluate_counted(io, test, text_prompt(io, cfg.task.prompt), cfg,
-                                             desc=f"{lm.name} zero-shot")
-    return inference_result(cfg, metrics, rows, train, test, {cfg.method.model: lm}, eval_s,
-                            extra={"model": lm.name})
+    metrics, rows, eval_s = evaluate_counted(
+        io, test, text_prompt(io, cfg.task.prompt), cfg, desc=f"{lm.name} zero-shot"
+    )
+    return inference_result(cfg, metrics, rows, train, test, {cfg.method.model: lm}, eval_s, extra={"model": lm.name})

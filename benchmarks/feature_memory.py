@@ -41,11 +41,23 @@ def measure(mode: str, examples: int, tokens: int, hidden: int, batch: int, cach
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     model = LlamaForCausalLM(config).eval().requires_grad_(False)
-    lm = LoadedModel(name="memory_probe", model=model, tokenizer=SimpleNamespace(pad_token_id=0),
-                     device=torch.device("cpu"), dtype=torch.float32, chat_template=False)
+    lm = LoadedModel(
+        name="memory_probe",
+        model=model,
+        tokenizer=SimpleNamespace(pad_token_id=0),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        chat_template=False,
+    )
     ids = torch.randint(1, 128, (examples, tokens)).tolist()
     model_cfg = OmegaConf.create({"name": "memory_probe", "random_init": True, "config_overrides": {"hidden": hidden}})
     cache_cfg = OmegaConf.create({"mode": "on" if mode == "stream" else "off", "dir": str(cache_dir)})
@@ -57,10 +69,17 @@ def measure(mode: str, examples: int, tokens: int, hidden: int, batch: int, cach
     for start in range(0, len(feats), batch):  # one epoch of the batches training reads
         states, mask = collate([feats[i] for i in range(start, min(start + batch, len(feats)))], "cpu")
         del states, mask
-    return {"mode": mode, "examples": examples, "tokens": tokens, "hidden": hidden,
-            "feature_mb": round(examples * tokens * hidden * 4 / 2**20, 1), "rss_before_mb": round(before, 1),
-            "peak_rss_mb": round(rss_mb(), 1), "growth_mb": round(rss_mb() - before, 1),
-            "seconds": round(time.time() - t0, 2)}
+    return {
+        "mode": mode,
+        "examples": examples,
+        "tokens": tokens,
+        "hidden": hidden,
+        "feature_mb": round(examples * tokens * hidden * 4 / 2**20, 1),
+        "rss_before_mb": round(before, 1),
+        "peak_rss_mb": round(rss_mb(), 1),
+        "growth_mb": round(rss_mb() - before, 1),
+        "seconds": round(time.time() - t0, 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,9 +54,15 @@ def build(name: str, smoke: bool, device: torch.device, dtype: torch.dtype):
     hidden, layers, vocab = int(facts.hidden_size), int(facts.num_layers), int(facts.vocab_size)
     if smoke:
         hidden, inter, heads, kv, layers, vocab = 64, 128, 4, 2, 2, 1024
-    config = getattr(transformers, cls)(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
-                                        num_key_value_heads=kv, num_hidden_layers=layers, vocab_size=vocab,
-                                        tie_word_embeddings=tied)
+    config = getattr(transformers, cls)(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        num_hidden_layers=layers,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+    )
     with torch.device(device):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval().requires_grad_(False)
@@ -111,15 +117,22 @@ def measure(model, facts, device, repeat: int) -> tuple[list[dict], dict]:
     if device.type == "cuda":
         weights = costs._weight_bytes(facts) / resources.GB
         estimate = weights + resources._backward_activations_gb(facts, b, t)
-        memory = {"model": str(facts.name), "batch": b, "tokens": t,
-                  "measured_peak_gb": round(torch.cuda.max_memory_allocated() / resources.GB, 3),
-                  "estimate_gb_before_margin": round(estimate, 3)}
+        memory = {
+            "model": str(facts.name),
+            "batch": b,
+            "tokens": t,
+            "measured_peak_gb": round(torch.cuda.max_memory_allocated() / resources.GB, 3),
+            "estimate_gb_before_margin": round(estimate, 3),
+        }
 
     b, steps = STAGES["decode"]
     prompt = torch.randint(0, vocab, (b, 8), device=device)
     with torch.no_grad():
-        secs = _timed(lambda: model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-                                             pad_token_id=0), device, max(1, repeat // 2))
+        secs = _timed(
+            lambda: model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0),
+            device,
+            max(1, repeat // 2),
+        )
     work = costs.Work(bytes=costs._weight_bytes(facts) * steps, calls=steps, layers=int(facts.num_layers))
     rows.append(_row(facts, kind, "decode", secs, work))
     return rows, memory
@@ -127,15 +140,25 @@ def measure(model, facts, device, repeat: int) -> tuple[list[dict], dict]:
 
 def _row(facts, kind, stage, secs, work) -> dict:
     predicted = costs.default_seconds(stage, work, kind)
-    return {"model": str(facts.name), "device": kind, "stage": stage, "ratio": round(secs / predicted, 4),
-            "measured_s": round(secs, 5), "default_s": round(predicted, 5)}
+    return {
+        "model": str(facts.name),
+        "device": kind,
+        "stage": stage,
+        "ratio": round(secs / predicted, 4),
+        "measured_s": round(secs, 5),
+        "default_s": round(predicted, 5),
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(ARCH), help="comma list of conf/model names")
-    parser.add_argument("--out", type=Path, default=costs.REPO / "benchmarks",
-                        help="folder for calibration.json and memory.json (default: benchmarks/)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=costs.REPO / "benchmarks",
+        help="folder for calibration.json and memory.json (default: benchmarks/)",
+    )
     parser.add_argument("--smoke", action="store_true", help="2-layer models on the CPU (a plumbing check)")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
@@ -152,13 +175,18 @@ def main(argv=None) -> int:
         if mem:
             memory.append(mem)
         for r in rows:
-            print(f"{r['model']:<20} {r['device']:<5} {r['stage']:<8} measured {r['measured_s']:.4f}s "
-                  f"default {r['default_s']:.4f}s ratio {r['ratio']:.3f}", flush=True)
+            print(
+                f"{r['model']:<20} {r['device']:<5} {r['stage']:<8} measured {r['measured_s']:.4f}s "
+                f"default {r['default_s']:.4f}s ratio {r['ratio']:.3f}",
+                flush=True,
+            )
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    write_json(args.out / "calibration.json", {"device_name": torch.cuda.get_device_name(0) if device.type == "cuda"
-                                               else "cpu", "entries": entries})
+    write_json(
+        args.out / "calibration.json",
+        {"device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "entries": entries},
+    )
     write_json(args.out / "memory.json", {"rows": memory})
     print(f"wrote {args.out / 'calibration.json'} and {args.out / 'memory.json'}")
     return 0

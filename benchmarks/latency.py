@@ -82,16 +82,27 @@ def trained_bridge_run(cfg) -> Path | None:
     from telepathy.results import read_result
 
     def key(c):
-        return (c["task"]["name"], c["sender"]["name"], c["receiver"]["name"], c["sender"]["layer"],
-                c["compression"], tuple(c["bridge"].get(k) for k in BRIDGE_SHAPE))
+        return (
+            c["task"]["name"],
+            c["sender"]["name"],
+            c["receiver"]["name"],
+            c["sender"]["layer"],
+            c["compression"],
+            tuple(c["bridge"].get(k) for k in BRIDGE_SHAPE),
+        )
 
     want = key(OmegaConf.to_container(cfg, resolve=True))
     found = []
     for rdir in sorted((Path(cfg.paths.output_dir).expanduser() / "runs").glob("*")):
         record = read_result(rdir) or {}
         conf = record.get("config") or {}
-        if record.get("status") == "completed" and record.get("method") == "bridge" and "bridge" in conf \
-                and key(conf) == want and latest_checkpoint(rdir) is not None:
+        if (
+            record.get("status") == "completed"
+            and record.get("method") == "bridge"
+            and "bridge" in conf
+            and key(conf) == want
+            and latest_checkpoint(rdir) is not None
+        ):
             found.append((int(record.get("seed", 0)), rdir))
     return min(found)[1] if found else None
 
@@ -100,15 +111,21 @@ def load_bridge(cfg, sender, receiver, m: int):
     """The bridge to time: trained weights from ``bridge_checkpoint`` (a run dir, a checkpoint, or
     ``auto``: found in the run store) when there are any, else a seeded init."""
     torch.manual_seed(cfg.seed)
-    bridge = build_bridge(cfg, sender.hidden_size, receiver.hidden_size, m,
-                          target_rms=embedding_rms_median(receiver.model)).to(receiver.device).eval()
+    bridge = (
+        build_bridge(cfg, sender.hidden_size, receiver.hidden_size, m, target_rms=embedding_rms_median(receiver.model))
+        .to(receiver.device)
+        .eval()
+    )
     source = None
     run = cfg.bridge_checkpoint
     if run == "auto":
         run = trained_bridge_run(cfg)
         if run is None:
-            log.warning("bridge_checkpoint=auto: no completed bridge run of this task, pair and compression "
-                        "under %s/runs; timing an untrained bridge", cfg.paths.output_dir)
+            log.warning(
+                "bridge_checkpoint=auto: no completed bridge run of this task, pair and compression "
+                "under %s/runs; timing an untrained bridge",
+                cfg.paths.output_dir,
+            )
     if run:
         path = Path(run).expanduser()
         checkpoint = path if (path / "trainable.safetensors").exists() else latest_checkpoint(path)
@@ -138,8 +155,9 @@ class Paths:
 
     @torch.no_grad()
     def bridge_path(self, chunk: list[Example], timer: Timer):
-        ids = timer.stage("sender", lambda: sender_prompts(self.sender, chunk, self.cfg.task.prompt,
-                                                           self.cfg.task.max_input_tokens))
+        ids = timer.stage(
+            "sender", lambda: sender_prompts(self.sender, chunk, self.cfg.task.prompt, self.cfg.task.max_input_tokens)
+        )
         self.lengths["sender_tokens"] += [len(x) for x in ids]
         feats = timer.stage("sender", lambda: encode(self.sender, ids, [self.layer], batch_size=len(ids))[self.layer])
         soft = timer.stage("bridge", lambda: self.bridge(*collate(feats, self.receiver.device)).to(self.receiver.dtype))
@@ -201,16 +219,17 @@ def main(cfg: DictConfig) -> dict:
     n_warm = bs * int(cfg.warmup_batches)
     examples = load_split(cfg.task, cfg.data, "test", cap=cfg.num_inputs + n_warm, seed=cfg.data.sample_seed)
     if len(examples) < cfg.num_inputs + n_warm:
-        raise ValueError(f"the test split has {len(examples)} examples; num_inputs + warm-up need "
-                         f"{cfg.num_inputs + n_warm}")
+        raise ValueError(
+            f"the test split has {len(examples)} examples; num_inputs + warm-up need {cfg.num_inputs + n_warm}"
+        )
     warmup, timed = examples[:n_warm], examples[n_warm:]
     paths = Paths(cfg, sender, receiver, bridge, layer)
     runners = {"bridge": paths.bridge_path, "text_relay": paths.text_relay_path, "direct": paths.direct_path}
     dev_list = list(devices.values())
 
     results = {name: measure(runners[name], warmup, timed, bs, dev_list) for name in PATHS}
-    paths.lengths["sender_tokens"] = paths.lengths["sender_tokens"][-len(timed):]  # timed inputs only
-    paths.lengths["relay_message_tokens"] = paths.lengths["relay_message_tokens"][-len(timed):]
+    paths.lengths["sender_tokens"] = paths.lengths["sender_tokens"][-len(timed) :]  # timed inputs only
+    paths.lengths["relay_message_tokens"] = paths.lengths["relay_message_tokens"][-len(timed) :]
     mean_len = {k: float(np.mean(v)) for k, v in paths.lengths.items()}
     direct_lens = [paths.rio.embed(paths.read_text([ex]))[2][0] for ex in timed]
     info = {
@@ -218,9 +237,11 @@ def main(cfg: DictConfig) -> dict:
         "gpu": torch.cuda.get_device_name(devices["receiver"]) if devices["receiver"].type == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
         "dtype": {"sender": str(sender.dtype), "receiver": str(receiver.dtype)},
-        "models": {"sender": cfg.sender.get("hub_id") or cfg.sender.name,
-                   "receiver": cfg.receiver.get("hub_id") or cfg.receiver.name,
-                   "random_init": bool(cfg.sender.random_init or cfg.receiver.random_init)},
+        "models": {
+            "sender": cfg.sender.get("hub_id") or cfg.sender.name,
+            "receiver": cfg.receiver.get("hub_id") or cfg.receiver.name,
+            "random_init": bool(cfg.sender.random_init or cfg.receiver.random_init),
+        },
         "bridge_trained": checkpoint is not None,
         "bridge_checkpoint": checkpoint,
         "bridge_params": count_params(bridge),
@@ -230,35 +251,61 @@ def main(cfg: DictConfig) -> dict:
         "mean_sender_tokens": mean_len["sender_tokens"],
         "mean_relay_message_tokens": mean_len["relay_message_tokens"],
         "mean_direct_receiver_tokens": float(np.mean(direct_lens)),
-        "bridge_receiver_tokens": paths.rio.embed([paths.rio.fill(
-            paths.template, torch.zeros(m, receiver.hidden_size, dtype=receiver.dtype))])[2][0],
+        "bridge_receiver_tokens": paths.rio.embed(
+            [paths.rio.fill(paths.template, torch.zeros(m, receiver.hidden_size, dtype=receiver.dtype))]
+        )[2][0],
     }
     ratios = {
         "text_relay_over_bridge_p50": results["text_relay"]["p50_ms"] / results["bridge"]["p50_ms"],
         "direct_over_bridge_p50": results["direct"]["p50_ms"] / results["bridge"]["p50_ms"],
-        "bridge_over_text_relay_throughput": results["bridge"]["throughput_eps"] / results["text_relay"]["throughput_eps"],
+        "bridge_over_text_relay_throughput": results["bridge"]["throughput_eps"]
+        / results["text_relay"]["throughput_eps"],
         "bridge_over_direct_throughput": results["bridge"]["throughput_eps"] / results["direct"]["throughput_eps"],
         "bridge_share_of_bridge_path": results["bridge"].get("bridge_share", 0.0),
     }
     config = OmegaConf.to_container(cfg, resolve=True)
-    identity = identity_block(task=cfg.task.name, method="latency", sender=cfg.sender.name, receiver=cfg.receiver.name,
-                              compression=cfg.compression, num_latents=m, layer=cfg.sender.layer, seed=cfg.seed)
+    identity = identity_block(
+        task=cfg.task.name,
+        method="latency",
+        sender=cfg.sender.name,
+        receiver=cfg.receiver.name,
+        compression=cfg.compression,
+        num_latents=m,
+        layer=cfg.sender.layer,
+        seed=cfg.seed,
+    )
     for name in PATHS:
-        write_json(job_dir / name / RESULT_FILE, record(
-            "completed", run_id=f"{job_dir.name}-{name}", run_dir=job_dir / name, identity=identity,
-            config={**config, "method": "latency", "path": name, "batch_size": bs},
-            metrics=results[name], latency=info, env=environment(device=str(devices["receiver"])), finished_at=now()))
+        write_json(
+            job_dir / name / RESULT_FILE,
+            record(
+                "completed",
+                run_id=f"{job_dir.name}-{name}",
+                run_dir=job_dir / name,
+                identity=identity,
+                config={**config, "method": "latency", "path": name, "batch_size": bs},
+                metrics=results[name],
+                latency=info,
+                env=environment(device=str(devices["receiver"])),
+                finished_at=now(),
+            ),
+        )
     write_json(job_dir / "summary.json", {"config": config, "info": info, "paths": results, "ratios": ratios})
 
-    print(f"latency c{cfg.compression} batch {bs} on {info['device']['receiver']} "
-          f"({'trained' if checkpoint else 'UNTRAINED'} bridge, M={m}, answer: {info['answer']})")
+    print(
+        f"latency c{cfg.compression} batch {bs} on {info['device']['receiver']} "
+        f"({'trained' if checkpoint else 'UNTRAINED'} bridge, M={m}, answer: {info['answer']})"
+    )
     for name in PATHS:
         r = results[name]
-        print(f"  {name:<10} p50 {r['p50_ms']:8.1f} ms  p90 {r['p90_ms']:8.1f}  p99 {r['p99_ms']:8.1f}  "
-              f"{r['throughput_eps']:7.2f} ex/s")
-    print(f"  text_relay/bridge p50 {ratios['text_relay_over_bridge_p50']:.2f}x  "
-          f"direct/bridge p50 {ratios['direct_over_bridge_p50']:.2f}x  "
-          f"bridge share of bridge path {100 * ratios['bridge_share_of_bridge_path']:.2f}%")
+        print(
+            f"  {name:<10} p50 {r['p50_ms']:8.1f} ms  p90 {r['p90_ms']:8.1f}  p99 {r['p99_ms']:8.1f}  "
+            f"{r['throughput_eps']:7.2f} ex/s"
+        )
+    print(
+        f"  text_relay/bridge p50 {ratios['text_relay_over_bridge_p50']:.2f}x  "
+        f"direct/bridge p50 {ratios['direct_over_bridge_p50']:.2f}x  "
+        f"bridge share of bridge path {100 * ratios['bridge_share_of_bridge_path']:.2f}%"
+    )
     print(f"  written: {job_dir}")
     return ratios
 

@@ -28,8 +28,13 @@ sys.path.insert(0, str(REPO))
 from telepathy.results import write_json  # noqa: E402
 
 COMMON = ["+phase=p1_seeds", "budget=tiny"]
-SMALL = ["cluster.cpus_per_gpu=1", "cluster.mem_gb_per_gpu=1", "cluster.single_model.cpus=1",
-         "cluster.single_model.mem_gb=1", "cluster.pack_max=1"]
+SMALL = [
+    "cluster.cpus_per_gpu=1",
+    "cluster.mem_gb_per_gpu=1",
+    "cluster.single_model.cpus=1",
+    "cluster.single_model.mem_gb=1",
+    "cluster.pack_max=1",
+]
 A = ["task=trec,sst2", "seed=42"]
 B = ["task=agnews,trec", "seed=123", "trainer.max_steps=12"]
 
@@ -66,8 +71,9 @@ def sacct_makespan(jobs: list[dict]) -> float:
     """First start to last end of the jobs, from SLURM accounting (includes start-up, not queueing)."""
     ids = ",".join(sorted({str(j["slurm_job_id"]) for j in jobs}))
     for _ in range(30):  # the database may lag the end of the last job by a few seconds
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ids, "-o", "Start,End"], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "-j", ids, "-o", "Start,End"], capture_output=True, text=True, check=True
+        ).stdout
         rows = [line.split("|") for line in out.splitlines() if "|" in line]
         if rows and all(r[1] not in ("Unknown", "") for r in rows):
             starts = [datetime.fromisoformat(r[0]).timestamp() for r in rows]
@@ -88,24 +94,46 @@ def main(argv=None) -> int:
     a_jobs = launch(a_out, A)
     wait(a_jobs, args.timeout)
     a_span = sacct_makespan(a_jobs)
-    plan_cmd = [sys.executable, "-m", "telepathy.plan", *COMMON, *B, *SMALL, f"cluster.device={args.device}",
-                f"cluster.gpus={args.gpus}", "--calibrate-from", str(a_out / "runs"), "--out", str(args.out / "plan"),
-                "--json"]
-    plan = json.loads(subprocess.run(plan_cmd, cwd=REPO, env=_env(b_out), check=True, capture_output=True,
-                                     text=True).stdout)
+    plan_cmd = [
+        sys.executable,
+        "-m",
+        "telepathy.plan",
+        *COMMON,
+        *B,
+        *SMALL,
+        f"cluster.device={args.device}",
+        f"cluster.gpus={args.gpus}",
+        "--calibrate-from",
+        str(a_out / "runs"),
+        "--out",
+        str(args.out / "plan"),
+        "--json",
+    ]
+    plan = json.loads(
+        subprocess.run(plan_cmd, cwd=REPO, env=_env(b_out), check=True, capture_output=True, text=True).stdout
+    )
     b_jobs = launch(b_out, B)
     wait(b_jobs, args.timeout)
     measured = sacct_makespan(b_jobs)
-    result = {"method": "plan_rehearsal", "a": {"overrides": COMMON + A, "jobs": len(a_jobs), "makespan_s": a_span},
-              "b": {"overrides": COMMON + B, "jobs": len(b_jobs), "predicted_makespan_s": plan["makespan_s"],
-                    "measured_makespan_s": round(measured, 1),
-                    "error": round(plan["makespan_s"] / measured - 1, 3),
-                    "per_job": [{"job": j["job"], "predicted_s": j["predicted_s"]} for j in plan["jobs"]]},
-              "calibration": plan["calibration"]}
+    result = {
+        "method": "plan_rehearsal",
+        "a": {"overrides": COMMON + A, "jobs": len(a_jobs), "makespan_s": a_span},
+        "b": {
+            "overrides": COMMON + B,
+            "jobs": len(b_jobs),
+            "predicted_makespan_s": plan["makespan_s"],
+            "measured_makespan_s": round(measured, 1),
+            "error": round(plan["makespan_s"] / measured - 1, 3),
+            "per_job": [{"job": j["job"], "predicted_s": j["predicted_s"]} for j in plan["jobs"]],
+        },
+        "calibration": plan["calibration"],
+    }
     write_json(args.out / "result.json", result)
-    print(f"rehearsal A: {len(a_jobs)} jobs in {a_span:.0f} s (calibrates)\n"
-          f"rehearsal B: {len(b_jobs)} jobs, predicted {plan['makespan_s']:.0f} s, measured {measured:.0f} s "
-          f"({result['b']['error']:+.0%})")
+    print(
+        f"rehearsal A: {len(a_jobs)} jobs in {a_span:.0f} s (calibrates)\n"
+        f"rehearsal B: {len(b_jobs)} jobs, predicted {plan['makespan_s']:.0f} s, measured {measured:.0f} s "
+        f"({result['b']['error']:+.0%})"
+    )
     return 0
 
 

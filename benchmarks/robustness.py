@@ -30,16 +30,27 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_BUDGET = ["task.train_samples=480", "task.test_samples=120", "trainer.max_steps=60", "trainer.lr=1e-3",
-               "trainer.eval_every=0", "eval.receiver_zeroshot=false"]
+TEST_BUDGET = [
+    "task.train_samples=480",
+    "task.test_samples=120",
+    "trainer.max_steps=60",
+    "trainer.lr=1e-3",
+    "trainer.eval_every=0",
+    "eval.receiver_zeroshot=false",
+]
 
 
 def run_one(out: Path, threads: int, seed: int, overrides: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TELEPATHY_OUTPUTS": str(out / f"threads{threads}")}
     log = out / f"threads{threads}-seed{seed}.log"
     with open(log, "w") as f:
-        code = subprocess.call([sys.executable, "train.py", f"seed={seed}", *overrides], cwd=REPO, env=env,
-                               stdout=f, stderr=subprocess.STDOUT)
+        code = subprocess.call(
+            [sys.executable, "train.py", f"seed={seed}", *overrides],
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     if code != 0:
         print(f"threads={threads} seed={seed} exited {code}; see {log}", file=sys.stderr)
 
@@ -51,19 +62,31 @@ def row(run_dir: Path, threads: int, margin: float) -> dict:
     preds = [json.loads(line)["pred"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     classes = len({p for p in preds if p >= 0})
     diag = record.get("bridge", {}).get("diagnostics", {})
-    return {"threads": threads, "seed": record["seed"], "accuracy": m["accuracy"], "majority": m["majority_accuracy"],
-            "margin": m["accuracy"] - m["majority_accuracy"], "predicted_classes": classes,
-            "soft_token_cosine": diag.get("soft_token_cosine_mean"), "final_loss": record["training"]["final_loss"],
-            "collapsed": classes <= 1 or m["accuracy"] < m["majority_accuracy"] + margin, "run_dir": str(run_dir)}
+    return {
+        "threads": threads,
+        "seed": record["seed"],
+        "accuracy": m["accuracy"],
+        "majority": m["majority_accuracy"],
+        "margin": m["accuracy"] - m["majority_accuracy"],
+        "predicted_classes": classes,
+        "soft_token_cosine": diag.get("soft_token_cosine_mean"),
+        "final_loss": record["training"]["final_loss"],
+        "collapsed": classes <= 1 or m["accuracy"] < m["majority_accuracy"] + margin,
+        "run_dir": str(run_dir),
+    }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| threads | seed | accuracy | majority | margin | classes | soft-token cosine | collapsed |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| threads | seed | accuracy | majority | margin | classes | soft-token cosine | collapsed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         cos = "-" if r["soft_token_cosine"] is None else f"{r['soft_token_cosine']:.3f}"
-        lines.append(f"| {r['threads']} | {r['seed']} | {r['accuracy']:.3f} | {r['majority']:.3f} | "
-                     f"{r['margin']:+.3f} | {r['predicted_classes']} | {cos} | {'yes' if r['collapsed'] else 'no'} |")
+        lines.append(
+            f"| {r['threads']} | {r['seed']} | {r['accuracy']:.3f} | {r['majority']:.3f} | "
+            f"{r['margin']:+.3f} | {r['predicted_classes']} | {cos} | {'yes' if r['collapsed'] else 'no'} |"
+        )
     n = sum(r["collapsed"] for r in rows)
     lines.append(f"\ncollapsed: {n}/{len(rows)}")
     return "\n".join(lines)
@@ -87,11 +110,16 @@ def main(argv=None) -> None:
     if not args.table_only:
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda ts: run_one(out, *ts, overrides), [(t, s) for t in threads for s in seeds]))
-    rows = [row(d, t, args.margin) for t in threads
-            for d in sorted((out / f"threads{t}" / "runs").glob("*/")) if (d / "predictions.jsonl").exists()]
+    rows = [
+        row(d, t, args.margin)
+        for t in threads
+        for d in sorted((out / f"threads{t}" / "runs").glob("*/"))
+        if (d / "predictions.jsonl").exists()
+    ]
     rows.sort(key=lambda r: (r["threads"], seeds.index(r["seed"]) if r["seed"] in seeds else r["seed"]))
-    (out / "robustness.json").write_text(json.dumps({"overrides": overrides, "margin": args.margin, "runs": rows},
-                                                    indent=2))
+    (out / "robustness.json").write_text(
+        json.dumps({"overrides": overrides, "margin": args.margin, "runs": rows}, indent=2)
+    )
     print(table(rows))
 
 

@@ -31,8 +31,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, environment, identity_block, now,  # noqa: E402
-                               record, write_json)
+from telepathy.results import (  # noqa: E402  (after the sys.path line above)
+    PREDICTIONS_FILE,
+    RESULT_FILE,
+    environment,
+    identity_block,
+    now,
+    record,
+    write_json,
+)
 
 
 def run_sweep(seeds: str, overrides: list[str], outputs: Path, cache_args: list[str]) -> float:
@@ -73,12 +80,17 @@ def run_stats(run_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="1,2,3", help="the sweep's seeds (comma-separated)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where result.json and the runs go (default: $TELEPATHY_OUTPUTS/benchmarks/...)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where result.json and the runs go (default: $TELEPATHY_OUTPUTS/benchmarks/...)",
+    )
     parser.add_argument("overrides", nargs="*", help="train.py overrides (after --)")
     args = parser.parse_args()
-    out = args.out or Path(os.environ.get("TELEPATHY_OUTPUTS", "outputs")) / "benchmarks" / "train_throughput" / \
-        time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = args.out or Path(
+        os.environ.get("TELEPATHY_OUTPUTS", "outputs")
+    ) / "benchmarks" / "train_throughput" / time.strftime("%Y-%m-%d_%H-%M-%S")
     out.mkdir(parents=True, exist_ok=True)
     feature_dir = Path(tempfile.mkdtemp(prefix="features-", dir=out))  # empty: the cached sweep starts cold
 
@@ -86,12 +98,15 @@ def main() -> None:
     for name, cache_args in [("uncached", ["cache=off"]), ("cached", ["cache=on", f"cache.dir={feature_dir}"])]:
         outputs = out / name
         wall = run_sweep(args.seeds, args.overrides, outputs, cache_args)
-        runs = sorted((run_stats(p.parent) for p in (outputs / "runs").glob(f"*/{RESULT_FILE}")),
-                      key=lambda r: r["seed"])
+        runs = sorted(
+            (run_stats(p.parent) for p in (outputs / "runs").glob(f"*/{RESULT_FILE}")), key=lambda r: r["seed"]
+        )
         sweeps[name] = {"wall_s": wall, "runs": runs}
 
-    identical = all(a["metrics"] == b["metrics"] and a["predictions"] == b["predictions"]
-                    for a, b in zip(sweeps["uncached"]["runs"], sweeps["cached"]["runs"]))
+    identical = all(
+        a["metrics"] == b["metrics"] and a["predictions"] == b["predictions"]
+        for a, b in zip(sweeps["uncached"]["runs"], sweeps["cached"]["runs"])
+    )
     identical = identical and len(sweeps["uncached"]["runs"]) == len(sweeps["cached"]["runs"])
     for sweep in sweeps.values():
         for r in sweep["runs"]:
@@ -100,7 +115,10 @@ def main() -> None:
     # the runs it timed say what was trained (task, models, compression); the benchmark has no one seed
     timed = {**sweeps["cached"]["runs"][0]["identity"], "method": "train_throughput", "seed": None}
     result = record(
-        "completed", run_id=out.name, run_dir=out, identity=identity_block(**timed),
+        "completed",
+        run_id=out.name,
+        run_dir=out,
+        identity=identity_block(**timed),
         config={"seeds": args.seeds, "overrides": args.overrides},
         metrics={
             "uncached_sweep_s": sweeps["uncached"]["wall_s"],
@@ -109,15 +127,22 @@ def main() -> None:
             "identical_metrics": identical,
             "feature_cache_mb": sum(p.stat().st_size for p in feature_dir.rglob("*.safetensors")) / 2**20,
         },
-        sweeps=sweeps, env=environment(), finished_at=now())
+        sweeps=sweeps,
+        env=environment(),
+        finished_at=now(),
+    )
     write_json(out / RESULT_FILE, result)
 
-    print(f"\n{'sweep':<9} {'seed':>4} {'run s':>7} {'train s':>8} {'e2e ex/s':>9} {'loop ex/s':>10} "
-          f"{'peak RSS MB':>12}  accuracy")
+    print(
+        f"\n{'sweep':<9} {'seed':>4} {'run s':>7} {'train s':>8} {'e2e ex/s':>9} {'loop ex/s':>10} "
+        f"{'peak RSS MB':>12}  accuracy"
+    )
     for name, sweep in sweeps.items():
         for r in sweep["runs"]:
-            print(f"{name:<9} {r['seed']:>4} {r['total_s']:>7.1f} {r['train_s']:>8.1f} {r['end_to_end_eps']:>9.2f} "
-                  f"{r['train_loop_eps'] or 0:>10.2f} {r['peak_rss_mb']:>12.0f}  {r['metrics']['accuracy']:.4f}")
+            print(
+                f"{name:<9} {r['seed']:>4} {r['total_s']:>7.1f} {r['train_s']:>8.1f} {r['end_to_end_eps']:>9.2f} "
+                f"{r['train_loop_eps'] or 0:>10.2f} {r['peak_rss_mb']:>12.0f}  {r['metrics']['accuracy']:.4f}"
+            )
         print(f"{name:<9} sweep wall time {sweep['wall_s']:.1f}s")
     print(f"speedup (uncached / cached sweep): {speedup:.2f}x; identical metrics and predictions: {identical}")
     print(f"result: {out / RESULT_FILE}")

@@ -30,8 +30,13 @@ sys.path.insert(0, str(REPO))
 
 TINY = ["budget=tiny", "hydra/launcher=slurm"]
 # small requests: every job of the rehearsal fits the one test node at once
-SMALL = ["cluster.cpus_per_gpu=1", "cluster.mem_gb_per_gpu=1", "cluster.single_model.cpus=1",
-         "cluster.single_model.mem_gb=1", "cluster.timeout_min=20"]
+SMALL = [
+    "cluster.cpus_per_gpu=1",
+    "cluster.mem_gb_per_gpu=1",
+    "cluster.single_model.cpus=1",
+    "cluster.single_model.mem_gb=1",
+    "cluster.timeout_min=20",
+]
 # phase → the slice it runs (command-line values narrow the phase's sweep)
 TRAIN_PHASES = {
     "p1_seeds": ["task=sst2", "seed=42"],
@@ -65,8 +70,9 @@ def wait(out: Path, timeout_s: float) -> list[dict]:
         if not busy:
             return rows
         if time.time() > deadline:
-            raise SystemExit(f"rehearsal: {len(busy)} runs still queued/running after {timeout_s:.0f}s: "
-                             f"{[r['run'] for r in busy]}")
+            raise SystemExit(
+                f"rehearsal: {len(busy)} runs still queued/running after {timeout_s:.0f}s: {[r['run'] for r in busy]}"
+            )
         time.sleep(5)
 
 
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for each wave of jobs")
     args = parser.parse_args(argv)
     if not os.environ.get("SLURM_CONF"):
-        print("rehearsal: SLURM_CONF is unset: export SLURM_CONF=\"$(bash scripts/slurm/up.sh)\"", file=sys.stderr)
+        print('rehearsal: SLURM_CONF is unset: export SLURM_CONF="$(bash scripts/slurm/up.sh)"', file=sys.stderr)
         return 2
     out = Path(args.out or tempfile.mkdtemp(prefix="telepathy-rehearsal-")).resolve()
     env = {**os.environ, "TELEPATHY_OUTPUTS": str(out), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -86,14 +92,31 @@ def main(argv: list[str] | None = None) -> int:
     wait(out, args.timeout)
     run([sys.executable, "benchmarks/latency.py", "-m", "+phase=p4_latency", *TINY, *SMALL, *LATENCY], env)
     rows = wait(out, args.timeout)
-    bad = [f"{r['phase']}: {r['run']} {r['state']} {r['detail']}" for r in rows
-           if r["state"] not in ("completed", "skipped")]
+    bad = [
+        f"{r['phase']}: {r['run']} {r['state']} {r['detail']}"
+        for r in rows
+        if r["state"] not in ("completed", "skipped")
+    ]
     phases = sorted({r["phase"] for r in rows})
     summary = out / "summary"
-    run([sys.executable, "-m", "telepathy.aggregate", str(out / "runs"), str(out / "benchmarks" / "latency"),
-         "--out", str(summary), "--n-boot", "200"], env)
-    print(f"rehearsal: {len(rows)} runs of phases {', '.join(phases)} in {time.time() - t0:.0f}s; "
-          f"summary in {summary}", flush=True)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "telepathy.aggregate",
+            str(out / "runs"),
+            str(out / "benchmarks" / "latency"),
+            "--out",
+            str(summary),
+            "--n-boot",
+            "200",
+        ],
+        env,
+    )
+    print(
+        f"rehearsal: {len(rows)} runs of phases {', '.join(phases)} in {time.time() - t0:.0f}s; summary in {summary}",
+        flush=True,
+    )
     bad += missing_from_summary(json.loads((summary / "summary.json").read_text()))
     if bad or len(phases) != 6:
         print("rehearsal FAILED:\n  " + "\n  ".join(bad or [f"phases launched: {phases}"]), file=sys.stderr)
@@ -102,8 +125,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # what the summary must hold: every method of the six phases, and both tasks' kinds (XSum, latency)
-EXPECTED_METHODS = {"bridge", "zeroshot", "linear_probe", "text_relay", "llmlingua", "prompt_tuning", "lora",
-                    "fewshot", "latency"}
+EXPECTED_METHODS = {
+    "bridge",
+    "zeroshot",
+    "linear_probe",
+    "text_relay",
+    "llmlingua",
+    "prompt_tuning",
+    "lora",
+    "fewshot",
+    "latency",
+}
 
 
 def missing_from_summary(summary: dict) -> list[str]:

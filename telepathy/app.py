@@ -21,13 +21,24 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from telepathy import config as tconfig
 from telepathy import batching, data, features, methods, runlock
+from telepathy import config as tconfig
 from telepathy.cli import stop_on_signals
 from telepathy.cluster import telemetry
 from telepathy.models import LoadedModel, load_model, placement
-from telepathy.results import (PREDICTIONS_FILE, RESULT_FILE, environment, measured, now, peak_memory, read_result,
-                               record, run_identity, write_json, write_jsonl)
+from telepathy.results import (
+    PREDICTIONS_FILE,
+    RESULT_FILE,
+    environment,
+    measured,
+    now,
+    peak_memory,
+    read_result,
+    record,
+    run_identity,
+    write_json,
+    write_jsonl,
+)
 from telepathy.shared_runs import share_result
 
 log = logging.getLogger("telepathy")
@@ -51,15 +62,23 @@ class RunContext:
             self._models[role] = load_model(tconfig.model_config(self.cfg, role), device)
         return self._models[role]
 
-    def sender_features(self, lm: LoadedModel, ids: list[list[int]], layer: int | list[int],
-                        split: str) -> list[torch.Tensor] | dict[int, list[torch.Tensor]]:
+    def sender_features(
+        self, lm: LoadedModel, ids: list[list[int]], layer: int | list[int], split: str
+    ) -> list[torch.Tensor] | dict[int, list[torch.Tensor]]:
         """The sender's ``hidden_states[layer]`` for each prompt (cached when ``cache.mode=on``).
 
         A list of layers returns {layer: features}, all computed in one forward pass.
         """
         layers = [layer] if isinstance(layer, int) else list(layer)
-        out = features.cached_encode(lm, ids, layers, self.cfg.get("cache"), lm.config,
-                                     batch_size=self.cfg.eval.batch_size, desc=f"sender features ({split})")
+        out = features.cached_encode(
+            lm,
+            ids,
+            layers,
+            self.cfg.get("cache"),
+            lm.config,
+            batch_size=self.cfg.eval.batch_size,
+            desc=f"sender features ({split})",
+        )
         return out[layer] if isinstance(layer, int) else out
 
 
@@ -84,8 +103,12 @@ def _find_reusable(cfg, run_dir: Path) -> dict | None:
         if other == run_dir:
             continue
         found = read_result(other)
-        if found and found.get("status") == "completed" and found.get("seedless_hash") == key \
-                and not found.get("reused_from"):
+        if (
+            found
+            and found.get("status") == "completed"
+            and found.get("seedless_hash") == key
+            and not found.get("reused_from")
+        ):
             return found
     return None
 
@@ -134,8 +157,13 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
             src_pred = Path(source["run_dir"]) / PREDICTIONS_FILE
             if src_pred.exists():
                 shutil.copyfile(src_pred, run_dir / PREDICTIONS_FILE)
-            done = record("completed", **{**base, "reused_from": source["run_dir"]}, **measured(source),
-                          started_at=started, finished_at=now())
+            done = record(
+                "completed",
+                **{**base, "reused_from": source["run_dir"]},
+                **measured(source),
+                started_at=started,
+                finished_at=now(),
+            )
             write_json(run_dir / RESULT_FILE, done)
             share_result(cfg, done)
             return done["metrics"]
@@ -147,24 +175,54 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
         with stop_on_signals():
             out = method.run(cfg, RunContext(cfg, run_dir, devices))
     except (SystemExit, KeyboardInterrupt) as stop:  # a signal (Ctrl-C, preemption): a requeued job resumes
-        write_json(run_dir / RESULT_FILE, record("interrupted", **base, started_at=started, finished_at=now(),
-                                                 telemetry=sampler.stop(),
-                                                 error={"type": type(stop).__name__, "message": str(stop)}))
+        write_json(
+            run_dir / RESULT_FILE,
+            record(
+                "interrupted",
+                **base,
+                started_at=started,
+                finished_at=now(),
+                telemetry=sampler.stop(),
+                error={"type": type(stop).__name__, "message": str(stop)},
+            ),
+        )
         raise
     except BaseException as err:
-        write_json(run_dir / RESULT_FILE, record(
-            "failed", **base, started_at=started, finished_at=now(), memory=peak_memory(), telemetry=sampler.stop(),
-            error={"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc(),
-                   "oom": _is_oom(err)}))
+        write_json(
+            run_dir / RESULT_FILE,
+            record(
+                "failed",
+                **base,
+                started_at=started,
+                finished_at=now(),
+                memory=peak_memory(),
+                telemetry=sampler.stop(),
+                error={
+                    "type": type(err).__name__,
+                    "message": str(err),
+                    "traceback": traceback.format_exc(),
+                    "oom": _is_oom(err),
+                },
+            ),
+        )
         log.error("run failed (%s: %s); record in %s", type(err).__name__, err, run_dir / RESULT_FILE)
         raise
     if out["predictions"] is not None:
         write_jsonl(run_dir / PREDICTIONS_FILE, out["predictions"])
     timing = {**out["timing"], "total_s": time.time() - t0, "started_at": started, "finished_at": now()}
-    done = record("completed", **base, metrics=out["metrics"], params=out["params"], **out["details"],
-                  timing=timing, memory=peak_memory(), telemetry=sampler.stop(), data_shortfall=list(data.SHORTFALLS),
-                  started_at=started,
-                  finished_at=timing["finished_at"])
+    done = record(
+        "completed",
+        **base,
+        metrics=out["metrics"],
+        params=out["params"],
+        **out["details"],
+        timing=timing,
+        memory=peak_memory(),
+        telemetry=sampler.stop(),
+        data_shortfall=list(data.SHORTFALLS),
+        started_at=started,
+        finished_at=timing["finished_at"],
+    )
     write_json(run_dir / RESULT_FILE, done)
     share_result(cfg, done)  # deterministic: the same record for the seeds the sweep pointed here
     _log_summary(done)
@@ -198,8 +256,10 @@ def _log_summary(record: dict) -> None:
     lines += [f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in rows]
     if "bridge" in record:
         b = record["bridge"]
-        lines.append(f"  {'soft tokens (M)':<{width}}  {b['num_latents']} "
-                     f"(compression {b['compression_ratio']:.1f}x of {b['mean_sender_tokens']:.1f} sender tokens)")
+        lines.append(
+            f"  {'soft tokens (M)':<{width}}  {b['num_latents']} "
+            f"(compression {b['compression_ratio']:.1f}x of {b['mean_sender_tokens']:.1f} sender tokens)"
+        )
         d = b.get("diagnostics") or {}
         if "soft_token_cosine_mean" in d:
             lines.append(f"  {'soft-token cosine':<{width}}  {d['soft_token_cosine_mean']:.4f} (across test inputs)")

@@ -31,18 +31,22 @@ def validate(cfg) -> None:
         return
     rows = list(node.get("sizes") or [])
     if not rows:
-        raise ConfigError("batch_by_size.sizes=[] is not allowed; allowed: a non-empty list of size rows "
-                          "(or batch_by_size=off)")
+        raise ConfigError(
+            "batch_by_size.sizes=[] is not allowed; allowed: a non-empty list of size rows (or batch_by_size=off)"
+        )
     for i, row in enumerate(rows):
         for col in ("dual", "single"):
             cap = row.get(col)
             if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
-                raise ConfigError(f"batch_by_size.sizes[{i}].{col}={cap!r} is not allowed; allowed: an integer >= 1 "
-                                  f"or null (no cap)")
+                raise ConfigError(
+                    f"batch_by_size.sizes[{i}].{col}={cap!r} is not allowed; allowed: an integer >= 1 or null (no cap)"
+                )
         bound = row.get("max_params")
         if bound is None and i != len(rows) - 1:
-            raise ConfigError(f"batch_by_size.sizes[{i}].max_params=None is not allowed; allowed: a number "
-                              f"(only the last row may be null: no upper bound)")
+            raise ConfigError(
+                f"batch_by_size.sizes[{i}].max_params=None is not allowed; allowed: a number "
+                f"(only the last row may be null: no upper bound)"
+            )
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, (int, float)) or bound <= 0):
             raise ConfigError(f"batch_by_size.sizes[{i}].max_params={bound!r} is not allowed; allowed: a number > 0")
 
@@ -70,8 +74,15 @@ def plan(cfg) -> dict:
     per_device = effective
     if cap is not None:
         per_device = max(d for d in range(1, min(cap, effective) + 1) if effective % d == 0)
-    return {"per_device": per_device, "grad_accum": effective // per_device, "effective": effective,
-            "size": size, "column": column, "cap": cap, "largest_model_params": largest}
+    return {
+        "per_device": per_device,
+        "grad_accum": effective // per_device,
+        "effective": effective,
+        "size": size,
+        "column": column,
+        "cap": cap,
+        "largest_model_params": largest,
+    }
 
 
 def apply(cfg) -> dict:
@@ -84,8 +95,10 @@ def apply(cfg) -> dict:
 
 
 def describe(out: dict) -> str:
-    return (f"per-device batch {out['per_device']} x accumulation {out['grad_accum']} = effective "
-            f"{out['effective']} ({out['size'] or 'no'} size class, {out['column']}-model cap {out['cap']})")
+    return (
+        f"per-device batch {out['per_device']} x accumulation {out['grad_accum']} = effective "
+        f"{out['effective']} ({out['size'] or 'no'} size class, {out['column']}-model cap {out['cap']})"
+    )
 
 
 __all__ = ["apply", "describe", "effective_batch", "plan", "validate"]

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 STATS_CHUNK_VALUES = 2**19  # feature values per step of the streaming input statistics (4 MB in float64)
 
 

@@ -60,8 +60,9 @@ def run(cfg, ctx) -> MethodOutput:
 
     # 2. the bridge, initialised from the run's seed
     torch.manual_seed(cfg.seed)
-    bridge = build_bridge(cfg, sender.hidden_size, receiver.hidden_size, m,
-                          target_rms=embedding_rms_median(receiver.model))
+    bridge = build_bridge(
+        cfg, sender.hidden_size, receiver.hidden_size, m, target_rms=embedding_rms_median(receiver.model)
+    )
     # input statistics of the items it trains on (train_then_evaluate holds out the same probe items)
     fit_items = holdout(train, cfg.trainer, cfg.data.sample_seed)[0]
     bridge.set_input_stats(Rows(train_feats, [e.idx for e in fit_items]))  # streamed from the cache
@@ -84,15 +85,32 @@ def run(cfg, ctx) -> MethodOutput:
 
     # 3. train, then evaluate on the test items (the quick eval reads held-out training items)
     out = train_then_evaluate(
-        cfg, ctx, io, bridge, train, test, lambda chunk: prompts(test_feats, chunk)[0], loss=loss,
+        cfg,
+        ctx,
+        io,
+        bridge,
+        train,
+        test,
+        lambda chunk: prompts(test_feats, chunk)[0],
+        loss=loss,
         probe_prompts=lambda chunk: prompts(train_feats, chunk)[0],
-        params={"bridge": count_params(bridge), "trainable": count_params(bridge, trainable_only=True),
-                "sender": sender.num_params(), "receiver": receiver.num_params()},
-        bridge={"num_latents": m, "compression_factor": cfg.compression, "sender_layer": layer,
-                "mean_sender_tokens": mean_tokens, "compression_ratio": mean_tokens / m,
-                # measured: text tokens the sender read per soft token (the ratio above counts template tokens)
-                **measured_compression(test_in.text_tokens, m),
-                "truncated_test_items": sum(test_in.truncated)})
+        params={
+            "bridge": count_params(bridge),
+            "trainable": count_params(bridge, trainable_only=True),
+            "sender": sender.num_params(),
+            "receiver": receiver.num_params(),
+        },
+        bridge={
+            "num_latents": m,
+            "compression_factor": cfg.compression,
+            "sender_layer": layer,
+            "mean_sender_tokens": mean_tokens,
+            "compression_ratio": mean_tokens / m,
+            # measured: text tokens the sender read per soft token (the ratio above counts template tokens)
+            **measured_compression(test_in.text_tokens, m),
+            "truncated_test_items": sum(test_in.truncated),
+        },
+    )
 
     # 4. collapse: one constant prompt for every input must never pass silently into a table
     with torch.no_grad():
@@ -101,9 +119,12 @@ def run(cfg, ctx) -> MethodOutput:
     diagnostics = collapse_diagnostics(probe_soft, [p["pred"] for p in out["predictions"]] if classification else None)
     out["details"]["bridge"]["diagnostics"] = diagnostics
     if diagnostics.get("single_class"):
-        log.warning("the bridge collapsed: the readout answers one class for all %d test items "
-                    "(soft-token cosine across inputs %.4f); this run's accuracy is the majority rate",
-                    len(out["predictions"]), diagnostics["soft_token_cosine_mean"])
+        log.warning(
+            "the bridge collapsed: the readout answers one class for all %d test items "
+            "(soft-token cosine across inputs %.4f); this run's accuracy is the majority rate",
+            len(out["predictions"]),
+            diagnostics["soft_token_cosine_mean"],
+        )
 
     # 5. the receiver's own zero-shot on the same items
     if cfg.eval.receiver_zeroshot:

@@ -46,8 +46,11 @@ def _sha256(path: Path) -> str:
 def write_manifest(folder: Path, step: int) -> None:
     """Record size and sha256 of every file of a checkpoint folder (call after they are written)."""
     folder = Path(folder)
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
     (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
 
 
@@ -80,9 +83,11 @@ def problem(folder: Path) -> str | None:
 def rng_state() -> dict:
     """Every RNG state as plain data (tensors, ints, tuples) that ``weights_only`` loading accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -120,8 +125,9 @@ def newest_intact(folders: list[Path], load: Callable[[Path], object]):
                 why = f"does not load ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
             else:
                 if rejected:
-                    log.warning("resuming from %s, the newest intact checkpoint (skipped: %s)",
-                                folder.name, "; ".join(rejected))
+                    log.warning(
+                        "resuming from %s, the newest intact checkpoint (skipped: %s)", folder.name, "; ".join(rejected)
+                    )
                 return folder, loaded
         rejected.append(f"{folder.name}: {why}")
         log.warning("checkpoint %s is damaged: %s; moved aside, trying an older one", folder, why)

@@ -88,8 +88,9 @@ def model_config(cfg, name: str) -> DictConfig:
         return cfg[name]
     path = CONF_DIR / "model" / f"{name}.yaml"
     if not path.exists():
-        raise ConfigError(f"model {name!r} is not allowed; allowed: sender, receiver, "
-                          f"{', '.join(group_options('model'))}")
+        raise ConfigError(
+            f"model {name!r} is not allowed; allowed: sender, receiver, {', '.join(group_options('model'))}"
+        )
     paths = OmegaConf.to_container(cfg.paths, resolve=True) if "paths" in cfg else {}
     root = OmegaConf.create({"paths": paths, "model": OmegaConf.load(path)})
     return root.model
@@ -140,8 +141,9 @@ def validate(cfg: DictConfig) -> None:
     check_choice(cfg, "trainer.schedule", ["cosine", "constant"])
     check_choice(cfg, "trainer.loss", ["auto", "classes", "tokens"])
     if cfg.trainer.loss == "classes" and cfg.task.type != "classification":
-        raise ConfigError(f"trainer.loss='classes' is not allowed for task.type={cfg.task.type!r}; "
-                          "allowed: auto, tokens")
+        raise ConfigError(
+            f"trainer.loss='classes' is not allowed for task.type={cfg.task.type!r}; allowed: auto, tokens"
+        )
     check_choice(cfg, "eval.readout", ["score", "generate"])
     check_range(cfg, "eval.batch_size", lo=1, integer=True)
     check_choice(cfg, "cache.mode", ["on", "off"])
@@ -160,6 +162,7 @@ def validate(cfg: DictConfig) -> None:
 
 
 # --- run identity -------------------------------------------------------------------
+
 
 def _drop(tree: dict, dotted: str) -> None:
     node = tree

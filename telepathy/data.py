@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 log = logging.getLogger(__name__)
 
 # Splits of this process that had fewer rows than task.train_samples/test_samples asked for
@@ -80,8 +79,9 @@ def _read_rows(task_cfg, data_cfg, split_name: str) -> tuple[list[dict], str]:
     import datasets
 
     try:
-        ds = datasets.load_dataset(task_cfg.hub_id, task_cfg.get("hub_config"), split=split_name,
-                                   cache_dir=data_cfg.get("hf_cache_dir"))
+        ds = datasets.load_dataset(
+            task_cfg.hub_id, task_cfg.get("hub_config"), split=split_name, cache_dir=data_cfg.get("hf_cache_dir")
+        )
     except Exception as err:  # the hub raises many types; the user needs one message
         raise DataError(
             f"task {task_cfg.name!r}: cannot load split {split_name!r} of {task_cfg.hub_id!r} from the hub "
@@ -100,7 +100,7 @@ def cap_words(text: str, max_words: int | None) -> tuple[str, bool]:
     words = list(re.finditer(r"\S+", text))
     if len(words) <= max_words:
         return text, False
-    return text[:words[max_words - 1].end()], True
+    return text[: words[max_words - 1].end()], True
 
 
 def load_split(task_cfg, data_cfg, split: str, cap: int | None = None, seed: int = 0) -> list[Example]:
@@ -124,8 +124,9 @@ def load_split(task_cfg, data_cfg, split: str, cap: int | None = None, seed: int
             raise DataError(f"{source}: missing column(s) {missing}; columns present: {sorted(rows[0])}")
     order = list(range(len(rows)))
     if cap is not None and cap > len(rows):
-        log.warning("%s: asked for %d rows (task.%s_samples), it has %d: using all %d", source, cap, split,
-                    len(rows), len(rows))
+        log.warning(
+            "%s: asked for %d rows (task.%s_samples), it has %d: using all %d", source, cap, split, len(rows), len(rows)
+        )
         SHORTFALLS.append({"split": split, "requested": int(cap), "used": len(rows), "source": str(source)})
     if cap is not None and cap < len(rows):
         random.Random(seed).shuffle(order)
@@ -143,14 +144,16 @@ def load_split(task_cfg, data_cfg, split: str, cap: int | None = None, seed: int
                     f"(task.labels={list(task_cfg.labels)})"
                 )
         text, cut = cap_words(str(row[text_col]), task_cfg.get("max_text_words"))
-        examples.append(Example(
-            idx=i,
-            text=text,
-            label=label,
-            target=str(row[target_col]) if target_col else None,
-            id=str(row["id"]) if "id" in row else str(row_idx),
-            extra={"text_truncated": True} if cut else {},
-        ))
+        examples.append(
+            Example(
+                idx=i,
+                text=text,
+                label=label,
+                target=str(row[target_col]) if target_col else None,
+                id=str(row["id"]) if "id" in row else str(row_idx),
+                extra={"text_truncated": True} if cut else {},
+            )
+        )
     if not examples:
         raise DataError(f"{source}: no rows")
     return examples
@@ -176,8 +179,10 @@ def holdout(train: list[Example], trainer_cfg, seed: int) -> tuple[list[Example]
     if n <= 0:
         return list(train), []
     if n >= len(train):
-        raise DataError(f"trainer.eval_samples={n} holds out every one of the {len(train)} training items; "
-                        f"allowed: fewer than the training items")
+        raise DataError(
+            f"trainer.eval_samples={n} holds out every one of the {len(train)} training items; "
+            f"allowed: fewer than the training items"
+        )
     held = set(random.Random(seed).sample(range(len(train)), n))
     return [e for i, e in enumerate(train) if i not in held], [e for i, e in enumerate(train) if i in held]
 
@@ -188,7 +193,7 @@ def format_prompt(template: str, text: str) -> str:
 
 def batches(items: list, batch_size: int):
     for start in range(0, len(items), batch_size):
-        yield items[start:start + batch_size]
+        yield items[start : start + batch_size]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

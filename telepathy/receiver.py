@@ -133,8 +133,10 @@ class PromptIO:
             last = h[torch.arange(len(prefixes)), torch.tensor(lengths, device=h.device) - 1]
             logp = F.log_softmax(self.logits(last), dim=-1)
             return logp[:, [ids[0] for ids in label_ids]]
-        per_label = [torch.stack([lp.sum() for lp in self.continuation_logprobs(prefixes, [ids] * len(prefixes))])
-                     for ids in label_ids]
+        per_label = [
+            torch.stack([lp.sum() for lp in self.continuation_logprobs(prefixes, [ids] * len(prefixes))])
+            for ids in label_ids
+        ]
         return torch.stack(per_label, dim=1)
 
     @torch.no_grad()
@@ -153,8 +155,9 @@ class PromptIO:
         return F.cross_entropy(scores, torch.tensor(labels, device=scores.device))
 
     @torch.no_grad()
-    def generate(self, sequences: list[list], max_new_tokens: int, num_beams: int = 1,
-                 repetition_penalty: float = 1.0) -> list[str]:
+    def generate(
+        self, sequences: list[list], max_new_tokens: int, num_beams: int = 1, repetition_penalty: float = 1.0
+    ) -> list[str]:
         """Greedy (or beam) continuation of each sequence, decoded without special tokens."""
         embeds, mask, _ = self.embed(sequences, pad_side="left")
         out = self.model.generate(

@@ -19,7 +19,7 @@ own loss); it keeps only what makes it different.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from omegaconf import OmegaConf
@@ -54,8 +54,10 @@ def receiver_loss(io: PromptIO, cfg) -> Callable[[list[list], list[Example], lis
 
 def trained_params(module: torch.nn.Module, receiver) -> dict:
     """A receiver-side method's ``params``: what it trains, and the frozen receiver it trains it for."""
-    return {"trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
-            "receiver": sum(p.numel() for p in receiver.model.parameters() if not p.requires_grad)}
+    return {
+        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "receiver": sum(p.numel() for p in receiver.model.parameters() if not p.requires_grad),
+    }
 
 
 def trainer_config(cfg):
@@ -66,10 +68,20 @@ def trainer_config(cfg):
     return cfg.trainer if lr is None else OmegaConf.merge(cfg.trainer, {"lr": float(lr)})
 
 
-def train_then_evaluate(cfg, ctx, io: PromptIO, module: torch.nn.Module, train: list[Example],
-                        test: list[Example], prompts: Prompts, params: dict, loss: Loss | None = None,
-                        evaluate_fn=evaluate, probe_prompts: Prompts | None = None,
-                        **details: dict) -> MethodOutput:
+def train_then_evaluate(
+    cfg,
+    ctx,
+    io: PromptIO,
+    module: torch.nn.Module,
+    train: list[Example],
+    test: list[Example],
+    prompts: Prompts,
+    params: dict,
+    loss: Loss | None = None,
+    evaluate_fn=evaluate,
+    probe_prompts: Prompts | None = None,
+    **details: dict,
+) -> MethodOutput:
     """Train ``module``'s trainable weights on ``train``, then evaluate ``prompts`` on ``test``.
 
     ``prompts(examples)`` gives the receiver's prompt sequences of test items (and of training
@@ -99,16 +111,29 @@ def train_then_evaluate(cfg, ctx, io: PromptIO, module: torch.nn.Module, train: 
         # generation: held-out summary cross-entropy (generating every few steps costs too much on CPU)
         if cfg.task.type == "generation":
             with torch.no_grad():
-                return {"eval_loss": io.label_loss(probe_prompts(probe), generation_targets(io, probe, cfg.task)).item()}
+                return {
+                    "eval_loss": io.label_loss(probe_prompts(probe), generation_targets(io, probe, cfg.task)).item()
+                }
         metrics, _, _ = evaluate_classification(io, probe, probe_prompts, cfg.task, cfg.eval, desc="eval@step")
         return {"eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"]}
 
     trainer = trainer_config(cfg)
-    result = fit(module, loss_fn, len(fit_items), trainer, cfg.seed, ctx.run_dir, eval_fn=eval_probe,
-                 device=io.lm.device)
+    result = fit(
+        module, loss_fn, len(fit_items), trainer, cfg.seed, ctx.run_dir, eval_fn=eval_probe, device=io.lm.device
+    )
     metrics, predictions, eval_s = evaluate_fn(io, test, prompts, cfg, desc="eval")
     if cfg.task.type == "classification":
         metrics.update(majority([e.label for e in train], [e.label for e in test]))
-    return output(metrics, predictions, params, {"train_s": result.train_s, "eval_s": eval_s},
-                  **details, training={**result.as_record(), "loss": loss_kind(cfg), "lr": float(trainer.lr),
-                            "heldout_probe_items": len(probe)})
+    return output(
+        metrics,
+        predictions,
+        params,
+        {"train_s": result.train_s, "eval_s": eval_s},
+        **details,
+        training={
+            **result.as_record(),
+            "loss": loss_kind(cfg),
+            "lr": float(trainer.lr),
+            "heldout_probe_items": len(probe),
+        },
+    )

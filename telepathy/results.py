@@ -36,9 +36,28 @@ STATUSES = ("completed", "running", "failed", "interrupted")
 # the identity block: what makes two runs the same experiment (up to the seed); None = not used
 IDENTITY = ("task", "method", "sender", "receiver", "compression", "num_latents", "layer", "model", "seed")
 # fields every run sets for itself; everything else in a completed record is what it measured
-RUN_FIELDS = ("schema_version", "run_id", "run_dir", "status", "task", "method", "seed", "identity", "config",
-              "config_hash", "seedless_hash", "overrides", "env", "resources", "reused_from", "memory", "error",
-              "telemetry", "started_at", "finished_at")
+RUN_FIELDS = (
+    "schema_version",
+    "run_id",
+    "run_dir",
+    "status",
+    "task",
+    "method",
+    "seed",
+    "identity",
+    "config",
+    "config_hash",
+    "seedless_hash",
+    "overrides",
+    "env",
+    "resources",
+    "reused_from",
+    "memory",
+    "error",
+    "telemetry",
+    "started_at",
+    "finished_at",
+)
 PACKAGES = ("torch", "transformers", "hydra-core", "submitit", "peft", "llmlingua", "numpy", "scikit-learn")
 
 
@@ -65,12 +84,16 @@ def run_identity(cfg) -> dict:
     soft = uses_soft_tokens(cfg)
     sender = cfg.get("sender") or {}
     return identity_block(
-        task=cfg.task.name, method=method.name, seed=cfg.get("seed"),
+        task=cfg.task.name,
+        method=method.name,
+        seed=cfg.get("seed"),
         sender=sender.get("name") if "sender" in models else None,
         receiver=(cfg.get("receiver") or {}).get("name") if "receiver" in models else None,
         layer=sender.get("layer") if "sender" in models else None,
-        compression=cfg.get("compression") if soft else None, num_latents=num_latents(cfg) if soft else None,
-        model=method.get("model"))
+        compression=cfg.get("compression") if soft else None,
+        num_latents=num_latents(cfg) if soft else None,
+        model=method.get("model"),
+    )
 
 
 def record(status: str, *, run_id: str, run_dir, identity: dict, config: dict, **fields) -> dict:
@@ -83,9 +106,18 @@ def record(status: str, *, run_id: str, run_dir, identity: dict, config: dict, *
         raise ValueError(f"status {status!r} is not one of {', '.join(STATUSES)}")
     if tuple(identity) != IDENTITY:
         raise ValueError(f"identity must have exactly the fields {', '.join(IDENTITY)}; got {', '.join(identity)}")
-    return {"schema_version": SCHEMA_VERSION, "run_id": run_id, "run_dir": str(run_dir), "status": status,
-            "task": identity["task"], "method": identity["method"], "seed": identity["seed"],
-            "identity": identity, "config": config, **fields}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "run_dir": str(run_dir),
+        "status": status,
+        "task": identity["task"],
+        "method": identity["method"],
+        "seed": identity["seed"],
+        "identity": identity,
+        "config": config,
+        **fields,
+    }
 
 
 def measured(record: dict) -> dict:
@@ -220,7 +252,9 @@ def peak_memory() -> dict:
         import torch
 
         if torch.cuda.is_available():
-            out["peak_gpu_mb"] = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
+            out["peak_gpu_mb"] = (
+                sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**20
+            )
     except ImportError:
         pass
     return out

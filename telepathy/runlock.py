@@ -90,14 +90,23 @@ def _who(beat: dict | None) -> str:
     if not beat:
         return "another process (no heartbeat yet)"
     age = time.time() - float(beat.get("time", 0))
-    return (f"job {beat.get('slurm_job_id') or '-'} on {beat.get('host')} (pid {beat.get('pid')}, "
-            f"heartbeat {age:.0f}s ago)")
+    return (
+        f"job {beat.get('slurm_job_id') or '-'} on {beat.get('host')} (pid {beat.get('pid')}, heartbeat {age:.0f}s ago)"
+    )
 
 
 def _beat(run_dir: Path, interval_s: float, started: str) -> None:
-    write_json(Path(run_dir) / HEARTBEAT_FILE, {
-        "host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": job_id(), "started_at": started,
-        "time": time.time(), "interval_s": interval_s})
+    write_json(
+        Path(run_dir) / HEARTBEAT_FILE,
+        {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": job_id(),
+            "started_at": started,
+            "time": time.time(),
+            "interval_s": interval_s,
+        },
+    )
 
 
 @contextlib.contextmanager
@@ -108,14 +117,21 @@ def hold(run_dir: Path, interval_s: float = 30.0) -> Iterator[None]:
         try:
             stack.enter_context(file_lock(run_dir / LOCK_FILE, blocking=False))
         except LockHeld:
-            raise RunLocked(f"{run_dir} is already running as {_who(read_heartbeat(run_dir))}; "
-                            f"this job exits without touching it") from None
+            raise RunLocked(
+                f"{run_dir} is already running as {_who(read_heartbeat(run_dir))}; this job exits without touching it"
+            ) from None
         except OSError as err:  # no flock on this filesystem: fall back to the heartbeat
             beat = read_heartbeat(run_dir)
-            if beat and beat.get("pid") != os.getpid() and staleness(beat) is None \
-                    and beat.get("slurm_job_id") != job_id():
-                raise RunLocked(f"{run_dir} is already running as {_who(beat)} (no file locks here: "
-                                f"{err}); this job exits without touching it") from None
+            if (
+                beat
+                and beat.get("pid") != os.getpid()
+                and staleness(beat) is None
+                and beat.get("slurm_job_id") != job_id()
+            ):
+                raise RunLocked(
+                    f"{run_dir} is already running as {_who(beat)} (no file locks here: "
+                    f"{err}); this job exits without touching it"
+                ) from None
             log.warning("run-dir lock unavailable (%s); relying on the heartbeat", err)
         started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         _beat(run_dir, interval_s, started)

@@ -42,9 +42,18 @@ def share_result(cfg, record: dict) -> list[Path]:
         source = Path(record["run_dir"])
         if (source / PREDICTIONS_FILE).exists():
             shutil.copyfile(source / PREDICTIONS_FILE, run_dir / PREDICTIONS_FILE)
-        write_json(run_dir / RESULT_FILE, {
-            **record, "run_id": run_dir.name, "run_dir": str(run_dir), "seed": int(seed), "identity": run_identity(other),
-            "config_hash": tconfig.config_hash(other), "config": OmegaConf.to_container(other, resolve=True),
-            "reused_from": str(source)})
+        write_json(
+            run_dir / RESULT_FILE,
+            {
+                **record,
+                "run_id": run_dir.name,
+                "run_dir": str(run_dir),
+                "seed": int(seed),
+                "identity": run_identity(other),
+                "config_hash": tconfig.config_hash(other),
+                "config": OmegaConf.to_container(other, resolve=True),
+                "reused_from": str(source),
+            },
+        )
         written.append(run_dir)
     return written

@@ -23,9 +23,9 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ class DataStream:
         while len(out) < self.batch_size:
             epoch, offset = divmod(self.position, self.n)
             take = min(self.batch_size - len(out), self.n - offset)
-            out += epoch_order(self.n, self.seed, epoch)[offset: offset + take]
+            out += epoch_order(self.n, self.seed, epoch)[offset : offset + take]
             self.position += take
         return out
 
@@ -95,13 +95,16 @@ def save_checkpoint(run_dir: Path, module, optimizer, scheduler, stream: DataStr
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
-    torch.save({
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": ckpt.rng_state(),
-        "data_position": stream.position,
-    }, tmp / ckpt.STATE)
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "data_position": stream.position,
+        },
+        tmp / ckpt.STATE,
+    )
     ckpt.write_manifest(tmp, step)
     if final.exists():
         shutil.rmtree(final)
@@ -119,6 +122,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def resume_point(run_dir: Path, module: torch.nn.Module) -> tuple[Path | None, dict | None]:
     """The newest intact checkpoint's folder and state, its weights loaded into ``module``
     (``telepathy.checkpoint``: verified, ``weights_only``, damaged ones moved aside)."""
+
     def load(folder: Path) -> dict:
         state = ckpt.load_state(folder)
         load_trainable(module, folder)
@@ -146,8 +150,9 @@ def load_trainable(module: torch.nn.Module, checkpoint: Path) -> None:
     want = set(trainable_state(module))
     missing, unknown = sorted(want - set(weights)), sorted(set(weights) - want)
     if missing or unknown:
-        raise RuntimeError(f"checkpoint {checkpoint} does not match the module: missing {missing[:5]}, "
-                           f"unknown {unknown[:5]}")
+        raise RuntimeError(
+            f"checkpoint {checkpoint} does not match the module: missing {missing[:5]}, unknown {unknown[:5]}"
+        )
     module.load_state_dict(weights, strict=False)  # frozen parameters are not in the checkpoint
 
 
@@ -196,8 +201,12 @@ class FitResult:
 
     def as_record(self) -> dict:
         """The record's ``training`` section (``train_s`` goes to ``timing``)."""
-        return {"steps": self.steps, "resumed_from": self.resumed_from, "final_loss": self.final_loss,
-                "examples_seen": self.examples_seen}
+        return {
+            "steps": self.steps,
+            "resumed_from": self.resumed_from,
+            "final_loss": self.final_loss,
+            "examples_seen": self.examples_seen,
+        }
 
 
 def fit(
@@ -234,8 +243,11 @@ def fit(
         log.info("resumed from %s (step %d)", checkpoint, start)
     log_path = Path(run_dir) / "log.jsonl"
     truncate_log(log_path, start)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device is not None and device.type == "cuda"
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if device is not None and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
     t0 = time.time()
     last_loss = None
     module.train()
@@ -254,8 +266,13 @@ def fit(
             optimizer.step()
             scheduler.step()
             last_loss = stats_sum.get("loss")
-            row = {"step": step, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                   "examples_per_s": t.batch_size * t.grad_accum / max(time.time() - step_t0, 1e-9), **stats_sum}
+            row = {
+                "step": step,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "examples_per_s": t.batch_size * t.grad_accum / max(time.time() - step_t0, 1e-9),
+                **stats_sum,
+            }
             append_jsonl(log_path, row)
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "-")
@@ -272,5 +289,10 @@ def fit(
             if guard.received:
                 guard.pass_on()
     module.eval()
-    return FitResult(steps=t.max_steps, resumed_from=resumed_from, train_s=time.time() - t0,
-                     final_loss=last_loss, examples_seen=stream.position)
+    return FitResult(
+        steps=t.max_steps,
+        resumed_from=resumed_from,
+        train_s=time.time() - t0,
+        final_loss=last_loss,
+        examples_seen=stream.position,
+    )

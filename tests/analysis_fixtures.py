@@ -8,10 +8,28 @@ from pathlib import Path
 from telepathy.results import identity_block
 
 
-def write_run(root, task="sst2", method="bridge", seed=0, metrics=None, status="completed",
-              compression=4, sender="tiny-sender", receiver="tiny-receiver", layer=-1,
-              num_latents=None, correct=None, log=None, reused_from=None, error=None,
-              timing=None, memory=None, resources=None, config_extra=None, name=None):
+def write_run(
+    root,
+    task="sst2",
+    method="bridge",
+    seed=0,
+    metrics=None,
+    status="completed",
+    compression=4,
+    sender="tiny-sender",
+    receiver="tiny-receiver",
+    layer=-1,
+    num_latents=None,
+    correct=None,
+    log=None,
+    reused_from=None,
+    error=None,
+    timing=None,
+    memory=None,
+    resources=None,
+    config_extra=None,
+    name=None,
+):
     """Write one run directory and return its path.
 
     correct: list of 0/1 per test item -> predictions.jsonl (item ids shared across runs).
@@ -44,37 +62,72 @@ def write_run(root, task="sst2", method="bridge", seed=0, metrics=None, status="
         # as telepathy/results.py writes it: compression and M only where soft tokens are read
         # (the bridge, the latency benchmark), a role only where the method loads it
         "identity": identity_block(
-            task=task, method=method, seed=seed, sender=sender if "sender" in models else None,
-            receiver=receiver, layer=layer if "sender" in models else None,
+            task=task,
+            method=method,
+            seed=seed,
+            sender=sender if "sender" in models else None,
+            receiver=receiver,
+            layer=layer if "sender" in models else None,
             compression=compression if method in ("bridge", "latency") else None,
-            num_latents=(num_latents or 8) if method in ("bridge", "latency") else None),
+            num_latents=(num_latents or 8) if method in ("bridge", "latency") else None,
+        ),
         "config": config,
         # like telepathy/app.py: the config's hash without its seed
-        "seedless_hash": hashlib.sha256(json.dumps({k: v for k, v in config.items() if k != "seed"},
-                                                   sort_keys=True).encode()).hexdigest()[:8],
+        "seedless_hash": hashlib.sha256(
+            json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True).encode()
+        ).hexdigest()[:8],
         "overrides": [f"task={task}", f"method={method}", f"seed={seed}"],
         "metrics": metrics if metrics is not None else {},
         "params": {"trainable": 1000 if has_bridge else 0},
-        "timing": timing or {"train_s": 10.0, "eval_s": 2.0, "total_s": 12.0,
-                             "started_at": "2026-01-01T00:00:00", "finished_at": "2026-01-01T00:00:12"},
+        "timing": timing
+        or {
+            "train_s": 10.0,
+            "eval_s": 2.0,
+            "total_s": 12.0,
+            "started_at": "2026-01-01T00:00:00",
+            "finished_at": "2026-01-01T00:00:12",
+        },
         "memory": memory or {"peak_rss_mb": 900.0, "peak_gpu_mb": 0.0},
         "resources": resources or {"gpus": 0, "mem_gb": 8, "cpus": 2, "estimate_gb": 1.0, "placement": "cpu"},
-        "env": {"git_rev": "abc123", "git_dirty": False, "hostname": "test", "device": "cpu",
-                "python": "3.11", "packages": {"torch": "2.13"}, "slurm_job_id": None},
+        "env": {
+            "git_rev": "abc123",
+            "git_dirty": False,
+            "hostname": "test",
+            "device": "cpu",
+            "python": "3.11",
+            "packages": {"torch": "2.13"},
+            "slurm_job_id": None,
+        },
         "reused_from": str(reused_from) if reused_from else None,
         "error": error,
     }
     if has_bridge:
-        rec["bridge"] = {"num_latents": num_latents or 8, "compression_factor": compression,
-                         "mean_sender_tokens": 32.0, "compression_ratio": 32.0 / (num_latents or 8),
-                         # 20 text tokens per item: what the sender read, per soft token
-                         "text_tokens_mean": 20.0, "measured_compression_mean": 20.0 / (num_latents or 8)}
+        rec["bridge"] = {
+            "num_latents": num_latents or 8,
+            "compression_factor": compression,
+            "mean_sender_tokens": 32.0,
+            "compression_ratio": 32.0 / (num_latents or 8),
+            # 20 text tokens per item: what the sender read, per soft token
+            "text_tokens_mean": 20.0,
+            "measured_compression_mean": 20.0 / (num_latents or 8),
+        }
     (run_dir / "result.json").write_text(json.dumps(rec, indent=1))
     if correct is not None:
         with open(run_dir / "predictions.jsonl", "w") as f:
             for i, c in enumerate(correct):
-                f.write(json.dumps({"idx": i, "id": f"{task}-{i}", "label": 1, "pred": 1 if c else 0,
-                                    "correct": bool(c), "scores": [0.1, 0.9]}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "idx": i,
+                            "id": f"{task}-{i}",
+                            "label": 1,
+                            "pred": 1 if c else 0,
+                            "correct": bool(c),
+                            "scores": [0.1, 0.9],
+                        }
+                    )
+                    + "\n"
+                )
     if log is not None:
         with open(run_dir / "log.jsonl", "w") as f:
             for r in log:
@@ -83,8 +136,10 @@ def write_run(root, task="sst2", method="bridge", seed=0, metrics=None, status="
 
 
 def training_log(steps=10, final_eval=0.7):
-    rows = [{"step": s, "loss": 2.0 / (s + 1), "lr": 1e-3, "grad_norm": 1.0, "examples_per_s": 50.0}
-            for s in range(1, steps + 1)]
+    rows = [
+        {"step": s, "loss": 2.0 / (s + 1), "lr": 1e-3, "grad_norm": 1.0, "examples_per_s": 50.0}
+        for s in range(1, steps + 1)
+    ]
     rows.append({"step": steps // 2, "eval_accuracy": final_eval / 2})
     rows.append({"step": steps, "eval_accuracy": final_eval})
     return rows
@@ -101,25 +156,54 @@ def write_sweep(root, n_items=40):
             for c, acc in acc_bridge.items():
                 a = acc + shift + 0.01 * seed
                 k = round(a * n_items)
-                write_run(root, task, "bridge", seed, {"accuracy": k / n_items, "macro_f1": k / n_items - 0.02,
-                                                       "n_test": n_items},
-                          compression=c, correct=[1] * k + [0] * (n_items - k),
-                          log=training_log(final_eval=k / n_items))
+                write_run(
+                    root,
+                    task,
+                    "bridge",
+                    seed,
+                    {"accuracy": k / n_items, "macro_f1": k / n_items - 0.02, "n_test": n_items},
+                    compression=c,
+                    correct=[1] * k + [0] * (n_items - k),
+                    log=training_log(final_eval=k / n_items),
+                )
             k = round((0.6 + shift + 0.02 * seed) * n_items)
-            write_run(root, task, "text_relay", seed, {"accuracy": k / n_items, "n_test": n_items},
-                      compression=None, correct=[0] * (n_items - k) + [1] * k)
+            write_run(
+                root,
+                task,
+                "text_relay",
+                seed,
+                {"accuracy": k / n_items, "n_test": n_items},
+                compression=None,
+                correct=[0] * (n_items - k) + [1] * k,
+            )
             # deterministic baseline: seed 0 runs, seeds 1 and 2 reuse it
             src = root / f"{task}-receiver_only-cNone-s0"
             k = round((0.5 + shift) * n_items)
-            write_run(root, task, "receiver_only", seed, {"accuracy": k / n_items, "n_test": n_items},
-                      compression=None, correct=[1] * k + [0] * (n_items - k),
-                      reused_from=src if seed > 0 else None)
-    write_run(root, "sst2", "bridge", 3, {}, status="failed", compression=4,
-              error={"type": "OutOfMemoryError", "message": "CUDA out of memory", "traceback": "...", "oom": True})
+            write_run(
+                root,
+                task,
+                "receiver_only",
+                seed,
+                {"accuracy": k / n_items, "n_test": n_items},
+                compression=None,
+                correct=[1] * k + [0] * (n_items - k),
+                reused_from=src if seed > 0 else None,
+            )
+    write_run(
+        root,
+        "sst2",
+        "bridge",
+        3,
+        {},
+        status="failed",
+        compression=4,
+        error={"type": "OutOfMemoryError", "message": "CUDA out of memory", "traceback": "...", "oom": True},
+    )
     died = root / "sst2-bridge-c8-s3"
     (died / ".hydra").mkdir(parents=True)
     (died / ".hydra" / "config.yaml").write_text(
         "seed: 3\ntask:\n  name: sst2\n  max_input_tokens: 64\nmethod:\n  name: bridge\n  models: [sender, receiver]\n"
         "  uses: [bridge]\nbridge:\n  num_latents: null\nsender:\n  name: tiny-sender\n  layer: -1\n"
-        "receiver:\n  name: tiny-receiver\ncompression: 8\n")
+        "receiver:\n  name: tiny-receiver\ncompression: 8\n"
+    )
     return root

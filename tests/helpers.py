@@ -25,8 +25,11 @@ def data_root() -> Path | None:
     return Path(root) if root and Path(root).is_dir() else None
 
 
-needs_data = pytest.mark.skipif(data_root() is None, reason="TELEPATHY_DATA is not set to the data folder "
-                                "(e.g. export TELEPATHY_DATA=../shared/data, as `make test` does)")
+needs_data = pytest.mark.skipif(
+    data_root() is None,
+    reason="TELEPATHY_DATA is not set to the data folder "
+    "(e.g. export TELEPATHY_DATA=../shared/data, as `make test` does)",
+)
 
 
 def run_env(outputs: Path, **extra) -> dict:
@@ -39,14 +42,23 @@ def run_env(outputs: Path, **extra) -> dict:
     return env
 
 
-def run_script(script: str, *overrides: str, outputs: Path, check: bool = True, timeout: int = 900,
-               env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *overrides: str, outputs: Path, check: bool = True, timeout: int = 900, env_extra: dict | None = None
+) -> subprocess.CompletedProcess:
     """``python <script> <overrides>`` from the repo root, as a user would type it."""
-    proc = subprocess.run([sys.executable, script, *overrides], cwd=REPO, env=run_env(outputs, **(env_extra or {})),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, script, *overrides],
+        cwd=REPO,
+        env=run_env(outputs, **(env_extra or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(overrides)} exited {proc.returncode}\n"
-                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{script} {' '.join(overrides)} exited {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

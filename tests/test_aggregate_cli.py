@@ -19,13 +19,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_module(module, *args):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def strict_json(path):
     def no_constants(name):
         raise ValueError(f"{path} contains {name}, which is not JSON")
+
     return json.loads(Path(path).read_text(), parse_constant=no_constants)
 
 
@@ -40,13 +42,12 @@ def test_aggregate_cli_writes_tables_json_and_plots(tmp_path):
 
     summary = strict_json(out / "summary.json")
     assert summary["runs"]["by_status"] == {"completed": 30, "failed": 1, "missing": 1}
-    g = next(g for g in summary["groups"]
-             if (g["task"], g["method"], g["compression"]) == ("sst2", "bridge", 4.0))
+    g = next(g for g in summary["groups"] if (g["task"], g["method"], g["compression"]) == ("sst2", "bridge", 4.0))
     # accuracies 30/40, 30/40, 31/40 (fixture: round((0.75 + 0.01 * seed) * 40) / 40)
     assert g["values"] == [0.75, 0.75, 0.775]
     assert g["mean"] == pytest.approx(0.758333, abs=1e-6)
     # sd = 0.0144338, t(0.975, 2) = 4.30265
-    assert g["ci_half"] == pytest.approx(4.30265 * 0.0144338 / 3 ** 0.5, rel=1e-5)
+    assert g["ci_half"] == pytest.approx(4.30265 * 0.0144338 / 3**0.5, rel=1e-5)
     assert g["status_counts"] == {"completed": 3, "failed": 1}
     ro = next(g for g in summary["groups"] if (g["task"], g["method"]) == ("sst2", "receiver_only"))
     assert ro["n_independent"] == 1 and ro["deterministic"] and ro["ci_low"] is None
@@ -106,11 +107,21 @@ def test_latency_plot_from_benchmark_records(tmp_path):
     for path, base in (("bridge", 10.0), ("text_relay", 30.0)):
         for bs in (1, 4, 16):
             for seed in (0, 1):  # shaped like benchmarks/latency.py's records: config.method is a string
-                write_run(tmp_path, task="sst2", method="latency", seed=seed, compression=8,
-                          name=f"lat-{path}-b{bs}-s{seed}",
-                          metrics={"p50_ms": base * bs ** 0.5 + seed, "p90_ms": base * bs ** 0.5 + 2,
-                                   "p99_ms": base * bs ** 0.5 + 5, "throughput_eps": bs * 1000 / (base * bs ** 0.5)},
-                          config_extra={"method": "latency", "batch_size": bs, "path": path})
+                write_run(
+                    tmp_path,
+                    task="sst2",
+                    method="latency",
+                    seed=seed,
+                    compression=8,
+                    name=f"lat-{path}-b{bs}-s{seed}",
+                    metrics={
+                        "p50_ms": base * bs**0.5 + seed,
+                        "p90_ms": base * bs**0.5 + 2,
+                        "p99_ms": base * bs**0.5 + 5,
+                        "throughput_eps": bs * 1000 / (base * bs**0.5),
+                    },
+                    config_extra={"method": "latency", "batch_size": bs, "path": path},
+                )
     runs = analysis.load_runs(tmp_path)
     assert sorted(runs["batch_size"].unique()) == [1, 4, 16]
     fig = plots.latency(runs, tmp_path / "plots" / "latency")
@@ -122,9 +133,16 @@ def test_latency_plot_from_benchmark_records(tmp_path):
     assert set(runs["compression"]) == {8.0}
     assert (tmp_path / "plots" / "latency.png").exists() and (tmp_path / "plots" / "latency.pdf").exists()
     # a second compression factor is its own line, never averaged with the first
-    write_run(tmp_path, task="sst2", method="latency", seed=0, compression=16, name="lat-bridge-c16",
-              metrics={"p50_ms": 99.0, "p90_ms": 99.0, "p99_ms": 99.0, "throughput_eps": 1.0},
-              config_extra={"method": "latency", "batch_size": 1, "path": "bridge", "compression": 16})
+    write_run(
+        tmp_path,
+        task="sst2",
+        method="latency",
+        seed=0,
+        compression=16,
+        name="lat-bridge-c16",
+        metrics={"p50_ms": 99.0, "p90_ms": 99.0, "p99_ms": 99.0, "throughput_eps": 1.0},
+        config_extra={"method": "latency", "batch_size": 1, "path": "bridge", "compression": 16},
+    )
     lat, _ = plots.latency(analysis.load_runs(tmp_path)).axes
     labels = {l.get_label(): l for l in lat.lines}
     assert list(labels["bridge compression=16 p50"].get_ydata()) == [99.0]
@@ -151,12 +169,33 @@ def test_report_counts_failures_gpu_hours_and_checks(tmp_path):
     phase = tmp_path / "phase1"
     gpu = {"gpus": 2, "cpus": 16, "mem_gb": 128, "estimate_gb": 10.0, "placement": {}}
     for seed in (0, 1, 2):
-        write_run(phase, seed=seed, metrics={"accuracy": 0.7 + 0.01 * seed}, resources=gpu,
-                  timing={"total_s": 1800.0}, memory={"peak_gpu_mb": 12 * 1024, "peak_rss_mb": 1024})
-    src = write_run(phase, method="receiver_only", compression=None, seed=0, metrics={"accuracy": 0.5},
-                    resources={**gpu, "gpus": 1}, timing={"total_s": 3600.0})
-    write_run(phase, method="receiver_only", compression=None, seed=1, metrics={"accuracy": 0.5},
-              resources={**gpu, "gpus": 1}, timing={"total_s": 3600.0}, reused_from=src)
+        write_run(
+            phase,
+            seed=seed,
+            metrics={"accuracy": 0.7 + 0.01 * seed},
+            resources=gpu,
+            timing={"total_s": 1800.0},
+            memory={"peak_gpu_mb": 12 * 1024, "peak_rss_mb": 1024},
+        )
+    src = write_run(
+        phase,
+        method="receiver_only",
+        compression=None,
+        seed=0,
+        metrics={"accuracy": 0.5},
+        resources={**gpu, "gpus": 1},
+        timing={"total_s": 3600.0},
+    )
+    write_run(
+        phase,
+        method="receiver_only",
+        compression=None,
+        seed=1,
+        metrics={"accuracy": 0.5},
+        resources={**gpu, "gpus": 1},
+        timing={"total_s": 3600.0},
+        reused_from=src,
+    )
     md, rec = report.build_report(phase)
     # 3 x 2 GPUs x 0.5 h + 1 GPU x 1 h; the reused run computed nothing
     assert rec["gpu_hours_total"] == pytest.approx(4.0)
@@ -164,9 +203,15 @@ def test_report_counts_failures_gpu_hours_and_checks(tmp_path):
     assert all(c["passed"] for c in rec["checks"]), rec["checks"]
     assert "1 runs peaked above their estimate" not in md and "3 runs peaked above their estimate" in md
 
-    write_run(phase, seed=3, metrics={}, status="failed", resources=gpu, timing={"total_s": 60.0},
-              error={"type": "OutOfMemoryError", "message": "CUDA out of memory.\nmore", "traceback": "",
-                     "oom": True})
+    write_run(
+        phase,
+        seed=3,
+        metrics={},
+        status="failed",
+        resources=gpu,
+        timing={"total_s": 60.0},
+        error={"type": "OutOfMemoryError", "message": "CUDA out of memory.\nmore", "traceback": "", "oom": True},
+    )
     (phase / "broken").mkdir()
     (phase / "broken" / "result.json").write_text("{")
     with pytest.warns(UserWarning):
@@ -174,8 +219,10 @@ def test_report_counts_failures_gpu_hours_and_checks(tmp_path):
     checks = {c["check"]: c for c in rec["checks"]}
     assert not checks["all runs completed"]["passed"] and "5/7" in checks["all runs completed"]["detail"]
     assert not checks["no out-of-memory failure"]["passed"]
-    assert not checks["valid result.json for every run"]["passed"] and "broken" in checks[
-        "valid result.json for every run"]["detail"]
+    assert (
+        not checks["valid result.json for every run"]["passed"]
+        and "broken" in checks["valid result.json for every run"]["detail"]
+    )
     assert "| OutOfMemoryError | yes | CUDA out of memory. |" in proc_md
     # the CLI's --check turns a failed check into a non-zero exit
     proc = run_module("telepathy.report", phase, "--check", "--out", tmp_path / "rep")

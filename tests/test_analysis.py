@@ -10,9 +10,9 @@ import pytest
 from analysis_fixtures import training_log, write_run, write_sweep
 from telepathy import analysis
 
-
 # -----------------------------------------------------------------------------
 # statistics, against hand-computed values
+
 
 def test_mean_ci_matches_t_table():
     ci = analysis.mean_ci([0.70, 0.72, 0.74])
@@ -84,6 +84,7 @@ def test_paired_bootstrap_ci_coverage_in_a_seeded_simulation():
     (the old bootstrap) covers far less than 95%.
     """
     from scipy.special import beta
+
     rng = np.random.default_rng(12)
     n_items, n_seeds, n_sets = 100, 3, 1000
     truth = beta(2.5, 2) / beta(2, 2) - 0.5
@@ -110,10 +111,16 @@ def test_paired_bootstrap_interval_covers_estimate():
 # -----------------------------------------------------------------------------
 # loading
 
+
 def test_loader_keeps_failed_missing_and_malformed_runs(tmp_path):
     write_run(tmp_path, seed=0, metrics={"accuracy": 0.8})
-    write_run(tmp_path, seed=1, metrics={}, status="failed",
-              error={"type": "OutOfMemoryError", "message": "CUDA out of memory", "traceback": "tb", "oom": True})
+    write_run(
+        tmp_path,
+        seed=1,
+        metrics={},
+        status="failed",
+        error={"type": "OutOfMemoryError", "message": "CUDA out of memory", "traceback": "tb", "oom": True},
+    )
     (tmp_path / "only-log").mkdir()
     (tmp_path / "only-log" / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     bad = tmp_path / "broken"
@@ -153,8 +160,9 @@ def test_results_are_strict_json_and_nonfinite_records_are_malformed(tmp_path):
     assert analysis.load_runs(tmp_path)["status"].tolist() == ["completed"]
 
     other = write_run(tmp_path, seed=1, metrics={"accuracy": 0.7})
-    (other / "result.json").write_text((other / "result.json").read_text().replace('"accuracy": 0.7',
-                                                                                   '"accuracy": NaN'))
+    (other / "result.json").write_text(
+        (other / "result.json").read_text().replace('"accuracy": 0.7', '"accuracy": NaN')
+    )
     with pytest.warns(UserWarning, match="NaN is not strict JSON"):
         runs = analysis.load_runs(tmp_path)
     assert runs.set_index("run_id").loc[other.name, "status"] == "malformed"
@@ -252,13 +260,21 @@ def test_reused_run_reads_source_predictions(tmp_path):
 # -----------------------------------------------------------------------------
 # aggregation across seeds
 
+
 def test_summarize_known_means_and_cis(tmp_path):
     for seed, acc in enumerate([0.70, 0.72, 0.74]):
         write_run(tmp_path, seed=seed, metrics={"accuracy": acc})
     for seed, acc in enumerate([0.60, 0.64]):
         write_run(tmp_path, method="text_relay", compression=None, seed=seed, metrics={"accuracy": acc})
-    write_run(tmp_path, method="text_relay", compression=None, seed=2, status="failed", metrics={},
-              error={"type": "RuntimeError", "message": "boom", "traceback": "", "oom": False})
+    write_run(
+        tmp_path,
+        method="text_relay",
+        compression=None,
+        seed=2,
+        status="failed",
+        metrics={},
+        error={"type": "RuntimeError", "message": "boom", "traceback": "", "oom": False},
+    )
     s = analysis.summarize(analysis.load_runs(tmp_path)).set_index("method")
     assert s.loc["bridge", "mean"] == pytest.approx(0.72)
     assert s.loc["bridge", "ci_half"] == pytest.approx(0.0496827, abs=1e-6)
@@ -272,14 +288,20 @@ def test_runs_of_different_configs_are_not_pooled_as_seeds(tmp_path):
     """Two seed-42 bridge runs that differ only in trainer.lr, plus one seed-123 run: two
     experiments (n=2 and n=1), never one with n=3; the table labels them by the setting."""
     for seed, lr, acc in ((42, 1e-3, 0.8), (42, 1e-4, 0.5), (123, 1e-3, 0.7)):
-        write_run(tmp_path, seed=seed, metrics={"accuracy": acc}, config_extra={"trainer": {"lr": lr}},
-                  name=f"sst2-bridge-s{seed}-lr{lr}")
+        write_run(
+            tmp_path,
+            seed=seed,
+            metrics={"accuracy": acc},
+            config_extra={"trainer": {"lr": lr}},
+            name=f"sst2-bridge-s{seed}-lr{lr}",
+        )
     s = analysis.summarize(analysis.load_runs(tmp_path))
     assert sorted(s["n_independent"]) == [1, 2]
     assert all(d.keys() == {"trainer.lr"} for d in s["differs"])  # only the setting that differs
     by_lr = s.set_index(s["differs"].map(lambda d: d["trainer.lr"]))
     assert by_lr.loc[1e-3, "mean"] == pytest.approx(0.75) and by_lr.loc[1e-4, "mean"] == pytest.approx(0.5)
     from telepathy.analysis.tables import metric_table
+
     header, rows, notes = metric_table(s)
     assert "Settings" in header
     col = header.index("Settings")
@@ -296,8 +318,13 @@ def test_tables_show_measured_compression_beside_nominal(tmp_path):
         rec = json.loads((run / "result.json").read_text())
         rec["bridge"].update(num_latents=8, text_tokens_mean=10.0, measured_compression_mean=1.25)
         (run / "result.json").write_text(json.dumps(rec))
-        write_run(tmp_path, method="llmlingua", seed=seed, compression=None,
-                  metrics={"accuracy": 0.6, "compression_ratio": 4.0, "compressed_tokens_mean": 2.5})
+        write_run(
+            tmp_path,
+            method="llmlingua",
+            seed=seed,
+            compression=None,
+            metrics={"accuracy": 0.6, "compression_ratio": 4.0, "compressed_tokens_mean": 2.5},
+        )
     s = analysis.summarize(analysis.load_runs(tmp_path)).set_index("method")
     assert s.loc["bridge", "measured_compression"] == pytest.approx(1.25)
     assert s.loc["bridge", "positions"] == 8 and s.loc["llmlingua", "positions"] == pytest.approx(2.5)
@@ -310,8 +337,9 @@ def test_tables_show_measured_compression_beside_nominal(tmp_path):
 def test_reused_runs_count_once(tmp_path):
     src = write_run(tmp_path, method="receiver_only", compression=None, seed=0, metrics={"accuracy": 0.5})
     for seed in (1, 2):
-        write_run(tmp_path, method="receiver_only", compression=None, seed=seed, metrics={"accuracy": 0.5},
-                  reused_from=src)
+        write_run(
+            tmp_path, method="receiver_only", compression=None, seed=seed, metrics={"accuracy": 0.5}, reused_from=src
+        )
     g = analysis.summarize(analysis.load_runs(tmp_path)).iloc[0]
     assert g["n_independent"] == 1 and g["n_completed"] == 3 and bool(g["deterministic"])
     assert math.isnan(g["ci_low"]) and g["seeds"] == [0, 1, 2]
@@ -332,8 +360,14 @@ def test_task_without_the_metric_is_left_out(tmp_path):
     s = analysis.summarize(analysis.load_runs(tmp_path))
     assert list(s["task"]) == ["sst2"]
     # a task whose every run failed is shown (with no value), not dropped
-    write_run(tmp_path, task="trec", seed=0, status="failed", metrics={},
-              error={"type": "RuntimeError", "message": "boom", "traceback": "", "oom": False})
+    write_run(
+        tmp_path,
+        task="trec",
+        seed=0,
+        status="failed",
+        metrics={},
+        error={"type": "RuntimeError", "message": "boom", "traceback": "", "oom": False},
+    )
     s = analysis.summarize(analysis.load_runs(tmp_path)).set_index("task")
     assert s.loc["trec", "n_independent"] == 0 and math.isnan(s.loc["trec", "mean"])
     assert s.loc["trec", "status_counts"] == {"failed": 1}
@@ -351,17 +385,16 @@ def test_same_run_in_two_places_is_refused(tmp_path):
 # -----------------------------------------------------------------------------
 # paired comparisons
 
+
 def test_compare_to_baseline_counts_and_holm(tmp_path):
     n = 20
     bridge = [1] * 15 + [0] * 5
-    relay_a = [1] * 10 + [0] * 10        # vs bridge: 0 wins, 5 losses per seed
-    relay_b = [0] * 15 + [1] * 5         # vs bridge: 5 wins, 15 losses per seed
+    relay_a = [1] * 10 + [0] * 10  # vs bridge: 0 wins, 5 losses per seed
+    relay_b = [0] * 15 + [1] * 5  # vs bridge: 5 wins, 15 losses per seed
     for seed in (0, 1):
         write_run(tmp_path, seed=seed, metrics={"accuracy": 0.75}, correct=bridge)
-        write_run(tmp_path, method="relay_a", compression=None, seed=seed, metrics={"accuracy": 0.5},
-                  correct=relay_a)
-        write_run(tmp_path, method="relay_b", compression=None, seed=seed, metrics={"accuracy": 0.25},
-                  correct=relay_b)
+        write_run(tmp_path, method="relay_a", compression=None, seed=seed, metrics={"accuracy": 0.5}, correct=relay_a)
+        write_run(tmp_path, method="relay_b", compression=None, seed=seed, metrics={"accuracy": 0.25}, correct=relay_b)
     runs = analysis.load_runs(tmp_path)
     s = analysis.summarize(runs)
     c = analysis.compare_to_baseline(runs, analysis.load_predictions(runs), s, n_boot=500).set_index("method")
@@ -379,8 +412,9 @@ def test_compare_to_baseline_counts_and_holm(tmp_path):
 
 def test_pairs_by_item_id_not_by_row_order(tmp_path):
     write_run(tmp_path, seed=0, metrics={"accuracy": 0.5}, correct=[1, 0, 1, 0])
-    other = write_run(tmp_path, method="relay", compression=None, seed=0, metrics={"accuracy": 0.5},
-                      correct=[1, 0, 1, 0])
+    other = write_run(
+        tmp_path, method="relay", compression=None, seed=0, metrics={"accuracy": 0.5}, correct=[1, 0, 1, 0]
+    )
     rows = [json.loads(x) for x in (other / "predictions.jsonl").read_text().splitlines()]
     (other / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
     runs = analysis.load_runs(tmp_path)

@@ -12,9 +12,9 @@ from baselines.ensemble import average_probabilities
 from baselines.fewshot import DemonstrationSampler, demonstrations_text
 from helpers import TINY, compose, needs_data, results, run_train
 from telepathy.config import ConfigError, group_options, run_name
-from telepathy.methods import validate
 from telepathy.data import Example, format_prompt
 from telepathy.evaluation import text_prompt
+from telepathy.methods import validate
 from telepathy.receiver import PromptIO
 
 CLASSIFICATION_TASKS = [t for t in group_options("task") if compose(f"task={t}").task.type == "classification"]
@@ -30,6 +30,7 @@ def by_method(records: list[dict]) -> dict[str, dict]:
 
 
 # --- units ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("task", CLASSIFICATION_TASKS)
 def test_every_prompt_a_baseline_reads_lists_every_label(task):
@@ -51,8 +52,9 @@ def test_every_prompt_a_baseline_reads_lists_every_label(task):
 def _pool(per_class: list[int]) -> list[Example]:
     pool = []
     for label, n in enumerate(per_class):
-        pool += [Example(idx=len(pool), text=f"class {label} item {i}", label=label, id=f"{label}-{i}")
-                 for i in range(n)]
+        pool += [
+            Example(idx=len(pool), text=f"class {label} item {i}", label=label, id=f"{label}-{i}") for i in range(n)
+        ]
     return pool
 
 
@@ -103,20 +105,23 @@ def test_prompt_tokens_counts_what_the_model_reads(tiny_models):
     for lm in tiny_models:
         io = PromptIO(lm)
         seqs = text_prompt(io, "Review: {text}\nSentiment (positive or negative):")(
-            [Example(idx=0, text="a fine film"), Example(idx=1, text="dull and far too long")])
+            [Example(idx=0, text="a fine film"), Example(idx=1, text="dull and far too long")]
+        )
         seqs.append(["Review:", torch.zeros(5, lm.hidden_size), [1, 2, 3]])
         _, _, lengths = io.embed(seqs)
         assert [prompt_tokens(io, s) for s in seqs] == lengths
 
 
 def test_method_configs_are_checked_before_anything_loads():
-    for overrides, key in [(["method=zeroshot", "method.model=gpt5"], "method.model"),
-                           (["method=llmlingua", "method.budget=half"], "method.budget"),
-                           (["method=llmlingua", "method.rate=0"], "method.rate"),
-                           (["method=fewshot", "method.shots=0"], "method.shots"),
-                           (["method=text_relay", "method.max_new_tokens=0"], "method.max_new_tokens"),
-                           (["method=ensemble", "eval.readout=generate"], "eval.readout"),
-                           (["method=ensemble", "task=xsum"], "classification task")]:
+    for overrides, key in [
+        (["method=zeroshot", "method.model=gpt5"], "method.model"),
+        (["method=llmlingua", "method.budget=half"], "method.budget"),
+        (["method=llmlingua", "method.rate=0"], "method.rate"),
+        (["method=fewshot", "method.shots=0"], "method.shots"),
+        (["method=text_relay", "method.max_new_tokens=0"], "method.max_new_tokens"),
+        (["method=ensemble", "eval.readout=generate"], "eval.readout"),
+        (["method=ensemble", "task=xsum"], "classification task"),
+    ]:
         with pytest.raises(ConfigError, match=key):
             validate(compose(*overrides))
 
@@ -130,6 +135,7 @@ def test_run_names_identify_the_model_that_was_evaluated():
 
 
 # --- through the entry point -------------------------------------------------------
+
 
 def _check_inference_record(record: dict, n_test: int) -> list[dict]:
     """What every baseline writes: completed, nothing trained, tokens read, one row per item."""
@@ -145,8 +151,9 @@ def _check_inference_record(record: dict, n_test: int) -> list[dict]:
 
 @needs_data
 def test_zeroshot_of_the_sender_with_generation_and_reuse_across_seeds(outputs):
-    run_train("-m", *TINY, "method=zeroshot", "method.model=sender", "eval.readout=generate", "seed=42,123",
-              outputs=outputs)
+    run_train(
+        "-m", *TINY, "method=zeroshot", "method.model=sender", "eval.readout=generate", "seed=42,123", outputs=outputs
+    )
     first, second = sorted(results(outputs), key=lambda r: r["seed"])
     assert "-zeroshot-smollm2_135m-s42-" in first["run_id"]
     rows = _check_inference_record(first, 16)
@@ -179,8 +186,14 @@ def test_text_relay_run_records_the_messages(outputs):
 
 @needs_data
 def test_llmlingua_run_matched_to_the_bridge_budget(outputs):
-    run_train(*TINY, "method=llmlingua", "method.budget=match_bridge", "compression=16", "task.test_samples=4",
-              outputs=outputs)
+    run_train(
+        *TINY,
+        "method=llmlingua",
+        "method.budget=match_bridge",
+        "compression=16",
+        "task.test_samples=4",
+        outputs=outputs,
+    )
     (record,) = results(outputs)
     rows = _check_inference_record(record, 4)
     m = record["metrics"]
@@ -209,8 +222,16 @@ def test_sweep_mixes_bridge_and_baselines_on_the_same_items(outputs):
 
 @needs_data
 def test_zeroshot_and_text_relay_summarise_xsum(outputs):
-    run_train("-m", *TINY, "task=xsum", "method=zeroshot,text_relay", "task.test_samples=2",
-              "++method.max_new_tokens=4", "eval.generation.max_new_tokens=4", outputs=outputs)
+    run_train(
+        "-m",
+        *TINY,
+        "task=xsum",
+        "method=zeroshot,text_relay",
+        "task.test_samples=2",
+        "++method.max_new_tokens=4",
+        "eval.generation.max_new_tokens=4",
+        outputs=outputs,
+    )
     records = by_method(results(outputs))
     for record in records.values():
         rows = _check_inference_record(record, 2)

@@ -28,6 +28,7 @@ SPREAD = ["25%", "50%", "75%", "100%"]
 
 # --- linear probe: layers -------------------------------------------------------------------
 
+
 def test_probe_depth_fractions_resolve_against_the_real_depth():
     assert resolve_layers(SPREAD, 16) == [4, 8, 12, 16]
     assert resolve_layers(SPREAD, 30) == [8, 15, 23, 30]
@@ -79,6 +80,7 @@ def test_probe_features_pooled_in_chunks_match_one_pass(tiny_models, tmp_path, m
 
 # --- prompt tuning ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("compression", [8, 16])
 def test_prompt_tuning_trains_exactly_m_by_d(tiny_models, compression):
     cfg = compose(*TINY, "method=prompt_tuning", f"compression={compression}")
@@ -96,6 +98,7 @@ def test_prompt_tuning_trains_exactly_m_by_d(tiny_models, compression):
 
 
 # --- LoRA ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def lora_receiver():
@@ -149,6 +152,7 @@ def test_lora_loss_is_on_label_tokens_only(lora_receiver):
 
 
 # --- through the entry point --------------------------------------------------------------
+
 
 def _rows(record: dict) -> list[dict]:
     path = Path(record["run_dir"]) / "predictions.jsonl"
@@ -228,8 +232,14 @@ def test_lora_run_checkpoints_adapters_only(outputs):
 @needs_data
 def test_linear_probe_on_the_demo_sender_beats_the_majority_class(outputs, tmp_path):
     """SmolLM2-135M's hidden states separate SST-2 sentiment with 200 training examples."""
-    run_train("method=linear_probe", "task.train_samples=200", "task.test_samples=100",
-              "method.layers=[25%,50%,bridge]", f"cache.dir={tmp_path / 'features'}", outputs=outputs)
+    run_train(
+        "method=linear_probe",
+        "task.train_samples=200",
+        "task.test_samples=100",
+        "method.layers=[25%,50%,bridge]",
+        f"cache.dir={tmp_path / 'features'}",
+        outputs=outputs,
+    )
     (record,) = results(outputs)
     m = record["metrics"]
     assert record["probe"]["layers"] == [8, 15, 16]  # 30 layers; the forward pass stops at 16

@@ -13,14 +13,17 @@ from telepathy.config import ConfigError
 from telepathy.methods import validate
 
 
-@pytest.mark.parametrize("overrides, expect", [
-    (["sender=llama31_8b", "receiver=mistral7b"], (2, 8, "medium")),          # dual 7-8B: 1-2
-    (["sender=llama32_1b", "receiver=qwen25_15b"], (8, 2, "small")),          # dual 1-2B: 4-8
-    (["receiver=mistral7b", "method=lora"], (8, 2, "medium")),                # single 7B: 4-8
-    (["sender=llama32_1b", "receiver=mistral7b"], (2, 8, "medium")),          # the larger model decides
-    ([], (16, 1, "demo")),                                                     # demo models: no cap
-    (["sender=llama31_8b", "receiver=mistral7b", "batch_by_size=off"], (16, 1, None)),
-])
+@pytest.mark.parametrize(
+    "overrides, expect",
+    [
+        (["sender=llama31_8b", "receiver=mistral7b"], (2, 8, "medium")),  # dual 7-8B: 1-2
+        (["sender=llama32_1b", "receiver=qwen25_15b"], (8, 2, "small")),  # dual 1-2B: 4-8
+        (["receiver=mistral7b", "method=lora"], (8, 2, "medium")),  # single 7B: 4-8
+        (["sender=llama32_1b", "receiver=mistral7b"], (2, 8, "medium")),  # the larger model decides
+        ([], (16, 1, "demo")),  # demo models: no cap
+        (["sender=llama31_8b", "receiver=mistral7b", "batch_by_size=off"], (16, 1, None)),
+    ],
+)
 def test_per_device_batch_follows_model_size_and_keeps_the_effective_batch(overrides, expect):
     cfg = compose("budget=paper", *overrides)
     out = batching.plan(cfg)

@@ -15,18 +15,26 @@ LATENCY_TINY = [*TINY, "num_inputs=4", "warmup_batches=1", "relay.max_new_tokens
 @needs_data
 def test_latency_writes_one_valid_record_per_path(tmp_path):
     outputs = tmp_path / "outputs"
-    proc = run_script("benchmarks/latency.py", *LATENCY_TINY, "batch_size=2", "answer=generate", "answer_tokens=2",
-                      outputs=outputs)
+    proc = run_script(
+        "benchmarks/latency.py", *LATENCY_TINY, "batch_size=2", "answer=generate", "answer_tokens=2", outputs=outputs
+    )
     assert "UNTRAINED bridge" in proc.stdout and "text_relay/bridge" in proc.stdout
     records = [json.loads(p.read_text()) for p in sorted((outputs / "benchmarks" / "latency").rglob("result.json"))]
     assert sorted(r["config"]["path"] for r in records) == ["bridge", "direct", "text_relay"]
     for r in records:
         assert r["method"] == "latency" and r["status"] == "completed"
         assert r["config"]["batch_size"] == 2 and r["config"]["compression"] == 8
-        assert r["identity"] == {"task": "sst2", "method": "latency", "sender": r["config"]["sender"]["name"],
-                                 "receiver": r["config"]["receiver"]["name"], "compression": 8,
-                                 "num_latents": r["latency"]["num_latents"], "layer": r["config"]["sender"]["layer"],
-                                 "model": None, "seed": r["config"]["seed"]}
+        assert r["identity"] == {
+            "task": "sst2",
+            "method": "latency",
+            "sender": r["config"]["sender"]["name"],
+            "receiver": r["config"]["receiver"]["name"],
+            "compression": 8,
+            "num_latents": r["latency"]["num_latents"],
+            "layer": r["config"]["sender"]["layer"],
+            "model": None,
+            "seed": r["config"]["seed"],
+        }
         m = r["metrics"]
         assert m["n_examples"] == 4 and m["n_batches"] == 2
         assert 0 < m["p50_ms"] <= m["p90_ms"] <= m["p99_ms"]
@@ -52,8 +60,9 @@ def test_latency_loads_a_trained_bridge_checkpoint(tmp_path):
     run_train(*TINY, "trainer.max_steps=2", f"cache.dir={tmp_path / 'features'}", outputs=tmp_path / "train")
     (run_dir,) = (tmp_path / "train" / "runs").iterdir()
     outputs = tmp_path / "outputs"
-    proc = run_script("benchmarks/latency.py", *LATENCY_TINY, "batch_size=4", f"bridge_checkpoint={run_dir}",
-                      outputs=outputs)
+    proc = run_script(
+        "benchmarks/latency.py", *LATENCY_TINY, "batch_size=4", f"bridge_checkpoint={run_dir}", outputs=outputs
+    )
     assert "trained bridge" in proc.stdout and "UNTRAINED" not in proc.stdout
     summary = json.loads(next((outputs / "benchmarks" / "latency").rglob("summary.json")).read_text())
     assert summary["info"]["bridge_trained"] and "step_00000002" in summary["info"]["bridge_checkpoint"]
@@ -62,8 +71,18 @@ def test_latency_loads_a_trained_bridge_checkpoint(tmp_path):
 @needs_data
 def test_train_throughput_reports_identical_cached_and_uncached_runs(tmp_path):
     out = tmp_path / "bench"
-    run_script("benchmarks/train_throughput.py", "--seeds", "1", "--out", str(out), "--", *TINY,
-               "trainer.max_steps=2", "eval.receiver_zeroshot=false", outputs=tmp_path / "outputs")
+    run_script(
+        "benchmarks/train_throughput.py",
+        "--seeds",
+        "1",
+        "--out",
+        str(out),
+        "--",
+        *TINY,
+        "trainer.max_steps=2",
+        "eval.receiver_zeroshot=false",
+        outputs=tmp_path / "outputs",
+    )
     record = json.loads((out / "result.json").read_text())
     assert record["method"] == "train_throughput"
     assert record["metrics"]["identical_metrics"] is True

@@ -51,8 +51,9 @@ def test_param_count_matches_architecture():
 
 @pytest.mark.parametrize("tokens,factor,expected", [(64, 4, 16), (64, 8, 8), (64, 32, 2), (100, 8, 13), (512, 16, 32)])
 def test_num_latents_from_compression(tokens, factor, expected):
-    cfg = OmegaConf.create({"task": {"max_input_tokens": tokens}, "compression": factor,
-                            "bridge": {"num_latents": None}})
+    cfg = OmegaConf.create(
+        {"task": {"max_input_tokens": tokens}, "compression": factor, "bridge": {"num_latents": None}}
+    )
     assert num_latents(cfg) == expected == math.ceil(tokens / factor)
 
 

@@ -21,7 +21,8 @@ LLAMA3_DATE_TEMPLATE = (
     "{%- endif %}{%- endif %}"
     "<|start_header_id|>system<|end_header_id|>\nToday Date: {{ date_string }}<|eot_id|>"
     "{%- for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n{{ m['content'] }}<|eot_id|>"
-    "{%- endfor %}{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n{%- endif %}")
+    "{%- endfor %}{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n{%- endif %}"
+)
 
 
 def _with_llama3_template(lm, kwargs):

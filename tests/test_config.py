@@ -10,24 +10,31 @@ from telepathy.methods import validate
 def test_default_config_is_valid_and_is_the_demo_pair():
     cfg = compose()
     validate(cfg)
-    assert (cfg.sender.name, cfg.receiver.name, cfg.task.name, cfg.method.name) == \
-        ("smollm2_135m", "gemma3_270m", "sst2", "bridge")
+    assert (cfg.sender.name, cfg.receiver.name, cfg.task.name, cfg.method.name) == (
+        "smollm2_135m",
+        "gemma3_270m",
+        "sst2",
+        "bridge",
+    )
 
 
-@pytest.mark.parametrize("override,key", [
-    ("compression=0", "compression"),
-    ("compression=2.5", "compression"),
-    ("sender.layer=99", "sender.layer"),
-    ("trainer.schedule=linear", "trainer.schedule"),
-    ("eval.readout=regex", "eval.readout"),
-    ("bridge.heads=3", "bridge.dim"),
-    ("trainer.batch_size=0", "trainer.batch_size"),
-    ("method.name=telepathy", "method.name"),
-    ("sender.dtype=int4", "sender.dtype"),
-    ("bridge.placement=middle", "bridge.placement"),
-    ("trainer.loss=mse", "trainer.loss"),
-    ("task=xsum trainer.loss=classes", "trainer.loss"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("compression=0", "compression"),
+        ("compression=2.5", "compression"),
+        ("sender.layer=99", "sender.layer"),
+        ("trainer.schedule=linear", "trainer.schedule"),
+        ("eval.readout=regex", "eval.readout"),
+        ("bridge.heads=3", "bridge.dim"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("method.name=telepathy", "method.name"),
+        ("sender.dtype=int4", "sender.dtype"),
+        ("bridge.placement=middle", "bridge.placement"),
+        ("trainer.loss=mse", "trainer.loss"),
+        ("task=xsum trainer.loss=classes", "trainer.loss"),
+    ],
+)
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose(*override.split()))

@@ -26,15 +26,20 @@ def _imports(path: Path, known: set[str]) -> set[str]:
     """Modules of ``known`` that ``path`` imports anywhere (function-local imports too; not
     under ``if TYPE_CHECKING``, which never runs)."""
     tree = ast.parse(path.read_text())
-    typing_only = {id(n) for block in ast.walk(tree)
-                   if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+    typing_only = {
+        id(n)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for n in ast.walk(block)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
             continue
         if isinstance(node, ast.ImportFrom) and node.module:
-            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
-                      for a in node.names}
+            found |= {
+                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module for a in node.names
+            }
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
     return found & known
@@ -42,8 +47,10 @@ def _imports(path: Path, known: set[str]) -> set[str]:
 
 def test_the_import_graph_has_no_cycle():
     """config.py is a leaf (it once imported methods, which import the recipes, which import config)."""
-    files = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in [*(REPO / "telepathy").rglob("*.py"), *(REPO / "baselines").glob("*.py")]}
+    files = {
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in [*(REPO / "telepathy").rglob("*.py"), *(REPO / "baselines").glob("*.py")]
+    }
     graph = {name: _imports(path, set(files)) - {name} for name, path in files.items()}
     assert not graph["telepathy.config"]
 
@@ -72,9 +79,17 @@ def test_validation_runs_the_shared_checks_then_the_methods_own():
 
 def test_identity_block_says_what_a_run_used():
     bridge = results.run_identity(compose("compression=4"))
-    assert bridge == {"task": "sst2", "method": "bridge", "sender": "smollm2_135m", "receiver": "gemma3_270m",
-                      "compression": 4, "num_latents": config.num_latents(compose("compression=4")), "layer": 16,
-                      "model": None, "seed": 42}
+    assert bridge == {
+        "task": "sst2",
+        "method": "bridge",
+        "sender": "smollm2_135m",
+        "receiver": "gemma3_270m",
+        "compression": 4,
+        "num_latents": config.num_latents(compose("compression=4")),
+        "layer": 16,
+        "model": None,
+        "seed": 42,
+    }
     relay = results.run_identity(compose("method=text_relay"))
     assert relay["compression"] is None and relay["num_latents"] is None and relay["sender"] == "smollm2_135m"
     tuned = results.run_identity(compose("method=prompt_tuning", "compression=16"))
@@ -98,10 +113,19 @@ def test_reusing_a_deterministic_run_copies_its_whole_record(tmp_path):
     first = compose(*TINY, "method=linear_probe", "seed=1", f"paths.output_dir={tmp_path}")
     source_dir = config.run_dir(first)
     source = results.record(
-        "completed", run_id=source_dir.name, run_dir=source_dir, identity=results.run_identity(first), config={},
-        seedless_hash=config.config_hash(first, exclude=("seed",)), reused_from=None,
-        metrics={"accuracy": 0.75}, params={"trainable": 65}, timing={"train_s": 1.0, "eval_s": 0.5},
-        probe={"layers": [1, 2], "reported_layer": 2}, memory={"peak_rss_mb": 1.0})
+        "completed",
+        run_id=source_dir.name,
+        run_dir=source_dir,
+        identity=results.run_identity(first),
+        config={},
+        seedless_hash=config.config_hash(first, exclude=("seed",)),
+        reused_from=None,
+        metrics={"accuracy": 0.75},
+        params={"trainable": 65},
+        timing={"train_s": 1.0, "eval_s": 0.5},
+        probe={"layers": [1, 2], "reported_layer": 2},
+        memory={"peak_rss_mb": 1.0},
+    )
     results.write_json(source_dir / results.RESULT_FILE, source)
     (source_dir / results.PREDICTIONS_FILE).write_text('{"idx": 0, "pred": 1}\n')
 

@@ -38,8 +38,15 @@ def test_caps_are_seeded_and_stable():
 def _task(tmp_path, rows, **task):
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    base = dict(name="t", type="classification", local_dir="t", splits={"train": "train", "test": "test"},
-                text_column="sentence", label_column="label", labels=["a", "b"])
+    base = dict(
+        name="t",
+        type="classification",
+        local_dir="t",
+        splits={"train": "train", "test": "test"},
+        text_column="sentence",
+        label_column="label",
+        labels=["a", "b"],
+    )
     base.update(task)
     return OmegaConf.create(base), OmegaConf.create({"root": str(tmp_path)})
 

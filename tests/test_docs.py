@@ -10,7 +10,8 @@ that start with ``python``. What each kind gets, and why:
   already has); running them would train or submit, and the dry-run path of a phase is
   run by tests/test_launcher.py.
 * ``python -m telepathy.status|aggregate|report|prepare|plan|control ...``: run for real (their ``main``) on
-  synthetic run dirs (``control`` finds no job of them to hold/release/cancel), with ``outputs`` pointing at a temporary folder.
+  synthetic run dirs (``control`` finds no job of them to hold/release/cancel), with ``outputs``
+  pointing at a temporary folder.
 * synopses with placeholders (``PHASE_DIR [--metric accuracy]``) are skipped: they are
   not commands. The shell lines of the local-cluster section (``up.sh``, ``pytest -m
   slurm``, ``down.sh``) are what CI itself runs to bring the cluster up and test it.
@@ -22,12 +23,19 @@ import re
 import shlex
 
 import pytest
+
 from analysis_fixtures import write_run
 from helpers import REPO
 
 SCRIPTS = {"train.py": "train", "benchmarks/latency.py": "latency"}
-CLI = {"telepathy.status", "telepathy.aggregate", "telepathy.report", "telepathy.prepare", "telepathy.plan",
-       "telepathy.control"}
+CLI = {
+    "telepathy.status",
+    "telepathy.aggregate",
+    "telepathy.report",
+    "telepathy.prepare",
+    "telepathy.plan",
+    "telepathy.control",
+}
 
 
 def doc_commands() -> list[tuple[str, str]]:
@@ -73,8 +81,11 @@ def _first_values(overrides: list[str]) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("where,command", [c for c in COMMANDS if shlex.split(c[1])[1] in SCRIPTS],
-                         ids=[c[0] for c in COMMANDS if shlex.split(c[1])[1] in SCRIPTS])
+@pytest.mark.parametrize(
+    "where,command",
+    [c for c in COMMANDS if shlex.split(c[1])[1] in SCRIPTS],
+    ids=[c[0] for c in COMMANDS if shlex.split(c[1])[1] in SCRIPTS],
+)
 def test_documented_run_and_launch_commands_compose(where, command, monkeypatch, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -93,8 +104,11 @@ def test_documented_run_and_launch_commands_compose(where, command, monkeypatch,
     assert cfg.get("cluster") is not None  # the launchers read cluster.*
 
 
-@pytest.mark.parametrize("where,command", [c for c in COMMANDS if shlex.split(c[1])[1] == "-m"],
-                         ids=[c[0] for c in COMMANDS if shlex.split(c[1])[1] == "-m"])
+@pytest.mark.parametrize(
+    "where,command",
+    [c for c in COMMANDS if shlex.split(c[1])[1] == "-m"],
+    ids=[c[0] for c in COMMANDS if shlex.split(c[1])[1] == "-m"],
+)
 def test_documented_cli_commands_run(where, command, tmp_path, monkeypatch):
     import importlib
 

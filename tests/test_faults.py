@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY, compose, needs_data, run_train
 from test_training import Toy, make_loss, trainer_cfg
 
+from helpers import REPO, TINY, compose, needs_data, run_train
 from telepathy.training import CHECKPOINT_DIR, fit, latest_checkpoint
 
 # --- checkpoints ----------------------------------------------------------------------
+
 
 def _train(run_dir: Path, **kw):
     model = Toy()
@@ -128,8 +129,15 @@ def chunked_gguf(tmp_path, monkeypatch):
     (tmp_path / "pkgs" / name).mkdir(parents=True)
     (tmp_path / "pkgs" / name / "__init__.py").write_text(FAKE_PACKAGE)
     monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
-    cfg = OmegaConf.create({"name": "fake", "gguf_package": name, "gguf_file": "m.gguf", "gguf_assemble": True,
-                            "cache_dir": str(tmp_path / "cache")})
+    cfg = OmegaConf.create(
+        {
+            "name": "fake",
+            "gguf_package": name,
+            "gguf_file": "m.gguf",
+            "gguf_assemble": True,
+            "cache_dir": str(tmp_path / "cache"),
+        }
+    )
     calls = tmp_path / "pkgs" / name / "calls"
     return cfg, tmp_path / "cache" / "gguf" / "m.gguf", lambda: len(calls.read_text()) if calls.exists() else 0
 
@@ -193,8 +201,12 @@ def holder():
 
     def start(run_dir: Path, heartbeat_s: float = 30.0) -> subprocess.Popen:
         run_dir.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir), str(heartbeat_s)],
-                                stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(run_dir), str(heartbeat_s)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         procs.append(proc)
         assert proc.stdout.readline().strip() == "held"
         return proc
@@ -219,8 +231,9 @@ def test_a_second_job_on_a_live_run_exits_without_writing(tmp_path, holder):
     assert "is already running as job - on" in proc.stderr, proc.stderr[-2000:]
     assert json.loads((run_dir / "result.json").read_text()) == {"status": "running"}
     after = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir() if p.name != ".hydra"}
-    assert {k: v for k, v in after.items() if not k.endswith(".log")} == \
-        {k: v for k, v in before.items() if k in after and not k.endswith(".log")}
+    assert {k: v for k, v in after.items() if not k.endswith(".log")} == {
+        k: v for k, v in before.items() if k in after and not k.endswith(".log")
+    }
 
 
 def test_a_run_killed_without_a_signal_shows_interrupted_stale(tmp_path, holder):
@@ -232,7 +245,7 @@ def test_a_run_killed_without_a_signal_shows_interrupted_stale(tmp_path, holder)
     assert [(r["state"], r["detail"].startswith("heartbeat")) for r in rows] == [("running", True)]
     proc.kill()  # kill -9: no signal handler runs, result.json stays "running"
     proc.wait()
-    row, = status.collect(tmp_path / "out")
+    (row,) = status.collect(tmp_path / "out")
     assert row["state"] == "interrupted" and row["detail"].startswith("(stale) pid"), row
     assert "relaunch starts it again" in row["detail"]
 
@@ -247,6 +260,7 @@ def test_a_heartbeat_from_another_host_goes_stale_after_four_beats(tmp_path):
 
 # --- launches on the local SLURM cluster ------------------------------------------------
 
+
 def _slurm():
     from test_slurm import SKIP_REASON
 
@@ -255,27 +269,54 @@ def _slurm():
 
 slurm = [pytest.mark.slurm, needs_data]
 # a 1-GPU job (150G) and a 2-GPU job (300G): the node has 256G, so the second array cannot run
-TOO_BIG = ["-m", "hydra/launcher=slurm", *TINY, "task=trec", "trainer.max_steps=2", "receiver.num_params=1e10",
-           "sender.num_params=1e8,1e10", "cluster.gpu_mem_gb=30", "cluster.cpus_per_gpu=1",
-           "cluster.mem_gb_per_gpu=150", "cluster.single_model.cpus=1"]
-TWO_RUNS = ["-m", "hydra/launcher=slurm", *TINY, "task=sst2,trec", "trainer.max_steps=2", "cluster.cpus_per_gpu=1",
-            "cluster.mem_gb_per_gpu=1", "cluster.single_model.cpus=1", "cluster.single_model.mem_gb=1"]
+TOO_BIG = [
+    "-m",
+    "hydra/launcher=slurm",
+    *TINY,
+    "task=trec",
+    "trainer.max_steps=2",
+    "receiver.num_params=1e10",
+    "sender.num_params=1e8,1e10",
+    "cluster.gpu_mem_gb=30",
+    "cluster.cpus_per_gpu=1",
+    "cluster.mem_gb_per_gpu=150",
+    "cluster.single_model.cpus=1",
+]
+TWO_RUNS = [
+    "-m",
+    "hydra/launcher=slurm",
+    *TINY,
+    "task=sst2,trec",
+    "trainer.max_steps=2",
+    "cluster.cpus_per_gpu=1",
+    "cluster.mem_gb_per_gpu=1",
+    "cluster.single_model.cpus=1",
+    "cluster.single_model.mem_gb=1",
+]
 
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
     """Start every launch of this section at once (each is a train.py start), then wait for all."""
-    from helpers import run_env
     from test_slurm import _job_ids
+
+    from helpers import run_env
 
     base = tmp_path_factory.mktemp("faults")
     before = _job_ids()
-    commands = {"partial": [*TOO_BIG, "cluster.preflight=false"],
-                "twin_a": TWO_RUNS, "twin_b": TWO_RUNS}
+    commands = {"partial": [*TOO_BIG, "cluster.preflight=false"], "twin_a": TWO_RUNS, "twin_b": TWO_RUNS}
     outputs = {name: base / ("twins" if name.startswith("twin") else name) for name in commands}
-    procs = {name: subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=run_env(outputs[name]),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, args in commands.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "train.py", *args],
+            cwd=REPO,
+            env=run_env(outputs[name]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, args in commands.items()
+    }
     done = {name: (proc.wait(timeout=300), *proc.communicate()) for name, proc in procs.items()}
     new = _job_ids() - before
     yield {"out": outputs, "procs": done, "new_jobs": new}
@@ -295,8 +336,9 @@ def test_an_array_no_node_can_run_is_refused_in_one_line_by_sinfo():
     from telepathy.cluster.resources import Resources
 
     def request(gpus, mem_gb):
-        return Resources(gpus=gpus, cpus=gpus, mem_gb=mem_gb, timeout_min=240, placement={}, estimate_gb=1.0,
-                         device_gb=(1.0,) * gpus)
+        return Resources(
+            gpus=gpus, cpus=gpus, mem_gb=mem_gb, timeout_min=240, placement={}, estimate_gb=1.0, device_gb=(1.0,) * gpus
+        )
 
     assert preflight.check({"1gpu": request(1, 150)}, None) is None
     message = preflight.check({"1gpu": request(1, 150), "2gpu": request(2, 300)}, None)
@@ -310,8 +352,10 @@ def test_an_array_no_node_can_run_is_refused_in_one_line_by_sinfo():
 def test_sinfo_lines_are_parsed_per_node_and_partition():
     from telepathy.cluster.preflight import parse_sinfo
 
-    nodes, default = parse_sinfo("gpu*|64|515000|gpu:a100:4(S:0-1)\ngpu*|64|515000|gpu:a100:4(S:0-1)\n"
-                                 "long|64|515000|gpu:a100:4(S:0-1)\ncpu|128|256000|(null)\n")
+    nodes, default = parse_sinfo(
+        "gpu*|64|515000|gpu:a100:4(S:0-1)\ngpu*|64|515000|gpu:a100:4(S:0-1)\n"
+        "long|64|515000|gpu:a100:4(S:0-1)\ncpu|128|256000|(null)\n"
+    )
     assert default == "gpu"
     assert sorted((n.partitions, n.gpus, n.cpus) for n in nodes) == [(("cpu",), 0, 128), (("gpu", "long"), 4, 64)]
 
@@ -345,14 +389,17 @@ def test_two_launches_of_one_sweep_at_once_queue_each_run_once(launches):
     jobs = _manifest_jobs(out)
     queued = [j for j in jobs if j["state"] == "queued"]
     assert len(queued) == 2 and len({j["run_dir"] for j in queued}) == 2, jobs
-    assert sorted(j["state"] for j in jobs if j["state"] != "queued") in (["active", "active"],
-                                                                           ["skipped", "skipped"],
-                                                                           ["active", "skipped"])
+    assert sorted(j["state"] for j in jobs if j["state"] != "queued") in (
+        ["active", "active"],
+        ["skipped", "skipped"],
+        ["active", "skipped"],
+    )
     dirs = {json.loads(p.read_text())["sweep_dir"] for p in out.glob("sweeps/*/jobs.json")}
     assert len(dirs) == 2  # one sweep dir per launch, even in the same second
 
 
 # --- deterministic baselines: one job per result ------------------------------------------
+
 
 def _plan(*sweep: list[str]):
     from telepathy.cluster import sweep as sweep_mod
@@ -366,8 +413,14 @@ def test_deterministic_seeds_are_one_job_and_bridge_seeds_are_not(tmp_path, monk
 
     monkeypatch.setenv("TELEPATHY_OUTPUTS", str(tmp_path))
     planned = _plan(*[[f"method={m}", f"seed={s}"] for m in ("zeroshot", "bridge") for s in (1, 2, 3)])
-    assert [(j.state, j.seed) for j in planned] == [("queue", 1), ("shared", 2), ("shared", 3),
-                                                    ("queue", 1), ("queue", 2), ("queue", 3)]
+    assert [(j.state, j.seed) for j in planned] == [
+        ("queue", 1),
+        ("shared", 2),
+        ("shared", 3),
+        ("queue", 1),
+        ("queue", 2),
+        ("queue", 3),
+    ]
     assert planned[1].shares == planned[2].shares == planned[0].run_dir
     assert "++run.reuse_seeds=[2,3]" in planned[0].job_overrides
     assert not any("reuse_seeds" in o for j in planned[3:] for o in j.job_overrides)

@@ -10,12 +10,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers import TINY, compose, needs_data, results, run_train
 from telepathy import features
 from telepathy.data import Example
-from helpers import TINY, compose, needs_data, results, run_train
 
-TEXTS = ["a gripping, beautifully shot film", "dull.", "I wanted to like it, but the second half drags on and on",
-         "the cast is wonderful", "an utter mess from start to finish", "fine"]
+TEXTS = [
+    "a gripping, beautifully shot film",
+    "dull.",
+    "I wanted to like it, but the second half drags on and on",
+    "the cast is wonderful",
+    "an utter mess from start to finish",
+    "fine",
+]
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +171,7 @@ def test_concurrent_writers_leave_one_valid_file_and_no_partial_read(tmp_path):
 
 # --- through the real entry point -------------------------------------------------------
 
+
 @needs_data
 def test_train_reuses_cached_features_with_identical_results(tmp_path):
     """A second run (another output folder, same cache dir) reads the features the first wrote
@@ -180,5 +187,6 @@ def test_train_reuses_cached_features_with_identical_results(tmp_path):
     (a,), (b,) = results(cold), results(warm)
     assert a["status"] == b["status"] == "completed"
     assert a["metrics"] == b["metrics"]
-    assert (cold / "runs" / a["run_id"] / "predictions.jsonl").read_text() == \
-        (warm / "runs" / b["run_id"] / "predictions.jsonl").read_text()
+    assert (cold / "runs" / a["run_id"] / "predictions.jsonl").read_text() == (
+        warm / "runs" / b["run_id"] / "predictions.jsonl"
+    ).read_text()

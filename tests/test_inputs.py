@@ -31,8 +31,9 @@ def test_a_chat_template_does_not_eat_the_texts_budget(tiny_models):
     text = " ".join(["good"] * 30)
     examples = [Example(idx=0, text=text, label=1)]
     plain = sender_inputs(sender, examples, "Review: {text}\nSentiment:", max_tokens=40)
-    chat = sender_inputs(dataclasses.replace(sender, chat_template=True), examples, "Review: {text}\nSentiment:",
-                         max_tokens=40)
+    chat = sender_inputs(
+        dataclasses.replace(sender, chat_template=True), examples, "Review: {text}\nSentiment:", max_tokens=40
+    )
     assert len(chat.ids[0]) > len(plain.ids[0]) + 10  # the template is there
     assert chat.truncated == plain.truncated == [False]
     assert sender.tokenizer.decode(chat.ids[0]).count("good") == 30
@@ -52,8 +53,15 @@ def test_text_is_capped_in_words_once_for_every_method(tmp_path):
     (tmp_path / "t").mkdir()
     rows = [{"text": "one two three four five", "label": 0}, {"text": "short one", "label": 1}]
     (tmp_path / "t" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = {"local_dir": "t", "splits": {"test": "test"}, "text_column": "text", "label_column": "label",
-            "type": "classification", "labels": ["a", "b"], "max_text_words": 3}
+    task = {
+        "local_dir": "t",
+        "splits": {"test": "test"},
+        "text_column": "text",
+        "label_column": "label",
+        "type": "classification",
+        "labels": ["a", "b"],
+        "max_text_words": 3,
+    }
     data = OmegaConf.create({"root": str(tmp_path)})
     got = load_split(OmegaConf.create(task), data, "test")
     assert [e.text for e in got] == ["one two three", "short one"]
@@ -128,9 +136,9 @@ def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models
 
 def test_prompt_tuning_has_its_own_learning_rate():
     from baselines.prompt_tuning import validate
-    from telepathy.recipe import trainer_config
     from helpers import TINY, compose
     from telepathy.config import ConfigError
+    from telepathy.recipe import trainer_config
 
     cfg = compose(*TINY, "method=prompt_tuning")
     assert cfg.method.lr == pytest.approx(3e-3) and trainer_config(cfg).lr == pytest.approx(3e-3)

@@ -7,10 +7,10 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from helpers import TINY, compose, needs_data, run_train
-from telepathy.cluster.sweep import PlannedJob, group
 from telepathy.cluster import status
-from telepathy.config import run_dir
 from telepathy.cluster.resources import Resources
+from telepathy.cluster.sweep import PlannedJob, group
+from telepathy.config import run_dir
 
 SLURM_DRY = ["-m", "hydra/launcher=slurm", "+dry_run=true"]
 
@@ -67,8 +67,16 @@ def test_completed_runs_are_skipped_unless_rerun_all(outputs):
 
 
 def test_invalid_jobs_abort_the_whole_launch_with_every_problem(outputs):
-    proc = run_train("-m", "hydra/launcher=slurm", "task=sst2", "sender.layer=1,99", "cluster.gpu_mem_gb=80,0.001",
-                     "bridge.placement=primer_soft_prompt,middle", outputs=outputs, check=False)
+    proc = run_train(
+        "-m",
+        "hydra/launcher=slurm",
+        "task=sst2",
+        "sender.layer=1,99",
+        "cluster.gpu_mem_gb=80,0.001",
+        "bridge.placement=primer_soft_prompt,middle",
+        outputs=outputs,
+        check=False,
+    )
     assert proc.returncode != 0
     err = proc.stderr
     assert "7 of 8 jobs are invalid; nothing was submitted" in err
@@ -105,9 +113,15 @@ def test_local_launcher_runs_the_sweep_then_skips_it(outputs):
 
 
 def _job(idx, gpus, run):
-    res = Resources(gpus=gpus, cpus=8 * gpus, mem_gb=64 * gpus, timeout_min=240,
-                    placement={"sender": "cuda:0", "receiver": f"cuda:{gpus - 1}"}, estimate_gb=1.5,
-                    device_gb=(1.0,) * gpus)
+    res = Resources(
+        gpus=gpus,
+        cpus=8 * gpus,
+        mem_gb=64 * gpus,
+        timeout_min=240,
+        placement={"sender": "cuda:0", "receiver": f"cuda:{gpus - 1}"},
+        estimate_gb=1.5,
+        device_gb=(1.0,) * gpus,
+    )
     return PlannedJob(idx=idx, overrides=[f"task={run}"], run_dir=f"/o/runs/{run}", state="queue", resources=res)
 
 
@@ -134,27 +148,38 @@ def test_status_reads_manifests_results_and_the_queue(tmp_path, monkeypatch):
     for path in runs.values():
         path.mkdir(parents=True)
     (runs["done"] / "result.json").write_text(json.dumps({"status": "completed", "metrics": {"accuracy": 0.9}}))
-    (runs["oom"] / "result.json").write_text(json.dumps(
-        {"status": "failed", "error": {"type": "OutOfMemoryError", "message": "CUDA out of memory", "oom": True}}))
+    (runs["oom"] / "result.json").write_text(
+        json.dumps(
+            {"status": "failed", "error": {"type": "OutOfMemoryError", "message": "CUDA out of memory", "oom": True}}
+        )
+    )
     (runs["live"] / "result.json").write_text(json.dumps({"status": "running"}))
     (runs["gone"] / "result.json").write_text(json.dumps({"status": "interrupted"}))
     (runs["old"] / "result.json").write_text(json.dumps({"status": "completed", "metrics": {}}))
     sweep = out / "sweeps" / "s1"
     sweep.mkdir(parents=True)
-    jobs = [{"run_dir": str(runs["done"]), "state": "queued", "slurm_job_id": "7_0"},
-            {"run_dir": str(runs["oom"]), "state": "queued", "slurm_job_id": "7_1"},
-            {"run_dir": str(runs["pending"]), "state": "queued", "slurm_job_id": "7_2"},
-            {"run_dir": str(runs["live"]), "state": "queued", "slurm_job_id": "8_0"},
-            {"run_dir": str(runs["gone"]), "state": "queued", "slurm_job_id": "8_1"},
-            {"run_dir": str(runs["old"]), "state": "skipped", "slurm_job_id": None}]
-    (sweep / "jobs.json").write_text(json.dumps({"phase": "p1_seeds", "sweep_dir": str(sweep), "jobs": jobs,
-                                                 "created_at": "2026-01-01T00:00:00"}))
+    jobs = [
+        {"run_dir": str(runs["done"]), "state": "queued", "slurm_job_id": "7_0"},
+        {"run_dir": str(runs["oom"]), "state": "queued", "slurm_job_id": "7_1"},
+        {"run_dir": str(runs["pending"]), "state": "queued", "slurm_job_id": "7_2"},
+        {"run_dir": str(runs["live"]), "state": "queued", "slurm_job_id": "8_0"},
+        {"run_dir": str(runs["gone"]), "state": "queued", "slurm_job_id": "8_1"},
+        {"run_dir": str(runs["old"]), "state": "skipped", "slurm_job_id": None},
+    ]
+    (sweep / "jobs.json").write_text(
+        json.dumps({"phase": "p1_seeds", "sweep_dir": str(sweep), "jobs": jobs, "created_at": "2026-01-01T00:00:00"})
+    )
     monkeypatch.setattr(status, "squeue_states", lambda: {"7_2": "PENDING", "8_0": "RUNNING"})
     monkeypatch.setattr(status, "sacct_states", lambda ids: {"8_1": "CANCELLED"})
     rows = {r["run"]: r for r in status.collect(out)}
     assert {k: r["state"] for k, r in rows.items()} == {
-        "done": "completed", "oom": "failed", "pending": "pending", "live": "running", "gone": "interrupted",
-        "old": "skipped"}
+        "done": "completed",
+        "oom": "failed",
+        "pending": "pending",
+        "live": "running",
+        "gone": "interrupted",
+        "old": "skipped",
+    }
     assert "out of memory" in rows["oom"]["detail"]
     assert "CANCELLED" in rows["gone"]["detail"]
     assert rows["pending"]["slurm_job_id"] == "7_2"

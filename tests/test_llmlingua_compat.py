@@ -23,8 +23,15 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -76,21 +83,26 @@ def test_offline_tiktoken_gives_cl100k_and_restores_the_lookup():
     assert enc.encode("hello world") == [15339, 1917]  # cl100k_base ids
 
 
-@pytest.mark.parametrize("n, max_chunk, expected", [
-    (54, 200, 54),      # one chunk: the whole text
-    (200, 200, 200),
-    (201, 200, 100),    # two equal chunks rather than 200 + 1
-    (753, 200, 188),    # four chunks
-    (1, 200, 1),
-])
+@pytest.mark.parametrize(
+    "n, max_chunk, expected",
+    [
+        (54, 200, 54),  # one chunk: the whole text
+        (200, 200, 200),
+        (201, 200, 100),  # two equal chunks rather than 200 + 1
+        (753, 200, 188),  # four chunks
+        (1, 200, 1),
+    ],
+)
 def test_chunk_size_tiles_the_text(n, max_chunk, expected):
     size = lc.chunk_size_for(n, max_chunk)
     assert size == expected
     assert size <= max_chunk
 
 
-@pytest.mark.parametrize("device,dtype,expected", [("cuda:0", "auto", torch.bfloat16), ("cpu", "auto", torch.float32),
-                                                   ("cpu", "bfloat16", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "device,dtype,expected",
+    [("cuda:0", "auto", torch.bfloat16), ("cpu", "auto", torch.float32), ("cpu", "bfloat16", torch.bfloat16)],
+)
 def test_compressor_loads_in_the_dtype_the_planner_budgets(monkeypatch, device, dtype, expected):
     """llmlingua loads fp32 on "cuda:0" unless told; the planner budgets `auto` as bf16 on a GPU."""
     import llmlingua

@@ -24,8 +24,9 @@ def execute(results, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # raises CellExecutionError, with the cell and traceback, if any cell fails
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
@@ -75,8 +76,18 @@ def test_documented_notebook_command_writes_an_html_report(tmp_path):
     """docs/results.md's headless command (nbconvert, installed by `make setup`), exactly as documented."""
     runs = write_sweep(tmp_path / "runs")
     env = {**os.environ, "TELEPATHY_RESULTS": str(runs), "MPLBACKEND": "Agg"}
-    cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--execute", "notebooks/results.ipynb",
-           "--output-dir", str(tmp_path / "summary")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "nbconvert",
+        "--to",
+        "html",
+        "--execute",
+        "notebooks/results.ipynb",
+        "--output-dir",
+        str(tmp_path / "summary"),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     html = (tmp_path / "summary" / "results.html").read_text()

@@ -5,13 +5,14 @@ On the local SLURM cluster: test_slurm.py::test_two_small_runs_packed_on_one_gpu
 
 import sys
 
-
 from telepathy.cluster import packing
 from telepathy.cluster.resources import Resources
 from telepathy.cluster.sweep import PlannedJob
 
-MEMBER = ("import sys, pathlib; pathlib.Path(sys.argv[2]).write_text(sys.argv[1]); "
-          "sys.exit(3 if sys.argv[1] == 'fail' else 0)")
+MEMBER = (
+    "import sys, pathlib; pathlib.Path(sys.argv[2]).write_text(sys.argv[1]); "
+    "sys.exit(3 if sys.argv[1] == 'fail' else 0)"
+)
 
 
 def test_a_failing_member_does_not_stop_the_others(tmp_path):
@@ -23,8 +24,7 @@ def test_a_failing_member_does_not_stop_the_others(tmp_path):
 
 def _job(idx, gb, gpus=1, kind="run"):
     res = Resources(gpus=gpus, cpus=2, mem_gb=8, timeout_min=60 + idx, estimate_gb=gb)
-    return PlannedJob(idx=idx, overrides=[f"seed={idx}"], run_dir=f"/r/{idx}", state="queue", resources=res,
-                      kind=kind)
+    return PlannedJob(idx=idx, overrides=[f"seed={idx}"], run_dir=f"/r/{idx}", state="queue", resources=res, kind=kind)
 
 
 def test_small_jobs_are_packed_first_fit_within_one_gpu():

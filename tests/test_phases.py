@@ -58,11 +58,17 @@ def _batch(cfg) -> tuple[int, int, int]:
 
 
 def test_p1_is_the_paper_pair_with_both_zero_shots_on_1000_items():
-    assert grid("p1_seeds") == {"method": ["bridge", "zeroshot", "zeroshot_sender"],
-                                "task": TASKS, "seed": [str(s) for s in SEEDS]}
+    assert grid("p1_seeds") == {
+        "method": ["bridge", "zeroshot", "zeroshot_sender"],
+        "task": TASKS,
+        "seed": [str(s) for s in SEEDS],
+    }
     slice_ = jobs("p1_seeds", "task=agnews", "seed=123")
     assert [(j.method.name, j.method.get("model")) for j in slice_] == [
-        ("bridge", None), ("zeroshot", "receiver"), ("zeroshot", "sender")]
+        ("bridge", None),
+        ("zeroshot", "receiver"),
+        ("zeroshot", "sender"),
+    ]
     for j in slice_:
         validate(j)
         assert _models(j) == PAPER_PAIR and j.sender.layer == 31 and j.compression == 8
@@ -89,8 +95,16 @@ def test_p3_runs_the_bridge_against_every_baseline_on_the_paper_pair():
     assert grid("p3_baselines")["task"] == TASKS
     slice_ = jobs("p3_baselines", "task=sst2")
     methods = [(j.method.name, j.method.get("budget")) for j in slice_]
-    assert methods == [("bridge", None), ("zeroshot", None), ("text_relay", None), ("llmlingua", "rate"),
-                       ("llmlingua", "match_bridge"), ("prompt_tuning", None), ("lora", None), ("fewshot", None)]
+    assert methods == [
+        ("bridge", None),
+        ("zeroshot", None),
+        ("text_relay", None),
+        ("llmlingua", "rate"),
+        ("llmlingua", "match_bridge"),
+        ("prompt_tuning", None),
+        ("lora", None),
+        ("fewshot", None),
+    ]
     for j in slice_:
         validate(j)
         assert _models(j) == PAPER_PAIR and j.compression == 8 and j.task.train_samples == 1000
@@ -101,8 +115,10 @@ def test_p3_runs_the_bridge_against_every_baseline_on_the_paper_pair():
 
 
 def test_p4_times_the_plans_grid_with_the_trained_bridge_and_the_relay_baselines_settings():
-    assert grid("p4_latency", app="latency") == {"compression": ["4", "8", "16", "32"],
-                                                 "eval.batch_size": ["1", "4", "8", "16"]}
+    assert grid("p4_latency", app="latency") == {
+        "compression": ["4", "8", "16", "32"],
+        "eval.batch_size": ["1", "4", "8", "16"],
+    }
     [j] = jobs("p4_latency", "compression=16", "eval.batch_size=8", app="latency")
     relay = OmegaConf.load(REPO / "conf" / "method" / "text_relay.yaml")
     assert _models(j) == PAPER_PAIR and j.sender.layer == 31 and j.batch_size == 8
@@ -134,10 +150,12 @@ def test_p6_compares_the_small_and_the_medium_pair_on_sst2():
 
 
 # the jobs of each phase whose models differ (one task, one seed, one method per model pair)
-TINY_SLICES = {"p1_seeds": (["task=sst2", "seed=42", "method=bridge"], [PAPER_PAIR]),
-               "p2_probes": (["task=sst2"], [SMALL_PAIR[:1] + PAPER_PAIR[1:]] * 2),
-               "p5_xsum": (["seed=42", "method=bridge"], [SMALL_PAIR]),
-               "p6_ablations": (["seed=42"], [SMALL_PAIR, PAPER_PAIR])}
+TINY_SLICES = {
+    "p1_seeds": (["task=sst2", "seed=42", "method=bridge"], [PAPER_PAIR]),
+    "p2_probes": (["task=sst2"], [SMALL_PAIR[:1] + PAPER_PAIR[1:]] * 2),
+    "p5_xsum": (["seed=42", "method=bridge"], [SMALL_PAIR]),
+    "p6_ablations": (["seed=42"], [SMALL_PAIR, PAPER_PAIR]),
+}
 FAMILIES = {"llama31_8b": "llama", "llama32_1b": "llama", "mistral7b": "mistral", "qwen25_15b": "qwen2"}
 
 

@@ -34,10 +34,12 @@ def test_schedule_reaches_the_known_optimal_makespan():
 
 
 def test_two_gpu_jobs_and_phase_dependencies_are_respected():
-    jobs = [Job("big", "p1", 5, gpus=2, priority=1),
-            Job("small", "p1", 1, priority=1),
-            Job("lat1", "p4", 5, priority=2, after=("p1",)),
-            Job("lat2", "p4", 5, priority=2, after=("p1",))]
+    jobs = [
+        Job("big", "p1", 5, gpus=2, priority=1),
+        Job("small", "p1", 1, priority=1),
+        Job("lat1", "p4", 5, priority=2, after=("p1",)),
+        Job("lat2", "p4", 5, priority=2, after=("p1",)),
+    ]
     slots = {s.job.name: s for s in schedule(jobs, n_gpus=2, gpu_mem_gb=80)}
     assert len(slots["big"].gpus) == 2
     p1_end = max(slots["big"].end, slots["small"].end)
@@ -75,8 +77,13 @@ def test_a_job_wider_than_the_cluster_is_one_error():
 def _record(cfg, train_s, eval_s, total_s):
     from omegaconf import OmegaConf
 
-    return {"status": "completed", "run_id": "r", "config": OmegaConf.to_container(cfg, resolve=True),
-            "env": {"device": "cpu"}, "timing": {"train_s": train_s, "eval_s": eval_s, "total_s": total_s}}
+    return {
+        "status": "completed",
+        "run_id": "r",
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "env": {"device": "cpu"},
+        "timing": {"train_s": train_s, "eval_s": eval_s, "total_s": total_s},
+    }
 
 
 @needs_data
@@ -85,8 +92,9 @@ def test_measured_runs_calibrate_the_prediction_and_say_so():
     before = costs.predict(cfg, "cpu")
     assert set(before.sources.values()) == {"default"}
     cal = costs.Calibration()
-    costs.calibrate_from_record(cal, _record(cfg, 3 * before.seconds["train"], before.seconds["eval"],
-                                             10 * sum(before.seconds.values())))
+    costs.calibrate_from_record(
+        cal, _record(cfg, 3 * before.seconds["train"], before.seconds["eval"], 10 * sum(before.seconds.values()))
+    )
     after = costs.predict(cfg, "cpu", cal)
     assert after.seconds["train"] == pytest.approx(3 * before.seconds["train"])
     assert after.sources["train"] == "calibrated (1)"
@@ -113,14 +121,26 @@ def test_generation_counts_decoding_and_token_counts_come_from_the_data():
 @pytest.mark.slow  # imports torch + transformers in a subprocess: ~30 s on the shared 2-core machine
 @needs_data
 def test_plan_cli_plans_a_phase_slice_on_the_cpu(tmp_path):
-    args = [sys.executable, "-m", "telepathy.plan", "+phase=p1_seeds", "budget=tiny", "task=trec", "seed=42",
-            "cluster.device=cpu", "cluster.gpus=2", "--out", str(tmp_path / "plan")]
-    proc = subprocess.run(args, cwd=REPO, env=run_env(tmp_path / "out"), capture_output=True, text=True,
-                          timeout=300)
+    args = [
+        sys.executable,
+        "-m",
+        "telepathy.plan",
+        "+phase=p1_seeds",
+        "budget=tiny",
+        "task=trec",
+        "seed=42",
+        "cluster.device=cpu",
+        "cluster.gpus=2",
+        "--out",
+        str(tmp_path / "plan"),
+    ]
+    proc = subprocess.run(args, cwd=REPO, env=run_env(tmp_path / "out"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
-    assert [j["job"] for j in plan["jobs"]] == ["p1_seeds: method=bridge task=trec seed=42",
-                                                "p1_seeds: method=zeroshot task=trec seed=42"]
+    assert [j["job"] for j in plan["jobs"]] == [
+        "p1_seeds: method=bridge task=trec seed=42",
+        "p1_seeds: method=zeroshot task=trec seed=42",
+    ]
     assert plan["fits"] and plan["makespan_s"] > 0
     assert (tmp_path / "plan" / "gantt.png").stat().st_size > 0
     assert "| GPU |" in (tmp_path / "plan" / "gantt.md").read_text()
@@ -128,7 +148,13 @@ def test_plan_cli_plans_a_phase_slice_on_the_cpu(tmp_path):
 
 
 def test_plan_cli_rejects_a_bad_cluster_value_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "telepathy.plan", "+phase=p1_seeds", "cluster.gpus=0"],
-                          cwd=REPO, env=run_env(tmp_path), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "telepathy.plan", "+phase=p1_seeds", "cluster.gpus=0"],
+        cwd=REPO,
+        env=run_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: cluster.gpus=0 is not allowed; allowed: an integer in [1, inf]"]

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from telepathy.features import hidden_states, sender_prompts
 from telepathy.data import Example
+from telepathy.features import hidden_states, sender_prompts
 from telepathy.receiver import PromptIO, label_token_ids, parse_label
 
 
@@ -79,18 +79,27 @@ def test_duplicate_verbalisers_are_rejected(tiny_models):
         label_token_ids(PromptIO(receiver), ["yes", "yes"])
 
 
-@pytest.mark.parametrize("text,expected", [
-    (" positive.", 1), ("Negative", 0), ("positively", -1), ("positive or negative", -1),
-    ("I think positive", -1), ("", -1), ("\n negative\n", 0),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (" positive.", 1),
+        ("Negative", 0),
+        ("positively", -1),
+        ("positive or negative", -1),
+        ("I think positive", -1),
+        ("", -1),
+        ("\n negative\n", 0),
+    ],
+)
 def test_strict_parser(text, expected):
     assert parse_label(text, ["negative", "positive"]) == expected
 
 
 def test_hooked_hidden_states_match_output_hidden_states(tiny_models):
     sender, _ = tiny_models
-    ids = sender_prompts(sender, [Example(0, "great movie"), Example(1, "a bad, long and boring film")],
-                         "Review: {text}\nSentiment:", 64)
+    ids = sender_prompts(
+        sender, [Example(0, "great movie"), Example(1, "a bad, long and boring film")], "Review: {text}\nSentiment:", 64
+    )
     got = hidden_states(sender, ids, [0, 1, 2])
     for i, row in enumerate(ids):
         with torch.no_grad():

@@ -6,18 +6,28 @@ import subprocess
 import sys
 
 import pytest
-
-from helpers import REPO, needs_data, run_env
 from test_slurm import SKIP_REASON
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, needs_data,
-              pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
+from helpers import REPO, needs_data, run_env
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    needs_data,
+    pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or ""),
+]
 
 
 def test_rehearsal_runs_all_six_phases_and_aggregates_them(tmp_path):
     out = tmp_path / "outputs"
-    proc = subprocess.run([sys.executable, "scripts/rehearsal.py", "--out", str(out), "--timeout", "900"],
-                          cwd=REPO, env=run_env(out), capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "scripts/rehearsal.py", "--out", str(out), "--timeout", "900"],
+        cwd=REPO,
+        env=run_env(out),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "phases p1_seeds, p2_probes, p3_baselines, p4_latency, p5_xsum, p6_ablations" in proc.stdout
     assert (out / "summary" / "summary.json").exists() and (out / "summary" / "summary.md").exists()

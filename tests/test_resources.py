@@ -5,8 +5,8 @@ import math
 import pytest
 
 from helpers import compose
-from telepathy.config import ConfigError, num_latents
 from telepathy.cluster.resources import GB, Resources, bridge_params, estimate, models_used, plan
+from telepathy.config import ConfigError, num_latents
 
 
 def test_weights_follow_num_params_and_dtype():
@@ -22,8 +22,12 @@ def test_weights_follow_num_params_and_dtype():
 def test_bridge_is_counted_with_its_optimizer_state():
     cfg = compose()
     d, m = cfg.bridge.dim, num_latents(cfg)
-    expected = m * d + cfg.sender.hidden_size * d + d * cfg.receiver.hidden_size \
+    expected = (
+        m * d
+        + cfg.sender.hidden_size * d
+        + d * cfg.receiver.hidden_size
         + cfg.bridge.depth * (8 + 2 * cfg.bridge.mlp_ratio) * d * d
+    )
     assert bridge_params(cfg) == int(expected)
     assert estimate(cfg).bridge_gb == pytest.approx(bridge_params(cfg) * 16 / GB)
 
@@ -33,8 +37,9 @@ def test_margin_batch_and_sequence_length_raise_the_estimate():
     assert estimate(compose("resources.margin=2.5")).total_gb == pytest.approx(2 * base.total_gb)
     assert estimate(compose("trainer.batch_size=64", "eval.batch_size=64")).activations_gb > base.activations_gb
     assert estimate(compose("task.max_input_tokens=512")).activations_gb > base.activations_gb
-    assert base.total_gb == pytest.approx(base.margin * (base.sender_gb + base.receiver_gb + base.bridge_gb
-                                                         + base.activations_gb))
+    assert base.total_gb == pytest.approx(
+        base.margin * (base.sender_gb + base.receiver_gb + base.bridge_gb + base.activations_gb)
+    )
 
 
 def test_margin_below_one_is_rejected():

@@ -31,7 +31,7 @@ def _slurm_missing() -> str | None:
     if shutil.which("sinfo") is None:
         return "SLURM client tools (sinfo) are not installed: run `bash scripts/slurm/up.sh`"
     if not os.environ.get("SLURM_CONF"):
-        return "SLURM_CONF is unset: run `export SLURM_CONF=\"$(bash scripts/slurm/up.sh)\"`"
+        return 'SLURM_CONF is unset: run `export SLURM_CONF="$(bash scripts/slurm/up.sh)"`'
     proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
     if proc.returncode != 0 or not proc.stdout.strip():
         return f"no SLURM controller answers for SLURM_CONF={os.environ['SLURM_CONF']}: {proc.stderr.strip()}"
@@ -42,17 +42,37 @@ SKIP_REASON = _slurm_missing()
 pytestmark = [pytest.mark.slurm, needs_data, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
 
 # small requests so that every job of the module fits the test node at once
-SMALL = ["cluster.cpus_per_gpu=1", "cluster.mem_gb_per_gpu=1", "cluster.single_model.cpus=1",
-         "cluster.single_model.mem_gb=1", "cluster.pack_max=1"]  # one run per job here; packing: test_packing.py
+SMALL = [
+    "cluster.cpus_per_gpu=1",
+    "cluster.mem_gb_per_gpu=1",
+    "cluster.single_model.cpus=1",
+    "cluster.single_model.mem_gb=1",
+    "cluster.pack_max=1",
+]  # one run per job here; packing: test_packing.py
 SWEEP3 = ["-m", "hydra/launcher=slurm", *TINY, *SMALL, "task=sst2,agnews,trec", "trainer.max_steps=2"]
 # sender 0.1B + receiver 10B fit one 30 GB GPU; 10B + 10B need two
-GPU_SPLIT = ["-m", "hydra/launcher=slurm", *TINY, *SMALL, "task=trec", "trainer.max_steps=2",
-             "receiver.num_params=1e10", "sender.num_params=1e8,1e10", "cluster.gpu_mem_gb=30"]
+GPU_SPLIT = [
+    "-m",
+    "hydra/launcher=slurm",
+    *TINY,
+    *SMALL,
+    "task=trec",
+    "trainer.max_steps=2",
+    "receiver.num_params=1e10",
+    "sender.num_params=1e8,1e10",
+    "cluster.gpu_mem_gb=30",
+]
 # two tiny runs packed into one 1-GPU job (telepathy/cluster/packing.py)
 PACK = ["-m", "hydra/launcher=slurm", *TINY, *SMALL, "cluster.pack_max=2", "task=sst2,trec", "trainer.max_steps=2"]
 PREEMPT_STEPS = 30
-PREEMPT = [*TINY, *SMALL, "task=sst2", f"trainer.max_steps={PREEMPT_STEPS}", "trainer.checkpoint_every=1000",
-           "trainer.eval_every=0"]
+PREEMPT = [
+    *TINY,
+    *SMALL,
+    "task=sst2",
+    f"trainer.max_steps={PREEMPT_STEPS}",
+    "trainer.checkpoint_every=1000",
+    "trainer.eval_every=0",
+]
 
 
 def _manifest(out: Path) -> dict:
@@ -89,8 +109,9 @@ def _wait_finished(out: Path, run_dirs, timeout_s=240) -> list[dict]:
 def _job_ids() -> set[str]:
     """Every job SLURM knows about: queued, running or in the accounting database."""
     ids = set((status.squeue_states() or {}).keys())
-    acct = subprocess.run(["sacct", "-a", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1hours"],
-                          capture_output=True, text=True).stdout
+    acct = subprocess.run(
+        ["sacct", "-a", "-X", "-n", "-P", "-o", "JobID", "-S", "now-1hours"], capture_output=True, text=True
+    ).stdout
     return ids | {line.strip() for line in acct.splitlines() if line.strip()}
 
 
@@ -107,8 +128,9 @@ def launched(tmp_path_factory):
     # the interrupted run and its uninterrupted twin: same config, different output roots
     interrupted, reference = out["preempt"] / "interrupted", out["preempt"] / "reference"
     t0 = time.time()
-    run_train("-m", "hydra/launcher=slurm", *PREEMPT, f"paths.output_dir={interrupted},{reference}",
-              outputs=out["preempt"])
+    run_train(
+        "-m", "hydra/launcher=slurm", *PREEMPT, f"paths.output_dir={interrupted},{reference}", outputs=out["preempt"]
+    )
     job = next(j for j in _manifest(out["preempt"])["jobs"] if j["run_dir"].startswith(str(interrupted)))
     deadline = time.time() + 180
     while len(_log_rows(job["run_dir"])) < 3:
@@ -138,8 +160,7 @@ def test_three_job_sweep_runs_as_one_array(launched):
     assert sorted(r["task"] for r in records) == ["agnews", "sst2", "trec"]
     assert all(r["env"]["slurm_job_id"] and r["resources"]["gpus"] == 1 for r in records)
     rows = status.collect(out["sweep3"])
-    assert sorted((r["slurm_job_id"], r["state"]) for r in rows) == \
-        [(f"{array_id}_{i}", "completed") for i in range(3)]
+    assert sorted((r["slurm_job_id"], r["state"]) for r in rows) == [(f"{array_id}_{i}", "completed") for i in range(3)]
 
 
 def test_one_gpu_and_two_gpu_jobs_land_in_separate_arrays(launched):
@@ -148,9 +169,10 @@ def test_one_gpu_and_two_gpu_jobs_land_in_separate_arrays(launched):
     arrays = {a["resources"]["gpus"]: a for a in manifest["arrays"]}
     assert sorted(arrays) == [1, 2] and arrays[1]["job_id"] != arrays[2]["job_id"]
     by_gpus = {j["resources"]["gpus"]: j for j in manifest["jobs"]}
-    sender_params = {gpus: float(next(o.split("=", 1)[1] for o in job["overrides"]
-                                      if o.startswith("sender.num_params=")))
-                     for gpus, job in by_gpus.items()}
+    sender_params = {
+        gpus: float(next(o.split("=", 1)[1] for o in job["overrides"] if o.startswith("sender.num_params=")))
+        for gpus, job in by_gpus.items()
+    }
     assert sender_params == {1: 1e8, 2: 1e10}
     for gpus, job in by_gpus.items():
         # submitit submits a one-task array as a plain job: "<id>" rather than "<id>_0"
@@ -162,8 +184,9 @@ def test_one_gpu_and_two_gpu_jobs_land_in_separate_arrays(launched):
     assert records[1]["resources"]["placement"] == {"sender": "cuda:0", "receiver": "cuda:1"}
     # what SLURM actually allocated
     for gpus, job in by_gpus.items():
-        tres = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job["slurm_job_id"], "-o", "AllocTRES"],
-                              capture_output=True, text=True).stdout
+        tres = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "-j", job["slurm_job_id"], "-o", "AllocTRES"], capture_output=True, text=True
+        ).stdout
         assert f"gres/gpu={gpus}" in tres, tres
 
 
@@ -204,8 +227,9 @@ def test_relaunching_a_finished_sweep_queues_nothing(launched):
 
 def test_bad_config_queues_nothing(launched, tmp_path):
     before = _job_ids()
-    proc = run_train("-m", "hydra/launcher=slurm", *TINY, *SMALL, "task=sst2", "sender.layer=1,99",
-                     outputs=tmp_path, check=False)
+    proc = run_train(
+        "-m", "hydra/launcher=slurm", *TINY, *SMALL, "task=sst2", "sender.layer=1,99", outputs=tmp_path, check=False
+    )
     assert proc.returncode != 0
     assert "1 of 2 jobs are invalid; nothing was submitted" in proc.stderr
     assert "sender.layer=99 is out of range" in proc.stderr

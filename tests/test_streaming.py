@@ -19,9 +19,14 @@ SIZE = ["--examples", "960", "--tokens", "64", "--hidden", "1024"]  # 240 MB of 
 
 
 def _measure(mode: str, tmp_path) -> dict:
-    proc = subprocess.run([sys.executable, "benchmarks/feature_memory.py", "--mode", mode, *SIZE,
-                           "--cache-dir", str(tmp_path / mode)], cwd=REPO, env=run_env(tmp_path, OMP_NUM_THREADS=1),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/feature_memory.py", "--mode", mode, *SIZE, "--cache-dir", str(tmp_path / mode)],
+        cwd=REPO,
+        env=run_env(tmp_path, OMP_NUM_THREADS=1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

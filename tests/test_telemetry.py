@@ -20,8 +20,10 @@ class FakeNvml:
 
     def sample(self):
         self.n += 1
-        return [{"gpu": g, "util_pct": 50.0 + 10 * g + self.n, "mem_mb": 1000.0 * (g + 1) + self.n,
-                 "mem_total_mb": 81920.0} for g in range(2)]
+        return [
+            {"gpu": g, "util_pct": 50.0 + 10 * g + self.n, "mem_mb": 1000.0 * (g + 1) + self.n, "mem_total_mb": 81920.0}
+            for g in range(2)
+        ]
 
 
 def test_sampler_with_an_injected_nvml_reader_writes_samples_and_a_summary(tmp_path):
@@ -53,10 +55,12 @@ def test_a_failing_reader_degrades_to_host_figures(tmp_path):
 
 
 def test_progress_and_eta_from_the_training_log(tmp_path):
-    (tmp_path / "result.json").write_text(json.dumps({"status": "running", "config": {
-        "trainer": {"max_steps": 100, "batch_size": 8, "grad_accum": 1}}}))
-    (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": s, "examples_per_s": 4.0}) + "\n"
-                                                for s in range(1, 41)))
+    (tmp_path / "result.json").write_text(
+        json.dumps({"status": "running", "config": {"trainer": {"max_steps": 100, "batch_size": 8, "grad_accum": 1}}})
+    )
+    (tmp_path / "log.jsonl").write_text(
+        "".join(json.dumps({"step": s, "examples_per_s": 4.0}) + "\n" for s in range(1, 41))
+    )
     p = telemetry.progress(tmp_path)
     assert p["step"] == 40 and p["max_steps"] == 100
     assert p["eta_s"] == pytest.approx(60 * 8 / 4.0)  # 60 steps left x 2 s per step
@@ -65,14 +69,16 @@ def test_progress_and_eta_from_the_training_log(tmp_path):
 def _fake_slurm(monkeypatch, squeue: str, sacct: str):
     def run(cmd):
         return {"squeue": squeue, "sacct": sacct}.get(cmd[0])
+
     monkeypatch.setattr(status, "_run", run)
 
 
 def _manifest(tmp_path, jobs, phase="p1_seeds"):
     sweep = tmp_path / "sweeps" / "s1"
     sweep.mkdir(parents=True)
-    (sweep / "jobs.json").write_text(json.dumps({"phase": phase, "sweep_dir": str(sweep), "created_at": "1",
-                                                 "jobs": jobs}))
+    (sweep / "jobs.json").write_text(
+        json.dumps({"phase": phase, "sweep_dir": str(sweep), "created_at": "1", "jobs": jobs})
+    )
 
 
 def test_sacct_out_of_memory_is_recorded_as_oom(tmp_path, monkeypatch):
@@ -100,10 +106,15 @@ def test_status_shows_step_and_eta_of_a_running_run(tmp_path, monkeypatch):
 
 
 def test_control_holds_a_slice_of_a_phase_by_its_manifest_job_ids(tmp_path):
-    _manifest(tmp_path, [{"run_dir": "/r/a", "slurm_job_id": "9_0", "overrides": ["task=sst2", "seed=42"]},
-                         {"run_dir": "/r/b", "slurm_job_id": "9_1", "overrides": ["task=sst2", "seed=123"]},
-                         {"run_dir": "/r/c", "slurm_job_id": "9_2", "overrides": ["task=trec", "seed=42"]},
-                         {"run_dir": "/r/d", "slurm_job_id": "9_3", "overrides": ["task=sst2", "seed=456"]}])
+    _manifest(
+        tmp_path,
+        [
+            {"run_dir": "/r/a", "slurm_job_id": "9_0", "overrides": ["task=sst2", "seed=42"]},
+            {"run_dir": "/r/b", "slurm_job_id": "9_1", "overrides": ["task=sst2", "seed=123"]},
+            {"run_dir": "/r/c", "slurm_job_id": "9_2", "overrides": ["task=trec", "seed=42"]},
+            {"run_dir": "/r/d", "slurm_job_id": "9_3", "overrides": ["task=sst2", "seed=456"]},
+        ],
+    )
     live = {"9_0": "PENDING", "9_1": "RUNNING", "9_2": "PENDING"}  # 9_3 already finished
     jobs = control.select(tmp_path, "p1_seeds", ["task=sst2"], live)
     assert sorted(j["slurm_job_id"] for j in jobs) == ["9_0", "9_1"]

@@ -31,9 +31,17 @@ def test_single_run_writes_a_complete_record(outputs):
     assert record["bridge"]["measured_compression_mean"] == pytest.approx(record["bridge"]["text_tokens_mean"] / 8)
     assert record["params"]["trainable"] == record["params"]["bridge"] > 0
     cfg = record["config"]
-    assert record["identity"] == {"task": "sst2", "method": "bridge", "sender": cfg["sender"]["name"],
-                                  "receiver": cfg["receiver"]["name"], "compression": 8, "num_latents": 8,
-                                  "layer": cfg["sender"]["layer"], "model": None, "seed": 42}
+    assert record["identity"] == {
+        "task": "sst2",
+        "method": "bridge",
+        "sender": cfg["sender"]["name"],
+        "receiver": cfg["receiver"]["name"],
+        "compression": 8,
+        "num_latents": 8,
+        "layer": cfg["sender"]["layer"],
+        "model": None,
+        "seed": 42,
+    }
     assert record["training"]["steps"] == 4 and record["timing"]["eval_s"] > 0
     assert record["config"]["trainer"]["max_steps"] == 4 and record["overrides"] == ["budget=tiny"]
     assert {"git_rev", "git_dirty", "hostname", "packages", "device"} <= set(record["env"])
@@ -83,8 +91,9 @@ def test_failed_run_records_the_error(outputs):
 def _interrupt_after_first_step(overrides, outputs):
     """Start a run, send SIGTERM once it has logged a step, wait for it to stop."""
     cmd = [sys.executable, "train.py", *overrides]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=run_env(outputs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=run_env(outputs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         logs = list((outputs / "runs").glob("*/log.jsonl")) if (outputs / "runs").exists() else []

@@ -8,8 +8,20 @@ from telepathy.training import DataStream, fit, latest_checkpoint, lr_lambda
 
 
 def trainer_cfg(**kw):
-    base = dict(lr=1e-2, weight_decay=0.01, betas=[0.9, 0.999], schedule="cosine", warmup_steps=2, batch_size=3,
-                grad_accum=2, max_steps=6, grad_clip=1.0, checkpoint_every=3, log_every=1, eval_every=0)
+    base = dict(
+        lr=1e-2,
+        weight_decay=0.01,
+        betas=[0.9, 0.999],
+        schedule="cosine",
+        warmup_steps=2,
+        batch_size=3,
+        grad_accum=2,
+        max_steps=6,
+        grad_clip=1.0,
+        checkpoint_every=3,
+        log_every=1,
+        eval_every=0,
+    )
     base.update(kw)
     return OmegaConf.create(base)
 

@@ -8,18 +8,25 @@ import torch
 import torch.nn.functional as F
 
 from helpers import TINY, compose, needs_data, results, run_train
-from telepathy.receiver import generation_targets
 from telepathy.data import Example
 from telepathy.metrics import rouge_scores, rouge_summary
-from telepathy.receiver import PromptIO
+from telepathy.receiver import PromptIO, generation_targets
 
 # 8 articles, short inputs and summaries: plumbing in seconds on 2 CPU cores
-SMALL = ["task=xsum", "task.train_samples=8", "task.test_samples=8", "task.max_input_tokens=128",
-         "task.max_target_tokens=16"]
+SMALL = [
+    "task=xsum",
+    "task.train_samples=8",
+    "task.test_samples=8",
+    "task.max_input_tokens=128",
+    "task.max_target_tokens=16",
+]
 
 
 def test_rouge_of_a_reference_against_itself_is_one_and_against_nothing_zero():
-    refs = ["Christmas swims are expected to attract bumper numbers this year.", "Stoke's old ground will get 200 homes."]
+    refs = [
+        "Christmas swims are expected to attract bumper numbers this year.",
+        "Stoke's old ground will get 200 homes.",
+    ]
     same = rouge_summary(rouge_scores(refs, refs))
     empty = rouge_summary(rouge_scores(refs, ["", ""]))
     for k in ("rouge1", "rouge2", "rougeL"):
@@ -121,9 +128,18 @@ def test_missing_xsum_folder_is_a_clear_error_not_another_data_set(tmp_path, out
 @needs_data
 def test_demo_pair_summarises_a_few_articles(outputs):
     """The real SmolLM2 → Gemma-3 pair: a two-step bridge and the receiver's own zero-shot summaries."""
-    run_train("task=xsum", "task.train_samples=2", "task.test_samples=2", "task.max_input_tokens=64",
-              "task.max_target_tokens=16", "trainer.max_steps=1", "trainer.batch_size=2", "trainer.eval_every=0",
-              "eval.batch_size=2", outputs=outputs)
+    run_train(
+        "task=xsum",
+        "task.train_samples=2",
+        "task.test_samples=2",
+        "task.max_input_tokens=64",
+        "task.max_target_tokens=16",
+        "trainer.max_steps=1",
+        "trainer.batch_size=2",
+        "trainer.eval_every=0",
+        "eval.batch_size=2",
+        outputs=outputs,
+    )
     [record] = results(outputs)
     m = record["metrics"]
     assert record["status"] == "completed" and m["n_test"] == 2

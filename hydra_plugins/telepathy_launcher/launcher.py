@@ -21,17 +21,18 @@ import contextlib
 import logging
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Sequence
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import OmegaConf
 
+from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from telepathy.cluster import packing, preflight, sweep
 from telepathy.cluster.status import alive_runs
 from telepathy.cluster.sweep import PlannedJob
@@ -48,8 +49,8 @@ class _TelepathyMixin:
     _EXECUTOR = "abstract"
     _WAIT_FOR_RESULTS = False
 
-    def plan(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> List[PlannedJob]:
-        def compose(overrides: List[str]):
+    def plan(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[PlannedJob]:
+        def compose(overrides: list[str]):
             return self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
 
         alive = alive_runs(Path(str(self.config.paths.output_dir)))
@@ -67,14 +68,22 @@ class _TelepathyMixin:
             init[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
         executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
         base = set(OmegaConf.structured(LocalQueueConf).keys())
-        prefixed = {(k if k in base else f"{self._EXECUTOR}_{k}"): v
-                    for k, v in params.items() if k not in PER_CLASS_KEYS and v is not None}
+        prefixed = {
+            (k if k in base else f"{self._EXECUTOR}_{k}"): v
+            for k, v in params.items()
+            if k not in PER_CLASS_KEYS and v is not None
+        }
         if self._EXECUTOR == "slurm":
             setup = list(prefixed.pop("slurm_setup", None) or [])
             setup += [f"export {k}={shlex.quote(str(v))}" for k, v in (self.params.get("env") or {}).items()]
             prefixed["slurm_setup"] = setup
-        executor.update_parameters(**prefixed, gpus_per_node=resources.gpus, cpus_per_task=resources.cpus,
-                                   mem_gb=resources.mem_gb, timeout_min=resources.timeout_min)
+        executor.update_parameters(
+            **prefixed,
+            gpus_per_node=resources.gpus,
+            cpus_per_task=resources.cpus,
+            mem_gb=resources.mem_gb,
+            timeout_min=resources.timeout_min,
+        )
         return executor
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
@@ -93,8 +102,10 @@ class _TelepathyMixin:
         # plan-then-submit under a lock per output root: a concurrent launch plans after this one has queued
         with contextlib.nullcontext() if dry else sweep.launch_lock(output_dir):
             planned = self.plan(job_overrides, initial_job_idx)
-            header = (f"{'DRY RUN (nothing submitted): ' if dry else ''}{len(planned)} jobs"
-                      f"{' of phase ' + phase if phase else ''} via {self._EXECUTOR}")
+            header = (
+                f"{'DRY RUN (nothing submitted): ' if dry else ''}{len(planned)} jobs"
+                f"{' of phase ' + phase if phase else ''} via {self._EXECUTOR}"
+            )
             summary = sweep.describe(planned, header)
             if dry:
                 print(summary, flush=True)
@@ -122,28 +133,29 @@ class _TelepathyMixin:
         if problem:
             raise sweep.LaunchError(problem)
 
-    def _submit(self, planned: List[PlannedJob], sweep_dir: Path, phase, output_dir: Path) -> list:
+    def _submit(self, planned: list[PlannedJob], sweep_dir: Path, phase, output_dir: Path) -> list:
         """Packs of small runs (one array per resource class of packs), then one array per resource class;
         each is added to jobs.json as soon as sbatch accepts it, so a later failing sbatch leaves no
         queued job unrecorded."""
         written = self.__dict__.setdefault("_manifest_dirs", set())  # a batched sweeper launches more than once
         sweep.check_sweep_dir(sweep_dir, str(sweep_dir) in written)
         queue = [j for j in planned if j.state == "queue"]
-        packs: List[List[PlannedJob]] = []
+        packs: list[list[PlannedJob]] = []
         if self._EXECUTOR == "slurm":  # small runs share a GPU: several runs in one job (cluster/packing.py)
             packs, queue = packing.split(queue, self.config)
         classes = sweep.group(queue)
         self._preflight(classes, packs)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        manifest = sweep.write_manifest(sweep_dir, [j for j in planned if j.state not in ("queue", "shared")], [],
-                                        phase, self._EXECUTOR)
+        manifest = sweep.write_manifest(
+            sweep_dir, [j for j in planned if j.state not in ("queue", "shared")], [], phase, self._EXECUTOR
+        )
         written.add(str(sweep_dir))
 
-        def recorded(array: dict, jobs: List[PlannedJob]) -> None:
+        def recorded(array: dict, jobs: list[PlannedJob]) -> None:
             arrays.append(array)
             sweep.write_manifest(sweep_dir, jobs + sweep.sharers(planned, jobs), [array], phase, self._EXECUTOR)
 
-        arrays: List[dict] = []
+        arrays: list[dict] = []
         self._submit_packs(packs, recorded, manifest, output_dir, arrays)
         n_packed = sum(len(p) for p in packs)
         state = Singleton.get_state()
@@ -160,16 +172,21 @@ class _TelepathyMixin:
                 job.slurm_job_id = str(handle.job_id)
             submitted += list(zip(jobs, handles))
             array_id = str(handles[0].job_id).split("_")[0] if handles else None
-            recorded({"class": name, "job_id": array_id, "n_jobs": len(jobs), "resources": jobs[0].resources.to_dict()},
-                     jobs)
+            recorded(
+                {"class": name, "job_id": array_id, "n_jobs": len(jobs), "resources": jobs[0].resources.to_dict()}, jobs
+            )
             log.info("queued array %s (%s): %d jobs", array_id, name, len(jobs))
-        print(f"queued {len(submitted) + n_packed} jobs in {len(arrays)} arrays, skipped "
-              f"{sum(j.state != 'queue' for j in planned)}; manifest {manifest}\n"
-              f"watch: python -m telepathy.status {output_dir}", flush=True)
+        print(
+            f"queued {len(submitted) + n_packed} jobs in {len(arrays)} arrays, skipped "
+            f"{sum(j.state != 'queue' for j in planned)}; manifest {manifest}\n"
+            f"watch: python -m telepathy.status {output_dir}",
+            flush=True,
+        )
         return submitted
 
-    def _submit_packs(self, packs: List[List[PlannedJob]], recorded, manifest: Path, output_dir: Path,
-                      arrays: List[dict]) -> None:
+    def _submit_packs(
+        self, packs: list[list[PlannedJob]], recorded, manifest: Path, output_dir: Path, arrays: list[dict]
+    ) -> None:
         """One array per resource class of packs; every member records its pack's job id, and each array
         goes into jobs.json (``recorded``) right after sbatch accepts it."""
         by_class: dict = {}
@@ -187,8 +204,13 @@ class _TelepathyMixin:
             for pack, handle in zip(group, handles):
                 for job in pack:
                     job.slurm_job_id = str(handle.job_id)
-            array = {"class": f"pack-{name}", "job_id": str(handles[0].job_id).split("_")[0],
-                     "n_jobs": n_jobs, "packs": len(group), "resources": res.to_dict()}
+            array = {
+                "class": f"pack-{name}",
+                "job_id": str(handles[0].job_id).split("_")[0],
+                "n_jobs": n_jobs,
+                "packs": len(group),
+                "resources": res.to_dict(),
+            }
             recorded(array, [j for p in group for j in p])
             log.info("queued array %s (%d packs of small runs sharing a GPU)", array["job_id"], len(group))
 
@@ -199,19 +221,27 @@ class _TelepathyMixin:
         log.warning("preempted or timing out: requeueing %s", " ".join(filter_overrides(args[0]) if args else []))
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
+
 def _job_return(job: PlannedJob, state: str) -> JobReturn:
     ret = JobReturn(overrides=job.overrides, working_dir=job.run_dir, task_name="train", status=JobStatus.COMPLETED)
-    ret.return_value = {"state": state, "run_dir": job.run_dir, "slurm_job_id": job.slurm_job_id,
-                        "resources": job.resources.to_dict()}
+    ret.return_value = {
+        "state": state,
+        "run_dir": job.run_dir,
+        "slurm_job_id": job.slurm_job_id,
+        "resources": job.resources.to_dict(),
+    }
     return ret
+
 
 class TelepathySlurmLauncher(_TelepathyMixin, BaseSubmititLauncher):
     _EXECUTOR = "slurm"
     _WAIT_FOR_RESULTS = False
 
+
 class TelepathyLocalLauncher(_TelepathyMixin, BaseSubmititLauncher):
     _EXECUTOR = "local"
     _WAIT_FOR_RESULTS = True
+
 
 @dataclass
 class TelepathySlurmConf(SlurmQueueConf):
@@ -224,12 +254,16 @@ class TelepathySlurmConf(SlurmQueueConf):
     # exported in every job's sbatch script after ``setup``
     env: Any = field(default_factory=dict)
 
+
 @dataclass
 class TelepathyLocalConf(LocalQueueConf):
     _target_: str = "hydra_plugins.telepathy_launcher.launcher.TelepathyLocalLauncher"
     dry_run: bool = False
 
-ConfigStore.instance().store(group="hydra/launcher", name="telepathy_slurm", node=TelepathySlurmConf,
-                             provider="telepathy_launcher")
-ConfigStore.instance().store(group="hydra/launcher", name="telepathy_local", node=TelepathyLocalConf,
-                             provider="telepathy_launcher")
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="telepathy_slurm", node=TelepathySlurmConf, provider="telepathy_launcher"
+)
+ConfigStore.instance().store(
+    group="hydra/launcher", name="telepathy_local", node=TelepathyLocalConf, provider="telepathy_launcher"
+)

@@ -12,14 +12,47 @@ Nothing here writes into a run directory; the write side is telepathy/results.py
 The names below are the public API used by notebooks (``from telepathy import analysis``).
 """
 
-from telepathy.analysis.runs import (BENCHMARK_METHODS, GROUP_KEYS, LOG_FILE, PREDICTIONS_FILE, RESULT_FILE,
-                                     MissingMetricError, RunReadError, find_run_dirs, is_missing, is_reused,
-                                     load_logs, load_predictions, load_runs, read_run)
-from telepathy.analysis.stats import (holm, mcnemar, mean_ci, paired_bootstrap, paired_permutation_p,
-                                      sign_test_p)
+from telepathy.analysis.runs import (
+    BENCHMARK_METHODS,
+    GROUP_KEYS,
+    LOG_FILE,
+    PREDICTIONS_FILE,
+    RESULT_FILE,
+    MissingMetricError,
+    RunReadError,
+    find_run_dirs,
+    is_missing,
+    is_reused,
+    load_logs,
+    load_predictions,
+    load_runs,
+    read_run,
+)
+from telepathy.analysis.stats import holm, mcnemar, mean_ci, paired_bootstrap, paired_permutation_p, sign_test_p
 from telepathy.analysis.summarise import compare_to_baseline, metric_column, summarize
 
-__all__ = ["BENCHMARK_METHODS", "GROUP_KEYS", "LOG_FILE", "PREDICTIONS_FILE", "RESULT_FILE", "MissingMetricError",
-           "RunReadError", "compare_to_baseline", "find_run_dirs", "holm", "is_missing", "is_reused", "load_logs",
-           "load_predictions", "load_runs", "mcnemar", "mean_ci", "metric_column", "paired_bootstrap",
-           "paired_permutation_p", "read_run", "sign_test_p", "summarize"]
+__all__ = [
+    "BENCHMARK_METHODS",
+    "GROUP_KEYS",
+    "LOG_FILE",
+    "PREDICTIONS_FILE",
+    "RESULT_FILE",
+    "MissingMetricError",
+    "RunReadError",
+    "compare_to_baseline",
+    "find_run_dirs",
+    "holm",
+    "is_missing",
+    "is_reused",
+    "load_logs",
+    "load_predictions",
+    "load_runs",
+    "mcnemar",
+    "mean_ci",
+    "metric_column",
+    "paired_bootstrap",
+    "paired_permutation_p",
+    "read_run",
+    "sign_test_p",
+    "summarize",
+]

@@ -21,10 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from telepathy import analysis
-from telepathy.analysis.tables import (METRIC_NAMES, comparison_table, jsonable, metric_table,
-                                       to_latex, to_markdown)
-
-
+from telepathy.analysis.tables import METRIC_NAMES, comparison_table, jsonable, metric_table, to_latex, to_markdown
 
 
 def build(paths, metric="accuracy", baseline_method="bridge", confidence=0.95, n_boot=10_000, seed=0):
@@ -33,8 +30,9 @@ def build(paths, metric="accuracy", baseline_method="bridge", confidence=0.95, n
     runs = paths if isinstance(paths, pd.DataFrame) else analysis.load_runs(paths)
     summary = analysis.summarize(runs, metric, confidence)
     predictions = analysis.load_predictions(runs[runs["status"] == "completed"])
-    comparisons = analysis.compare_to_baseline(runs, predictions, summary, metric, baseline_method,
-                                               n_boot=n_boot, confidence=confidence, seed=seed)
+    comparisons = analysis.compare_to_baseline(
+        runs, predictions, summary, metric, baseline_method, n_boot=n_boot, confidence=confidence, seed=seed
+    )
     logs = analysis.load_logs(runs)
     return {"runs": runs, "summary": summary, "comparisons": comparisons, "logs": logs}
 
@@ -44,25 +42,30 @@ def summary_record(result, paths, metric, baseline_method, confidence):
     reported = set(summary["run_dirs"].explode()) if len(summary) else set()
     not_reported = runs[~runs["run_dir"].isin(reported)]
     incomplete = runs[runs["status"] != "completed"]
-    return jsonable({
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "inputs": [str(p) for p in paths],
-        "metric": metric,
-        "baseline_method": baseline_method,
-        "confidence": confidence,
-        "runs": {"total": len(runs), "by_status": runs["status"].value_counts().to_dict()},
-        "incomplete": incomplete[["run_dir", "status", "task", "method", "seed", "error.type",
-                                  "error.message"]].to_dict("records"),
-        "groups": summary.to_dict("records"),
-        "comparisons": comparisons.to_dict("records"),
-        "not_in_tables": not_reported[["run_dir", "status", "task", "method"]].to_dict("records"),
-    })
+    return jsonable(
+        {
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "inputs": [str(p) for p in paths],
+            "metric": metric,
+            "baseline_method": baseline_method,
+            "confidence": confidence,
+            "runs": {"total": len(runs), "by_status": runs["status"].value_counts().to_dict()},
+            "incomplete": incomplete[
+                ["run_dir", "status", "task", "method", "seed", "error.type", "error.message"]
+            ].to_dict("records"),
+            "groups": summary.to_dict("records"),
+            "comparisons": comparisons.to_dict("records"),
+            "not_in_tables": not_reported[["run_dir", "status", "task", "method"]].to_dict("records"),
+        }
+    )
 
 
 # -----------------------------------------------------------------------------
 
-def write_outputs(result, out, paths, metric="accuracy", baseline_method="bridge", confidence=0.95,
-                  scale=100.0, digits=1):
+
+def write_outputs(
+    result, out, paths, metric="accuracy", baseline_method="bridge", confidence=0.95, scale=100.0, digits=1
+):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary, comparisons = result["summary"], result["comparisons"]
@@ -71,8 +74,9 @@ def write_outputs(result, out, paths, metric="accuracy", baseline_method="bridge
     if len(summary):
         tables.append((f"{name} per task and method.", metric_table(summary, metric, scale, digits)))
     if len(comparisons):
-        tables.append((f"{name}: paired comparison with {baseline_method}.",
-                       comparison_table(comparisons, metric, scale, digits)))
+        tables.append(
+            (f"{name}: paired comparison with {baseline_method}.", comparison_table(comparisons, metric, scale, digits))
+        )
     md = "\n".join(f"### {cap}\n\n{to_markdown(*t)}" for cap, t in tables) or "No task runs to tabulate.\n"
     (out / "summary.md").write_text(md)
     (out / "summary.tex").write_text("\n".join(to_latex(*t, caption=cap) for cap, t in tables))
@@ -80,10 +84,13 @@ def write_outputs(result, out, paths, metric="accuracy", baseline_method="bridge
     (out / "summary.json").write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
 
     from telepathy.analysis import plots
+
     written, skipped = ["summary.json", "summary.md", "summary.tex"], []
-    jobs = [("accuracy_vs_compression", lambda s: plots.accuracy_vs_compression(summary, metric, scale, s)),
-            ("training_curves", lambda s: plots.training_curves(result["logs"], s)),
-            ("latency", lambda s: plots.latency(result["runs"], s))]
+    jobs = [
+        ("accuracy_vs_compression", lambda s: plots.accuracy_vs_compression(summary, metric, scale, s)),
+        ("training_curves", lambda s: plots.training_curves(result["logs"], s)),
+        ("latency", lambda s: plots.latency(result["runs"], s)),
+    ]
     for stem, fn in jobs:
         try:
             fn(out / stem)
@@ -94,8 +101,9 @@ def write_outputs(result, out, paths, metric="accuracy", baseline_method="bridge
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m telepathy.aggregate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m telepathy.aggregate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("paths", nargs="+", help="run dirs, sweep dirs or glob patterns (quote globs)")
     ap.add_argument("--out", help="output dir (default: <first input dir>/summary; outputs/runs -> outputs/summary)")
     ap.add_argument("--metric", default="accuracy", help="key of result.json metrics (default: accuracy)")
@@ -103,12 +111,17 @@ def main(argv=None):
     ap.add_argument("--confidence", type=float, default=0.95)
     ap.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0, help="RNG seed of the bootstrap")
-    ap.add_argument("--percent", action=argparse.BooleanOptionalAction, default=True,
-                    help="show metrics x100 and differences in percentage points (default: on)")
+    ap.add_argument(
+        "--percent",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="show metrics x100 and differences in percentage points (default: on)",
+    )
     ap.add_argument("--digits", type=int, default=1)
     args = ap.parse_args(argv)
 
     import matplotlib
+
     matplotlib.use("Agg")
     out = args.out
     if out is None:
@@ -123,8 +136,16 @@ def main(argv=None):
     for r in bad.to_dict("records"):
         msg = f" ({r['error.type']}: {r['error.message']})" if isinstance(r["error.type"], str) else ""
         print(f"NOT COMPLETED [{r['status']}] {r['run_dir']}{msg}", file=sys.stderr)
-    md, written, skipped = write_outputs(result, out, args.paths, args.metric, args.baseline_method,
-                                         args.confidence, 100.0 if args.percent else 1.0, args.digits)
+    md, written, skipped = write_outputs(
+        result,
+        out,
+        args.paths,
+        args.metric,
+        args.baseline_method,
+        args.confidence,
+        100.0 if args.percent else 1.0,
+        args.digits,
+    )
     print(md)
     counts = ", ".join(f"{v} {k}" for k, v in runs["status"].value_counts().items())
     print(f"{len(runs)} runs ({counts}); wrote {', '.join(written)} to {out}", file=sys.stderr)

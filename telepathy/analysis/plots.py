@@ -62,8 +62,9 @@ def accuracy_vs_compression(summary, metric="accuracy", scale=100.0, stem=None):
             ax.plot(x, g["mean"] * scale, "o-", color=color, label=label)
             for xi, yi, mc in zip(x, g["mean"] * scale, g.get("measured_compression", [None] * len(g))):
                 if not is_missing(mc):  # the measured ratio beside the nominal factor
-                    ax.annotate(f"{mc:.1f}×", (xi, yi), textcoords="offset points", xytext=(3, 4),
-                                fontsize=6, color=color)
+                    ax.annotate(
+                        f"{mc:.1f}×", (xi, yi), textcoords="offset points", xytext=(3, 4), fontsize=6, color=color
+                    )
             ok = g["ci_low"].notna().to_numpy()
             ax.fill_between(x[ok], (g["ci_low"] * scale)[ok], (g["ci_high"] * scale)[ok], color=color, alpha=0.2)
         for _, r in t[t["compression"].isna()].iterrows():
@@ -96,8 +97,14 @@ def latency(runs, stem=None):
     r = r.astype({"batch_size": int})
     # one line per path, and per setting where runs differ in one (never averaged over)
     vary = _varying(r, ["compression", "sender", "receiver", "task"])
-    r = r.assign(line=r.apply(lambda row: " ".join([str(row["path"])] + [
-        f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in vary]), axis=1))
+    r = r.assign(
+        line=r.apply(
+            lambda row: " ".join(
+                [str(row["path"])] + [f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in vary]
+            ),
+            axis=1,
+        )
+    )
     agg = r.groupby(["line", "batch_size"], sort=True)[need[2:]].mean().reset_index()
     fig = Figure(figsize=(8.4, 3.4), layout="constrained")
     ax_lat, ax_thr = fig.subplots(1, 2)
@@ -149,7 +156,9 @@ def training_curves(logs, stem=None):
             if len(loss):
                 ax_loss.plot(loss["step"], loss["loss"], **kw)
             if len(ev):
-                ax_eval.plot(ev["step"], ev["eval_accuracy"], "o-", ms=3, **{k: v for k, v in kw.items() if k != "label"})
+                ax_eval.plot(
+                    ev["step"], ev["eval_accuracy"], "o-", ms=3, **{k: v for k, v in kw.items() if k != "label"}
+                )
         ax_loss.set_title(f"{task}: training loss")
         ax_eval.set_title(f"{task}: eval accuracy")
         for ax in (ax_loss, ax_eval):

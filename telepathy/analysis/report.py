@@ -47,6 +47,7 @@ def computed_estimate_gb(run):
     from omegaconf import OmegaConf
 
     from telepathy.cluster import resources
+
     config = json.loads(Path(run["run_dir"], analysis.RESULT_FILE).read_text())["config"]
     return float(resources.estimate(OmegaConf.create(config)).total_gb)
 
@@ -70,15 +71,24 @@ def resource_table(runs):
         peak_mb = run.get("memory.peak_gpu_mb", np.nan)
         rss = run.get("memory.peak_rss_mb", np.nan)
         peak_gb = np.nan if analysis.is_missing(peak_mb) else peak_mb / 1024
-        rows.append({
-            "run_id": run["run_id"], "status": run["status"], "reused": reused, "gpus": gpus,
-            "total_s": total_s, "gpu_hours": hours, "peak_gpu_gb": peak_gb, "estimate_gb": est,
-            "estimate_source": source if not analysis.is_missing(est) or source != "recorded" else "not recorded",
-            "peak_over_estimate": (peak_gb / est) if not (analysis.is_missing(peak_gb) or analysis.is_missing(est) or est == 0)
-            else np.nan,
-            "peak_rss_gb": np.nan if analysis.is_missing(rss) else rss / 1024,
-            **{c: run.get(c) for c in util_cols},
-        })
+        rows.append(
+            {
+                "run_id": run["run_id"],
+                "status": run["status"],
+                "reused": reused,
+                "gpus": gpus,
+                "total_s": total_s,
+                "gpu_hours": hours,
+                "peak_gpu_gb": peak_gb,
+                "estimate_gb": est,
+                "estimate_source": source if not analysis.is_missing(est) or source != "recorded" else "not recorded",
+                "peak_over_estimate": (peak_gb / est)
+                if not (analysis.is_missing(peak_gb) or analysis.is_missing(est) or est == 0)
+                else np.nan,
+                "peak_rss_gb": np.nan if analysis.is_missing(rss) else rss / 1024,
+                **{c: run.get(c) for c in util_cols},
+            }
+        )
     return pd.DataFrame(rows), util_cols
 
 
@@ -90,19 +100,35 @@ def checks(runs, metric="accuracy"):
     out.append(("all runs completed", done == n, f"{done}/{n} completed"))
     oom = runs["error.oom"].fillna(False).astype(bool) if "error.oom" in runs else pd.Series(False, index=runs.index)
     oom |= runs["error.type"].fillna("").str.contains("OutOfMemory")
-    out.append(("no out-of-memory failure", not oom.any(),
-                f"{int(oom.sum())} OOM: " + ", ".join(runs.loc[oom, "run_id"]) if oom.any() else "none"))
+    out.append(
+        (
+            "no out-of-memory failure",
+            not oom.any(),
+            f"{int(oom.sum())} OOM: " + ", ".join(runs.loc[oom, "run_id"]) if oom.any() else "none",
+        )
+    )
     bad = runs["status"].isin(["missing", "malformed"])
-    out.append(("valid result.json for every run", not bad.any(),
-                f"{int(bad.sum())} without one: " + ", ".join(runs.loc[bad, "run_id"]) if bad.any() else "all valid"))
+    out.append(
+        (
+            "valid result.json for every run",
+            not bad.any(),
+            f"{int(bad.sum())} without one: " + ", ".join(runs.loc[bad, "run_id"]) if bad.any() else "all valid",
+        )
+    )
     try:
         s = analysis.summarize(runs, metric)
         short = s[(s["n_independent"] < MIN_SEEDS) & ~s["deterministic"]]
-        detail = (f"{len(s) - len(short)}/{len(s)} experiments have >= {MIN_SEEDS} seeds or are deterministic"
-                  + ("; short: " + "; ".join(f"{r.task}/{r.method}" + (f"/c{plain(r.compression)}"
-                                                                      if not analysis.is_missing(r.compression) else "")
-                                              + f" n={r.n_independent}" for r in short.itertuples())
-                     if len(short) else ""))
+        detail = f"{len(s) - len(short)}/{len(s)} experiments have >= {MIN_SEEDS} seeds or are deterministic" + (
+            "; short: "
+            + "; ".join(
+                f"{r.task}/{r.method}"
+                + (f"/c{plain(r.compression)}" if not analysis.is_missing(r.compression) else "")
+                + f" n={r.n_independent}"
+                for r in short.itertuples()
+            )
+            if len(short)
+            else ""
+        )
         out.append((f"{MIN_SEEDS} seeds with CIs ({metric})", len(s) > 0 and not len(short), detail))
     except ValueError as e:  # MissingMetricError, missing seeds, duplicated runs
         out.append((f"{MIN_SEEDS} seeds with CIs ({metric})", False, str(e).replace("\n", " ")))
@@ -124,55 +150,104 @@ def build_report(phase_dir, metric="accuracy"):
 
     bad = runs[runs["status"] != "completed"]
     if len(bad):
-        rows = [[r["run_id"], r["status"], plain(r["error.type"]) or "—",
-                 "yes" if not analysis.is_missing(r.get("error.oom")) and bool(r["error.oom"]) else "",
-                 (plain(r["error.message"]) or "").splitlines()[0][:120] if plain(r["error.message"]) else "",
-                 r["run_dir"]] for r in bad.to_dict("records")]
-        lines += ["## Not completed", "",
-                  to_markdown(["run", "status", "error type", "OOM", "message", "run dir"], rows, [])]
+        rows = [
+            [
+                r["run_id"],
+                r["status"],
+                plain(r["error.type"]) or "—",
+                "yes" if not analysis.is_missing(r.get("error.oom")) and bool(r["error.oom"]) else "",
+                (plain(r["error.message"]) or "").splitlines()[0][:120] if plain(r["error.message"]) else "",
+                r["run_dir"],
+            ]
+            for r in bad.to_dict("records")
+        ]
+        lines += [
+            "## Not completed",
+            "",
+            to_markdown(["run", "status", "error type", "OOM", "message", "run dir"], rows, []),
+        ]
 
     total = res["gpu_hours"].sum(min_count=1) if len(res) else np.nan
     unknown = int(res["gpu_hours"].isna().sum()) if len(res) else 0
-    lines += ["## Compute and memory", "",
-              f"Total GPU-hours: {_num(total, '.3f')}"
-              + (f" ({unknown} runs with unknown GPU count or time not included)" if unknown else "")
-              + f"; wall-clock hours of all runs: {_num(res['total_s'].sum() / 3600 if len(res) else np.nan, '.3f')}.", ""]
+    lines += [
+        "## Compute and memory",
+        "",
+        f"Total GPU-hours: {_num(total, '.3f')}"
+        + (f" ({unknown} runs with unknown GPU count or time not included)" if unknown else "")
+        + f"; wall-clock hours of all runs: {_num(res['total_s'].sum() / 3600 if len(res) else np.nan, '.3f')}.",
+        "",
+    ]
     if len(res):
-        header = ["run", "status", "GPUs", "time (s)", "GPU-h", "peak GPU (GB)", "estimate (GB)", "peak / est.",
-                  "peak RSS (GB)"] + util_cols
-        rows = [[r["run_id"] + (" (reused)" if r["reused"] else ""), r["status"], _num(r["gpus"], "g"),
-                 _num(r["total_s"], ".0f"), _num(r["gpu_hours"], ".3f"), _num(r["peak_gpu_gb"], ".2f"),
-                 _num(r["estimate_gb"], ".2f") + (" (computed)" if r["estimate_source"] == "computed" else ""),
-                 _num(r["peak_over_estimate"], ".2f"), _num(r["peak_rss_gb"], ".2f")]
-                + [plain(r[c]) or "—" for c in util_cols] for r in res.to_dict("records")]
-        notes = ["Reused runs (deterministic methods) computed nothing: 0 s, 0 GPU-h. Peak GPU memory is "
-                 "torch's max allocated, summed over devices; — = not recorded (CPU run or not measured)."]
+        header = [
+            "run",
+            "status",
+            "GPUs",
+            "time (s)",
+            "GPU-h",
+            "peak GPU (GB)",
+            "estimate (GB)",
+            "peak / est.",
+            "peak RSS (GB)",
+        ] + util_cols
+        rows = [
+            [
+                r["run_id"] + (" (reused)" if r["reused"] else ""),
+                r["status"],
+                _num(r["gpus"], "g"),
+                _num(r["total_s"], ".0f"),
+                _num(r["gpu_hours"], ".3f"),
+                _num(r["peak_gpu_gb"], ".2f"),
+                _num(r["estimate_gb"], ".2f") + (" (computed)" if r["estimate_source"] == "computed" else ""),
+                _num(r["peak_over_estimate"], ".2f"),
+                _num(r["peak_rss_gb"], ".2f"),
+            ]
+            + [plain(r[c]) or "—" for c in util_cols]
+            for r in res.to_dict("records")
+        ]
+        notes = [
+            "Reused runs (deterministic methods) computed nothing: 0 s, 0 GPU-h. Peak GPU memory is "
+            "torch's max allocated, summed over devices; — = not recorded (CPU run or not measured)."
+        ]
         notes.append("GPU utilisation: " + (", ".join(util_cols) if util_cols else "not recorded by these runs") + ".")
         no_est = res[res["estimate_source"].str.startswith("unavailable")]
         if len(no_est):
-            notes.append(f"{len(no_est)} runs recorded no estimate and none could be computed from their config: "
-                         + ", ".join(f"{r.run_id} {r.estimate_source}" for r in no_est.itertuples()) + ".")
+            notes.append(
+                f"{len(no_est)} runs recorded no estimate and none could be computed from their config: "
+                + ", ".join(f"{r.run_id} {r.estimate_source}" for r in no_est.itertuples())
+                + "."
+            )
         over = res[res["peak_over_estimate"] > 1]
         if len(over):
             notes.append(f"{len(over)} runs peaked above their estimate: " + ", ".join(over["run_id"]) + ".")
         lines += [to_markdown(header, rows, notes)]
 
-    lines += ["## Success checks", "",
-              to_markdown(["check", "result", "detail"],
-                          [[name, "PASS" if ok else "FAIL", detail] for name, ok, detail in results], [])]
-    record = jsonable({
-        "phase_dir": str(phase_dir), "metric": metric,
-        "runs_by_status": counts.to_dict(),
-        "not_completed": bad[["run_dir", "status", "error.type", "error.message"]].to_dict("records"),
-        "gpu_hours_total": total, "runs": res.to_dict("records"),
-        "checks": [{"check": n, "passed": ok, "detail": d} for n, ok, d in results],
-    })
+    lines += [
+        "## Success checks",
+        "",
+        to_markdown(
+            ["check", "result", "detail"],
+            [[name, "PASS" if ok else "FAIL", detail] for name, ok, detail in results],
+            [],
+        ),
+    ]
+    record = jsonable(
+        {
+            "phase_dir": str(phase_dir),
+            "metric": metric,
+            "runs_by_status": counts.to_dict(),
+            "not_completed": bad[["run_dir", "status", "error.type", "error.message"]].to_dict("records"),
+            "gpu_hours_total": total,
+            "runs": res.to_dict("records"),
+            "checks": [{"check": n, "passed": ok, "detail": d} for n, ok, d in results],
+        }
+    )
     return "\n".join(lines), record
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m telepathy.report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m telepathy.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("phase_dir", help="a phase's output dir (or any dir / glob of runs)")
     ap.add_argument("--metric", default="accuracy", help="metric whose seeds and CIs are checked")
     ap.add_argument("--out", help="also write report.md and report.json here")

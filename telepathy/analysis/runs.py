@@ -24,8 +24,15 @@ from pathlib import Path
 import pandas as pd
 from omegaconf.errors import OmegaConfBaseException
 
-from telepathy.results import (IDENTITY, LOG_FILE, PREDICTIONS_FILE, RESULT_FILE, SCHEMA_VERSION, identity_block,
-                               run_identity)
+from telepathy.results import (
+    IDENTITY,
+    LOG_FILE,
+    PREDICTIONS_FILE,
+    RESULT_FILE,
+    SCHEMA_VERSION,
+    identity_block,
+    run_identity,
+)
 from telepathy.results import STATUSES as RECORD_STATUSES
 
 # any of these marks a directory as a run directory
@@ -44,8 +51,12 @@ BENCHMARK_COLUMNS = ("batch_size", "path")
 # column -> flattened keys to read it from, first present wins
 MEASURED_SOURCES = {
     "measured_compression": ("bridge.measured_compression_mean", "metrics.compression_ratio"),
-    "positions": ("bridge.num_latents", "prompt_tuning.num_virtual_tokens", "metrics.compressed_tokens_mean",
-                  "metrics.relay_tokens_mean"),
+    "positions": (
+        "bridge.num_latents",
+        "prompt_tuning.num_virtual_tokens",
+        "metrics.compressed_tokens_mean",
+        "metrics.relay_tokens_mean",
+    ),
 }
 # columns that describe a run's outcome: averaged per experiment, never grouped by
 MEASURED = tuple(MEASURED_SOURCES)
@@ -79,6 +90,7 @@ def is_reused(run):
 
 # -----------------------------------------------------------------------------
 # finding run directories
+
 
 def _walk_runs(d):
     """Run directories at or under d. A directory holding only Hydra's `.hydra/`
@@ -132,6 +144,7 @@ def find_run_dirs(paths):
 # -----------------------------------------------------------------------------
 # loading
 
+
 def _flatten(d, prefix, out):
     """Dotted keys, like pandas.json_normalize, except lists: json_normalize keeps them as
     Python lists, which cannot be grouped or compared across runs; here they are JSON text."""
@@ -152,6 +165,7 @@ def _hydra_config(run_dir):
     if not path.exists():
         return {}
     from omegaconf import OmegaConf
+
     cfg = OmegaConf.load(path)
     try:
         return OmegaConf.to_container(cfg, resolve=True)
@@ -204,8 +218,7 @@ def read_run(run_dir):
             problem = f"cannot read: {type(e).__name__}: {e.strerror or e}"
         if problem:
             warnings.warn(f"malformed {path}: {problem}", stacklevel=2)
-            row.update({"status": "malformed", "error.type": "MalformedResult",
-                        "error.message": f"{path}: {problem}"})
+            row.update({"status": "malformed", "error.type": "MalformedResult", "error.message": f"{path}: {problem}"})
             rec, config = {}, _hydra_config(run_dir)
             _flatten(config, "config", flat)
         else:
@@ -276,8 +289,17 @@ def load_runs(paths):
         df[col] = pd.array([_as_int(v, col, d) for v, d in zip(df[col], df["run_dir"])], dtype="Int64")
     for col in ("compression", *MEASURED):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    first = ["run_dir", "run_id", "status", *IDENTITY, *BENCHMARK_COLUMNS, *MEASURED, "reused_from",
-             "error.type", "error.message"]
+    first = [
+        "run_dir",
+        "run_id",
+        "status",
+        *IDENTITY,
+        *BENCHMARK_COLUMNS,
+        *MEASURED,
+        "reused_from",
+        "error.type",
+        "error.message",
+    ]
     first += [c for c in ("error.oom",) if c in df]
     rest = sorted(c for c in df.columns if c not in first)
     return df[first + rest]

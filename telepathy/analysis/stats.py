@@ -16,12 +16,17 @@ def mean_ci(values, confidence=0.95):
     if np.isnan(x).any():
         raise ValueError("mean_ci got NaN values; missing metrics must be handled before")
     n = len(x)
-    out = {"n": n, "mean": float(x.mean()) if n else math.nan,
-           "std": math.nan, "ci_low": math.nan, "ci_high": math.nan, "ci_half": math.nan}
+    out = {
+        "n": n,
+        "mean": float(x.mean()) if n else math.nan,
+        "std": math.nan,
+        "ci_low": math.nan,
+        "ci_high": math.nan,
+        "ci_half": math.nan,
+    }
     if n >= 2:
         half = float(stats.t.ppf(0.5 + confidence / 2, df=n - 1) * stats.sem(x))
-        out.update(std=float(x.std(ddof=1)), ci_half=half,
-                   ci_low=out["mean"] - half, ci_high=out["mean"] + half)
+        out.update(std=float(x.std(ddof=1)), ci_half=half, ci_low=out["mean"] - half, ci_high=out["mean"] + half)
     return out
 
 
@@ -103,6 +108,10 @@ def paired_permutation_p(x, y, n_resamples=9_999, seed=0):
     res = stats.permutation_test(
         (np.asarray(x, float), np.asarray(y, float)),
         lambda a, b, axis: np.mean(a - b, axis=axis),
-        permutation_type="samples", n_resamples=n_resamples, vectorized=True,
-        alternative="two-sided", rng=np.random.default_rng(seed))
+        permutation_type="samples",
+        n_resamples=n_resamples,
+        vectorized=True,
+        alternative="two-sided",
+        rng=np.random.default_rng(seed),
+    )
     return float(res.pvalue)

@@ -7,11 +7,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from telepathy.analysis.runs import (BENCHMARK_METHODS, CONFIG_KEY, GROUP_KEYS, MEASURED, MissingMetricError,
-                                     is_missing, is_reused)
-from telepathy.analysis.stats import (holm, item_means, mean_ci, paired_bootstrap, paired_permutation_p,
-                                      sign_test_p)
-
+from telepathy.analysis.runs import (
+    BENCHMARK_METHODS,
+    CONFIG_KEY,
+    GROUP_KEYS,
+    MEASURED,
+    MissingMetricError,
+    is_missing,
+    is_reused,
+)
+from telepathy.analysis.stats import holm, item_means, mean_ci, paired_bootstrap, paired_permutation_p, sign_test_p
 
 # aggregation across seeds
 
@@ -92,7 +97,7 @@ def _differing_settings(groups):
     by_columns = {}
     for key, members in groups.items():
         done = [r for r in members if r["status"] == "completed"] or members
-        by_columns.setdefault(key[:len(GROUP_KEYS)], []).append((key, _settings(done[0])))
+        by_columns.setdefault(key[: len(GROUP_KEYS)], []).append((key, _settings(done[0])))
     out = {}
     for same in by_columns.values():
         if len(same) < 2:
@@ -115,8 +120,21 @@ def summarize(runs, metric="accuracy", confidence=0.95):
     col = metric_column(metric)
     runs = runs[~runs["method"].isin(BENCHMARK_METHODS)]
     if not len(runs):
-        return pd.DataFrame(columns=EXPERIMENT_KEYS + ["differs", "n_runs", "n_completed", "n_independent", "deterministic",
-                                                  "mean", "ci_low", "ci_high", "ci_half", "run_dirs"])
+        return pd.DataFrame(
+            columns=EXPERIMENT_KEYS
+            + [
+                "differs",
+                "n_runs",
+                "n_completed",
+                "n_independent",
+                "deterministic",
+                "mean",
+                "ci_low",
+                "ci_high",
+                "ci_half",
+                "run_dirs",
+            ]
+        )
     if col not in runs:
         raise MissingMetricError(f"no run reports {col}")
     completed = runs[runs["status"] == "completed"]
@@ -141,27 +159,37 @@ def summarize(runs, metric="accuracy", confidence=0.95):
         indep, deterministic = _independent(done)
         ci = mean_ci([r[col] for r in indep], confidence)
         by_status = pd.Series([r["status"] for r in members]).value_counts().to_dict()
-        out.append({
-            **dict(zip(EXPERIMENT_KEYS, key)),
-            "differs": differs.get(key, {}),
-            "metric": metric, "n_runs": len(members), "n_completed": len(done),
-            "n_independent": ci["n"], "deterministic": deterministic,
-            **{k: _mean_of(done, k) for k in MEASURED},
-            "mean": ci["mean"], "std": ci["std"], "ci_low": ci["ci_low"],
-            "ci_high": ci["ci_high"], "ci_half": ci["ci_half"],
-            "seeds": sorted(int(r["seed"]) for r in done),
-            "values": [float(r[col]) for r in indep],
-            "status_counts": by_status,
-            "incomplete": sorted(r["run_dir"] for r in members if r["status"] != "completed"),
-            "run_dirs": sorted(r["run_dir"] for r in members),
-        })
+        out.append(
+            {
+                **dict(zip(EXPERIMENT_KEYS, key)),
+                "differs": differs.get(key, {}),
+                "metric": metric,
+                "n_runs": len(members),
+                "n_completed": len(done),
+                "n_independent": ci["n"],
+                "deterministic": deterministic,
+                **{k: _mean_of(done, k) for k in MEASURED},
+                "mean": ci["mean"],
+                "std": ci["std"],
+                "ci_low": ci["ci_low"],
+                "ci_high": ci["ci_high"],
+                "ci_half": ci["ci_half"],
+                "seeds": sorted(int(r["seed"]) for r in done),
+                "values": [float(r[col]) for r in indep],
+                "status_counts": by_status,
+                "incomplete": sorted(r["run_dir"] for r in members if r["status"] != "completed"),
+                "run_dirs": sorted(r["run_dir"] for r in members),
+            }
+        )
     df = pd.DataFrame(out)
-    return df.sort_values(["task", "method", "compression", CONFIG_KEY], na_position="first", kind="stable",
-                          ignore_index=True)
+    return df.sort_values(
+        ["task", "method", "compression", CONFIG_KEY], na_position="first", kind="stable", ignore_index=True
+    )
 
 
 # -----------------------------------------------------------------------------
 # paired comparisons against a baseline method
+
 
 def _item_key(df):
     return "id" if "id" in df and df["id"].notna().all() else "idx"
@@ -172,7 +200,7 @@ def _strata(group_runs, predictions, value_col):
     done = [r for r in group_runs if r["status"] == "completed"]
     indep, deterministic = _independent(done)
     out = {}
-    for run in (indep[:1] if deterministic else done):
+    for run in indep[:1] if deterministic else done:
         p = predictions[predictions["run_dir"] == run["run_dir"]]
         if not len(p) or value_col not in p:
             continue
@@ -208,8 +236,9 @@ def _matches(a, b):
     return a["task"] == b["task"]
 
 
-def compare_to_baseline(runs, predictions, summary, metric="accuracy", baseline_method="bridge",
-                        n_boot=10_000, confidence=0.95, seed=0):
+def compare_to_baseline(
+    runs, predictions, summary, metric="accuracy", baseline_method="bridge", n_boot=10_000, confidence=0.95, seed=0
+):
     """Paired comparison of every group in `summary` against the baseline group(s)
     of the same task (and same sender/receiver where both define them).
 
@@ -234,9 +263,12 @@ def compare_to_baseline(runs, predictions, summary, metric="accuracy", baseline_
         for base in groups:
             if base["method"] != baseline_method or not _matches(g, base):
                 continue
-            row = {**{k: g[k] for k in EXPERIMENT_KEYS}, "differs": g["differs"],
-                   **{f"baseline.{k}": base[k] for k in EXPERIMENT_KEYS + ["differs"] if k not in ("task",)},
-                   "test": test}
+            row = {
+                **{k: g[k] for k in EXPERIMENT_KEYS},
+                "differs": g["differs"],
+                **{f"baseline.{k}": base[k] for k in EXPERIMENT_KEYS + ["differs"] if k not in ("task",)},
+                "test": test,
+            }
             a = _strata(members[_group_key(g)], predictions, value_col)
             b = _strata(members[_group_key(base)], predictions, value_col)
             if "*" in a and "*" in b:
@@ -251,8 +283,13 @@ def compare_to_baseline(runs, predictions, summary, metric="accuracy", baseline_
             n_items = xs.shape[1]
             row.update(n_strata=len(pairs), n_items=n_items, n_pairs=n_items * len(pairs), n_unpaired=unpaired)
             if n_items == 0:
-                row.update(delta=math.nan, delta_ci_low=math.nan, delta_ci_high=math.nan, p=math.nan,
-                           note="no paired predictions (missing files or no common seeds)")
+                row.update(
+                    delta=math.nan,
+                    delta_ci_low=math.nan,
+                    delta_ci_high=math.nan,
+                    p=math.nan,
+                    note="no paired predictions (missing files or no common seeds)",
+                )
                 rows.append(row)
                 continue
             # items are the unit: seed-averaged per-item values, items resampled jointly across seeds
@@ -262,8 +299,12 @@ def compare_to_baseline(runs, predictions, summary, metric="accuracy", baseline_
                 row.update(b=int((x > y).sum()), c=int((x < y).sum()), p=sign_test_p(x - y))
             else:
                 row["p"] = paired_permutation_p(x, y, seed=seed)
-            row.update(delta=delta, delta_ci_low=lo, delta_ci_high=hi,
-                       note=f"{unpaired} unpaired items ignored" if unpaired else "")
+            row.update(
+                delta=delta,
+                delta_ci_low=lo,
+                delta_ci_high=hi,
+                note=f"{unpaired} unpaired items ignored" if unpaired else "",
+            )
             rows.append(row)
     df = pd.DataFrame(rows)
     if len(df):

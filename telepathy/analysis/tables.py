@@ -4,12 +4,26 @@ import numpy as np
 
 from telepathy.analysis.runs import is_missing
 
-METRIC_NAMES = {"accuracy": "Accuracy", "macro_f1": "Macro-F1", "rouge1": "ROUGE-1",
-                "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
+METRIC_NAMES = {
+    "accuracy": "Accuracy",
+    "macro_f1": "Macro-F1",
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+}
 OPTIONAL_COLUMNS = ["sender", "receiver", "num_latents", "layer", "model"]
-COLUMN_NAMES = {"task": "Task", "method": "Method", "sender": "Sender", "receiver": "Receiver",
-                "compression": "Compression", "num_latents": "Latents", "layer": "Layer", "model": "Model",
-                "measured_compression": "Measured ×", "positions": "Receiver positions"}
+COLUMN_NAMES = {
+    "task": "Task",
+    "method": "Method",
+    "sender": "Sender",
+    "receiver": "Receiver",
+    "compression": "Compression",
+    "num_latents": "Latents",
+    "layer": "Layer",
+    "model": "Model",
+    "measured_compression": "Measured ×",
+    "positions": "Receiver positions",
+}
 
 
 def _fmt(v, scale, digits):
@@ -76,30 +90,44 @@ def metric_table(summary, metric="accuracy", scale=100.0, digits=1):
     name = METRIC_NAMES.get(metric, metric) + (" (%)" if scale == 100 else "")
     show_settings = summary["differs"].map(settings_cell).ne("").any()
     measured = [k for k in ("measured_compression", "positions") if k in summary and summary[k].notna().any()]
-    header = ([COLUMN_NAMES[k] for k in keys] + (["Settings"] if show_settings else [])
-              + [COLUMN_NAMES[k] for k in measured] + [f"{name}, mean ± 95% CI", "n seeds"])
+    header = (
+        [COLUMN_NAMES[k] for k in keys]
+        + (["Settings"] if show_settings else [])
+        + [COLUMN_NAMES[k] for k in measured]
+        + [f"{name}, mean ± 95% CI", "n seeds"]
+    )
     show_incomplete = summary.apply(_not_completed, axis=1).ne("").any()
     if show_incomplete:
         header.append("Not completed")
     rows = []
     for g in summary.to_dict("records"):
-        row = ([plain(g[k]) for k in keys] + ([settings_cell(g["differs"])] if show_settings else [])
-               + [_measured_cell(g[k], k) for k in measured] + [metric_cell(g, scale, digits), n_cell(g)])
+        row = (
+            [plain(g[k]) for k in keys]
+            + ([settings_cell(g["differs"])] if show_settings else [])
+            + [_measured_cell(g[k], k) for k in measured]
+            + [metric_cell(g, scale, digits), n_cell(g)]
+        )
         if show_incomplete:
             row.append(_not_completed(g))
         rows.append(row)
-    notes = ["Mean over independent seeds ± half-width of the 95% Student-t interval; "
-             "n seeds = independent completed runs of one config (runs that differ in any setting "
-             "but the seed are separate rows)."]
+    notes = [
+        "Mean over independent seeds ± half-width of the 95% Student-t interval; "
+        "n seeds = independent completed runs of one config (runs that differ in any setting "
+        "but the seed are separate rows)."
+    ]
     if show_settings:
         notes.append("Settings = the config values in which rows with the same other columns differ.")
     if "measured_compression" in measured:
-        notes.append("Compression = nominal factor (M = ceil(max input tokens / factor)); Measured × = text "
-                     "tokens actually read per receiver position (bridge: per soft token; LLMLingua: original / "
-                     "kept text tokens), mean over test items.")
+        notes.append(
+            "Compression = nominal factor (M = ceil(max input tokens / factor)); Measured × = text "
+            "tokens actually read per receiver position (bridge: per soft token; LLMLingua: original / "
+            "kept text tokens), mean over test items."
+        )
     if "positions" in measured:
-        notes.append("Receiver positions = what carries the input to the receiver: M soft tokens (bridge, "
-                     "prompt tuning), kept text tokens (LLMLingua) or message tokens (text relay), mean.")
+        notes.append(
+            "Receiver positions = what carries the input to the receiver: M soft tokens (bridge, "
+            "prompt tuning), kept text tokens (LLMLingua) or message tokens (text relay), mean."
+        )
     if summary["deterministic"].any():
         notes.append("det. = deterministic method: one result reused across seeds, counted once, no CI.")
     if (~summary["deterministic"] & (summary["n_independent"] == 1)).any():
@@ -128,31 +156,49 @@ def comparison_table(comparisons, metric="accuracy", scale=100.0, digits=1):
     unit = " (pp)" if scale == 100 else ""
     sign = (comparisons["test"] == "sign").all()
     show_settings = comparisons["differs"].map(settings_cell).ne("").any()
-    header = [COLUMN_NAMES[k] for k in keys] + (["Settings"] if show_settings else []) + ["vs", f"Δ{unit} [95% CI]", "items",
-                                                "p (sign test)" if sign else "p (paired perm.)", "p (Holm)"]
+    header = (
+        [COLUMN_NAMES[k] for k in keys]
+        + (["Settings"] if show_settings else [])
+        + ["vs", f"Δ{unit} [95% CI]", "items", "p (sign test)" if sign else "p (paired perm.)", "p (Holm)"]
+    )
     if sign:
         header.insert(-2, "wins / losses")
-    base_keys = [k for k in ("compression", "num_latents", "layer", "model")
-                 if comparisons[f"baseline.{k}"].dropna().map(plain).nunique() > 1]
+    base_keys = [
+        k
+        for k in ("compression", "num_latents", "layer", "model")
+        if comparisons[f"baseline.{k}"].dropna().map(plain).nunique() > 1
+    ]
     rows = []
     for c in comparisons.to_dict("records"):
-        delta = "—" if is_missing(c["delta"]) else (
-            f"{c['delta'] * scale:+.{digits}f} [{c['delta_ci_low'] * scale:+.{digits}f}, "
-            f"{c['delta_ci_high'] * scale:+.{digits}f}]")
-        row = ([plain(c[k]) for k in keys] + ([settings_cell(c["differs"])] if show_settings else [])
-               + [_baseline_desc(c, base_keys), delta, str(int(c["n_items"]))])
+        delta = (
+            "—"
+            if is_missing(c["delta"])
+            else (
+                f"{c['delta'] * scale:+.{digits}f} [{c['delta_ci_low'] * scale:+.{digits}f}, "
+                f"{c['delta_ci_high'] * scale:+.{digits}f}]"
+            )
+        )
+        row = (
+            [plain(c[k]) for k in keys]
+            + ([settings_cell(c["differs"])] if show_settings else [])
+            + [_baseline_desc(c, base_keys), delta, str(int(c["n_items"]))]
+        )
         if sign:
             row.append("—" if is_missing(c.get("b")) else f"{int(c['b'])} / {int(c['c'])}")
         row += [_pfmt(c["p"]), _pfmt(c["p_holm"])]
         rows.append(row)
-    notes = ["Paired on the same test items (and seeds); Δ = method − baseline, 95% CI by a cluster "
-             "bootstrap over items (one resample of items applied to every seed). "
-             + ("Exact sign test on per-item accuracy averaged over seeds (McNemar with one seed); "
-                if sign else "Paired permutation test on per-item values averaged over seeds; ")
-             + f"Holm correction over all {len(comparisons)} comparisons of this table."]
+    notes = [
+        "Paired on the same test items (and seeds); Δ = method − baseline, 95% CI by a cluster "
+        "bootstrap over items (one resample of items applied to every seed). "
+        + (
+            "Exact sign test on per-item accuracy averaged over seeds (McNemar with one seed); "
+            if sign
+            else "Paired permutation test on per-item values averaged over seeds; "
+        )
+        + f"Holm correction over all {len(comparisons)} comparisons of this table."
+    ]
     if sign:
-        notes.append("wins / losses = items where the method's seed-averaged accuracy is above / below the "
-                     "baseline's.")
+        notes.append("wins / losses = items where the method's seed-averaged accuracy is above / below the baseline's.")
     return header, rows, notes
 
 
@@ -172,23 +218,50 @@ def to_markdown(header, rows, notes):
     return text + "".join(f"\n_{n}_\n" for n in notes)
 
 
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
 
 
 def _tex(s):
     s = "".join(_TEX.get(ch, ch) for ch in str(s))
-    return (s.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("×", r"$\times$").replace("—", "--")
-            .replace("−", "-").replace("<0.001", "$<$0.001"))
+    return (
+        s.replace("±", r"$\pm$")
+        .replace("Δ", r"$\Delta$")
+        .replace("×", r"$\times$")
+        .replace("—", "--")
+        .replace("−", "-")
+        .replace("<0.001", "$<$0.001")
+    )
 
 
 def to_latex(header, rows, notes, caption):
     cols = "l" * (len(header) - 1) + "r"
-    lines = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
-             " & ".join(_tex(h) for h in header) + r" \\", r"\midrule"]
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        rf"\begin{{tabular}}{{{cols}}}",
+        r"\toprule",
+        " & ".join(_tex(h) for h in header) + r" \\",
+        r"\midrule",
+    ]
     lines += [" & ".join(_tex(c) for c in r) + r" \\" for r in rows]
-    lines += [r"\bottomrule", r"\end{tabular}",
-              rf"\caption{{{_tex(caption)} {' '.join(_tex(n) for n in notes)}}}", r"\end{table}"]
+    lines += [
+        r"\bottomrule",
+        r"\end{tabular}",
+        rf"\caption{{{_tex(caption)} {' '.join(_tex(n) for n in notes)}}}",
+        r"\end{table}",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -50,11 +50,23 @@ def compare(plan: dict, rows: list[dict], phase: str | None = None) -> dict:
         actual = ((rec or {}).get("timing") or {}).get("total_s")
         oom = bool(((rec or {}).get("error") or {}).get("oom")) or j["run_dir"] in oom_dirs
         # actual: the run's own clock (after start-up), so against the prediction without start-up
-        per_job.append({"job": j["job"], "phase": j["phase"], "status": status, "predicted_s": j["run_s"],
-                        "actual_s": actual, "gpu_util_pct": tel.get("gpu_util_mean_pct"), "oom": oom,
-                        "seed": ((rec or {}).get("seed")), "seedless_hash": (rec or {}).get("seedless_hash"),
-                        "host": ((rec or {}).get("env") or {}).get("hostname"), "gpus": tel.get("gpus") or [],
-                        "started_at": (rec or {}).get("started_at"), "finished_at": (rec or {}).get("finished_at")})
+        per_job.append(
+            {
+                "job": j["job"],
+                "phase": j["phase"],
+                "status": status,
+                "predicted_s": j["run_s"],
+                "actual_s": actual,
+                "gpu_util_pct": tel.get("gpu_util_mean_pct"),
+                "oom": oom,
+                "seed": ((rec or {}).get("seed")),
+                "seedless_hash": (rec or {}).get("seedless_hash"),
+                "host": ((rec or {}).get("env") or {}).get("hostname"),
+                "gpus": tel.get("gpus") or [],
+                "started_at": (rec or {}).get("started_at"),
+                "finished_at": (rec or {}).get("finished_at"),
+            }
+        )
         p = phases.setdefault(j["phase"], {"planned_start_s": j["start_s"], "planned_end_s": 0.0})
         p["planned_start_s"] = min(p["planned_start_s"], j["start_s"])
         p["planned_end_s"] = max(p["planned_end_s"], j["start_s"] + j["predicted_s"])
@@ -73,8 +85,12 @@ def compare(plan: dict, rows: list[dict], phase: str | None = None) -> dict:
     for r in per_job:
         for g in r["gpus"]:
             per_gpu.setdefault(f"{r['host']}:gpu{g['gpu']}", []).append(g["util_mean_pct"])
-    return {"jobs": per_job, "phases": phases, "per_gpu": {k: sum(v) / len(v) for k, v in sorted(per_gpu.items())},
-            "checklist": checklist(plan, per_job)}
+    return {
+        "jobs": per_job,
+        "phases": phases,
+        "per_gpu": {k: sum(v) / len(v) for k, v in sorted(per_gpu.items())},
+        "checklist": checklist(plan, per_job),
+    }
 
 
 def checklist(plan: dict, per_job: list[dict]) -> list[tuple[str, bool, str]]:
@@ -95,15 +111,25 @@ def checklist(plan: dict, per_job: list[dict]) -> list[tuple[str, bool, str]]:
             seeds.setdefault(r["seedless_hash"], set()).add(r["seed"])
     short = [k for k, v in seeds.items() if len(v) < SEEDS_NEEDED]
     return [
-        ("every phase done in the window", in_window,
-         f"{len(done)}/{len(per_job)} completed in {span / 3600:.2f} h of {window_s / 3600:g} h" if span is not None
-         else f"{len(done)}/{len(per_job)} completed"),
-        (f">{UTIL_TARGET:g}% average GPU utilisation", util is not None and util > UTIL_TARGET,
-         f"{util:.1f}% over {len(utils)} runs" if util is not None else "no GPU telemetry recorded"),
+        (
+            "every phase done in the window",
+            in_window,
+            f"{len(done)}/{len(per_job)} completed in {span / 3600:.2f} h of {window_s / 3600:g} h"
+            if span is not None
+            else f"{len(done)}/{len(per_job)} completed",
+        ),
+        (
+            f">{UTIL_TARGET:g}% average GPU utilisation",
+            util is not None and util > UTIL_TARGET,
+            f"{util:.1f}% over {len(utils)} runs" if util is not None else "no GPU telemetry recorded",
+        ),
         ("no OOM", ooms == 0, f"{ooms} runs out of memory"),
         ("valid JSON from every experiment", valid == len(per_job), f"{valid}/{len(per_job)} result.json readable"),
-        (f"{SEEDS_NEEDED} seeds with confidence intervals", bool(seeds) and not short,
-         f"{len(seeds) - len(short)}/{len(seeds)} configurations with >= {SEEDS_NEEDED} completed seeds"),
+        (
+            f"{SEEDS_NEEDED} seeds with confidence intervals",
+            bool(seeds) and not short,
+            f"{len(seeds) - len(short)}/{len(seeds)} configurations with >= {SEEDS_NEEDED} completed seeds",
+        ),
     ]
 
 
@@ -117,16 +143,20 @@ def render(report: dict) -> str:
         util = "-"
         if p["gpu_util_pct"] is not None:
             util = f"{p['gpu_util_pct']:.0f}%{'' if p['gpu_util_pct'] > UTIL_TARGET else ' <80'}"
-        lines.append(f"{name:<15} {p['jobs']:<5} {p['done']:<5} {_h(p['planned_s']):<10} {_h(p['wall_s']):<10} "
-                     f"{util:<9} {p['oom']}")
+        lines.append(
+            f"{name:<15} {p['jobs']:<5} {p['done']:<5} {_h(p['planned_s']):<10} {_h(p['wall_s']):<10} "
+            f"{util:<9} {p['oom']}"
+        )
     if report["per_gpu"]:
         lines.append("per GPU: " + ", ".join(f"{k} {v:.0f}%" for k, v in report["per_gpu"].items()))
     lines += ["", "predicted vs actual per job:"]
     width = max([len(r["job"]) for r in report["jobs"]] + [3])
     for r in report["jobs"]:
         ratio = f"{r['actual_s'] / r['predicted_s']:.2f}x" if r["actual_s"] and r["predicted_s"] else "-"
-        lines.append(f"  {r['job']:<{width}}  {r['status']:<10} predicted {_h(r['predicted_s']):<9} "
-                     f"actual {_h(r['actual_s']):<9} {ratio}")
+        lines.append(
+            f"  {r['job']:<{width}}  {r['status']:<10} predicted {_h(r['predicted_s']):<9} "
+            f"actual {_h(r['actual_s']):<9} {ratio}"
+        )
     lines += ["", "success metrics:"]
     lines += [f"  [{'PASS' if ok else 'FAIL'}] {name}: {evidence}" for name, ok, evidence in report["checklist"]]
     return "\n".join(lines)

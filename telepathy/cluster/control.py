@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from telepathy.cluster.status import manifests, squeue_states
 
@@ -41,8 +41,12 @@ def select(output_dir: Path, phase: str | None, where: list[str], live: dict[str
     return [j for j in latest.values() if str(j["slurm_job_id"]) in live]
 
 
-def act(action: str, jobs: list[dict], run: Callable[[list[str]], subprocess.CompletedProcess] | None = None,
-        dry_run: bool = False) -> list[str]:
+def act(
+    action: str,
+    jobs: list[dict],
+    run: Callable[[list[str]], subprocess.CompletedProcess] | None = None,
+    dry_run: bool = False,
+) -> list[str]:
     """Run ``scancel`` / ``scontrol hold|release`` on the jobs' ids; return the commands."""
     if action not in ACTIONS:
         raise ValueError(f"action={action!r} is not allowed; allowed: {', '.join(ACTIONS)}")
@@ -66,8 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("action", choices=sorted(ACTIONS))
     parser.add_argument("output_dir", nargs="?", default="outputs", help="paths.output_dir (default: outputs)")
     parser.add_argument("--phase", help="the phase (e.g. p1_seeds); default: every launched sweep")
-    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                        help="only runs launched with this override (repeat: all must match)")
+    parser.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only runs launched with this override (repeat: all must match)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the command, run nothing")
     args = parser.parse_args(argv)
     live = squeue_states()

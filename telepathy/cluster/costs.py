@@ -56,11 +56,11 @@ DEVICES = {
 }
 # fraction of the peak each kind of work reaches (MFU-style defaults; calibration replaces them)
 EFFICIENCY = {"features": 0.5, "train": 0.3, "eval": 0.5, "decode": 0.6}
-LOAD_BYTES_PER_S = 2e9          # weights from a parallel file system into the device
-SETUP_S = 5.0                   # per run: build the models, load tokenizers and data (tiny models: all of "load")
-STARTUP_S = 30.0                # python + torch + data loading before a run's clock starts
+LOAD_BYTES_PER_S = 2e9  # weights from a parallel file system into the device
+SETUP_S = 5.0  # per run: build the models, load tokenizers and data (tiny models: all of "load")
+STARTUP_S = 30.0  # python + torch + data loading before a run's clock starts
 STAGES = ("load", "features", "train", "eval", "decode")
-PROMPT_OVERHEAD = 32            # primer / answer prompt / label tokens around the text or soft tokens
+PROMPT_OVERHEAD = 32  # primer / answer prompt / label tokens around the text or soft tokens
 
 
 # ------------------------------------------------------------------------------------ tokens
@@ -76,13 +76,16 @@ def token_stats(cfg) -> dict:
     task = cfg.task
     root = data_root(cfg.data)
     if root is None:
-        raise ConfigError("data.root=None is not allowed for planning; allowed: a folder of <task>/<split>.jsonl "
-                          "(token counts are measured from the data; set TELEPATHY_DATA)")
+        raise ConfigError(
+            "data.root=None is not allowed for planning; allowed: a folder of <task>/<split>.jsonl "
+            "(token counts are measured from the data; set TELEPATHY_DATA)"
+        )
     tok_name = str(OmegaConf.select(cfg, "cluster.plan_tokenizer", default="smollm2_135m"))
     files = [root / task.local_dir / f"{task.splits[s]}.jsonl" for s in ("train", "test")]
     stamp = [(str(f), f.stat().st_size, int(f.stat().st_mtime)) if f.exists() else str(f) for f in files]
-    key = hashlib.sha1(json.dumps([task.name, task.prompt, task.get("target_column"), stamp, tok_name])
-                       .encode()).hexdigest()[:12]
+    key = hashlib.sha1(
+        json.dumps([task.name, task.prompt, task.get("target_column"), stamp, tok_name]).encode()
+    ).hexdigest()[:12]
     path = _cache_dir() / f"tokens-{task.name}-{key}.json"
     try:
         return json.loads(path.read_text())
@@ -110,11 +113,13 @@ def token_stats(cfg) -> dict:
 
 def _summarise_lengths(entry: dict) -> dict:
     """Keep the lengths as a small histogram (mean under any cap is computed from it)."""
+
     def hist(values):
         counts: dict[int, int] = {}
         for v in values:
             counts[v] = counts.get(v, 0) + 1
         return sorted(counts.items())
+
     out = {"rows": entry["rows"], "prompt_hist": hist(entry["prompt_tokens"])}
     if "target_tokens" in entry:
         out["target_hist"] = hist(entry["target_tokens"])
@@ -182,8 +187,11 @@ def job_work(cfg, stats: dict | None = None) -> dict[str, Work]:
     t_in = capped_mean(stats["test"]["prompt_hist"], cap) + PROMPT_OVERHEAD
     t_train_in = capped_mean(stats["train"]["prompt_hist"], cap) + PROMPT_OVERHEAD
     generation = task.type == "generation"
-    gen_tokens = int(OmegaConf.select(cfg, "eval.generation.max_new_tokens", default=None)
-                     or task.get("max_target_tokens") or 0) if generation else 0
+    gen_tokens = (
+        int(OmegaConf.select(cfg, "eval.generation.max_new_tokens", default=None) or task.get("max_target_tokens") or 0)
+        if generation
+        else 0
+    )
     target = capped_mean(stats["train"].get("target_hist", []), task.get("max_target_tokens")) if generation else 2
     n_train = min(stats["train"]["rows"], task.get("train_samples") or stats["train"]["rows"])
     n_test = min(stats["test"]["rows"], task.get("test_samples") or stats["test"]["rows"])
@@ -195,8 +203,12 @@ def job_work(cfg, stats: dict | None = None) -> dict[str, Work]:
         items = int(cfg.num_inputs) + int(cfg.warmup_batches) * int(cfg.batch_size)
         _add(work["load"], bytes=_weight_bytes(sender) + _weight_bytes(receiver))
         _fwd(work["eval"], sender, items * t_in, items / int(cfg.batch_size))
-        _fwd(work["eval"], receiver, items * (t_in + num_latents(cfg) + int(cfg.relay.max_new_tokens)),
-             3 * items / int(cfg.batch_size))
+        _fwd(
+            work["eval"],
+            receiver,
+            items * (t_in + num_latents(cfg) + int(cfg.relay.max_new_tokens)),
+            3 * items / int(cfg.batch_size),
+        )
         _dec(work["decode"], sender, items / int(cfg.batch_size) * int(cfg.relay.max_new_tokens))
         return work
 
@@ -257,16 +269,20 @@ def _add(w: Work, flops=0.0, bytes=0.0, calls=0.0, model=None, layers=0) -> None
 
 
 def _fwd(w: Work, model_cfg, tokens: float, calls: float) -> None:
-    _add(w, flops=_flops_per_token(model_cfg) * tokens, calls=calls, model=model_key(model_cfg),
-         layers=_layers(model_cfg))
+    _add(
+        w,
+        flops=_flops_per_token(model_cfg) * tokens,
+        calls=calls,
+        model=model_key(model_cfg),
+        layers=_layers(model_cfg),
+    )
 
 
 def _dec(w: Work, model_cfg, steps: float) -> None:
     """Each decoding step reads every weight once (batch-size independent while memory-bound)."""
     if steps <= 0:
         return
-    _add(w, bytes=_weight_bytes(model_cfg) * steps, calls=steps, model=model_key(model_cfg),
-         layers=_layers(model_cfg))
+    _add(w, bytes=_weight_bytes(model_cfg) * steps, calls=steps, model=model_key(model_cfg), layers=_layers(model_cfg))
 
 
 # ------------------------------------------------------------------------------------ calibration
@@ -294,8 +310,8 @@ def default_seconds(stage: str, work: Work, device: str) -> float:
 class Calibration:
     """Measured / default-predicted seconds per (model, device, stage); ratios from runs and tables."""
 
-    ratios: dict = field(default_factory=dict)      # (model, device, stage) -> [ratio, ...]
-    sources: dict = field(default_factory=dict)     # (model, device, stage) -> where from
+    ratios: dict = field(default_factory=dict)  # (model, device, stage) -> [ratio, ...]
+    sources: dict = field(default_factory=dict)  # (model, device, stage) -> where from
 
     def add(self, key: tuple, ratio: float, source: str) -> None:
         if ratio > 0 and math.isfinite(ratio):
@@ -306,14 +322,23 @@ class Calibration:
         values = sorted(self.ratios.get(key, []))
         return values[len(values) // 2] if values else None  # median: robust to one odd run
 
-    def merge(self, other: "Calibration") -> None:
+    def merge(self, other: Calibration) -> None:
         for key, values in other.ratios.items():
             for v in values:
                 self.add(key, v, ",".join(sorted(other.sources.get(key, ["?"]))))
 
     def to_table(self) -> list[dict]:
-        return [{"model": k[0], "device": k[1], "stage": k[2], "ratio": round(self.ratio(k), 4),
-                 "n": len(v), "sources": sorted(self.sources.get(k, []))} for k, v in sorted(self.ratios.items())]
+        return [
+            {
+                "model": k[0],
+                "device": k[1],
+                "stage": k[2],
+                "ratio": round(self.ratio(k), 4),
+                "n": len(v),
+                "sources": sorted(self.sources.get(k, [])),
+            }
+            for k, v in sorted(self.ratios.items())
+        ]
 
 
 def load_calibration(runs_dir: Path | None, table: Path | None = CALIBRATION_FILE) -> Calibration:
@@ -348,8 +373,11 @@ def calibrate_from_record(cal: Calibration, record: dict) -> None:
     peak_mb = (record.get("memory") or {}).get("peak_gpu_mb")
     estimate_gb = (record.get("resources") or {}).get("estimate_gb")
     if peak_mb and estimate_gb:  # measured peak / estimate: the GPU-memory estimator's calibration
-        cal.add((_main_model(cfg), device, "memory"), peak_mb / 1024 / float(estimate_gb),
-                f"run:{record.get('run_id', '?')}")
+        cal.add(
+            (_main_model(cfg), device, "memory"),
+            peak_mb / 1024 / float(estimate_gb),
+            f"run:{record.get('run_id', '?')}",
+        )
     startup = (record.get("telemetry") or {}).get("startup_s")
     if startup:  # process start → method start, from the run's telemetry
         cal.add(("*", device, "startup"), float(startup) / STARTUP_S, f"run:{record.get('run_id', '?')}")
@@ -362,8 +390,11 @@ def calibrate_from_record(cal: Calibration, record: dict) -> None:
             continue
         for s in stages:
             if pred[s] > 0:
-                cal.add((work[s].model or _main_model(cfg), device, s), measured[name] / predicted,
-                        f"run:{record.get('run_id', '?')}")
+                cal.add(
+                    (work[s].model or _main_model(cfg), device, s),
+                    measured[name] / predicted,
+                    f"run:{record.get('run_id', '?')}",
+                )
 
 
 def _main_model(cfg) -> str:
@@ -372,8 +403,8 @@ def _main_model(cfg) -> str:
 
 @dataclass
 class Prediction:
-    seconds: dict            # stage -> seconds
-    sources: dict            # stage -> "default" | "calibrated (n)"
+    seconds: dict  # stage -> seconds
+    sources: dict  # stage -> "default" | "calibrated (n)"
     startup_s: float = STARTUP_S
 
     @property

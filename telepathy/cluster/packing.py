@@ -58,9 +58,13 @@ def split(jobs: list, config) -> tuple[list[list], list]:
 def resources(pack: list):
     """One GPU; the members' CPUs and host memory added up; the longest time limit."""
     first = pack[0].resources
-    return replace(first, cpus=sum(j.resources.cpus for j in pack), mem_gb=sum(j.resources.mem_gb for j in pack),
-                   timeout_min=max(j.resources.timeout_min for j in pack),
-                   estimate_gb=sum(j.resources.estimate_gb for j in pack))
+    return replace(
+        first,
+        cpus=sum(j.resources.cpus for j in pack),
+        mem_gb=sum(j.resources.mem_gb for j in pack),
+        timeout_min=max(j.resources.timeout_min for j in pack),
+        estimate_gb=sum(j.resources.estimate_gb for j in pack),
+    )
 
 
 def member_args(job) -> list[str]:

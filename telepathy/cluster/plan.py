@@ -49,10 +49,10 @@ class Job:
     gpus: int = 1
     mem_gb: float = 0.0
     priority: int = 0
-    after: tuple = ()            # phases that must finish first
+    after: tuple = ()  # phases that must finish first
     packable: bool = False
-    train_s: float = 0.0         # part of duration_s that scales with trainer.max_steps
-    params: tuple = ()           # (key, value) sweep parameters: for "fewer grid points"
+    train_s: float = 0.0  # part of duration_s that scales with trainer.max_steps
+    params: tuple = ()  # (key, value) sweep parameters: for "fewer grid points"
     run_dir: str = ""
 
 
@@ -68,8 +68,10 @@ def schedule(jobs: list[Job], n_gpus: int, gpu_mem_gb: float, pack_max: int = 1)
     """Priority list scheduling with dependencies, 1-/2-GPU jobs and memory-bounded packing."""
     too_big = [j.name for j in jobs if j.gpus > n_gpus]
     if too_big:
-        raise ConfigError(f"cluster.gpus={n_gpus} is not allowed for this plan; allowed: at least "
-                          f"{max(j.gpus for j in jobs)} (jobs {too_big[:3]} need more GPUs)")
+        raise ConfigError(
+            f"cluster.gpus={n_gpus} is not allowed for this plan; allowed: at least "
+            f"{max(j.gpus for j in jobs)} (jobs {too_big[:3]} need more GPUs)"
+        )
     pending = sorted(jobs, key=lambda j: (j.priority, -j.duration_s, j.name))
     phase_left = {}
     for j in jobs:
@@ -102,8 +104,10 @@ def schedule(jobs: list[Job], n_gpus: int, gpu_mem_gb: float, pack_max: int = 1)
         later = [s.end for s in running if s.end > t]
         if not later:
             blocked = ", ".join(sorted({p for j in pending for p in j.after if p not in phase_left}))
-            raise ConfigError(f"cluster.phases: jobs wait for phases that are not planned ({blocked}); "
-                              f"allowed: 'after' naming planned phases")
+            raise ConfigError(
+                f"cluster.phases: jobs wait for phases that are not planned ({blocked}); "
+                f"allowed: 'after' naming planned phases"
+            )
         t = min(later)
     return slots
 
@@ -111,9 +115,15 @@ def schedule(jobs: list[Job], n_gpus: int, gpu_mem_gb: float, pack_max: int = 1)
 def _place(job: Job, on_gpu: dict, gpu_mem_gb: float, pack_max: int) -> tuple | None:
     empty = [g for g, s in on_gpu.items() if not s]
     if job.gpus > 1 or not job.packable or pack_max <= 1:
-        return tuple(empty[:job.gpus]) if len(empty) >= job.gpus else None
-    shared = [g for g, s in on_gpu.items() if s and all(x.job.packable for x in s) and len(s) < pack_max
-              and sum(x.job.mem_gb for x in s) + job.mem_gb <= gpu_mem_gb]
+        return tuple(empty[: job.gpus]) if len(empty) >= job.gpus else None
+    shared = [
+        g
+        for g, s in on_gpu.items()
+        if s
+        and all(x.job.packable for x in s)
+        and len(s) < pack_max
+        and sum(x.job.mem_gb for x in s) + job.mem_gb <= gpu_mem_gb
+    ]
     # fill a GPU that already shares before opening an empty one (keeps whole GPUs for big jobs)
     shared.sort(key=lambda g: -sum(x.job.mem_gb for x in on_gpu[g]))
     choice = shared[:1] or empty[:1]
@@ -145,6 +155,7 @@ def occupancy(slots: list[Slot], n_gpus: int) -> list[float]:
 # ------------------------------------------------------------------------------------ verdict
 def cuts(jobs: list[Job], window_s: float, n_gpus: int, gpu_mem_gb: float, pack_max: int) -> list[str]:
     """What would make an over-long plan fit: fewer steps, fewer grid points, a phase later."""
+
     def span(js):
         return makespan(schedule(js, n_gpus, gpu_mem_gb, pack_max)) if js else 0.0
 
@@ -154,8 +165,10 @@ def cuts(jobs: list[Job], window_s: float, n_gpus: int, gpu_mem_gb: float, pack_
         for _ in range(20):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if span([_scale_train(j, mid) for j in jobs]) <= window_s else (lo, mid)
-        out.append(f"fewer steps: trainer.max_steps x {lo:.2f} in every training phase fits "
-                   f"({span([_scale_train(j, lo) for j in jobs]) / 3600:.1f} h)")
+        out.append(
+            f"fewer steps: trainer.max_steps x {lo:.2f} in every training phase fits "
+            f"({span([_scale_train(j, lo) for j in jobs]) / 3600:.1f} h)"
+        )
     best = None
     for phase in sorted({j.phase for j in jobs}):
         values: dict[str, list[str]] = {}
@@ -205,8 +218,10 @@ def check(cfg) -> None:
         check_range(cfg, f"cluster.phases.{name}.priority", integer=True)
         unknown = [p for p in (spec.get("after") or []) if p not in group_options("phase")]
         if unknown:
-            raise ConfigError(f"cluster.phases.{name}.after={list(spec.after)} is not allowed; allowed: "
-                              f"phases of conf/phase ({', '.join(group_options('phase'))})")
+            raise ConfigError(
+                f"cluster.phases.{name}.after={list(spec.after)} is not allowed; allowed: "
+                f"phases of conf/phase ({', '.join(group_options('phase'))})"
+            )
 
 
 def _compose(config_name: str, overrides: list[str], hydra_cfg: bool = False):
@@ -230,8 +245,9 @@ def expand(phase: str, config_name: str, overrides: list[str]) -> tuple[list[lis
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch], keys
 
 
-def phase_jobs(phase: str, overrides: list[str], device: str, cal, gpu_mem_gb: float, pack_max: int,
-               spec: dict, seen: set) -> tuple[list[Job], list[dict], int]:
+def phase_jobs(
+    phase: str, overrides: list[str], device: str, cal, gpu_mem_gb: float, pack_max: int, spec: dict, seen: set
+) -> tuple[list[Job], list[dict], int]:
     """(jobs to schedule, their descriptions, number already completed or planned by an earlier phase)
     of one phase; ``seen`` holds the run dirs planned so far (P1's bridge runs are also P3's)."""
     from telepathy.cluster import costs, resources
@@ -244,8 +260,11 @@ def phase_jobs(phase: str, overrides: list[str], device: str, cal, gpu_mem_gb: f
     job_list, keys = expand(phase, app, overrides)
     for job_overrides in job_list:
         cfg = _compose(app, [f"+phase={phase}", *job_overrides])
-        params = tuple((k.lstrip("+~"), v) for k, v in (o.split("=", 1) for o in job_overrides if "=" in o)
-                       if k.lstrip("+~") in keys)
+        params = tuple(
+            (k.lstrip("+~"), v)
+            for k, v in (o.split("=", 1) for o in job_overrides if "=" in o)
+            if k.lstrip("+~") in keys
+        )
         name = " ".join(f"{k}={v}" for k, v in params)
         if OmegaConf.select(cfg, "method.name") is None:  # benchmark app: both models on 1 GPU
             validate_gb = sum(resources._weights_gb(cfg[r]) for r in ("sender", "receiver"))
@@ -264,15 +283,36 @@ def phase_jobs(phase: str, overrides: list[str], device: str, cal, gpu_mem_gb: f
         if mem_ratio:  # measured peaks of this model on this device / their estimates, with the margin kept
             mem_gb = mem_gb * mem_ratio
         packable = gpus == 1 and mem_gb <= gpu_mem_gb / pack_max
-        job = Job(name=f"{phase}: {name}", phase=phase, duration_s=pred.total_s, gpus=gpus, mem_gb=mem_gb,
-                  priority=int(spec.get("priority", 99)), after=tuple(spec.get("after") or ()),
-                  packable=packable, train_s=pred.seconds.get("train", 0.0), params=params, run_dir=rdir)
+        job = Job(
+            name=f"{phase}: {name}",
+            phase=phase,
+            duration_s=pred.total_s,
+            gpus=gpus,
+            mem_gb=mem_gb,
+            priority=int(spec.get("priority", 99)),
+            after=tuple(spec.get("after") or ()),
+            packable=packable,
+            train_s=pred.seconds.get("train", 0.0),
+            params=params,
+            run_dir=rdir,
+        )
         jobs.append(job)
-        rows.append({"job": job.name, "phase": phase, "run_dir": rdir, "gpus": gpus, "mem_gb": round(mem_gb, 2),
-                     "estimate_gb": round(estimate_gb, 2), "mem_calibrated": bool(mem_ratio),
-                     "packable": packable, "predicted_s": round(pred.total_s, 1),
-                     "run_s": round(sum(pred.seconds.values()), 1),
-                     "stages_s": {k: round(v, 1) for k, v in pred.seconds.items()}, "sources": pred.sources})
+        rows.append(
+            {
+                "job": job.name,
+                "phase": phase,
+                "run_dir": rdir,
+                "gpus": gpus,
+                "mem_gb": round(mem_gb, 2),
+                "estimate_gb": round(estimate_gb, 2),
+                "mem_calibrated": bool(mem_ratio),
+                "packable": packable,
+                "predicted_s": round(pred.total_s, 1),
+                "run_s": round(sum(pred.seconds.values()), 1),
+                "stages_s": {k: round(v, 1) for k, v in pred.seconds.items()},
+                "sources": pred.sources,
+            }
+        )
     return jobs, rows, done
 
 
@@ -307,8 +347,15 @@ def gantt_png(slots: list[Slot], n_gpus: int, window_s: float, path: Path) -> Pa
             placed.append((s, k))
         height = 0.8 / max(1, len(tracks))
         for s, k in placed:
-            ax.barh(g - 0.4 + (k + 0.5) * height, (s.end - s.start) / 3600, left=s.start / 3600, height=height,
-                    color=colours[s.job.phase], edgecolor="black", linewidth=0.3)
+            ax.barh(
+                g - 0.4 + (k + 0.5) * height,
+                (s.end - s.start) / 3600,
+                left=s.start / 3600,
+                height=height,
+                color=colours[s.job.phase],
+                edgecolor="black",
+                linewidth=0.3,
+            )
     ax.axvline(window_s / 3600, color="red", linestyle="--", label="window")
     ax.set_yticks(range(n_gpus), [f"GPU {g}" for g in range(n_gpus)])
     ax.set_xlabel("hours")
@@ -341,8 +388,9 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
     names = group_options("phase") if names == ["all"] else names
     unknown = [n for n in names if n not in group_options("phase")]
     if unknown:
-        raise ConfigError(f"phase={','.join(unknown)} is not allowed; allowed: all, "
-                          f"{', '.join(group_options('phase'))}")
+        raise ConfigError(
+            f"phase={','.join(unknown)} is not allowed; allowed: all, {', '.join(group_options('phase'))}"
+        )
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         top = _compose("train", [o for o in rest if "," not in o])
@@ -355,8 +403,9 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
         for extra in sources[1:]:
             cal.merge(costs.load_calibration(extra, table=None))
         jobs, rows, done, seen = [], [], 0, set()
-        for name in sorted(names, key=lambda n: (int(OmegaConf.select(top, f"cluster.phases.{n}.priority",
-                                                                          default=99)), n)):
+        for name in sorted(
+            names, key=lambda n: (int(OmegaConf.select(top, f"cluster.phases.{n}.priority", default=99)), n)
+        ):
             spec = OmegaConf.to_container(OmegaConf.select(top, f"cluster.phases.{name}") or {}, resolve=True)
             j, r, d = phase_jobs(name, rest, device, cal, gpu_mem, pack_max, spec, seen)
             jobs, rows, done = jobs + j, rows + r, done + d
@@ -367,13 +416,26 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
     for row in rows:
         row.update(start_s=round(by_name[row["job"]].start, 1), gpu=list(by_name[row["job"]].gpus))
     phase_span = {p: max(s.end for s in slots if s.job.phase == p) for p in {s.job.phase for s in slots}}
-    result = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "phases": names, "overrides": rest,
-              "cluster": {"gpus": n_gpus, "gpu_mem_gb": gpu_mem, "window_h": window_s / 3600, "device": device,
-                          "pack_max": pack_max},
-              "makespan_s": round(span, 1), "fits": span <= window_s, "occupancy": [round(o, 3) for o in occ],
-              "phase_end_s": {p: round(v, 1) for p, v in sorted(phase_span.items())}, "completed_skipped": done,
-              "calibration": cal.to_table(), "jobs": rows,
-              "cuts": [] if span <= window_s else cuts(jobs, window_s, n_gpus, gpu_mem, pack_max)}
+    result = {
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "phases": names,
+        "overrides": rest,
+        "cluster": {
+            "gpus": n_gpus,
+            "gpu_mem_gb": gpu_mem,
+            "window_h": window_s / 3600,
+            "device": device,
+            "pack_max": pack_max,
+        },
+        "makespan_s": round(span, 1),
+        "fits": span <= window_s,
+        "occupancy": [round(o, 3) for o in occ],
+        "phase_end_s": {p: round(v, 1) for p, v in sorted(phase_span.items())},
+        "completed_skipped": done,
+        "calibration": cal.to_table(),
+        "jobs": rows,
+        "cuts": [] if span <= window_s else cuts(jobs, window_s, n_gpus, gpu_mem, pack_max),
+    }
     out_dir = Path(out_dir or Path(str(top.paths.output_dir)) / "plans" / time.strftime("%Y-%m-%d_%H-%M-%S"))
     write_json(out_dir / PLAN_FILE, result)
     write_text(out_dir / "gantt.md", gantt_table(slots, n_gpus) + "\n")
@@ -385,19 +447,27 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
 
 def render(plan: dict) -> str:
     c = plan["cluster"]
-    lines = [f"plan for {', '.join(plan['phases'])} on {c['gpus']} x {c['device']} ({c['gpu_mem_gb']:g} GB, "
-             f"up to {c['pack_max']} small runs per GPU), window {c['window_h']:g} h; nothing submitted", ""]
+    lines = [
+        f"plan for {', '.join(plan['phases'])} on {c['gpus']} x {c['device']} ({c['gpu_mem_gb']:g} GB, "
+        f"up to {c['pack_max']} small runs per GPU), window {c['window_h']:g} h; nothing submitted",
+        "",
+    ]
     width = max([len(r["job"]) for r in plan["jobs"]] + [3])
     lines.append(f"{'job':<{width}}  gpus  est GB  pack  predicted  start     stages (s; * = calibrated)")
     for r in plan["jobs"]:
         stages = " ".join(f"{k}={v:g}{'*' if r['sources'][k] != 'default' else ''}" for k, v in r["stages_s"].items())
         pack = "yes" if r["packable"] else "no"
-        lines.append(f"{r['job']:<{width}}  {r['gpus']:<4}  {r['mem_gb']:<6.1f}  {pack:<4}  "
-                     f"{_hms(r['predicted_s']):>9}  {_hms(r['start_s']):>8}  {stages}")
+        lines.append(
+            f"{r['job']:<{width}}  {r['gpus']:<4}  {r['mem_gb']:<6.1f}  {pack:<4}  "
+            f"{_hms(r['predicted_s']):>9}  {_hms(r['start_s']):>8}  {stages}"
+        )
     n_cal = sum(1 for r in plan["jobs"] if any(v != "default" for v in r["sources"].values()))
-    lines += ["", f"{len(plan['jobs'])} jobs ({plan['completed_skipped']} left out: completed, or the same run "
-              "in an earlier phase); "
-              f"{n_cal} with calibrated numbers, {len(plan['jobs']) - n_cal} on defaults only"]
+    lines += [
+        "",
+        f"{len(plan['jobs'])} jobs ({plan['completed_skipped']} left out: completed, or the same run "
+        "in an earlier phase); "
+        f"{n_cal} with calibrated numbers, {len(plan['jobs']) - n_cal} on defaults only",
+    ]
     for p, end in plan["phase_end_s"].items():
         lines.append(f"  {p:<14} done at {_hms(end)}")
     occ = ", ".join(f"GPU{g} {o:.0%}" for g, o in enumerate(plan["occupancy"]))
@@ -411,13 +481,21 @@ def render(plan: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m telepathy.plan", description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="*", help="+phase=all|p1_seeds,... and any config override "
-                        "(cluster.gpus=4 cluster.window_h=24 cluster.device=h100 task=sst2 ...)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="+phase=all|p1_seeds,... and any config override "
+        "(cluster.gpus=4 cluster.window_h=24 cluster.device=h100 task=sst2 ...)",
+    )
     parser.add_argument("--out", type=Path, help="folder for plan.json / gantt.png (default <outputs>/plans/<time>)")
     parser.add_argument("--json", action="store_true", help="print plan.json instead of the table")
-    parser.add_argument("--calibrate-from", type=Path, action="append", metavar="RUNS_DIR",
-                        help="folders of run dirs whose result.json calibrate the prediction "
-                             "(repeatable; default <outputs>/runs)")
+    parser.add_argument(
+        "--calibrate-from",
+        type=Path,
+        action="append",
+        metavar="RUNS_DIR",
+        help="folders of run dirs whose result.json calibrate the prediction (repeatable; default <outputs>/runs)",
+    )
     args = parser.parse_args(argv)
     try:
         plan = run(args.overrides, args.out, args.calibrate_from)
@@ -426,4 +504,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(plan, indent=2) if args.json else render(plan))
     return 0
-

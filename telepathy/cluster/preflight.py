@@ -60,7 +60,9 @@ def sinfo_nodes() -> tuple[list[Node], str | None] | None:
     if shutil.which("sinfo") is None:
         return None
     try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G"], capture_output=True, text=True, timeout=30, check=False)
+        out = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G"], capture_output=True, text=True, timeout=30, check=False
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return parse_sinfo(out.stdout) if out.returncode == 0 else None
@@ -77,11 +79,15 @@ def problems(requests: dict[str, object], partition: str | None, nodes: list[Nod
     for cls, r in requests.items():
         if any(n.cpus >= r.cpus and n.mem_mb >= r.mem_gb * 1024 and n.gpus >= r.gpus for n in usable):
             continue
-        largest = (f"{max((n.cpus for n in usable), default=0)} CPUs, "
-                   f"{max((n.mem_mb for n in usable), default=0) // 1024}G, "
-                   f"{max((n.gpus for n in usable), default=0)} GPUs")
-        out.append(f"array {cls} (--gpus-per-node={r.gpus} --cpus-per-task={r.cpus} --mem={r.mem_gb}G) fits no "
-                   f"node of partition {name or '(default)'} (at most {largest} per node)")
+        largest = (
+            f"{max((n.cpus for n in usable), default=0)} CPUs, "
+            f"{max((n.mem_mb for n in usable), default=0) // 1024}G, "
+            f"{max((n.gpus for n in usable), default=0)} GPUs"
+        )
+        out.append(
+            f"array {cls} (--gpus-per-node={r.gpus} --cpus-per-task={r.cpus} --mem={r.mem_gb}G) fits no "
+            f"node of partition {name or '(default)'} (at most {largest} per node)"
+        )
     return out
 
 
@@ -93,5 +99,8 @@ def check(requests: dict[str, object], partition: str | None) -> str | None:
     bad = problems(requests, partition, *found)
     if not bad:
         return None
-    return ("the cluster cannot run this launch; nothing was submitted: " + "; ".join(bad)
-            + " (lower cluster.mem_gb_per_gpu / cpus_per_gpu / single_model.*, or choose cluster.partition)")
+    return (
+        "the cluster cannot run this launch; nothing was submitted: "
+        + "; ".join(bad)
+        + " (lower cluster.mem_gb_per_gpu / cpus_per_gpu / single_model.*, or choose cluster.partition)"
+    )

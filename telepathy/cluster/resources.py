@@ -61,16 +61,16 @@ def models_used(cfg) -> list[str]:
     allowed = ["sender", "receiver", *group_options("model")]
     unknown = [e for e in entries if e not in allowed]
     if not entries or unknown:
-        raise ConfigError(f"method.models={entries} is not allowed; allowed: a non-empty list of "
-                          f"{', '.join(allowed)}")
+        raise ConfigError(f"method.models={entries} is not allowed; allowed: a non-empty list of {', '.join(allowed)}")
     return entries
 
 
 def _weights_gb(model_cfg) -> float:
     dtype = str(_get(model_cfg, "dtype", "auto"))
     if dtype not in BYTES:
-        raise ConfigError(f"{_get(model_cfg, 'role', 'model')}.dtype={dtype!r} is not allowed; "
-                          f"allowed: {', '.join(BYTES)}")
+        raise ConfigError(
+            f"{_get(model_cfg, 'role', 'model')}.dtype={dtype!r} is not allowed; allowed: {', '.join(BYTES)}"
+        )
     return float(model_cfg.num_params) * BYTES[dtype] / GB
 
 
@@ -136,9 +136,11 @@ class Estimate:
         return self.margin * (self.receiver_gb + self.bridge_gb + self.receiver_activations_gb)
 
     def describe(self) -> str:
-        return (f"{self.total_gb:.1f} GB = {self.margin:g} x (sender {self.sender_gb:.1f} + receiver "
-                f"{self.receiver_gb:.1f} + bridge/trainable {self.bridge_gb:.2f} + activations "
-                f"{self.activations_gb:.1f})")
+        return (
+            f"{self.total_gb:.1f} GB = {self.margin:g} x (sender {self.sender_gb:.1f} + receiver "
+            f"{self.receiver_gb:.1f} + bridge/trainable {self.bridge_gb:.2f} + activations "
+            f"{self.activations_gb:.1f})"
+        )
 
 
 def generation_tokens(cfg) -> int:
@@ -174,8 +176,9 @@ def estimate(cfg, per_device_batch: int | None = None) -> Estimate:
         if entry == "sender":
             # the sender's hidden states feed the bridge / probe: every layer is kept
             sender_gb += _weights_gb(model)
-            sender_act += _forward_activations_gb(model, max(train_batch, eval_batch), text_tokens,
-                                                  keep_all_layers=True)
+            sender_act += _forward_activations_gb(
+                model, max(train_batch, eval_batch), text_tokens, keep_all_layers=True
+            )
             continue
         # the receiver and any named model live on the receiver's device
         receiver_gb += _weights_gb(model)
@@ -289,14 +292,17 @@ def plan(cfg) -> Resources:
     else:
         split = ""
         if split_possible:
-            split = (f" nor two (sender {est.sender_device_gb:.1f} GB on the first, receiver + bridge "
-                     f"{est.receiver_device_gb:.1f} GB on the second)")
+            split = (
+                f" nor two (sender {est.sender_device_gb:.1f} GB on the first, receiver + bridge "
+                f"{est.receiver_device_gb:.1f} GB on the second)"
+            )
         at_one = estimate(cfg, per_device_batch=1)
         raise ConfigError(
             f"resources: run needs an estimated {est.describe()} of GPU memory, which does not fit one "
             f"{gpu_mem:g} GB GPU (cluster.gpu_mem_gb){split}; at per-device training batch 1 it would need "
             f"{at_one.describe()}; lower the batch_by_size caps, eval.batch_size or task.max_input_tokens, "
-            f"or use bigger GPUs")
+            f"or use bigger GPUs"
+        )
 
     if len(set(roles)) == 1:
         cpus = int(_get(cfg, "cluster.single_model.cpus", 4))
@@ -306,5 +312,12 @@ def plan(cfg) -> Resources:
         mem_gb = gpus * int(_get(cfg, "cluster.mem_gb_per_gpu", 64))
     # host RAM must hold the weights while they load, the process, and any features kept in memory
     mem_gb = max(mem_gb, math.ceil(host_ram_gb(cfg)))
-    return Resources(gpus=gpus, cpus=cpus, mem_gb=mem_gb, timeout_min=timeout_min, placement=placement,
-                     estimate_gb=est.total_gb, device_gb=device_gb)
+    return Resources(
+        gpus=gpus,
+        cpus=cpus,
+        mem_gb=mem_gb,
+        timeout_min=timeout_min,
+        placement=placement,
+        estimate_gb=est.total_gb,
+        device_gb=device_gb,
+    )

@@ -39,9 +39,20 @@ from pathlib import Path
 from telepathy.cluster.sweep import MANIFEST
 from telepathy.results import RESULT_FILE
 
-LIVE = {"PENDING": "pending", "REQUEUED": "pending", "REQUEUE_HOLD": "pending", "REQUEUE_FED": "pending",
-        "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "SUSPENDED": "running",
-        "STOPPED": "running", "RESIZING": "running", "SIGNALING": "running", "STAGE_OUT": "running"}
+LIVE = {
+    "PENDING": "pending",
+    "REQUEUED": "pending",
+    "REQUEUE_HOLD": "pending",
+    "REQUEUE_FED": "pending",
+    "CONFIGURING": "running",
+    "RUNNING": "running",
+    "COMPLETING": "running",
+    "SUSPENDED": "running",
+    "STOPPED": "running",
+    "RESIZING": "running",
+    "SIGNALING": "running",
+    "STAGE_OUT": "running",
+}
 OOM_STATE = "OUT_OF_MEMORY"  # sacct: the job (or a step) was killed for exceeding its memory
 
 
@@ -149,8 +160,9 @@ def run_state(job: dict, live: dict[str, str] | None, finished: dict[str, str]) 
         record_oom(job["run_dir"], record, job_id)
         return "failed", f"SLURM killed job {job_id} for memory ({OOM_STATE}) (out of memory)"
     if status in ("running", "interrupted"):
-        return _started_state(job["run_dir"], status, finished.get(job_id) if job_id else None,
-                              gone=bool(job_id) and live is not None)
+        return _started_state(
+            job["run_dir"], status, finished.get(job_id) if job_id else None, gone=bool(job_id) and live is not None
+        )
     if job_id and job_id in finished and finished[job_id] not in LIVE:
         return "failed", f"SLURM job ended {finished[job_id]} without a result"
     if job_id and finished.get(job_id) in LIVE:
@@ -167,8 +179,11 @@ def _started_state(run_dir: str, status: str, ended: str | None, gone: bool) -> 
     from telepathy import runlock
 
     steps = sorted(Path(run_dir).glob("checkpoints/step_*"))
-    resume = (f"relaunch resumes from step {int(steps[-1].name.split('_')[1])}" if steps
-              else "relaunch starts it again (no checkpoint yet)")
+    resume = (
+        f"relaunch resumes from step {int(steps[-1].name.split('_')[1])}"
+        if steps
+        else "relaunch starts it again (no checkpoint yet)"
+    )
     beat = runlock.read_heartbeat(Path(run_dir))
     stale = runlock.staleness(beat)
     if stale:
@@ -191,8 +206,11 @@ def _progress(run_dir: str) -> str:
     p = progress(Path(run_dir))
     if not p:
         return ""
-    eta = f", ETA {int(p['eta_s']) // 3600}:{int(p['eta_s']) % 3600 // 60:02d}:{int(p['eta_s']) % 60:02d}" \
-        if p["eta_s"] is not None else ""
+    eta = (
+        f", ETA {int(p['eta_s']) // 3600}:{int(p['eta_s']) % 3600 // 60:02d}:{int(p['eta_s']) % 60:02d}"
+        if p["eta_s"] is not None
+        else ""
+    )
     return f" step {p['step']}/{p['max_steps'] or '?'}{eta}"
 
 
@@ -202,9 +220,15 @@ def record_oom(run_dir: str, record: dict, job_id: str) -> None:
 
     if not record or record.get("status") not in ("running", "interrupted"):
         return
-    write_json(Path(run_dir) / "result.json", {
-        **record, "status": "failed", "finished_at": now(),
-        "error": {"type": "SlurmOutOfMemory", "message": f"SLURM job {job_id} ended {OOM_STATE}", "oom": True}})
+    write_json(
+        Path(run_dir) / "result.json",
+        {
+            **record,
+            "status": "failed",
+            "finished_at": now(),
+            "error": {"type": "SlurmOutOfMemory", "message": f"SLURM job {job_id} ended {OOM_STATE}", "oom": True},
+        },
+    )
 
 
 def collect(output_dir: Path) -> list[dict]:
@@ -219,18 +243,37 @@ def collect(output_dir: Path) -> list[dict]:
         for job in manifest.get("jobs", []):
             state, detail = run_state(job, live, finished)
             seen.add(job["run_dir"])
-            rows.append({"phase": manifest.get("phase") or "-", "sweep": manifest.get("sweep_dir"),
-                         "launcher": manifest.get("launcher"), "run": Path(job["run_dir"]).name,
-                         "run_dir": job["run_dir"], "state": state, "detail": detail,
-                         "oom": "(out of memory)" in detail,
-                         "slurm_job_id": job.get("slurm_job_id"), "resources": job.get("resources")})
+            rows.append(
+                {
+                    "phase": manifest.get("phase") or "-",
+                    "sweep": manifest.get("sweep_dir"),
+                    "launcher": manifest.get("launcher"),
+                    "run": Path(job["run_dir"]).name,
+                    "run_dir": job["run_dir"],
+                    "state": state,
+                    "detail": detail,
+                    "oom": "(out of memory)" in detail,
+                    "slurm_job_id": job.get("slurm_job_id"),
+                    "resources": job.get("resources"),
+                }
+            )
     for run_dir in sorted((output_dir / "runs").glob("*")):
         if str(run_dir.resolve()) in seen or not run_dir.is_dir():
             continue
         state, detail = run_state({"run_dir": str(run_dir.resolve())}, None, {})
-        rows.append({"phase": "-", "sweep": None, "launcher": None, "run": run_dir.name,
-                     "run_dir": str(run_dir.resolve()), "state": state, "detail": detail,
-                     "slurm_job_id": None, "resources": None})
+        rows.append(
+            {
+                "phase": "-",
+                "sweep": None,
+                "launcher": None,
+                "run": run_dir.name,
+                "run_dir": str(run_dir.resolve()),
+                "state": state,
+                "detail": detail,
+                "slurm_job_id": None,
+                "resources": None,
+            }
+        )
     return rows
 
 
@@ -248,8 +291,10 @@ def render(rows: list[dict]) -> str:
         width = max(len(r["run"]) for r in members)
         for row in members:
             gpus = f"{row['resources']['gpus']}gpu" if row.get("resources") else ""
-            lines.append(f"  {row['state']:<9} {str(row['slurm_job_id'] or '-'):<12} {gpus:<5} "
-                         f"{row['run']:<{width}}  {row['detail']}")
+            lines.append(
+                f"  {row['state']:<9} {str(row['slurm_job_id'] or '-'):<12} {gpus:<5} "
+                f"{row['run']:<{width}}  {row['detail']}"
+            )
         lines.append("")
     return "\n".join(lines) if lines else "no runs found"
 
@@ -259,8 +304,11 @@ def _plan_report(output_dir: Path, plan_arg: str, rows: list[dict], phase: str |
 
     path = checklist.latest_plan(output_dir) if plan_arg == "latest" else Path(plan_arg)
     if path is None or not path.exists():
-        print(f"error: --plan={plan_arg} is not allowed; allowed: a plan.json (python -m telepathy.plan writes "
-              f"<outputs>/plans/<time>/plan.json)", file=sys.stderr)
+        print(
+            f"error: --plan={plan_arg} is not allowed; allowed: a plan.json (python -m telepathy.plan writes "
+            f"<outputs>/plans/<time>/plan.json)",
+            file=sys.stderr,
+        )
         return 2
     report = checklist.compare(json.loads(path.read_text()), rows, phase)
     print(json.dumps(report, default=str) if as_json else f"plan {path}\n" + checklist.render(report))
@@ -272,10 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output_dir", nargs="?", default="outputs", help="paths.output_dir (default: outputs)")
     parser.add_argument("--phase", help="only this phase (e.g. p1_seeds)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
-    parser.add_argument("--plan", nargs="?", const="latest", metavar="PLAN_JSON",
-                        help="compare with a plan (python -m telepathy.plan; default: the latest under "
-                             "<outputs>/plans): wall time and GPU utilisation per phase, OOMs, predicted vs "
-                             "actual, success metrics")
+    parser.add_argument(
+        "--plan",
+        nargs="?",
+        const="latest",
+        metavar="PLAN_JSON",
+        help="compare with a plan (python -m telepathy.plan; default: the latest under "
+        "<outputs>/plans): wall time and GPU utilisation per phase, OOMs, predicted vs "
+        "actual, success metrics",
+    )
     args = parser.parse_args(argv)
     rows = collect(Path(args.output_dir))
     if args.plan:

@@ -19,9 +19,10 @@ import shlex
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -57,9 +58,14 @@ class PlannedJob:
     def job_overrides(self) -> list[str]:
         """The sweep overrides plus the resource plan, which result.json records."""
         r = self.resources
-        extra = [f"++resources.gpus={r.gpus}", f"++resources.cpus={r.cpus}", f"++resources.mem_gb={r.mem_gb}",
-                 f"++resources.timeout_min={r.timeout_min}", f"++resources.estimate_gb={r.estimate_gb:.3f}",
-                 f"++resources.device_gb=[{','.join(f'{g:.3f}' for g in r.device_gb)}]"]
+        extra = [
+            f"++resources.gpus={r.gpus}",
+            f"++resources.cpus={r.cpus}",
+            f"++resources.mem_gb={r.mem_gb}",
+            f"++resources.timeout_min={r.timeout_min}",
+            f"++resources.estimate_gb={r.estimate_gb:.3f}",
+            f"++resources.device_gb=[{','.join(f'{g:.3f}' for g in r.device_gb)}]",
+        ]
         extra += [f"++resources.placement.{role}='{dev}'" for role, dev in r.placement.items()]
         if self.reuse_seeds:  # the run writes its record for these seeds too (telepathy/shared_runs.py)
             extra.append(f"++run.reuse_seeds=[{','.join(str(seed) for seed in self.reuse_seeds)}]")
@@ -82,8 +88,15 @@ def plan_job(idx: int, overrides: list[str], cfg, rerun: bool, alive: dict[str, 
         return plan_benchmark_job(idx, overrides, cfg)
     validate(cfg)
     rdir = str(run_dir(cfg))
-    job = PlannedJob(idx=idx, overrides=list(overrides), run_dir=rdir, state="queue", resources=resources.plan(cfg),
-                     share_key=_share_key(cfg), seed=cfg.get("seed"))
+    job = PlannedJob(
+        idx=idx,
+        overrides=list(overrides),
+        run_dir=rdir,
+        state="queue",
+        resources=resources.plan(cfg),
+        share_key=_share_key(cfg),
+        seed=cfg.get("seed"),
+    )
     if rerun:
         return job
     record = read_result(Path(rdir)) or {}
@@ -101,18 +114,31 @@ def plan_benchmark_job(idx: int, overrides: list[str], cfg) -> PlannedJob:
     from telepathy.cluster.resources import Resources
 
     if OmegaConf.select(cfg, "cluster") is None:
-        raise LaunchError("this app's config has no cluster group: add `+cluster=default` to the command "
-                          "(or `- cluster: default` to its defaults list)")
+        raise LaunchError(
+            "this app's config has no cluster group: add `+cluster=default` to the command "
+            "(or `- cluster: default` to its defaults list)"
+        )
     cluster = cfg.cluster
-    plan = Resources(gpus=1, cpus=int(cluster.cpus_per_gpu), mem_gb=int(cluster.mem_gb_per_gpu),
-                     timeout_min=int(cluster.timeout_min), placement={"sender": "cuda:0", "receiver": "cuda:0"})
+    plan = Resources(
+        gpus=1,
+        cpus=int(cluster.cpus_per_gpu),
+        mem_gb=int(cluster.mem_gb_per_gpu),
+        timeout_min=int(cluster.timeout_min),
+        placement={"sender": "cuda:0", "receiver": "cuda:0"},
+    )
     job_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
-    return PlannedJob(idx=idx, overrides=list(overrides), run_dir=str(job_dir), state="queue", resources=plan,
-                      kind="benchmark")
+    return PlannedJob(
+        idx=idx, overrides=list(overrides), run_dir=str(job_dir), state="queue", resources=plan, kind="benchmark"
+    )
 
 
-def plan(compose: Callable[[list[str]], Any], config, job_overrides: Sequence[Sequence[str]],
-         initial_job_idx: int, alive: dict[str, str]) -> list[PlannedJob]:
+def plan(
+    compose: Callable[[list[str]], Any],
+    config,
+    job_overrides: Sequence[Sequence[str]],
+    initial_job_idx: int,
+    alive: dict[str, str],
+) -> list[PlannedJob]:
     """Compose (``compose(overrides) -> cfg``), validate and plan every job; raise LaunchError listing every bad one.
 
     ``alive`` maps run dirs to the SLURM job still queued or running for them (``status.alive_runs``).
@@ -133,8 +159,9 @@ def plan(compose: Callable[[list[str]], Any], config, job_overrides: Sequence[Se
         else:
             first[job.run_dir] = job.idx
     if errors:
-        raise LaunchError(f"{len(errors)} of {len(job_overrides)} jobs are invalid; nothing was submitted:\n"
-                          + "\n".join(errors))
+        raise LaunchError(
+            f"{len(errors)} of {len(job_overrides)} jobs are invalid; nothing was submitted:\n" + "\n".join(errors)
+        )
     share_deterministic(planned)
     return planned
 
@@ -195,48 +222,81 @@ def describe(planned: list[PlannedJob], header: str) -> str:
     rows = [("#", "state", "gpus", "cpus", "mem", "time", "est GB", "GPU-h", "run", "overrides")]
     for j in planned:
         r = j.resources
-        state = {"queue": "queue", "skipped": "skip", "active": "active", "duplicate": "dup", "shared": "share"}[j.state]
-        rows.append((str(j.idx), state, str(r.gpus), str(r.cpus), f"{r.mem_gb}G", f"{r.timeout_min}m",
-                     "/".join(f"{g:.1f}" for g in r.device_gb), f"{r.gpu_hours:.1f}",
-                     Path(j.run_dir).name, " ".join(_filter(j.overrides))))
+        state = {"queue": "queue", "skipped": "skip", "active": "active", "duplicate": "dup", "shared": "share"}[
+            j.state
+        ]
+        rows.append(
+            (
+                str(j.idx),
+                state,
+                str(r.gpus),
+                str(r.cpus),
+                f"{r.mem_gb}G",
+                f"{r.timeout_min}m",
+                "/".join(f"{g:.1f}" for g in r.device_gb),
+                f"{r.gpu_hours:.1f}",
+                Path(j.run_dir).name,
+                " ".join(_filter(j.overrides)),
+            )
+        )
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
     lines = [header]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1] for row in rows]
     classes = group(j for j in planned if j.state == "queue")
     for name, jobs in classes.items():
         r = jobs[0].resources
-        lines.append(f"array {name}: {len(jobs)} jobs, --gpus-per-node={r.gpus} --cpus-per-task={r.cpus} "
-                     f"--mem={r.mem_gb}G --time={r.timeout_min}, up to "
-                     f"{sum(j.resources.gpu_hours for j in jobs):.1f} GPU-hours")
+        lines.append(
+            f"array {name}: {len(jobs)} jobs, --gpus-per-node={r.gpus} --cpus-per-task={r.cpus} "
+            f"--mem={r.mem_gb}G --time={r.timeout_min}, up to "
+            f"{sum(j.resources.gpu_hours for j in jobs):.1f} GPU-hours"
+        )
     n_queue = sum(j.state == "queue" for j in planned)
     total = sum(j.resources.gpu_hours for j in planned if j.state == "queue")
-    lines.append(f"total: {n_queue} to run in {len(classes)} arrays, "
-                 f"{sum(j.state == 'skipped' for j in planned)} skipped (completed), "
-                 f"{sum(j.state == 'active' for j in planned)} still queued/running, "
-                 f"{sum(j.state == 'duplicate' for j in planned)} duplicates, "
-                 f"{sum(j.state == 'shared' for j in planned)} shared (deterministic, computed once); "
-                 f"up to {total:.1f} GPU-hours (GPUs x time limit)")
+    lines.append(
+        f"total: {n_queue} to run in {len(classes)} arrays, "
+        f"{sum(j.state == 'skipped' for j in planned)} skipped (completed), "
+        f"{sum(j.state == 'active' for j in planned)} still queued/running, "
+        f"{sum(j.state == 'duplicate' for j in planned)} duplicates, "
+        f"{sum(j.state == 'shared' for j in planned)} shared (deterministic, computed once); "
+        f"up to {total:.1f} GPU-hours (GPUs x time limit)"
+    )
     return "\n".join(lines)
 
 
-def write_manifest(sweep_dir: Path, planned: list[PlannedJob], arrays: list[dict], phase_name: str | None,
-                   launcher: str) -> Path:
+def write_manifest(
+    sweep_dir: Path, planned: list[PlannedJob], arrays: list[dict], phase_name: str | None, launcher: str
+) -> Path:
     """Add this launch's arrays and jobs to ``<sweep_dir>/jobs.json`` (atomic write)."""
     from telepathy.results import write_json
 
     path = sweep_dir / MANIFEST
-    manifest = {"schema_version": MANIFEST_VERSION, "phase": phase_name, "launcher": launcher,
-                "sweep_dir": str(sweep_dir), "command": " ".join(shlex.quote(a) for a in sys.argv),
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "arrays": [], "jobs": []}
+    manifest = {
+        "schema_version": MANIFEST_VERSION,
+        "phase": phase_name,
+        "launcher": launcher,
+        "sweep_dir": str(sweep_dir),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "arrays": [],
+        "jobs": [],
+    }
     if path.exists():  # a sweeper that launches in batches: one manifest for the whole sweep
         manifest = json.loads(path.read_text())
     manifest["arrays"] += arrays
-    manifest["jobs"] += [{"idx": j.idx, "state": "queued" if j.state == "queue" else j.state,
-                          "reason": j.reason, "kind": j.kind, "run_dir": j.run_dir, "overrides": j.overrides,
-                          "shares": j.shares,
-                          "slurm_job_id": j.slurm_job_id,
-                          "resources": {**j.resources.to_dict(), "class": j.resources.class_name}}
-                         for j in planned]
+    manifest["jobs"] += [
+        {
+            "idx": j.idx,
+            "state": "queued" if j.state == "queue" else j.state,
+            "reason": j.reason,
+            "kind": j.kind,
+            "run_dir": j.run_dir,
+            "overrides": j.overrides,
+            "shares": j.shares,
+            "slurm_job_id": j.slurm_job_id,
+            "resources": {**j.resources.to_dict(), "class": j.resources.class_name},
+        }
+        for j in planned
+    ]
     write_json(path, manifest)
     return path
 
@@ -255,25 +315,38 @@ def launch_lock(output_dir: Path):
     """
     from telepathy.fsutil import file_lock
 
-    return file_lock(Path(output_dir) / LAUNCH_LOCK,
-                     waiting_message=f"another launch into {output_dir} is submitting; waiting for it to finish")
+    return file_lock(
+        Path(output_dir) / LAUNCH_LOCK,
+        waiting_message=f"another launch into {output_dir} is submitting; waiting for it to finish",
+    )
 
 
 def check_sweep_dir(sweep_dir: Path, written_by_this_launch: bool) -> None:
     """Refuse a sweep dir another launch already wrote a manifest into (two launches in the same instant)."""
     if (Path(sweep_dir) / MANIFEST).exists() and not written_by_this_launch:
-        raise LaunchError(f"sweep dir {sweep_dir} already holds another launch's {MANIFEST}; "
-                          f"nothing was submitted: launch again (the new launch gets a new dir)")
+        raise LaunchError(
+            f"sweep dir {sweep_dir} already holds another launch's {MANIFEST}; "
+            f"nothing was submitted: launch again (the new launch gets a new dir)"
+        )
 
 
-def partial_launch_error(err: BaseException, failed: str, n_failed: int, arrays: list[dict], manifest: Path,
-                         output_dir) -> LaunchError:
+def partial_launch_error(
+    err: BaseException, failed: str, n_failed: int, arrays: list[dict], manifest: Path, output_dir
+) -> LaunchError:
     """One line for an ``sbatch`` that failed after earlier arrays of the launch were queued."""
-    first = next((line.strip() for line in str(err).splitlines() if "error" in line.lower()),
-                 str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    first = next(
+        (line.strip() for line in str(err).splitlines() if "error" in line.lower()),
+        str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__,
+    )
     queued = sum(a["n_jobs"] for a in arrays)
     ids = " ".join(str(a["job_id"]) for a in arrays)
-    done = (f"{queued} jobs in {len(arrays)} arrays ({ids}) were queued before it and are recorded in {manifest} "
+    done = (
+        (
+            f"{queued} jobs in {len(arrays)} arrays ({ids}) were queued before it and are recorded in {manifest} "
             f"(`python -m telepathy.status {output_dir}` shows them, a relaunch leaves them alone; "
-            f"`scancel {ids}` cancels them)") if arrays else "nothing was queued"
+            f"`scancel {ids}` cancels them)"
+        )
+        if arrays
+        else "nothing was queued"
+    )
     return LaunchError(f"sbatch failed for array {failed} ({n_failed} jobs): {first}; {done}")

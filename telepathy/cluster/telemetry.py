@@ -39,8 +39,14 @@ class NvmlReader:
         count = pynvml.nvmlDeviceGetCount()
         if visible:
             ids = [v.strip() for v in visible.split(",") if v.strip()]
-            self.handles = [(pynvml.nvmlDeviceGetHandleByUUID(v) if v.startswith(("GPU-", "MIG-"))
-                             else pynvml.nvmlDeviceGetHandleByIndex(int(v))) for v in ids]
+            self.handles = [
+                (
+                    pynvml.nvmlDeviceGetHandleByUUID(v)
+                    if v.startswith(("GPU-", "MIG-"))
+                    else pynvml.nvmlDeviceGetHandleByIndex(int(v))
+                )
+                for v in ids
+            ]
         else:
             self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         if not self.handles:
@@ -51,8 +57,9 @@ class NvmlReader:
         for i, h in enumerate(self.handles):
             util = self._nvml.nvmlDeviceGetUtilizationRates(h)
             mem = self._nvml.nvmlDeviceGetMemoryInfo(h)
-            out.append({"gpu": i, "util_pct": float(util.gpu), "mem_mb": mem.used / 2**20,
-                        "mem_total_mb": mem.total / 2**20})
+            out.append(
+                {"gpu": i, "util_pct": float(util.gpu), "mem_mb": mem.used / 2**20, "mem_total_mb": mem.total / 2**20}
+            )
         return out
 
 
@@ -84,7 +91,7 @@ class Sampler:
         # process start → method start: imports, config, result record (the planner's start-up term)
         self.startup_s = max(0.0, time.time() - self.process.create_time())
 
-    def start(self) -> "Sampler":
+    def start(self) -> Sampler:
         self._thread.start()
         return self
 
@@ -119,21 +126,27 @@ class Sampler:
             if self._thread.is_alive():
                 self._thread.join(timeout=max(5.0, 2 * self.interval_s))
             self.sample_once()  # the last state, even for runs shorter than one interval
-            self._summary = {**summarise(self.samples, self.interval_s, self.unavailable),
-                             "startup_s": round(self.startup_s, 2)}
+            self._summary = {
+                **summarise(self.samples, self.interval_s, self.unavailable),
+                "startup_s": round(self.startup_s, 2),
+            }
         return self._summary
 
 
 def summarise(samples: list[dict], interval_s: float, unavailable: str | None = None) -> dict:
     """Mean / peak per GPU and for the host over all samples."""
+
     def stats(values):
         return (round(sum(values) / len(values), 2), round(max(values), 2)) if values else (None, None)
 
     rss_mean, rss_peak = stats([s["rss_mb"] for s in samples])
     cpu_mean, cpu_peak = stats([s["cpu_pct"] for s in samples])
-    out = {"file": TELEMETRY_FILE, "interval_s": interval_s, "n_samples": len(samples),
-           "host": {"rss_mean_mb": rss_mean, "rss_peak_mb": rss_peak, "cpu_mean_pct": cpu_mean,
-                    "cpu_peak_pct": cpu_peak}}
+    out = {
+        "file": TELEMETRY_FILE,
+        "interval_s": interval_s,
+        "n_samples": len(samples),
+        "host": {"rss_mean_mb": rss_mean, "rss_peak_mb": rss_peak, "cpu_mean_pct": cpu_mean, "cpu_peak_pct": cpu_peak},
+    }
     per_gpu: dict[int, list[dict]] = {}
     for s in samples:
         for g in s.get("gpus") or []:
@@ -142,8 +155,16 @@ def summarise(samples: list[dict], interval_s: float, unavailable: str | None = 
     for idx, rows in sorted(per_gpu.items()):
         util_mean, util_peak = stats([r["util_pct"] for r in rows])
         mem_mean, mem_peak = stats([r["mem_mb"] for r in rows])
-        gpus.append({"gpu": idx, "util_mean_pct": util_mean, "util_peak_pct": util_peak, "mem_mean_mb": mem_mean,
-                     "mem_peak_mb": mem_peak, "mem_total_mb": rows[-1].get("mem_total_mb")})
+        gpus.append(
+            {
+                "gpu": idx,
+                "util_mean_pct": util_mean,
+                "util_peak_pct": util_peak,
+                "mem_mean_mb": mem_mean,
+                "mem_peak_mb": mem_peak,
+                "mem_total_mb": rows[-1].get("mem_total_mb"),
+            }
+        )
     out["gpu_available"] = bool(gpus)
     out["gpus"] = gpus
     if not gpus:
@@ -157,8 +178,11 @@ class _Off:
     """Telemetry switched off (``cluster.telemetry_interval_s=0``)."""
 
     def stop(self) -> dict:
-        return {"gpu_available": False, "gpu_unavailable": "telemetry off (cluster.telemetry_interval_s=0)",
-                "n_samples": 0}
+        return {
+            "gpu_available": False,
+            "gpu_unavailable": "telemetry off (cluster.telemetry_interval_s=0)",
+            "n_samples": 0,
+        }
 
 
 def start(cfg, run_dir: Path, gpu_reader=None) -> Sampler | _Off:
