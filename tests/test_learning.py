@@ -7,21 +7,14 @@ seeds (benchmarks/README.md, "Robustness of short runs").
 
 import pytest
 
+from benchmarks.robustness import TEST_BUDGET
 from helpers import needs_data, results, run_train
 
 pytestmark = [needs_data, pytest.mark.slow]
 
 
 def test_bridge_on_sst2_beats_the_majority_class(outputs):
-    run_train(
-        "task.train_samples=480",
-        "task.test_samples=120",
-        "trainer.max_steps=60",
-        "trainer.lr=1e-3",
-        "trainer.eval_every=0",
-        "eval.receiver_zeroshot=false",
-        outputs=outputs,
-    )
+    run_train(*TEST_BUDGET, outputs=outputs)  # the robustness table's budget (benchmarks/robustness.py)
     (record,) = results(outputs)
     metrics = record["metrics"]
     assert record["status"] == "completed" and metrics["n_test"] == 120
