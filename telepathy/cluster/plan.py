@@ -385,8 +385,7 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
     phases_arg = [o for o in overrides if o.lstrip("+").startswith("phase=")]
     rest = [o for o in overrides if o not in phases_arg]
     names = phases_arg[-1].split("=", 1)[1].split(",") if phases_arg else ["all"]
-    names = group_options("phase") if names == ["all"] else names
-    unknown = [n for n in names if n not in group_options("phase")]
+    unknown = [n for n in names if n not in ["all", *group_options("phase")]]
     if unknown:
         raise ConfigError(
             f"phase={','.join(unknown)} is not allowed; allowed: all, {', '.join(group_options('phase'))}"
@@ -396,6 +395,8 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
         top = _compose("train", [o for o in rest if "," not in o])
         check(top)
         cl = top.cluster
+        if names == ["all"]:  # the plan's phases (cluster.phases); extensions such as p6_grid only by name
+            names = [str(n) for n in cl.phases]
         n_gpus, gpu_mem, pack_max, device = int(cl.gpus), float(cl.gpu_mem_gb), int(cl.pack_max), str(cl.device)
         window_s = float(cl.window_h) * 3600
         sources = calibrate_from or [Path(str(top.paths.output_dir)) / "runs"]
@@ -406,7 +407,8 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
         for name in sorted(
             names, key=lambda n: (int(OmegaConf.select(top, f"cluster.phases.{n}.priority", default=99)), n)
         ):
-            spec = OmegaConf.to_container(OmegaConf.select(top, f"cluster.phases.{name}") or {}, resolve=True)
+            node = OmegaConf.select(top, f"cluster.phases.{name}")  # a phase cluster.phases does not list: defaults
+            spec = OmegaConf.to_container(node, resolve=True) if node is not None else {}
             j, r, d = phase_jobs(name, rest, device, cal, gpu_mem, pack_max, spec, seen)
             jobs, rows, done = jobs + j, rows + r, done + d
     slots = schedule(jobs, n_gpus, gpu_mem, pack_max)
