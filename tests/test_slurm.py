@@ -222,7 +222,7 @@ def test_relaunching_a_finished_sweep_queues_nothing(launched):
     assert manifest["sweep_dir"] != first["sweep_dir"]
     assert [j["state"] for j in manifest["jobs"]] == ["skipped"] * 3
     assert manifest["arrays"] == []
-    assert _job_ids() == before
+    assert not _job_ids() - before  # nothing new queued (older jobs may leave sacct's one-hour window)
 
 
 def test_bad_config_queues_nothing(launched, tmp_path):
@@ -234,7 +234,7 @@ def test_bad_config_queues_nothing(launched, tmp_path):
     assert "1 of 2 jobs are invalid; nothing was submitted" in proc.stderr
     assert "sender.layer=99 is out of range" in proc.stderr
     assert not list(tmp_path.glob("sweeps/*/jobs.json"))
-    assert _job_ids() == before
+    assert not _job_ids() - before  # nothing new queued (older jobs may leave sacct's one-hour window)
 
 
 def test_two_small_runs_packed_on_one_gpu_both_complete(launched):
