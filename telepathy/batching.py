@@ -18,8 +18,7 @@ from telepathy.config import ConfigError
 
 
 def _models(cfg) -> list:
-    from telepathy.cluster.resources import models_used
-    from telepathy.config import model_config
+    from telepathy.config import model_config, models_used
 
     return [model_config(cfg, entry) for entry in dict.fromkeys(models_used(cfg))]
 

@@ -103,6 +103,18 @@ def num_latents(cfg) -> int:
     return math.ceil(cfg.task.max_input_tokens / cfg.compression)
 
 
+def models_used(cfg) -> list[str]:
+    """What the method loads (``method.models``, default both roles): ``sender``, ``receiver``,
+    or the name of a model config in ``conf/model/`` (single-model baselines, LLMLingua's scorer)."""
+    listed = OmegaConf.select(cfg, "method.models", default=None)
+    entries = [str(e) for e in (["sender", "receiver"] if listed is None else listed)]
+    allowed = ["sender", "receiver", *group_options("model")]
+    unknown = [e for e in entries if e not in allowed]
+    if not entries or unknown:
+        raise ConfigError(f"method.models={entries} is not allowed; allowed: a non-empty list of {', '.join(allowed)}")
+    return entries
+
+
 def uses_soft_tokens(cfg) -> bool:
     """Does the method give the receiver M soft tokens (``method.uses: [bridge]``)?
 

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from helpers import compose
-from telepathy.cluster.resources import GB, Resources, bridge_params, estimate, models_used, plan
-from telepathy.config import ConfigError, num_latents
+from telepathy.cluster.resources import GB, Resources, bridge_params, estimate, plan
+from telepathy.config import ConfigError, models_used, num_latents
 
 
 def test_weights_follow_num_params_and_dtype():

@@ -178,8 +178,7 @@ def _layers(model_cfg) -> int:
 
 def job_work(cfg, stats: dict | None = None) -> dict[str, Work]:
     """The work of each stage of the run ``cfg`` describes (train.py runs and latency benchmark jobs)."""
-    from telepathy.cluster.resources import models_used
-    from telepathy.config import model_config, uses_soft_tokens
+    from telepathy.config import model_config, models_used, uses_soft_tokens
 
     stats = stats or token_stats(cfg)
     task, method = cfg.task, str(OmegaConf.select(cfg, "method.name", default="latency"))

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from omegaconf import OmegaConf
 
 from telepathy import batching
-from telepathy.config import ConfigError, group_options, model_config, num_latents, uses_soft_tokens
+from telepathy.config import ConfigError, model_config, models_used, num_latents, uses_soft_tokens
 
 GB = 1024**3
 BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
@@ -52,17 +52,6 @@ FORWARD_BYTES_PER_TOKEN_HIDDEN = 16
 def _get(cfg, key: str, default=None):
     value = OmegaConf.select(cfg, key, default=default) if OmegaConf.is_config(cfg) else default
     return default if value is None else value
-
-
-def models_used(cfg) -> list[str]:
-    """What the method loads (``method.models``, default both roles): ``sender``, ``receiver``,
-    or the name of a model config in ``conf/model/`` (single-model baselines, LLMLingua's scorer)."""
-    entries = [str(e) for e in _get(cfg, "method.models", ["sender", "receiver"])]
-    allowed = ["sender", "receiver", *group_options("model")]
-    unknown = [e for e in entries if e not in allowed]
-    if not entries or unknown:
-        raise ConfigError(f"method.models={entries} is not allowed; allowed: a non-empty list of {', '.join(allowed)}")
-    return entries
 
 
 def _weights_gb(model_cfg) -> float:
