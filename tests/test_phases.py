@@ -123,7 +123,7 @@ def test_p4_times_the_plans_grid_with_the_trained_bridge_and_the_relay_baselines
     relay = OmegaConf.load(REPO / "conf" / "method" / "text_relay.yaml")
     assert _models(j) == PAPER_PAIR and j.sender.layer == 31 and j.batch_size == 8
     assert j.bridge_checkpoint == "auto" and j.num_inputs == 100
-    assert j.relay.max_new_tokens == relay.max_new_tokens and j.relay.instruction == relay.instruction
+    assert j.relay.max_new_tokens == relay.max_new_tokens and j.relay.instruction == j.task.prompt
 
 
 def test_p5_is_xsum_on_the_small_pair_with_both_zero_shots_and_two_gpus():
