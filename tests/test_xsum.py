@@ -119,9 +119,8 @@ def test_missing_xsum_folder_is_a_clear_error_not_another_data_set(tmp_path, out
     (tmp_path / "sst2").mkdir()  # a data root that has other tasks but no xsum
     proc = run_train(*TINY, *SMALL, outputs=outputs, check=False, env_extra={"TELEPATHY_DATA": tmp_path})
     assert proc.returncode != 0
-    assert "DataError" in proc.stderr and "xsum" in proc.stderr and "not found" in proc.stderr
-    [record] = results(outputs)
-    assert record["status"] == "failed" and record["error"]["type"] == "DataError"
+    assert "xsum" in proc.stderr and "not found" in proc.stderr
+    assert not results(outputs)  # checked before the run dir exists (telepathy/cli.py): no ghost run
 
 
 @pytest.mark.slow
