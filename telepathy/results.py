@@ -51,6 +51,7 @@ RUN_FIELDS = (
     "overrides",
     "env",
     "resources",
+    "batch",
     "reused_from",
     "memory",
     "error",
