@@ -8,8 +8,10 @@ what a bridge run does with them: the input statistics (``set_input_stats``) and
 epoch of collated batches. ``stream`` goes through the feature cache (``cache.mode=on``:
 written batch by batch, read back on demand); ``ram`` is ``cache.mode=off`` (every
 feature in memory, as the cache did before it streamed). Prints one JSON line: feature
-set size, RSS before encoding and peak RSS (``resource.getrusage``), in MB. Each mode
-must run in its own process (peak RSS only grows).
+set size, RSS before encoding and the peak RSS of the feature path, in MB. The peak is
+reset just before encoding (Linux ``/proc/self/clear_refs``), so a transient peak of the
+imports cannot hide the growth; where that reset is unavailable, each mode must run in
+its own process (peak RSS only grows).
 """
 
 from __future__ import annotations
@@ -32,8 +34,35 @@ from telepathy.features import cached_encode, collate  # noqa: E402
 from telepathy.models import LoadedModel  # noqa: E402
 
 
+def _status_mb(key: str) -> float | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    return None
+
+
+def reset_peak() -> bool:
+    """Reset the process's peak RSS (VmHWM) to its current RSS; False where Linux's clear_refs is unavailable."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
+    """Resident set size now (falls back to the peak where /proc is unavailable)."""
+    now = _status_mb("VmRSS")
+    return now if now is not None else peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KB
 
 
 def measure(mode: str, examples: int, tokens: int, hidden: int, batch: int, cache_dir: Path) -> dict:
@@ -61,7 +90,8 @@ def measure(mode: str, examples: int, tokens: int, hidden: int, batch: int, cach
     ids = torch.randint(1, 128, (examples, tokens)).tolist()
     model_cfg = OmegaConf.create({"name": "memory_probe", "random_init": True, "config_overrides": {"hidden": hidden}})
     cache_cfg = OmegaConf.create({"mode": "on" if mode == "stream" else "off", "dir": str(cache_dir)})
-    before = rss_mb()
+    reset = reset_peak()
+    before = rss_mb() if reset else peak_rss_mb()
     t0 = time.time()
     feats = cached_encode(lm, ids, [0], cache_cfg, model_cfg, batch_size=batch)[0]
     bridge = PerceiverBridge(hidden, 64, num_latents=4, dim=32, depth=1, heads=2)
@@ -76,8 +106,9 @@ def measure(mode: str, examples: int, tokens: int, hidden: int, batch: int, cach
         "hidden": hidden,
         "feature_mb": round(examples * tokens * hidden * 4 / 2**20, 1),
         "rss_before_mb": round(before, 1),
-        "peak_rss_mb": round(rss_mb(), 1),
-        "growth_mb": round(rss_mb() - before, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "growth_mb": round(peak_rss_mb() - before, 1),
+        "peak_reset": reset,
         "seconds": round(time.time() - t0, 2),
     }
 

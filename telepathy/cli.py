@@ -32,7 +32,7 @@ from omegaconf.errors import InterpolationResolutionError
 from telepathy import config as tconfig
 from telepathy import methods, tracking
 from telepathy.data import DataError, local_split
-from telepathy.models import ModelNotAvailableError, unavailable_message
+from telepathy.models import ModelNotAvailableError, stand_in_config, unavailable_message
 
 log = logging.getLogger("telepathy")
 
@@ -105,6 +105,10 @@ def _offline() -> bool:
 
 def _check_model(model_cfg) -> None:
     key = model_cfg.get("role", "model")
+    stand_in = stand_in_config(model_cfg)
+    if stand_in is not None:  # budget=tiny: the family is built offline with the stand-in's tokenizer
+        _check_model(stand_in)
+        return
     if model_cfg.get("path"):
         path = Path(model_cfg.path).expanduser()
         if not (path / "config.json").exists():

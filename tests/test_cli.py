@@ -42,11 +42,35 @@ def test_bad_value_of_one_multirun_job_leaves_no_run_dir(outputs):
 def test_missing_model_fails_in_one_line(outputs):
     line = _fails_in_one_line(
         run_train(
-            *TINY, "sender=llama32_1b", "paths.hf_cache_dir=" + str(outputs.parent / "hf"), outputs=outputs, check=False
+            *TINY,
+            "sender=llama32_1b",
+            "sender.stand_in=null",  # budget=tiny would build it offline from its family (the next test)
+            "paths.hf_cache_dir=" + str(outputs.parent / "hf"),
+            outputs=outputs,
+            check=False,
         ),
         outputs,
     )
     assert "model 'llama32_1b'" in line and "python -m telepathy.prepare sender=llama32_1b" in line
+
+
+def test_preflight_accepts_a_hub_only_model_that_budget_tiny_builds_from_its_stand_in(monkeypatch, tmp_path):
+    # before: under HF_HUB_OFFLINE=1 the preflight asked the hub cache for Llama-3.1-8B even though
+    # budget=tiny never loads it (2 random layers + the SmolLM2 tokenizer): every rehearsal job failed
+    from helpers import compose
+    from telepathy import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = compose("+phase=p1_seeds", *TINY, "paths.hf_cache_dir=" + str(tmp_path / "empty_hub_cache"))
+    assert (cfg.sender.name, cfg.receiver.name) == ("llama31_8b", "mistral7b")
+    cli.preflight(cfg)  # raises ModelNotAvailableError before the fix
+    with_own_weights = compose("+phase=p1_seeds", *TINY, "sender.stand_in=null", "paths.hf_cache_dir=" + str(tmp_path))
+    try:
+        cli.preflight(with_own_weights)
+    except cli.ModelNotAvailableError as err:
+        assert "python -m telepathy.prepare sender=llama31_8b" in str(err)
+    else:
+        raise AssertionError("a random_init model without a stand-in needs its hub config: preflight must say so")
 
 
 def test_missing_data_fails_in_one_line_and_full_error_shows_the_traceback(outputs, tmp_path):

@@ -140,6 +140,7 @@ def test_plan_cli_plans_a_phase_slice_on_the_cpu(tmp_path):
     assert [j["job"] for j in plan["jobs"]] == [
         "p1_seeds: method=bridge task=trec seed=42",
         "p1_seeds: method=zeroshot task=trec seed=42",
+        "p1_seeds: method=zeroshot_sender task=trec seed=42",  # P1 scores both models zero-shot
     ]
     assert plan["fits"] and plan["makespan_s"] > 0
     assert (tmp_path / "plan" / "gantt.png").stat().st_size > 0
