@@ -178,3 +178,25 @@ def test_a_run_too_big_even_at_batch_1_stops_with_the_estimate():
     [j] = jobs("p6_ablations", "+pair=medium", "seed=42", "cluster.gpu_mem_gb=10")
     with pytest.raises(ConfigError, match=r"at per-device training batch 1 it would need \d+\.\d GB"):
         resources.plan(j)
+
+
+# which app runs each phase file: benchmarks/latency.py for P4, train.py for the rest
+PHASE_APPS = {"p4_latency": "latency"}
+
+
+@pytest.mark.parametrize("phase", sorted(p.stem for p in (REPO / "conf" / "phase").glob("*.yaml")))
+def test_every_job_of_every_phase_passes_the_checks_a_launch_runs_first(phase):
+    # the in-process dry run of `-m +phase=<phase>`: every job of the full sweep composes, passes
+    # the validation that runs before a run dir exists (train.py) and gets a cluster request
+    app = PHASE_APPS.get(phase, "train")
+    seeds = grid(phase, app).get("seed")
+    # one seed of each: the seed selects no config group, so the others compose the same (seconds saved)
+    every = jobs(phase, *([f"seed={seeds[0]}"] if seeds else []), app=app)
+    assert every, phase
+    for cfg in every:
+        if app == "train":
+            validate(cfg)
+            request = resources.plan(cfg)
+            assert request.gpus >= 1 and request.mem_gb > 0 and request.timeout_min > 0, (phase, request)
+        else:
+            assert cfg.bridge_checkpoint == "auto" and cfg.sender.name == PAPER_PAIR[0]
