@@ -216,6 +216,22 @@ def attempts_seconds(record: dict) -> float | None:
     return sum(known) if known else None
 
 
+def record_cost(record: dict, default_gpus: float | None = None) -> tuple[float | None, float | None, int]:
+    """(wall seconds, GPU-hours, attempts) a run cost: the sum over every attempt it recorded; a
+    record without ``attempts`` (older code) is one attempt of ``timing.total_s`` x ``default_gpus``.
+    A reused run (deterministic method: ``reused_from``) copies its source's timing but computed
+    nothing: 0. None where unknown."""
+    if record.get("reused_from"):
+        return 0.0, 0.0, 0
+    if record.get("attempts"):
+        gpu_s = attempts_gpu_seconds(record, default_gpus)
+        return attempts_seconds(record), None if gpu_s is None else gpu_s / 3600, len(record["attempts"])
+    seconds = (record.get("timing") or {}).get("total_s")
+    if seconds is None:
+        return None, None, 0
+    return float(seconds), None if default_gpus is None else float(default_gpus) * float(seconds) / 3600, 1
+
+
 def attempts_gpu_seconds(record: dict, default_gpus: float | None = None) -> float | None:
     """GPU-seconds of every attempt (its GPUs, else ``default_gpus``, x its seconds); None if it
     recorded no attempt of known length or the GPUs of one are unknown."""

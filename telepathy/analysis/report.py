@@ -24,7 +24,7 @@ import pandas as pd
 
 from telepathy import analysis
 from telepathy.analysis.tables import jsonable, plain, to_markdown
-from telepathy.results import attempts_gpu_seconds, attempts_seconds
+from telepathy.results import record_cost
 
 MIN_SEEDS = 3
 
@@ -54,23 +54,18 @@ def computed_estimate_gb(run):
 
 
 def run_cost(run, gpus):
-    """(wall seconds, GPU-hours, attempts) of a run over every attempt it recorded (a resumed run
-    paid for each); a record without ``attempts`` (older code) is one attempt of ``timing.total_s``.
-    A reused run (deterministic method) copies its source's timing but computed nothing: 0."""
-    if analysis.is_reused(run):
-        return 0.0, 0.0, 0
+    """(wall seconds, GPU-hours, attempts) of a loaded run over every attempt it recorded
+    (``results.record_cost``); NaN where unknown."""
     attempts = run.get("attempts")
-    if isinstance(attempts, str):  # the loader keeps lists as JSON text
-        rec = {"attempts": json.loads(attempts)}
-        seconds = attempts_seconds(rec)
-        gpu_s = attempts_gpu_seconds(rec, None if analysis.is_missing(gpus) else gpus)
-        return (
-            np.nan if seconds is None else seconds,
-            np.nan if gpu_s is None else gpu_s / 3600,
-            len(rec["attempts"]),
-        )
-    seconds = run.get("timing.total_s", np.nan)
-    return seconds, np.nan if analysis.is_missing(seconds) else gpus * seconds / 3600, 1
+    seconds, hours, n = record_cost(
+        {
+            "reused_from": run.get("reused_from") if analysis.is_reused(run) else None,
+            "attempts": json.loads(attempts) if isinstance(attempts, str) else None,  # lists load as JSON text
+            "timing": {} if analysis.is_missing(run.get("timing.total_s")) else {"total_s": run["timing.total_s"]},
+        },
+        None if analysis.is_missing(gpus) else gpus,
+    )
+    return np.nan if seconds is None else seconds, np.nan if hours is None else hours, n
 
 
 def resource_table(runs):
