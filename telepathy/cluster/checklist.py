@@ -1,4 +1,5 @@
-"""The plan against what ran: per phase wall time, GPU utilisation, OOMs, predicted vs actual, success metrics.
+"""The plan against what ran: per phase wall time, GPU utilisation, OOMs, GPU-hours planned and used
+(every attempt; a run shared by phases counted once, in its first phase), predicted vs actual, success metrics.
 
     python -m telepathy.status outputs/ --plan                 # the latest <outputs>/plans/*/plan.json
     python -m telepathy.status outputs/ --plan path/plan.json --phase p1_seeds
