@@ -146,7 +146,9 @@ def attempt(status: str, started_at: str, seconds: float | None, *, gpus, job: s
     ``heartbeat`` (killed without a signal: its last heartbeat) or ``unknown``.
     """
     start = _epoch(started_at)
-    finished = None if seconds is None or start is None else _dt.datetime.fromtimestamp(start + seconds, _dt.timezone.utc)
+    finished = (
+        None if seconds is None or start is None else _dt.datetime.fromtimestamp(start + seconds, _dt.timezone.utc)
+    )
     return {
         "status": status,
         "started_at": started_at,

@@ -108,7 +108,12 @@ def test_gpu_hours_sum_every_attempt_and_a_run_shared_between_phases_counts_once
             {**job, "job": "p6_ablations: receiver=medium", "phase": "p6_ablations", "run_dir": bridge},
         ],
         "shared": [
-            {"job": "p3_baselines: method=bridge", "phase": "p3_baselines", "run_dir": bridge, "shared_with": "p1_seeds"}
+            {
+                "job": "p3_baselines: method=bridge",
+                "phase": "p3_baselines",
+                "run_dir": bridge,
+                "shared_with": "p1_seeds",
+            }
         ],
     }
     report = checklist.compare(plan, [])

@@ -282,7 +282,9 @@ def test_a_resumed_run_records_and_sums_every_attempt(tmp_path, monkeypatch):
             raise SystemExit("preempted")
         return {"predictions": None, "metrics": {"accuracy": 1.0}, "params": {}, "details": {}, "timing": {}}
 
-    monkeypatch.setattr(methods, "get", lambda name: types.SimpleNamespace(DETERMINISTIC=False, run=run, validate=lambda cfg: None))
+    monkeypatch.setattr(
+        methods, "get", lambda name: types.SimpleNamespace(DETERMINISTIC=False, run=run, validate=lambda cfg: None)
+    )
     with pytest.raises(KeyError) as killed:
         app.main(cfg)
     running = killed.value.args[0]
