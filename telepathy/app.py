@@ -6,7 +6,9 @@
    method, reuse a completed run of another seed with the same config (its whole record);
 4. run ``method=<name>``; write ``result.json`` on every exit path: completed,
    failed (error type, traceback, out-of-memory flag) or interrupted (preempted:
-   the requeued job resumes from the last checkpoint).
+   the requeued job resumes from the last checkpoint). ``attempts`` lists every attempt
+   of the run dir (earlier ones carried from the record found there), so a resumed run's
+   cost (``timing.all_attempts_s``) is the sum of them all, not only the last one.
 """
 
 from __future__ import annotations
@@ -29,7 +31,11 @@ from telepathy.models import LoadedModel, load_model, placement
 from telepathy.results import (
     PREDICTIONS_FILE,
     RESULT_FILE,
+    attempt,
+    attempts_seconds,
+    earlier_attempts,
     environment,
+    gpus_held,
     measured,
     now,
     peak_memory,
@@ -118,11 +124,11 @@ def main(cfg: DictConfig) -> dict | None:
     run_dir = _output_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     # one live job per run dir (a second one exits before writing) + heartbeat for `telepathy.status`
-    with runlock.hold(run_dir, float(OmegaConf.select(cfg, "run.heartbeat_s", default=30))):
-        return _run(cfg, run_dir)
+    with runlock.hold(run_dir, float(OmegaConf.select(cfg, "run.heartbeat_s", default=30))) as last_beat:
+        return _run(cfg, run_dir, last_beat)
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
+def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict | None:
     existing = read_result(run_dir)
     rerun = cfg.get("rerun")
     if existing and existing.get("status") == "completed" and rerun != "all":
@@ -168,7 +174,14 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
             share_result(cfg, done)
             return done["metrics"]
 
-    write_json(run_dir / RESULT_FILE, record("running", **base, started_at=started))
+    # every attempt of this run dir (preempted, killed, failed, resumed) counts for its cost; +rerun=all starts afresh
+    prior = [] if rerun == "all" else earlier_attempts(existing, last_beat)
+    gpus = gpus_held(base["resources"], base["env"])
+
+    def attempts(status: str, seconds: float | None) -> list[dict]:
+        return [*prior, attempt(status, started, seconds, gpus=gpus, job=runlock.job_id())]
+
+    write_json(run_dir / RESULT_FILE, record("running", **base, attempts=attempts("running", None), started_at=started))
     sampler = telemetry.start(cfg, run_dir)  # GPU / host usage → telemetry.jsonl, summary in the record
     batching.apply(cfg)
     try:
@@ -180,6 +193,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
             record(
                 "interrupted",
                 **base,
+                attempts=attempts("interrupted", time.time() - t0),
                 started_at=started,
                 finished_at=now(),
                 telemetry=sampler.stop(),
@@ -193,6 +207,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
             record(
                 "failed",
                 **base,
+                attempts=attempts("failed", time.time() - t0),
                 started_at=started,
                 finished_at=now(),
                 memory=peak_memory(),
@@ -209,10 +224,15 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
         raise
     if out["predictions"] is not None:
         write_jsonl(run_dir / PREDICTIONS_FILE, out["predictions"])
-    timing = {**out["timing"], "total_s": time.time() - t0, "started_at": started, "finished_at": now()}
+    total_s = time.time() - t0
+    runs = attempts("completed", total_s)
+    # total_s: this attempt (what the cost model calibrates on); all_attempts_s: what the run cost
+    timing = {**out["timing"], "total_s": total_s, "all_attempts_s": attempts_seconds({"attempts": runs})}
+    timing.update(started_at=started, finished_at=now())
     done = record(
         "completed",
         **base,
+        attempts=runs,
         metrics=out["metrics"],
         params=out["params"],
         **out["details"],

@@ -53,6 +53,7 @@ RUN_FIELDS = (
     "resources",
     "batch",
     "reused_from",
+    "attempts",
     "memory",
     "error",
     "telemetry",
@@ -129,6 +130,118 @@ def measured(record: dict) -> dict:
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _epoch(iso: str | None) -> float | None:
+    try:
+        return _dt.datetime.fromisoformat(iso).timestamp() if iso else None
+    except (TypeError, ValueError):
+        return None
+
+
+def attempt(status: str, started_at: str, seconds: float | None, *, gpus, job: str | None, end: str = "record") -> dict:
+    """One attempt of a run (one process that held its run dir): when, how long, where, on how many GPUs.
+
+    ``end`` says where ``finished_at`` comes from: ``record`` (the attempt wrote it),
+    ``heartbeat`` (killed without a signal: its last heartbeat) or ``unknown``.
+    """
+    start = _epoch(started_at)
+    finished = (
+        None if seconds is None or start is None else _dt.datetime.fromtimestamp(start + seconds, _dt.timezone.utc)
+    )
+    return {
+        "status": status,
+        "started_at": started_at,
+        "finished_at": finished.isoformat(timespec="seconds") if finished else None,
+        "seconds": None if seconds is None else round(float(seconds), 3),
+        "end": end if seconds is not None else "unknown",
+        "slurm_job_id": job,
+        "gpus": gpus,
+    }
+
+
+def gpus_held(resources: dict | None, env: dict | None) -> float | None:
+    """GPUs a run held: the launcher's ``resources.gpus``, else the GPUs it saw, else 0 on CPU; None if unknown."""
+    resources, env = resources or {}, env or {}
+    if resources.get("gpus") is not None:
+        return resources["gpus"]
+    if env.get("gpu_names"):
+        return len(env["gpu_names"])
+    return 0 if str(env.get("device") or "").startswith("cpu") else None
+
+
+def earlier_attempts(previous: dict | None, beat: dict | None) -> list[dict]:
+    """The attempts a resumed run inherits from the record it finds in its run dir, each closed.
+
+    Why: GPU time is spent by every attempt of a run that was preempted, killed or failed and
+    then resumed, not only by the one that completes; the cost of a run is their sum
+    (``attempts_seconds``). An attempt the previous record still shows as running was killed
+    without a signal (``kill -9``, OOM killer, node loss): it ended at its last heartbeat
+    (``beat``, read before this attempt's first beat replaces it). A record written before
+    attempts were kept stands for one attempt of its own start/finish times.
+    """
+    if not previous:
+        return []
+    attempts = [dict(a) for a in previous.get("attempts") or []]
+    if not attempts:  # an older record: one attempt, from its own times
+        start, end = _epoch(previous.get("started_at")), _epoch(previous.get("finished_at"))
+        attempts = [
+            attempt(
+                previous.get("status", "running"),
+                previous.get("started_at"),
+                None if start is None or end is None else end - start,
+                gpus=gpus_held(previous.get("resources"), previous.get("env")),
+                job=(previous.get("env") or {}).get("slurm_job_id"),
+            )
+        ]
+    last = attempts[-1]
+    if last.get("seconds") is None:  # still "running": killed without a signal
+        start = _epoch(last.get("started_at"))
+        beat_time = float((beat or {}).get("time", 0)) or None
+        seconds = max(0.0, beat_time - start) if start is not None and beat_time else None
+        status = previous.get("status")
+        attempts[-1] = attempt(
+            status if status in ("failed", "interrupted") else "interrupted",
+            last.get("started_at"),
+            seconds,
+            gpus=last.get("gpus"),
+            job=last.get("slurm_job_id"),
+            end="heartbeat",
+        )
+    return attempts
+
+
+def attempts_seconds(record: dict) -> float | None:
+    """Wall seconds of every attempt of a run (the measure GPU-hours multiply); None if it recorded none."""
+    attempts = record.get("attempts") or []
+    known = [float(a["seconds"]) for a in attempts if a.get("seconds") is not None]
+    return sum(known) if known else None
+
+
+def record_cost(record: dict, default_gpus: float | None = None) -> tuple[float | None, float | None, int]:
+    """(wall seconds, GPU-hours, attempts) a run cost: the sum over every attempt it recorded; a
+    record without ``attempts`` (older code) is one attempt of ``timing.total_s`` x ``default_gpus``.
+    A reused run (deterministic method: ``reused_from``) copies its source's timing but computed
+    nothing: 0. None where unknown."""
+    if record.get("reused_from"):
+        return 0.0, 0.0, 0
+    if record.get("attempts"):
+        gpu_s = attempts_gpu_seconds(record, default_gpus)
+        return attempts_seconds(record), None if gpu_s is None else gpu_s / 3600, len(record["attempts"])
+    seconds = (record.get("timing") or {}).get("total_s")
+    if seconds is None:
+        return None, None, 0
+    return float(seconds), None if default_gpus is None else float(default_gpus) * float(seconds) / 3600, 1
+
+
+def attempts_gpu_seconds(record: dict, default_gpus: float | None = None) -> float | None:
+    """GPU-seconds of every attempt (its GPUs, else ``default_gpus``, x its seconds); None if it
+    recorded no attempt of known length or the GPUs of one are unknown."""
+    timed = [a for a in record.get("attempts") or [] if a.get("seconds") is not None]
+    gpus = [a.get("gpus") if a.get("gpus") is not None else default_gpus for a in timed]
+    if not timed or any(g is None for g in gpus):
+        return None
+    return sum(float(g) * float(a["seconds"]) for g, a in zip(gpus, timed))
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

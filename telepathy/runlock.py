@@ -110,8 +110,12 @@ def _beat(run_dir: Path, interval_s: float, started: str) -> None:
 
 
 @contextlib.contextmanager
-def hold(run_dir: Path, interval_s: float = 30.0) -> Iterator[None]:
-    """Own ``run_dir`` for the ``with`` block: lock it (or raise RunLocked) and keep a heartbeat."""
+def hold(run_dir: Path, interval_s: float = 30.0) -> Iterator[dict | None]:
+    """Own ``run_dir`` for the ``with`` block: lock it (or raise RunLocked) and keep a heartbeat.
+
+    Yields the heartbeat the previous holder left (None if none): when that attempt was
+    killed without a signal, its last beat is when it ended (``results.earlier_attempts``).
+    """
     run_dir = Path(run_dir)
     with contextlib.ExitStack() as stack:
         try:
@@ -133,6 +137,7 @@ def hold(run_dir: Path, interval_s: float = 30.0) -> Iterator[None]:
                     f"{err}); this job exits without touching it"
                 ) from None
             log.warning("run-dir lock unavailable (%s); relying on the heartbeat", err)
+        previous = read_heartbeat(run_dir)
         started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         _beat(run_dir, interval_s, started)
         stop = threading.Event()
@@ -147,7 +152,7 @@ def hold(run_dir: Path, interval_s: float = 30.0) -> Iterator[None]:
         thread = threading.Thread(target=loop, name="telepathy-heartbeat", daemon=True)
         thread.start()
         try:
-            yield
+            yield previous
         finally:
             stop.set()
             thread.join(timeout=5)

@@ -45,7 +45,7 @@ def share_result(cfg, record: dict) -> list[Path]:
         write_json(
             run_dir / RESULT_FILE,
             {
-                **record,
+                **{k: v for k, v in record.items() if k != "attempts"},  # it computed nothing: no attempt to cost
                 "run_id": run_dir.name,
                 "run_dir": str(run_dir),
                 "seed": int(seed),

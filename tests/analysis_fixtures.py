@@ -29,6 +29,7 @@ def write_run(
     resources=None,
     config_extra=None,
     name=None,
+    attempts=None,
 ):
     """Write one run directory and return its path.
 
@@ -101,6 +102,8 @@ def write_run(
         "reused_from": str(reused_from) if reused_from else None,
         "error": error,
     }
+    if attempts is not None:
+        rec["attempts"] = attempts
     if has_bridge:
         rec["bridge"] = {
             "num_latents": num_latents or 8,

@@ -165,6 +165,23 @@ def test_accuracy_plot_bands_follow_the_ci(tmp_path):
     assert band.min() == pytest.approx(100 * bridge["ci_low"].min())
 
 
+def test_report_gpu_hours_sum_every_attempt_of_a_resumed_run(tmp_path):
+    """A run preempted after 1 h and resumed for 0.5 h cost 1.5 h, not the last attempt's 0.5 h."""
+    phase = tmp_path / "phase"
+    gpu = {"gpus": 2, "cpus": 16, "mem_gb": 128, "estimate_gb": 10.0, "placement": {}}
+    attempts = [
+        {"status": "interrupted", "seconds": 3600.0, "gpus": 2, "end": "heartbeat"},
+        {"status": "completed", "seconds": 1800.0, "gpus": 2, "end": "record"},
+    ]
+    write_run(phase, seed=0, resources=gpu, timing={"total_s": 1800.0, "all_attempts_s": 5400.0}, attempts=attempts)
+    write_run(phase, seed=1, resources=gpu, timing={"total_s": 1800.0})  # an older record: one attempt
+    md, rec = report.build_report(phase)
+    by_seed = {r["run_id"]: r for r in rec["runs"]}
+    assert by_seed["sst2-bridge-c4-s0"]["gpu_hours"] == pytest.approx(3.0)
+    assert by_seed["sst2-bridge-c4-s0"]["attempts"] == 2 and by_seed["sst2-bridge-c4-s0"]["total_s"] == 5400.0
+    assert rec["gpu_hours_total"] == pytest.approx(4.0)
+
+
 def test_report_counts_failures_gpu_hours_and_checks(tmp_path):
     phase = tmp_path / "phase1"
     gpu = {"gpus": 2, "cpus": 16, "mem_gb": 128, "estimate_gb": 10.0, "placement": {}}

@@ -258,6 +258,56 @@ def test_a_heartbeat_from_another_host_goes_stale_after_four_beats(tmp_path):
     assert runlock.staleness(beat, now=1000.0 + 4 * 30 + 1).startswith("no heartbeat for 121s from elsewhere")
 
 
+# --- the cost of a resumed run: every attempt counts --------------------------------------
+
+
+def test_a_resumed_run_records_and_sums_every_attempt(tmp_path, monkeypatch):
+    """kill -9, then preempted, then completed: the record keeps all three attempts (the killed
+    one ending at its last heartbeat) and timing.all_attempts_s is their sum; total_s stays the last."""
+    import types
+
+    from telepathy import app, methods, runlock
+    from telepathy.results import _epoch
+
+    cfg = compose(*TINY, "task=sst2", f"paths.output_dir={tmp_path / 'out'}", "cluster.telemetry_interval_s=0")
+    run_dir = app.tconfig.run_dir(cfg)
+    plan = iter(["kill -9", "preempted", "completed"])
+
+    def run(cfg, ctx):
+        what = next(plan)
+        time.sleep(0.2)
+        if what == "kill -9":  # what a SIGKILL leaves: the "running" record, a heartbeat 5 s after the start
+            raise KeyError(json.loads((ctx.run_dir / "result.json").read_text()))
+        if what == "preempted":
+            raise SystemExit("preempted")
+        return {"predictions": None, "metrics": {"accuracy": 1.0}, "params": {}, "details": {}, "timing": {}}
+
+    monkeypatch.setattr(
+        methods, "get", lambda name: types.SimpleNamespace(DETERMINISTIC=False, run=run, validate=lambda cfg: None)
+    )
+    with pytest.raises(KeyError) as killed:
+        app.main(cfg)
+    running = killed.value.args[0]
+    (run_dir / "result.json").write_text(json.dumps(running))
+    beat = {**runlock.read_heartbeat(run_dir), "time": _epoch(running["started_at"]) + 5.0}
+    (run_dir / runlock.HEARTBEAT_FILE).write_text(json.dumps(beat))
+    with pytest.raises(SystemExit):
+        app.main(cfg)
+    app.main(cfg)
+
+    done = json.loads((run_dir / "result.json").read_text())
+    attempts = done["attempts"]
+    assert [(a["status"], a["end"]) for a in attempts] == [
+        ("interrupted", "heartbeat"),
+        ("interrupted", "record"),
+        ("completed", "record"),
+    ]
+    assert attempts[0]["seconds"] == 5.0 and all(0.2 <= a["seconds"] < 5 for a in attempts[1:])
+    assert all(a["gpus"] == 0 for a in attempts)  # a CPU run
+    assert done["timing"]["total_s"] == pytest.approx(attempts[-1]["seconds"], abs=1e-3)
+    assert done["timing"]["all_attempts_s"] == pytest.approx(sum(a["seconds"] for a in attempts), abs=1e-3)
+
+
 # --- launches on the local SLURM cluster ------------------------------------------------
 
 

@@ -118,14 +118,14 @@ def test_generation_counts_decoding_and_token_counts_come_from_the_data():
     assert costs.job_work(compose("budget=tiny", "task=trec"))["decode"].bytes == 0
 
 
-@pytest.mark.slow  # imports torch + transformers in a subprocess: ~30 s on the shared 2-core machine
+@pytest.mark.slow  # imports torch + transformers in a subprocess, composes 11 jobs: ~35 s on 2 shared cores
 @needs_data
 def test_plan_cli_plans_a_phase_slice_on_the_cpu(tmp_path):
     args = [
         sys.executable,
         "-m",
         "telepathy.plan",
-        "+phase=p1_seeds",
+        "+phase=p1_seeds,p3_baselines",  # P3's bridge and zero-shot runs are P1's
         "budget=tiny",
         "task=trec",
         "seed=42",
@@ -137,11 +137,18 @@ def test_plan_cli_plans_a_phase_slice_on_the_cpu(tmp_path):
     proc = subprocess.run(args, cwd=REPO, env=run_env(tmp_path / "out"), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
-    assert [j["job"] for j in plan["jobs"]] == [
+    assert [j["job"] for j in plan["jobs"] if j["phase"] == "p1_seeds"] == [
         "p1_seeds: method=bridge task=trec seed=42",
         "p1_seeds: method=zeroshot task=trec seed=42",
         "p1_seeds: method=zeroshot_sender task=trec seed=42",  # P1 scores both models zero-shot
     ]
+    # a run two phases share is planned and costed once, in the first; the other lists it as shared
+    assert [(s["job"], s["shared_with"]) for s in plan["shared"]] == [
+        ("p3_baselines: method=bridge task=trec", "p1_seeds"),
+        ("p3_baselines: method=zeroshot task=trec", "p1_seeds"),
+    ]
+    assert not {s["run_dir"] for s in plan["shared"]} & {j["run_dir"] for j in plan["jobs"] if j["phase"] != "p1_seeds"}
+    assert "shared: p3_baselines: method=bridge task=trec is planned and costed in p1_seeds" in proc.stdout
     assert plan["fits"] and plan["makespan_s"] > 0
     assert (tmp_path / "plan" / "gantt.png").stat().st_size > 0
     assert "| GPU |" in (tmp_path / "plan" / "gantt.md").read_text()

@@ -4,8 +4,8 @@ numbers go in a paper.
     python -m telepathy.report outputs/phase1 [--metric accuracy] [--out DIR] [--check]
 
 Prints Markdown: runs by status; failed and unfinished runs with their error
-type; GPU-hours in total and per run; peak GPU memory per run against the
-planned estimate; GPU utilisation where a run recorded it; and the phase's
+type; GPU-hours in total and per run (every attempt of a resumed run counts);
+peak GPU memory per run against the planned estimate; GPU utilisation where a run recorded it; and the phase's
 success checks:
 
   all runs completed | no out-of-memory failure | a valid result.json for every
@@ -24,6 +24,7 @@ import pandas as pd
 
 from telepathy import analysis
 from telepathy.analysis.tables import jsonable, plain, to_markdown
+from telepathy.results import record_cost
 
 MIN_SEEDS = 3
 
@@ -52,6 +53,21 @@ def computed_estimate_gb(run):
     return float(resources.estimate(OmegaConf.create(config)).total_gb)
 
 
+def run_cost(run, gpus):
+    """(wall seconds, GPU-hours, attempts) of a loaded run over every attempt it recorded
+    (``results.record_cost``); NaN where unknown."""
+    attempts = run.get("attempts")
+    seconds, hours, n = record_cost(
+        {
+            "reused_from": run.get("reused_from") if analysis.is_reused(run) else None,
+            "attempts": json.loads(attempts) if isinstance(attempts, str) else None,  # lists load as JSON text
+            "timing": {} if analysis.is_missing(run.get("timing.total_s")) else {"total_s": run["timing.total_s"]},
+        },
+        None if analysis.is_missing(gpus) else gpus,
+    )
+    return np.nan if seconds is None else seconds, np.nan if hours is None else hours, n
+
+
 def resource_table(runs):
     """One row per run that has a result.json: GPU-hours, peak memory vs estimate, utilisation."""
     util_cols = [c for c in runs.columns if "util" in c.lower() and not c.startswith("config.")]
@@ -59,9 +75,7 @@ def resource_table(runs):
     for run in runs[runs["status"].isin(["completed", "failed", "interrupted", "running"])].to_dict("records"):
         reused = analysis.is_reused(run)
         gpus = gpu_count(run)
-        # a reused run copies its source's timing but computed nothing
-        total_s = 0.0 if reused else run.get("timing.total_s", np.nan)
-        hours = 0.0 if reused else np.nan if analysis.is_missing(total_s) else gpus * total_s / 3600
+        total_s, hours, n_attempts = run_cost(run, gpus)
         est, source = run.get("resources.estimate_gb", np.nan), "recorded"
         if analysis.is_missing(est) and not reused:
             try:
@@ -77,6 +91,7 @@ def resource_table(runs):
                 "status": run["status"],
                 "reused": reused,
                 "gpus": gpus,
+                "attempts": n_attempts,
                 "total_s": total_s,
                 "gpu_hours": hours,
                 "peak_gpu_gb": peak_gb,
@@ -182,6 +197,7 @@ def build_report(phase_dir, metric="accuracy"):
             "run",
             "status",
             "GPUs",
+            "attempts",
             "time (s)",
             "GPU-h",
             "peak GPU (GB)",
@@ -194,6 +210,7 @@ def build_report(phase_dir, metric="accuracy"):
                 r["run_id"] + (" (reused)" if r["reused"] else ""),
                 r["status"],
                 _num(r["gpus"], "g"),
+                str(r["attempts"]),
                 _num(r["total_s"], ".0f"),
                 _num(r["gpu_hours"], ".3f"),
                 _num(r["peak_gpu_gb"], ".2f"),
@@ -205,7 +222,8 @@ def build_report(phase_dir, metric="accuracy"):
             for r in res.to_dict("records")
         ]
         notes = [
-            "Reused runs (deterministic methods) computed nothing: 0 s, 0 GPU-h. Peak GPU memory is "
+            "Time and GPU-h sum every attempt of a run (a preempted, killed or failed run that resumed "
+            "paid for each). Reused runs (deterministic methods) computed nothing: 0 s, 0 GPU-h. Peak GPU memory is "
             "torch's max allocated, summed over devices; — = not recorded (CPU run or not measured)."
         ]
         notes.append("GPU utilisation: " + (", ".join(util_cols) if util_cols else "not recorded by these runs") + ".")

@@ -246,10 +246,20 @@ def expand(phase: str, config_name: str, overrides: list[str]) -> tuple[list[lis
 
 
 def phase_jobs(
-    phase: str, overrides: list[str], device: str, cal, gpu_mem_gb: float, pack_max: int, spec: dict, seen: set
+    phase: str,
+    overrides: list[str],
+    device: str,
+    cal,
+    gpu_mem_gb: float,
+    pack_max: int,
+    spec: dict,
+    seen: dict,
+    shared: list | None = None,
 ) -> tuple[list[Job], list[dict], int]:
     """(jobs to schedule, their descriptions, number already completed or planned by an earlier phase)
-    of one phase; ``seen`` holds the run dirs planned so far (P1's bridge runs are also P3's)."""
+    of one phase; ``seen`` maps the run dirs planned so far to their phase (P1's bridge runs are
+    also P3's): such a run is planned, and costs, once, in the phase that plans it first; this
+    phase lists it in ``shared`` (``shared_with`` that phase)."""
     from telepathy.cluster import costs, resources
     from telepathy.config import run_dir
     from telepathy.methods import validate
@@ -273,10 +283,12 @@ def phase_jobs(
             validate(cfg)
             res = resources.plan(cfg)
             gpus, mem_gb, rdir = res.gpus, res.estimate_gb, str(run_dir(cfg))
+            if rdir in seen and shared is not None:
+                shared.append({"job": f"{phase}: {name}", "phase": phase, "run_dir": rdir, "shared_with": seen[rdir]})
             if rdir in seen or (read_result(Path(rdir)) or {}).get("status") == "completed":
                 done += 1
                 continue
-            seen.add(rdir)
+            seen[rdir] = phase
         pred = costs.predict(cfg, device, cal)
         mem_ratio = cal.ratio((costs.model_key(cfg.receiver), device, "memory"))
         estimate_gb = mem_gb
@@ -403,13 +415,13 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
         cal = costs.load_calibration(sources[0])
         for extra in sources[1:]:
             cal.merge(costs.load_calibration(extra, table=None))
-        jobs, rows, done, seen = [], [], 0, set()
+        jobs, rows, done, seen, shared = [], [], 0, {}, []
         for name in sorted(
             names, key=lambda n: (int(OmegaConf.select(top, f"cluster.phases.{n}.priority", default=99)), n)
         ):
             node = OmegaConf.select(top, f"cluster.phases.{name}")  # a phase cluster.phases does not list: defaults
             spec = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-            j, r, d = phase_jobs(name, rest, device, cal, gpu_mem, pack_max, spec, seen)
+            j, r, d = phase_jobs(name, rest, device, cal, gpu_mem, pack_max, spec, seen, shared)
             jobs, rows, done = jobs + j, rows + r, done + d
     slots = schedule(jobs, n_gpus, gpu_mem, pack_max)
     span = makespan(slots)
@@ -436,6 +448,7 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
         "completed_skipped": done,
         "calibration": cal.to_table(),
         "jobs": rows,
+        "shared": shared,  # runs of a phase planned (and costed) in an earlier one: 0 here
         "cuts": [] if span <= window_s else cuts(jobs, window_s, n_gpus, gpu_mem, pack_max),
     }
     out_dir = Path(out_dir or Path(str(top.paths.output_dir)) / "plans" / time.strftime("%Y-%m-%d_%H-%M-%S"))
@@ -469,6 +482,10 @@ def render(plan: dict) -> str:
         f"{len(plan['jobs'])} jobs ({plan['completed_skipped']} left out: completed, or the same run "
         "in an earlier phase); "
         f"{n_cal} with calibrated numbers, {len(plan['jobs']) - n_cal} on defaults only",
+    ]
+    lines += [
+        f"  shared: {r['job']} is planned and costed in {r['shared_with']} (0 GPU-h here)"
+        for r in plan.get("shared", [])
     ]
     for p, end in plan["phase_end_s"].items():
         lines.append(f"  {p:<14} done at {_hms(end)}")
