@@ -2,12 +2,14 @@
 #              an already-installed torch, e.g. a cluster's CUDA build, is kept), every other
 #              package at the version pinned in constraints.txt
 # make lock    regenerate constraints.txt (pip-tools) after a dependency change in pyproject.toml
-# make test    the whole test suite (TELEPATHY_DATA defaults to ../shared/data)
+# make test    the whole test suite on TEST_WORKERS processes (pytest-xdist; SLURM tests share one worker)
 # make demo    python train.py: the offline demo run
 # make lint    ruff: lint and format check (pyproject.toml [tool.ruff]); make format applies both
 # make rehearsal  all six phases, narrowed, at budget=tiny on the SLURM cluster of SLURM_CONF, then aggregate
 PYTHON ?= python
 export TELEPATHY_DATA ?= $(abspath ../shared/data)
+# parallel test processes: 2 overlaps one test's subprocess start-up and SLURM polling with another's compute
+TEST_WORKERS ?= 2
 
 .PHONY: setup lock test test-fast lint format demo rehearsal slurm-up slurm-down
 
@@ -27,7 +29,7 @@ lock:
 	sed -i -E '/^(nvidia-[a-z0-9-]+|triton|cuda-[a-z0-9-]+)==/d' constraints.txt
 
 test:
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast:
 	$(PYTHON) -m pytest -m "not slow and not slurm"

@@ -9,6 +9,14 @@ import pytest
 from helpers import TINY, compose
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``make test``), every SLURM test runs on one worker, one after the
+    other: they share the one-node test cluster, and some assert which job ids are new."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 @pytest.fixture
 def outputs(tmp_path) -> Path:
     return tmp_path / "outputs"
