@@ -46,7 +46,7 @@ TRAIN_PHASES = {
     "p6_ablations": ["seed=42"],
 }
 # the latency job is planned from the cluster config alone (no weights term): give it room for torch
-LATENCY = ["compression=8", "eval.batch_size=4", "num_inputs=8", "warmup_batches=1", "cluster.mem_gb_per_gpu=4"]
+LATENCY = ["compression=8", "eval.batch_size=4", "iterations=2", "warmup_batches=1", "cluster.mem_gb_per_gpu=4"]
 DONE = {"completed", "skipped", "failed", "unknown"}
 
 

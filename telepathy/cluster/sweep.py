@@ -112,12 +112,14 @@ def plan_benchmark_job(idx: int, overrides: list[str], cfg) -> PlannedJob:
     """A job of another Hydra app on the same conf/ tree (benchmarks/latency.py): no method,
     so no run id to skip on; it gets one GPU and the per-GPU CPU/memory request."""
     from telepathy.cluster.resources import Resources
+    from telepathy.config import validate_latency
 
     if OmegaConf.select(cfg, "cluster") is None:
         raise LaunchError(
             "this app's config has no cluster group: add `+cluster=default` to the command "
             "(or `- cluster: default` to its defaults list)"
         )
+    validate_latency(cfg)
     cluster = cfg.cluster
     plan = Resources(
         gpus=1,
