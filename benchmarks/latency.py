@@ -3,8 +3,12 @@
     python benchmarks/latency.py -m compression=4,8,16,32 batch_size=1,4,8,16 [bridge_checkpoint=<run dir>]
 
 Each job loads the sender and receiver once and times three paths on the same
-``num_inputs`` test inputs, ``batch_size`` at a time, after ``warmup_batches``
-untimed batches of other inputs:
+``iterations`` batches of ``batch_size`` test inputs, after ``warmup_batches`` untimed
+batches of other inputs. ``iterations`` counts *calls* because latency percentiles are
+over calls (the plan times 100 per cell); when ``iterations x batch_size`` exceeds the
+distinct test inputs (``num_inputs``, or what the test split holds after the warm-up:
+SST-2's 872 items at batch 16 x 100), the inputs are cycled and each result.json says so
+(``latency.iterations``, ``distinct_inputs``, ``inputs_reused``):
 
 * bridge:     tokenise → sender forward (up to ``sender.layer``) → bridge → receiver answers
 * text_relay: the sender writes its message and the receiver answers from it, exactly as the accuracy
@@ -38,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from baselines.text_relay import relay_messages, relay_reader  # noqa: E402
 from telepathy.bridge import build_bridge, count_params  # noqa: E402
-from telepathy.config import num_latents, resolve_layer  # noqa: E402
+from telepathy.config import num_latents, resolve_layer, validate_latency  # noqa: E402
 from telepathy.data import Example, batches, load_split  # noqa: E402
 from telepathy.evaluation import text_prompt  # noqa: E402
 from telepathy.features import collate, encode, sender_prompts  # noqa: E402
@@ -167,13 +171,46 @@ class Paths:
     @torch.no_grad()
     def text_relay_path(self, chunk: list[Example], timer: Timer):
         messages = timer.stage("sender", lambda: relay_messages(self.sio, chunk, self.cfg.relay, len(chunk)))
-        self.lengths["relay_message_tokens"] += [len(self.sio.ids(m)) for m in messages.values()]
+        self.lengths["relay_message_tokens"] += [len(self.sio.ids(messages[ex.idx])) for ex in chunk]
         relayed = [Example(idx=ex.idx, text=messages[ex.idx]) for ex in chunk]
         return timer.stage("receiver", lambda: self.answer(self.read_relay(relayed)))
 
     @torch.no_grad()
     def direct_path(self, chunk: list[Example], timer: Timer):
         return timer.stage("receiver", lambda: self.answer(self.read_text(chunk)))
+
+
+def timed_inputs(cfg, batch_size: int) -> tuple[list[Example], list[Example], dict]:
+    """The warm-up inputs, the ``iterations x batch_size`` timed inputs and how they were drawn.
+
+    Warm-up and timed inputs are disjoint seeded test items (``data.sample_seed``). The timed
+    ones are ``num_inputs`` distinct items (null: as many as the iterations need), or all the
+    split holds after the warm-up when that is fewer; a shortfall is filled by cycling through
+    them again, never by shrinking the iterations: the timed calls are what the plan fixes.
+    """
+    n_warm = batch_size * int(cfg.warmup_batches)
+    wanted = int(cfg.iterations) * batch_size
+    distinct = min(wanted, int(cfg.num_inputs or wanted))
+    examples = load_split(cfg.task, cfg.data, "test", seed=cfg.data.sample_seed)  # the whole test split
+    if len(examples) > n_warm + distinct:  # a seeded subset, the same items for every job of the grid
+        examples = load_split(cfg.task, cfg.data, "test", cap=n_warm + distinct, seed=cfg.data.sample_seed)
+    if len(examples) <= n_warm:
+        raise ValueError(
+            f"the test split has {len(examples)} examples; warmup_batches={cfg.warmup_batches} x "
+            f"batch_size={batch_size} leaves none to time"
+        )
+    warmup, pool = examples[:n_warm], examples[n_warm:]
+    timed = [pool[i % len(pool)] for i in range(wanted)]
+    drawn = {"iterations": int(cfg.iterations), "distinct_inputs": len(pool), "inputs_reused": len(pool) < wanted}
+    if drawn["inputs_reused"]:
+        log.info(
+            "%d iterations x batch %d = %d timed inputs from %d distinct test items: cycling through them",
+            cfg.iterations,
+            batch_size,
+            wanted,
+            len(pool),
+        )
+    return warmup, timed, drawn
 
 
 def measure(run, warmup: list[Example], timed: list[Example], batch_size: int, devices) -> dict:
@@ -209,6 +246,7 @@ def measure(run, warmup: list[Example], timed: list[Example], batch_size: int, d
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
+    validate_latency(cfg)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     devices = placement(cfg)
     sender, receiver = load_model(cfg.sender, devices["sender"]), load_model(cfg.receiver, devices["receiver"])
@@ -216,13 +254,7 @@ def main(cfg: DictConfig) -> dict:
     m = num_latents(cfg)
     bridge, checkpoint = load_bridge(cfg, sender, receiver, m)
     bs = int(cfg.batch_size)
-    n_warm = bs * int(cfg.warmup_batches)
-    examples = load_split(cfg.task, cfg.data, "test", cap=cfg.num_inputs + n_warm, seed=cfg.data.sample_seed)
-    if len(examples) < cfg.num_inputs + n_warm:
-        raise ValueError(
-            f"the test split has {len(examples)} examples; num_inputs + warm-up need {cfg.num_inputs + n_warm}"
-        )
-    warmup, timed = examples[:n_warm], examples[n_warm:]
+    warmup, timed, drawn = timed_inputs(cfg, bs)
     paths = Paths(cfg, sender, receiver, bridge, layer)
     runners = {"bridge": paths.bridge_path, "text_relay": paths.text_relay_path, "direct": paths.direct_path}
     dev_list = list(devices.values())
@@ -231,7 +263,7 @@ def main(cfg: DictConfig) -> dict:
     paths.lengths["sender_tokens"] = paths.lengths["sender_tokens"][-len(timed) :]  # timed inputs only
     paths.lengths["relay_message_tokens"] = paths.lengths["relay_message_tokens"][-len(timed) :]
     mean_len = {k: float(np.mean(v)) for k, v in paths.lengths.items()}
-    direct_lens = [paths.rio.embed(paths.read_text([ex]))[2][0] for ex in timed]
+    direct_len = {ex.idx: paths.rio.embed(paths.read_text([ex]))[2][0] for ex in timed[: drawn["distinct_inputs"]]}
     info = {
         "device": {k: str(v) for k, v in devices.items()},
         "gpu": torch.cuda.get_device_name(devices["receiver"]) if devices["receiver"].type == "cuda" else None,
@@ -248,9 +280,10 @@ def main(cfg: DictConfig) -> dict:
         "num_latents": m,
         "sender_layer": layer,
         "answer": cfg.answer if cfg.answer == "score" else f"generate {cfg.answer_tokens} tokens",
+        **drawn,  # iterations, distinct_inputs, inputs_reused
         "mean_sender_tokens": mean_len["sender_tokens"],
         "mean_relay_message_tokens": mean_len["relay_message_tokens"],
-        "mean_direct_receiver_tokens": float(np.mean(direct_lens)),
+        "mean_direct_receiver_tokens": float(np.mean([direct_len[ex.idx] for ex in timed])),
         "bridge_receiver_tokens": paths.rio.embed(
             [paths.rio.fill(paths.template, torch.zeros(m, receiver.hidden_size, dtype=receiver.dtype))]
         )[2][0],
@@ -293,7 +326,9 @@ def main(cfg: DictConfig) -> dict:
 
     print(
         f"latency c{cfg.compression} batch {bs} on {info['device']['receiver']} "
-        f"({'trained' if checkpoint else 'UNTRAINED'} bridge, M={m}, answer: {info['answer']})"
+        f"({'trained' if checkpoint else 'UNTRAINED'} bridge, M={m}, answer: {info['answer']}; "
+        f"{drawn['iterations']} timed batches of {drawn['distinct_inputs']} distinct inputs"
+        f"{', cycled' if drawn['inputs_reused'] else ''})"
     )
     for name in PATHS:
         r = results[name]

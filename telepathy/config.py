@@ -63,6 +63,16 @@ def check_range(cfg, key: str, lo=None, hi=None, integer=False) -> None:
 _check_choice, _check_range = check_choice, check_range
 
 
+def validate_latency(cfg) -> None:
+    """The latency benchmark's own knobs (benchmarks/latency.py, conf/latency.yaml), checked
+    before a job runs and, on a cluster, before anything is submitted (``sweep.plan_benchmark_job``)."""
+    check_range(cfg, "iterations", lo=1, integer=True)
+    check_range(cfg, "warmup_batches", lo=0, integer=True)
+    check_range(cfg, "batch_size", lo=1, integer=True)
+    if OmegaConf.select(cfg, "num_inputs") is not None:
+        check_range(cfg, "num_inputs", lo=1, integer=True)
+
+
 def resolve_layer(layer: int, num_layers: int, key: str = "sender.layer") -> int:
     """Map a Hugging Face ``hidden_states`` index (negatives allowed) to 0..num_layers.
 

@@ -9,14 +9,20 @@ import math
 from helpers import TINY, needs_data, run_script
 from telepathy.analysis import load_runs
 
-LATENCY_TINY = [*TINY, "num_inputs=4", "warmup_batches=1", "relay.max_new_tokens=3"]
+LATENCY_TINY = [*TINY, "iterations=2", "warmup_batches=1", "relay.max_new_tokens=3"]
 
 
 @needs_data
 def test_latency_writes_one_valid_record_per_path(tmp_path):
     outputs = tmp_path / "outputs"
     proc = run_script(
-        "benchmarks/latency.py", *LATENCY_TINY, "batch_size=2", "answer=generate", "answer_tokens=2", outputs=outputs
+        "benchmarks/latency.py",
+        *LATENCY_TINY,
+        "batch_size=2",
+        "num_inputs=3",  # 2 iterations x batch 2 = 4 timed inputs from 3 distinct ones: cycled
+        "answer=generate",
+        "answer_tokens=2",
+        outputs=outputs,
     )
     assert "UNTRAINED bridge" in proc.stdout and "text_relay/bridge" in proc.stdout
     records = [json.loads(p.read_text()) for p in sorted((outputs / "benchmarks" / "latency").rglob("result.json"))]
@@ -37,6 +43,11 @@ def test_latency_writes_one_valid_record_per_path(tmp_path):
         }
         m = r["metrics"]
         assert m["n_examples"] == 4 and m["n_batches"] == 2
+        assert {k: r["latency"][k] for k in ("iterations", "distinct_inputs", "inputs_reused")} == {
+            "iterations": 2,
+            "distinct_inputs": 3,
+            "inputs_reused": True,
+        }
         assert 0 < m["p50_ms"] <= m["p90_ms"] <= m["p99_ms"]
         assert m["throughput_eps"] > 0 and math.isfinite(m["throughput_eps"])
         assert r["latency"]["bridge_trained"] is False
@@ -61,11 +72,19 @@ def test_latency_loads_a_trained_bridge_checkpoint(tmp_path):
     (run_dir,) = (tmp_path / "train" / "runs").iterdir()
     outputs = tmp_path / "outputs"
     proc = run_script(
-        "benchmarks/latency.py", *LATENCY_TINY, "batch_size=4", f"bridge_checkpoint={run_dir}", outputs=outputs
+        "benchmarks/latency.py",
+        *LATENCY_TINY,
+        "iterations=1",
+        "batch_size=4",
+        f"bridge_checkpoint={run_dir}",
+        outputs=outputs,
     )
     assert "trained bridge" in proc.stdout and "UNTRAINED" not in proc.stdout
     summary = json.loads(next((outputs / "benchmarks" / "latency").rglob("summary.json")).read_text())
     assert summary["info"]["bridge_trained"] and "step_00000002" in summary["info"]["bridge_checkpoint"]
+    # 1 iteration x batch 4 = 4 distinct inputs: none reused
+    assert (summary["info"]["iterations"], summary["info"]["distinct_inputs"]) == (1, 4)
+    assert summary["info"]["inputs_reused"] is False and summary["paths"]["bridge"]["n_batches"] == 1
 
 
 @needs_data

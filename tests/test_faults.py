@@ -325,9 +325,8 @@ TOO_BIG = [
     *TINY,
     "task=trec",
     "trainer.max_steps=2",
-    "receiver.num_params=1e10",
-    "sender.num_params=1e8,1e10",
-    "cluster.gpu_mem_gb=30",
+    "compression=8,1",  # 1 GPU, and 2 GPUs on a 1.05 GB "GPU" (test_slurm.GPU_SPLIT)
+    "cluster.gpu_mem_gb=1.05",
     "cluster.cpus_per_gpu=1",
     "cluster.mem_gb_per_gpu=150",
     "cluster.single_model.cpus=1",

@@ -14,7 +14,7 @@ from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from helpers import REPO
+from helpers import REPO, needs_data
 from telepathy import batching
 from telepathy.cluster import resources
 from telepathy.config import register_resolvers
@@ -122,8 +122,41 @@ def test_p4_times_the_plans_grid_with_the_trained_bridge_and_the_relay_baselines
     [j] = jobs("p4_latency", "compression=16", "eval.batch_size=8", app="latency")
     relay = OmegaConf.load(REPO / "conf" / "method" / "text_relay.yaml")
     assert _models(j) == PAPER_PAIR and j.sender.layer == 31 and j.batch_size == 8
-    assert j.bridge_checkpoint == "auto" and j.num_inputs == 100
+    # the plan's 100 timed iterations (batches) per cell, whatever the batch size
+    assert j.bridge_checkpoint == "auto" and j.iterations == 100 and j.num_inputs is None
     assert j.relay.max_new_tokens == relay.max_new_tokens and j.relay.instruction == j.task.prompt
+
+
+@needs_data
+def test_p4_cycles_the_test_set_when_100_batches_of_16_exceed_it():
+    """SST-2's test split has 872 items: 100 iterations x batch 16 = 1600 timed inputs reuse them."""
+    from benchmarks.latency import timed_inputs
+
+    [j] = jobs("p4_latency", "compression=8", "eval.batch_size=16", app="latency")
+    warmup, timed, drawn = timed_inputs(j, 16)
+    assert len(timed) == 100 * 16 and len(warmup) == 16 * j.warmup_batches
+    assert drawn == {"iterations": 100, "distinct_inputs": 872 - len(warmup), "inputs_reused": True}
+    assert not {ex.idx for ex in warmup} & {ex.idx for ex in timed}  # the warm-up stays on other inputs
+    pool = timed[: drawn["distinct_inputs"]]
+    assert len({ex.idx for ex in pool}) == len(pool) and timed == [pool[i % len(pool)] for i in range(1600)]
+    # a batch that fits the split: distinct inputs, nothing reused
+    [small] = jobs("p4_latency", "compression=8", "eval.batch_size=4", app="latency")
+    assert timed_inputs(small, 4)[2] == {"iterations": 100, "distinct_inputs": 400, "inputs_reused": False}
+
+
+def test_latency_knobs_are_checked_before_anything_is_submitted():
+    from telepathy.cluster.sweep import plan_benchmark_job
+    from telepathy.config import ConfigError
+
+    for bad, message in (
+        ("iterations=0", "iterations=0 is not allowed; allowed: an integer in [1, inf]"),
+        ("num_inputs=2.5", "num_inputs=2.5 is not allowed; allowed: an integer in [1, inf]"),
+        ("warmup_batches=-1", "warmup_batches=-1 is not allowed"),
+    ):
+        cfg = _compose("latency", ["+phase=p4_latency", "compression=8", "eval.batch_size=4", bad], hydra=True)
+        with pytest.raises(ConfigError) as err:
+            plan_benchmark_job(0, [bad], cfg)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
 def test_p5_is_xsum_on_the_small_pair_with_both_zero_shots_and_two_gpus():

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from helpers import compose
-from telepathy.cluster.resources import GB, Resources, bridge_params, estimate, plan
+from telepathy.cluster.resources import GB, HOST_BASE_GB, Resources, bridge_params, estimate, host_ram_gb, plan
 from telepathy.config import ConfigError, models_used, num_latents
 
 
@@ -53,7 +53,8 @@ def test_demo_pair_fits_one_gpu_with_both_models_on_it():
     assert res.gpus == 1
     assert res.placement == {"sender": "cuda:0", "receiver": "cuda:0"}
     assert res.cpus == cfg.cluster.cpus_per_gpu
-    assert res.mem_gb == cfg.cluster.mem_gb_per_gpu
+    assert cfg.cluster.mem_gb_per_gpu is None and res.mem_gb == math.ceil(host_ram_gb(cfg))  # the estimate
+    assert plan(compose("cluster.mem_gb_per_gpu=64")).mem_gb == 64  # a site's per-GPU floor
     assert res.timeout_min == cfg.cluster.timeout_min
     assert res.estimate_gb == pytest.approx(estimate(cfg).total_gb)
 
@@ -91,7 +92,15 @@ def test_single_model_method_gets_one_gpu_and_the_small_request():
     res = plan(cfg)
     assert res.gpus == 1 and res.placement == {"receiver": "cuda:0"}
     assert res.cpus == cfg.cluster.single_model.cpus
-    assert res.mem_gb == max(cfg.cluster.single_model.mem_gb, math.ceil(1.2 * est.receiver_gb + 4))
+    assert res.mem_gb == math.ceil(1.2 * est.receiver_gb + HOST_BASE_GB)
+    assert plan(compose("method=zeroshot", "receiver=mistral7b", "cluster.single_model.mem_gb=32")).mem_gb == 32
+
+
+def test_a_bad_host_ram_floor_is_refused_in_one_line():
+    with pytest.raises(
+        ConfigError, match=r"^cluster.mem_gb_per_gpu=0 is not allowed; allowed: a number in \[1, inf\]$"
+    ):
+        plan(compose("cluster.mem_gb_per_gpu=0"))
 
 
 def test_single_model_that_does_not_fit_is_an_error_not_a_split():
@@ -160,3 +169,41 @@ def test_prompt_tuning_counts_its_trained_soft_prompt():
     expected = num_latents(cfg) * cfg.receiver.hidden_size * 16 / GB
     assert estimate(cfg).bridge_gb == pytest.approx(expected)
     assert estimate(cfg).bridge_gb > 0
+
+
+def test_budget_tiny_is_planned_as_the_model_it_builds_not_the_paper_model():
+    """budget=tiny builds 2 layers of width 64 of the paper's families: GPU memory and the host-RAM
+    request follow that model (its parameters counted from the overridden shape), not the 8B facts."""
+    from telepathy.cluster.resources import built_shape
+
+    paper = compose("sender=llama31_8b", "receiver=mistral7b", "budget=paper")
+    tiny = compose("sender=llama31_8b", "receiver=mistral7b", "budget=tiny")
+    assert built_shape(paper.sender).num_params == paper.sender.num_params  # published facts: unchanged
+    assert plan(paper).mem_gb >= 38  # both 8B-class models' weights while they load
+    assert built_shape(tiny.sender).num_params < 1e7 and built_shape(tiny.sender).hidden_size == 64
+    est = estimate(tiny)
+    assert est.total_gb < 0.5 and est.sender_gb < 0.02  # was 36 GB: the 8B + 7B weights
+    assert host_ram_gb(tiny) < HOST_BASE_GB + 0.1  # the process, not 30 GB of weights
+    assert plan(tiny).mem_gb == math.ceil(host_ram_gb(tiny)) <= 5  # no per-GPU floor by default
+    zeroshot = plan(compose("method=zeroshot", "receiver=mistral7b", "budget=tiny"))
+    assert zeroshot.mem_gb <= 5 and zeroshot.estimate_gb < 0.5
+
+
+@pytest.mark.slow
+def test_built_shape_counts_the_parameters_of_the_model_load_model_builds():
+    """One tiny model per way a family counts: untied embeddings (mistral), q/k/v biases (qwen2),
+    tied embeddings and extra norms (gemma3)."""
+    from telepathy.cluster.resources import built_shape
+    from telepathy.models import load_model
+
+    families = compose("sender=qwen25_15b", "receiver=mistral7b", "budget=tiny")
+    gemma = compose("sender=gemma3_270m", "budget=tiny").sender
+    for model_cfg in (families.sender, families.receiver, gemma):
+        built = load_model(model_cfg).model
+        shape = built_shape(model_cfg)
+        assert shape.num_params == sum(p.numel() for p in built.parameters()), model_cfg.name
+        assert (shape.hidden_size, shape.num_layers, shape.vocab_size) == (
+            built.config.hidden_size,
+            built.config.num_hidden_layers,
+            built.config.vocab_size,
+        )

@@ -50,7 +50,8 @@ SMALL = [
     "cluster.pack_max=1",
 ]  # one run per job here; packing: test_packing.py
 SWEEP3 = ["-m", "hydra/launcher=slurm", *TINY, *SMALL, "task=sst2,agnews,trec", "trainer.max_steps=2"]
-# sender 0.1B + receiver 10B fit one 30 GB GPU; 10B + 10B need two
+# tiny models are planned as built (resources.built_shape): on a 1.05 GB "GPU", compression 8 fits one
+# (0.62 GB estimated) and compression 1 (M = 128 soft tokens: 1.16 GB; receiver side 0.98 GB) needs two
 GPU_SPLIT = [
     "-m",
     "hydra/launcher=slurm",
@@ -58,9 +59,8 @@ GPU_SPLIT = [
     *SMALL,
     "task=trec",
     "trainer.max_steps=2",
-    "receiver.num_params=1e10",
-    "sender.num_params=1e8,1e10",
-    "cluster.gpu_mem_gb=30",
+    "compression=8,1",
+    "cluster.gpu_mem_gb=1.05",
 ]
 # two tiny runs packed into one 1-GPU job (telepathy/cluster/packing.py)
 PACK = ["-m", "hydra/launcher=slurm", *TINY, *SMALL, "cluster.pack_max=2", "task=sst2,trec", "trainer.max_steps=2"]
@@ -169,11 +169,11 @@ def test_one_gpu_and_two_gpu_jobs_land_in_separate_arrays(launched):
     arrays = {a["resources"]["gpus"]: a for a in manifest["arrays"]}
     assert sorted(arrays) == [1, 2] and arrays[1]["job_id"] != arrays[2]["job_id"]
     by_gpus = {j["resources"]["gpus"]: j for j in manifest["jobs"]}
-    sender_params = {
-        gpus: float(next(o.split("=", 1)[1] for o in job["overrides"] if o.startswith("sender.num_params=")))
+    compression = {
+        gpus: int(next(o.split("=", 1)[1] for o in job["overrides"] if o.startswith("compression=")))
         for gpus, job in by_gpus.items()
     }
-    assert sender_params == {1: 1e8, 2: 1e10}
+    assert compression == {1: 8, 2: 1}
     for gpus, job in by_gpus.items():
         # submitit submits a one-task array as a plain job: "<id>" rather than "<id>_0"
         assert job["slurm_job_id"].split("_")[0] == arrays[gpus]["job_id"]

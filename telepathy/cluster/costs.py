@@ -197,9 +197,9 @@ def job_work(cfg, stats: dict | None = None) -> dict[str, Work]:
     eval_batch = int(OmegaConf.select(cfg, "eval.batch_size", default=16))
     work = {s: Work() for s in STAGES}
 
-    if method == "latency":  # benchmarks/latency.py: three paths on num_inputs items
+    if method == "latency":  # benchmarks/latency.py: three paths on iterations (+ warm-up) batches
         sender, receiver = cfg.sender, cfg.receiver
-        items = int(cfg.num_inputs) + int(cfg.warmup_batches) * int(cfg.batch_size)
+        items = (int(cfg.iterations) + int(cfg.warmup_batches)) * int(cfg.batch_size)
         _add(work["load"], bytes=_weight_bytes(sender) + _weight_bytes(receiver))
         _fwd(work["eval"], sender, items * t_in, items / int(cfg.batch_size))
         _fwd(

@@ -3,7 +3,8 @@
 ``estimate(cfg)`` adds up, in GB, from the config alone (nothing is loaded):
 
 * the frozen weights of each model the method uses (``num_params`` x bytes of
-  ``dtype``; ``auto`` is bfloat16 on a GPU);
+  ``dtype``; ``auto`` is bfloat16 on a GPU), of the model as built: ``random_init`` models
+  with ``config_overrides`` (``budget=tiny``) count their overridden shape (``built_shape``);
 * what training adds: the trainable parameters (the Perceiver bridge, LoRA
   adapters, ...) with their gradients and AdamW state in float32, and the
   activations kept for backward through the receiver;
@@ -36,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from omegaconf import OmegaConf
 
 from telepathy import batching
-from telepathy.config import ConfigError, model_config, models_used, num_latents, uses_soft_tokens
+from telepathy.config import ConfigError, check_range, model_config, models_used, num_latents, uses_soft_tokens
 
 GB = 1024**3
 BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
@@ -54,13 +55,63 @@ def _get(cfg, key: str, default=None):
     return default if value is None else value
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What a model config builds: parameters, width, depth and vocabulary."""
+
+    num_params: float
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+
+
+def built_shape(model_cfg) -> Shape:
+    """The model ``telepathy.models.load_model`` builds from ``model_cfg``, from the config alone.
+
+    The published facts of ``conf/model`` (``num_params``, ``hidden_size``, ...), unless the model
+    is built with ``random_init`` and ``config_overrides``: then its architecture is the facts with
+    the overrides applied, on the stand-in tokenizer's vocabulary when there is one, and its
+    parameters are counted from that shape. Why: ``budget=tiny`` builds 2 layers of width 64 of the
+    paper's families, and planning those as the 8B models they borrow the family of asked SLURM
+    for tens of GB of host RAM and GPU memory per rehearsal job.
+    """
+    over = dict(_get(model_cfg, "config_overrides", {}) or {}) if _get(model_cfg, "random_init", False) else {}
+    facts = {
+        "hidden_size": int(model_cfg.hidden_size),
+        "num_hidden_layers": int(model_cfg.num_layers),
+        "vocab_size": int(_get(model_cfg, "vocab_size", 0)),
+    }
+    if not over:
+        return Shape(float(model_cfg.num_params), *facts.values())
+    from telepathy.models import stand_in_config
+
+    stand_in = stand_in_config(model_cfg)
+    if stand_in is not None:  # the family is built on the stand-in's tokenizer (telepathy.models._family_config)
+        facts["vocab_size"] = int(stand_in.vocab_size)
+    facts.update({k: int(over[k]) for k in facts if k in over})
+    h, layers, vocab = facts.values()
+    heads = int(over.get("num_attention_heads", _get(model_cfg, "num_attention_heads", 1)))
+    kv_heads = int(over.get("num_key_value_heads", _get(model_cfg, "num_key_value_heads", heads)))
+    head_dim = int(over.get("head_dim", _get(model_cfg, "head_dim", None) or h // heads))
+    inter = int(over.get("intermediate_size", _get(model_cfg, "intermediate_size", 4 * h)))
+    tied = bool(over.get("tie_word_embeddings", _get(model_cfg, "tie_word_embeddings", False)))
+    attention = h * head_dim * 2 * (heads + kv_heads)  # q, o; k, v
+    if _get(model_cfg, "family") == "qwen2":
+        attention += head_dim * (heads + 2 * kv_heads)  # q/k/v biases
+    per_layer = attention + 3 * h * inter + 2 * h  # + gated MLP + two norms
+    if _get(model_cfg, "family") == "gemma3":
+        per_layer += 2 * h + 2 * head_dim  # two more norms; q/k norms
+    params = vocab * h * (1 if tied else 2) + layers * per_layer + h
+    return Shape(float(params), h, layers, vocab)
+
+
 def _weights_gb(model_cfg) -> float:
     dtype = str(_get(model_cfg, "dtype", "auto"))
     if dtype not in BYTES:
         raise ConfigError(
             f"{_get(model_cfg, 'role', 'model')}.dtype={dtype!r} is not allowed; allowed: {', '.join(BYTES)}"
         )
-    return float(model_cfg.num_params) * BYTES[dtype] / GB
+    return built_shape(model_cfg).num_params * BYTES[dtype] / GB
 
 
 def _dtype_bytes(model_cfg) -> int:
@@ -72,13 +123,14 @@ def bridge_params(cfg) -> int:
     of cross-attention + self-attention (4 d² each) + MLP (2 x mlp_ratio x d²)."""
     d = int(cfg.bridge.dim)
     blocks = int(cfg.bridge.depth) * (8 + 2 * float(_get(cfg, "bridge.mlp_ratio", 4.0))) * d * d
-    return int(num_latents(cfg) * d + cfg.sender.hidden_size * d + d * cfg.receiver.hidden_size + blocks)
+    widths = built_shape(cfg.sender).hidden_size + built_shape(cfg.receiver).hidden_size
+    return int(num_latents(cfg) * d + widths * d + blocks)
 
 
 def _forward_activations_gb(model_cfg, batch: int, tokens: int, keep_all_layers: bool) -> float:
     """Inference peak: one layer's buffers + the logits (+ every layer's hidden states for a sender)."""
-    h, layers, b = int(model_cfg.hidden_size), int(model_cfg.num_layers), _dtype_bytes(model_cfg)
-    vocab = int(_get(model_cfg, "vocab_size", 0))
+    shape, b = built_shape(model_cfg), _dtype_bytes(model_cfg)
+    h, layers, vocab = shape.hidden_size, shape.num_layers, shape.vocab_size
     kept = (layers + 1) * batch * tokens * h * b if keep_all_layers else 0
     transient = batch * tokens * h * FORWARD_BYTES_PER_TOKEN_HIDDEN
     logits = batch * tokens * vocab * 4
@@ -87,8 +139,8 @@ def _forward_activations_gb(model_cfg, batch: int, tokens: int, keep_all_layers:
 
 def _backward_activations_gb(model_cfg, batch: int, tokens: int) -> float:
     """Training peak through a frozen model: every layer's saved activations + fp32 logits and their grad."""
-    h, layers = int(model_cfg.hidden_size), int(model_cfg.num_layers)
-    vocab = int(_get(model_cfg, "vocab_size", 0))
+    shape = built_shape(model_cfg)
+    h, layers, vocab = shape.hidden_size, shape.num_layers, shape.vocab_size
     saved = layers * batch * tokens * h * BACKWARD_BYTES_PER_TOKEN_HIDDEN_LAYER
     logits = 2 * batch * tokens * vocab * 4
     return (saved + logits) / GB
@@ -181,12 +233,12 @@ def estimate(cfg, per_device_batch: int | None = None) -> Estimate:
         act = _forward_activations_gb(model, eval_batch, tokens, keep_all_layers=keep_all_layers)
         if entry == "receiver" and backprop:
             act = max(act, _backward_activations_gb(model, train_batch, tokens))
-            bridge_gb += trained_fraction * float(model.num_params) * TRAINABLE_BYTES_PER_PARAM / GB
+            bridge_gb += trained_fraction * built_shape(model).num_params * TRAINABLE_BYTES_PER_PARAM / GB
         receiver_act += act
     if feeds_bridge:
         bridge_gb += bridge_params(cfg) * TRAINABLE_BYTES_PER_PARAM / GB
     elif soft:  # prompt tuning: M trained receiver-sized vectors, with gradients and AdamW state
-        bridge_gb += num_latents(cfg) * int(cfg.receiver.hidden_size) * TRAINABLE_BYTES_PER_PARAM / GB
+        bridge_gb += num_latents(cfg) * built_shape(cfg.receiver).hidden_size * TRAINABLE_BYTES_PER_PARAM / GB
 
     margin = float(_get(cfg, "resources.margin", 1.25))
     if margin < 1:
@@ -222,12 +274,23 @@ def host_ram_gb(cfg) -> float:
     if probe:
         model = model_config(cfg, roles[0])
         layers = len(list(_get(cfg, "method.layers", [None])))
-        features += PROBE_COPIES * n * layers * int(model.hidden_size) * 4 / GB
+        features += PROBE_COPIES * n * layers * built_shape(model).hidden_size * 4 / GB
     reads_features = (uses_soft_tokens(cfg) and "sender" in roles) or probe
     if reads_features and str(_get(cfg, "cache.mode", "on")) == "off":
         model = model_config(cfg, "sender" if "sender" in roles else roles[0])
-        features += 2 * n * int(cfg.task.max_input_tokens) * int(model.hidden_size) * _dtype_bytes(model) / GB
+        hidden = built_shape(model).hidden_size
+        features += 2 * n * int(cfg.task.max_input_tokens) * hidden * _dtype_bytes(model) / GB
     return 1.2 * weights + HOST_BASE_GB + features
+
+
+def mem_request_gb(cfg, floor_key: str, gpus: int) -> int:
+    """Host RAM to request: the estimate (``host_ram_gb``: the weights while they load, the process,
+    any features kept in memory), at least ``gpus`` x the site's floor ``floor_key`` when it sets one
+    (null: the estimate alone, so a ``budget=tiny`` job asks for a few GB, not a paper job's share)."""
+    if OmegaConf.select(cfg, floor_key) is None:
+        return math.ceil(host_ram_gb(cfg))
+    check_range(cfg, floor_key, lo=1)
+    return max(math.ceil(gpus * float(OmegaConf.select(cfg, floor_key))), math.ceil(host_ram_gb(cfg)))
 
 
 @dataclass(frozen=True)
@@ -295,12 +358,10 @@ def plan(cfg) -> Resources:
 
     if len(set(roles)) == 1:
         cpus = int(_get(cfg, "cluster.single_model.cpus", 4))
-        mem_gb = int(_get(cfg, "cluster.single_model.mem_gb", 32))
+        mem_gb = mem_request_gb(cfg, "cluster.single_model.mem_gb", 1)
     else:
         cpus = gpus * int(_get(cfg, "cluster.cpus_per_gpu", 8))
-        mem_gb = gpus * int(_get(cfg, "cluster.mem_gb_per_gpu", 64))
-    # host RAM must hold the weights while they load, the process, and any features kept in memory
-    mem_gb = max(mem_gb, math.ceil(host_ram_gb(cfg)))
+        mem_gb = mem_request_gb(cfg, "cluster.mem_gb_per_gpu", gpus)
     return Resources(
         gpus=gpus,
         cpus=cpus,

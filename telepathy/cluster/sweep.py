@@ -110,19 +110,21 @@ def plan_job(idx: int, overrides: list[str], cfg, rerun: bool, alive: dict[str, 
 
 def plan_benchmark_job(idx: int, overrides: list[str], cfg) -> PlannedJob:
     """A job of another Hydra app on the same conf/ tree (benchmarks/latency.py): no method,
-    so no run id to skip on; it gets one GPU and the per-GPU CPU/memory request."""
-    from telepathy.cluster.resources import Resources
+    so no run id to skip on; it gets one GPU, the per-GPU CPUs and its host-RAM estimate."""
+    from telepathy.cluster.resources import Resources, mem_request_gb
+    from telepathy.config import validate_latency
 
     if OmegaConf.select(cfg, "cluster") is None:
         raise LaunchError(
             "this app's config has no cluster group: add `+cluster=default` to the command "
             "(or `- cluster: default` to its defaults list)"
         )
+    validate_latency(cfg)
     cluster = cfg.cluster
     plan = Resources(
         gpus=1,
         cpus=int(cluster.cpus_per_gpu),
-        mem_gb=int(cluster.mem_gb_per_gpu),
+        mem_gb=mem_request_gb(cfg, "cluster.mem_gb_per_gpu", 1),
         timeout_min=int(cluster.timeout_min),
         placement={"sender": "cuda:0", "receiver": "cuda:0"},
     )
