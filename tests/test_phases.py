@@ -232,4 +232,7 @@ def test_every_job_of_every_phase_passes_the_checks_a_launch_runs_first(phase):
             request = resources.plan(cfg)
             assert request.gpus >= 1 and request.mem_gb > 0 and request.timeout_min > 0, (phase, request)
         else:
+            from telepathy.config import validate_latency
+
+            validate_latency(cfg)
             assert cfg.bridge_checkpoint == "auto" and cfg.sender.name == PAPER_PAIR[0]
