@@ -166,3 +166,11 @@ def test_plan_cli_rejects_a_bad_cluster_value_in_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: cluster.gpus=0 is not allowed; allowed: an integer in [1, inf]"]
+
+
+def test_loading_a_budget_tiny_stand_in_costs_its_own_bytes_not_the_paper_models():
+    # before: the load stage of a tiny rehearsal job read 16 GB (Llama-3.1-8B's published size), so
+    # the planner over-predicted every rehearsal job by the minutes it takes to read that
+    paper, tiny = compose("sender=llama31_8b"), compose("sender=llama31_8b", "budget=tiny")
+    assert costs._weight_bytes(paper.sender) == pytest.approx(2 * 8.03e9, rel=0.01)
+    assert costs._weight_bytes(tiny.sender) < 50e6

@@ -146,7 +146,11 @@ class Work:
 
 
 def _n(model_cfg) -> float:
-    return float(model_cfg.num_params)
+    """Parameters of the model as built: budget=tiny's 2-layer stand-ins load megabytes, not the 16 GB
+    of the 8B model whose family they borrow (``resources.built_shape``)."""
+    from telepathy.cluster.resources import built_shape
+
+    return float(built_shape(model_cfg).num_params)
 
 
 def _weight_bytes(model_cfg) -> float:
