@@ -9,6 +9,7 @@ import pytest
 from helpers import TINY, compose
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the group into the node id
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``make test``), every SLURM test runs on one worker, one after the
     other: they share the one-node test cluster, and some assert which job ids are new."""

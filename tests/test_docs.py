@@ -39,7 +39,7 @@ CLI = {
 
 
 def doc_commands() -> list[tuple[str, str]]:
-    """(file:line, command) for every ``python ...`` command in docs/*.md."""
+    """(file:line, command) for every distinct ``python ...`` command in docs/*.md."""
     found = []
     for path in sorted((REPO / "docs").glob("*.md")):
         fenced = False
@@ -52,7 +52,8 @@ def doc_commands() -> list[tuple[str, str]]:
                 text = text.split(" #")[0].strip()
                 if text.startswith("python ") and "[" not in text and not re.search(r"\b[A-Z]+_[A-Z]+\b", text):
                     found.append((f"{path.name}:{number}", text.replace(" ...", "")))
-    return found
+    # a command quoted twice is run once (its first place): `plan +phase=all` alone plans ~200 jobs
+    return list({command: (where, command) for where, command in reversed(found)}.values())[::-1]
 
 
 COMMANDS = doc_commands()

@@ -13,6 +13,7 @@ from helpers import needs_data, results, run_train
 pytestmark = [needs_data, pytest.mark.slow]
 
 
+@pytest.mark.timeout(1800)  # 2-4 min alone; make test runs it beside another worker's tests
 def test_bridge_on_sst2_beats_the_majority_class(outputs):
     run_train(*TEST_BUDGET, outputs=outputs)  # the robustness table's budget (benchmarks/robustness.py)
     (record,) = results(outputs)

@@ -168,7 +168,7 @@ TOLERANCE = {"agnews": (0.65, 1.15), "xsum": (0.6, 1.15)}
 
 @pytest.mark.slow
 @needs_data
-@pytest.mark.parametrize("rate", [0.5, 0.25])
+@pytest.mark.parametrize("rate", [0.25])  # 0.5 also passes (ratios above); one rate keeps CI short
 def test_real_text_is_compressed_to_about_the_requested_rate(demo_compressor, rate):
     for dataset, column, n in [("agnews", "text", 6), ("xsum", "document", 2)]:
         texts = _texts(dataset, column, n)
