@@ -16,7 +16,7 @@ import torch
 from baselines.common import check_classification, evaluate_counted, inference_result
 from telepathy.config import ConfigError
 from telepathy.data import load_task
-from telepathy.evaluation import text_prompt
+from telepathy.evaluation import prediction_row, text_prompt
 from telepathy.methods import MethodOutput
 from telepathy.metrics import classification
 from telepathy.receiver import PromptIO
@@ -54,21 +54,17 @@ def run(cfg, ctx) -> MethodOutput:
     scores = [torch.tensor([member_rows[role][ex.idx]["scores"] for ex in test]) for role in MEMBERS]
     probs = average_probabilities(scores)
     preds = probs.argmax(-1).tolist()
-    rows = []
-    for ex, pred, p in zip(test, preds, probs.tolist()):
-        rows.append(
-            {
-                "idx": ex.idx,
-                "id": ex.id,
-                "label": ex.label,
-                "pred": pred,
-                "correct": pred == ex.label,
-                "scores": [round(v, 4) for v in p],
-                **{f"{role}_pred": member_rows[role][ex.idx]["pred"] for role in MEMBERS},
-                "sender_tokens": member_rows["sender"][ex.idx]["receiver_tokens"],
-                "receiver_tokens": member_rows["receiver"][ex.idx]["receiver_tokens"],
-            }
+    rows = [
+        prediction_row(
+            ex,
+            pred,
+            scores=[round(v, 4) for v in p],
+            **{f"{role}_pred": member_rows[role][ex.idx]["pred"] for role in MEMBERS},
+            sender_tokens=member_rows["sender"][ex.idx]["receiver_tokens"],
+            receiver_tokens=member_rows["receiver"][ex.idx]["receiver_tokens"],
         )
+        for ex, pred, p in zip(test, preds, probs.tolist())
+    ]
     metrics.update(classification([r["label"] for r in rows], preds, len(cfg.task.labels)))
     metrics["receiver_tokens_mean"] = sum(r["receiver_tokens"] for r in rows) / len(rows)
     metrics["sender_tokens_mean"] = sum(r["sender_tokens"] for r in rows) / len(rows)

@@ -184,42 +184,22 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
     write_json(run_dir / RESULT_FILE, record("running", **base, attempts=attempts("running", None), started_at=started))
     sampler = telemetry.start(cfg, run_dir)  # GPU / host usage → telemetry.jsonl, summary in the record
     batching.apply(cfg)
+
+    def ended(status: str, error: dict, **fields) -> None:
+        """The record of an attempt that did not complete (its time still counts: ``attempts``)."""
+        history = attempts(status, time.time() - t0)
+        fields.update(started_at=started, finished_at=now(), telemetry=sampler.stop(), error=error)
+        write_json(run_dir / RESULT_FILE, record(status, **base, attempts=history, **fields))
+
     try:
         with stop_on_signals():
             out = method.run(cfg, RunContext(cfg, run_dir, devices))
     except (SystemExit, KeyboardInterrupt) as stop:  # a signal (Ctrl-C, preemption): a requeued job resumes
-        write_json(
-            run_dir / RESULT_FILE,
-            record(
-                "interrupted",
-                **base,
-                attempts=attempts("interrupted", time.time() - t0),
-                started_at=started,
-                finished_at=now(),
-                telemetry=sampler.stop(),
-                error={"type": type(stop).__name__, "message": str(stop)},
-            ),
-        )
+        ended("interrupted", {"type": type(stop).__name__, "message": str(stop)})
         raise
     except BaseException as err:
-        write_json(
-            run_dir / RESULT_FILE,
-            record(
-                "failed",
-                **base,
-                attempts=attempts("failed", time.time() - t0),
-                started_at=started,
-                finished_at=now(),
-                memory=peak_memory(),
-                telemetry=sampler.stop(),
-                error={
-                    "type": type(err).__name__,
-                    "message": str(err),
-                    "traceback": traceback.format_exc(),
-                    "oom": _is_oom(err),
-                },
-            ),
-        )
+        error = {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()}
+        ended("failed", {**error, "oom": _is_oom(err)}, memory=peak_memory())
         log.error("run failed (%s: %s); record in %s", type(err).__name__, err, run_dir / RESULT_FILE)
         raise
     if out["predictions"] is not None:

@@ -43,23 +43,17 @@ def evaluate_classification(
                 rows += score_rows(chunk, io.score_labels(seqs, label_ids))
             else:
                 outputs = io.generate(seqs, max_new_tokens=eval_cfg.max_new_tokens)
-                for ex, text in zip(chunk, outputs):
-                    pred = parse_label(text, labels)
-                    rows.append(
-                        {
-                            "idx": ex.idx,
-                            "id": ex.id,
-                            "label": ex.label,
-                            "pred": pred,
-                            "correct": pred == ex.label,
-                            "output": text,
-                        }
-                    )
+                rows += [prediction_row(ex, parse_label(text, labels), output=text) for ex, text in zip(chunk, outputs)]
             bar.update(len(chunk))
     metrics = classification([r["label"] for r in rows], [r["pred"] for r in rows], len(labels))
     if eval_cfg.readout == "generate":
         metrics["unparseable"] = sum(r["pred"] == -1 for r in rows)
     return metrics, rows, time.time() - t0
+
+
+def prediction_row(ex: Example, pred: int, **extra) -> dict:
+    """One classification prediction as predictions.jsonl holds it (``extra``: scores, output, ...)."""
+    return {"idx": ex.idx, "id": ex.id, "label": ex.label, "pred": pred, "correct": pred == ex.label, **extra}
 
 
 def score_rows(examples: list[Example], scores: torch.Tensor) -> list[dict]:
@@ -71,14 +65,7 @@ def score_rows(examples: list[Example], scores: torch.Tensor) -> list[dict]:
     scores = scores.float().cpu()
     preds = scores.argmax(-1).tolist()
     return [
-        {
-            "idx": ex.idx,
-            "id": ex.id,
-            "label": ex.label,
-            "pred": pred,
-            "correct": pred == ex.label,
-            "scores": [round(v, 4) for v in s],
-        }
+        prediction_row(ex, pred, scores=[round(v, 4) for v in s])
         for ex, pred, s in zip(examples, preds, scores.tolist())
     ]
 
