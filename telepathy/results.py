@@ -165,7 +165,7 @@ def gpus_held(resources: dict | None, env: dict | None) -> float | None:
     resources, env = resources or {}, env or {}
     if resources.get("gpus") is not None:
         return resources["gpus"]
-    if env.get("gpu_names"):
+    if env.get("gpu_names") is not None:
         return len(env["gpu_names"])
     return 0 if str(env.get("device") or "").startswith("cpu") else None
 

@@ -24,22 +24,19 @@ import pandas as pd
 
 from telepathy import analysis
 from telepathy.analysis.tables import jsonable, plain, to_markdown
-from telepathy.results import record_cost
+from telepathy.results import gpus_held, record_cost
 
 MIN_SEEDS = 3
 
 
 def gpu_count(run):
-    """GPUs the run held: the launcher's plan, else the GPUs it saw, else 0 on CPU; NaN if unknown."""
-    if not analysis.is_missing(run.get("resources.gpus")):
-        return float(run["resources.gpus"])
+    """GPUs the run held (``results.gpus_held`` on a loaded run's flattened columns); NaN if unknown."""
     names = run.get("env.gpu_names")
-    if isinstance(names, str):
-        return float(len(json.loads(names)))
-    device = run.get("env.device")
-    if isinstance(device, str) and device.startswith("cpu"):
-        return 0.0
-    return np.nan
+    gpus = gpus_held(
+        {"gpus": None if analysis.is_missing(run.get("resources.gpus")) else run["resources.gpus"]},
+        {"gpu_names": json.loads(names) if isinstance(names, str) else None, "device": run.get("env.device")},
+    )
+    return np.nan if gpus is None else float(gpus)
 
 
 def computed_estimate_gb(run):
