@@ -28,13 +28,7 @@ sys.path.insert(0, str(REPO))
 from telepathy.results import write_json  # noqa: E402
 
 COMMON = ["+phase=p1_seeds", "budget=tiny"]
-SMALL = [
-    "cluster.cpus_per_gpu=1",
-    "cluster.mem_gb_per_gpu=1",
-    "cluster.single_model.cpus=1",
-    "cluster.single_model.mem_gb=1",
-    "cluster.pack_max=1",
-]
+SMALL = ["cluster=test_node", "cluster.pack_max=1"]  # conf/cluster/test_node.yaml: one CPU per job
 A = ["task=trec,sst2", "seed=42"]
 B = ["task=agnews,trec", "seed=123", "trainer.max_steps=12"]
 

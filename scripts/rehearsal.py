@@ -30,12 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 TINY = ["budget=tiny", "hydra/launcher=slurm"]
-# one CPU per job, so that the rehearsal's jobs share the one test node (its 8 CPUs) at once
-SMALL = [
-    "cluster.cpus_per_gpu=1",
-    "cluster.single_model.cpus=1",
-    "cluster.timeout_min=20",
-]
+# one CPU per job (conf/cluster/test_node.yaml), so that the rehearsal's jobs share the one test node at once
+SMALL = ["cluster=test_node", "cluster.timeout_min=20"]
 # phase → the slice it runs (command-line values narrow the phase's sweep)
 TRAIN_PHASES = {
     "p1_seeds": ["task=sst2", "seed=42"],

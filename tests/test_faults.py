@@ -327,9 +327,8 @@ TOO_BIG = [
     "trainer.max_steps=2",
     "compression=8,1",  # 1 GPU, and 2 GPUs on a 1.05 GB "GPU" (test_slurm.GPU_SPLIT)
     "cluster.gpu_mem_gb=1.05",
-    "cluster.cpus_per_gpu=1",
+    "cluster=test_node",
     "cluster.mem_gb_per_gpu=150",
-    "cluster.single_model.cpus=1",
 ]
 TWO_RUNS = [
     "-m",
@@ -337,10 +336,7 @@ TWO_RUNS = [
     *TINY,
     "task=sst2,trec",
     "trainer.max_steps=2",
-    "cluster.cpus_per_gpu=1",
-    "cluster.mem_gb_per_gpu=1",
-    "cluster.single_model.cpus=1",
-    "cluster.single_model.mem_gb=1",
+    "cluster=test_node",
 ]
 
 

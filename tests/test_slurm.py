@@ -42,13 +42,7 @@ SKIP_REASON = _slurm_missing()
 pytestmark = [pytest.mark.slurm, needs_data, pytest.mark.skipif(SKIP_REASON is not None, reason=SKIP_REASON or "")]
 
 # small requests so that every job of the module fits the test node at once
-SMALL = [
-    "cluster.cpus_per_gpu=1",
-    "cluster.mem_gb_per_gpu=1",
-    "cluster.single_model.cpus=1",
-    "cluster.single_model.mem_gb=1",
-    "cluster.pack_max=1",
-]  # one run per job here; packing: test_packing.py
+SMALL = ["cluster=test_node", "cluster.pack_max=1"]  # one run per job here; packing: test_packing.py
 SWEEP3 = ["-m", "hydra/launcher=slurm", *TINY, *SMALL, "task=sst2,agnews,trec", "trainer.max_steps=2"]
 # tiny models are planned as built (resources.built_shape): on a 1.05 GB "GPU", compression 8 fits one
 # (0.62 GB estimated) and compression 1 (M = 128 soft tokens: 1.16 GB; receiver side 0.98 GB) needs two
