@@ -103,6 +103,12 @@ def cap_words(text: str, max_words: int | None) -> tuple[str, bool]:
     return text[: words[max_words - 1].end()], True
 
 
+def truncated_items(examples: list[Example]) -> int:
+    """How many of ``examples`` ``task.max_text_words`` cut (``cap_words``): every method records
+    it as ``metrics.text_truncated_items``, so a table can say how much text its rows lost."""
+    return sum(bool(ex.extra.get("text_truncated")) for ex in examples)
+
+
 def load_split(task_cfg, data_cfg, split: str, cap: int | None = None, seed: int = 0) -> list[Example]:
     """Load ``split`` ("train" or "test", mapped through ``task.splits``) as Examples.
 

@@ -205,7 +205,7 @@ def test_llmlingua_run_matched_to_the_bridge_budget(outputs):
 
 @needs_data
 def test_sweep_mixes_bridge_and_baselines_on_the_same_items(outputs):
-    run_train("-m", *TINY, "method=bridge,zeroshot,ensemble", outputs=outputs)
+    run_train("-m", *TINY, "method=bridge,zeroshot,ensemble", "task.max_text_words=5", outputs=outputs)
     records = by_method(results(outputs))
     assert set(records) == {"bridge", "zeroshot", "ensemble"}
     assert all(r["status"] == "completed" for r in records.values())
@@ -218,6 +218,9 @@ def test_sweep_mixes_bridge_and_baselines_on_the_same_items(outputs):
     assert [r["receiver_pred"] for r in rows] == [r["pred"] for r in predictions(zs)]
     assert [r["idx"] for r in rows] == [r["idx"] for r in predictions(bridge)]
     assert all(sum(r["scores"]) == pytest.approx(1, abs=1e-3) for r in rows)
+    # every text reader records how many test texts the word cap cut: the same count for all three
+    truncated = {name: r["metrics"]["text_truncated_items"] for name, r in records.items()}
+    assert truncated["ensemble"] == truncated["zeroshot"] == truncated["bridge"] > 0
 
 
 @needs_data
