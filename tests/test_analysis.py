@@ -310,7 +310,8 @@ def test_runs_of_different_configs_are_not_pooled_as_seeds(tmp_path):
 
 def test_tables_show_measured_compression_beside_nominal(tmp_path):
     """A bridge at nominal 8x whose sender read 10 text tokens into M=8 soft tokens is 1.25x
-    measured; LLMLingua's measured ratio and receiver positions come from its own metrics."""
+    measured; LLMLingua's measured ratio and receiver positions come from its own metrics, the
+    text relay's positions from its message length (relay_tokens_mean)."""
     from telepathy.analysis.tables import metric_table, to_markdown
 
     for seed in (0, 1):
@@ -325,13 +326,23 @@ def test_tables_show_measured_compression_beside_nominal(tmp_path):
             compression=None,
             metrics={"accuracy": 0.6, "compression_ratio": 4.0, "compressed_tokens_mean": 2.5},
         )
+        # the text relay's receiver positions are the sender's message tokens
+        write_run(
+            tmp_path,
+            method="text_relay",
+            seed=seed,
+            compression=None,
+            metrics={"accuracy": 0.65, "relay_tokens_mean": 31.5 + seed},
+        )
     s = analysis.summarize(analysis.load_runs(tmp_path)).set_index("method")
     assert s.loc["bridge", "measured_compression"] == pytest.approx(1.25)
     assert s.loc["bridge", "positions"] == 8 and s.loc["llmlingua", "positions"] == pytest.approx(2.5)
+    assert s.loc["text_relay", "positions"] == pytest.approx(32.0)  # mean over its seeds
     md = to_markdown(*metric_table(s.reset_index()))
     header = md.splitlines()[0]
     assert header.index("Compression") < header.index("Measured ×") and "Receiver positions" in header
     assert "| sst2 | bridge | 8 | 1.2× | 8 |" in md and "| sst2 | llmlingua |  | 4.0× | 2.5 |" in md
+    assert "| sst2 | text_relay |  |  | 32 |" in md
 
 
 def test_reused_runs_count_once(tmp_path):
