@@ -186,18 +186,12 @@ def test_text_relay_run_records_the_messages(outputs):
 
 @needs_data
 def test_llmlingua_run_matched_to_the_bridge_budget(outputs):
-    run_train(
-        *TINY,
-        "method=llmlingua",
-        "method.budget=match_bridge",
-        "compression=16",
-        "task.test_samples=4",
-        outputs=outputs,
-    )
+    run_train(*TINY, "method=llmlingua_matched", "compression=16", "task.test_samples=4", outputs=outputs)
     (record,) = results(outputs)
     rows = _check_inference_record(record, 4)
     m = record["metrics"]
     assert m["target_token"] == 4  # M = ceil(64 / 16)
+    assert "-c16-" in record["run_id"] and record["identity"]["compression"] == 16
     assert all(r["compressed_tokens"] <= r["origin_tokens"] for r in rows)
     assert m["compressed_tokens_mean"] < m["origin_tokens_mean"]
     assert record["extra"]["compressor"] == "smollm2_135m"

@@ -87,11 +87,19 @@ def test_llmlingua_at_matched_positions_is_a_standard_p3_row():
 
     from baselines.llmlingua import compression_target
     from helpers import compose
-    from telepathy.config import CONF_DIR
+    from telepathy import methods
+    from telepathy.config import CONF_DIR, ConfigError, run_name
+    from telepathy.results import run_identity
 
     cfg = compose("method=llmlingua_matched", "compression=16")
     assert cfg.method.name == "llmlingua" and cfg.method.budget == "match_bridge"
     assert compression_target(cfg) == {"target_token": 4}  # ceil(64 / 16), the bridge's M
+    # the factor that defines its M is part of what the run is: its id, its identity, its table row
+    assert run_identity(cfg)["compression"] == 16 and run_identity(cfg)["num_latents"] == 4
+    assert "-llmlingua-smollm2_135m_gemma3_270m-c16-" in run_name(cfg)
+    assert run_identity(compose("method=llmlingua"))["compression"] is None  # rate 0.125 has no M
+    with pytest.raises(ConfigError, match="method.budget=match_bridge needs method.uses"):
+        methods.validate(compose("method=llmlingua", "method.budget=match_bridge"))
     phase = OmegaConf.load(CONF_DIR / "phase" / "p3_baselines.yaml")
     assert {"llmlingua", "llmlingua_matched", "bridge"} <= set(phase.hydra.sweeper.params.method.split(","))
 
