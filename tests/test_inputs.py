@@ -169,3 +169,30 @@ def test_latency_benchmark_times_the_accuracy_baselines_relay():
     method = compose("method=text_relay", "task=trec").method
     assert OmegaConf.to_container(latency.relay, resolve=True) == OmegaConf.to_container(method, resolve=True)
     assert latency.relay.instruction == latency.task.prompt and latency.relay.max_new_tokens == 48
+
+
+def test_final_log_reports_measured_compression_not_prompt_tokens_per_soft_token(caplog):
+    """The run's last log line gives M with the nominal and the measured factor (text tokens per
+    soft token), not prompt tokens / M (template and instruction included), and warns when the
+    sender's token cap cut test texts."""
+    import logging
+
+    from telepathy.app import _log_summary
+
+    bridge = {
+        "num_latents": 8,
+        "compression_factor": 8,
+        "mean_sender_tokens": 33.5,
+        "compression_ratio": 33.5 / 8,
+        "text_tokens_mean": 23.5,
+        "measured_compression_mean": 23.5 / 8,
+        "truncated_test_items": 0,
+    }
+    record = {"method": "bridge", "task": "sst2", "seed": 42, "run_dir": "r", "metrics": {"accuracy": 0.9}}
+    with caplog.at_level(logging.INFO, logger="telepathy"):
+        _log_summary({**record, "bridge": bridge})
+        _log_summary({**record, "bridge": {**bridge, "truncated_test_items": 3}})
+    first, second = (r.getMessage() for r in caplog.records)
+    assert "8 (compression 8x nominal, 2.9x measured = 23.5 text tokens / 8)" in first
+    assert "4.2x" not in first and "33.5" not in first and "WARNING" not in first
+    assert "WARNING: task.max_input_tokens cut 3 test texts" in second
