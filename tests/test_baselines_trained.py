@@ -213,6 +213,9 @@ def test_prompt_tuning_run(outputs):
     assert "-prompt_tuning-gemma3_270m-c8-" in record["run_id"]  # M depends on the compression
     assert record["params"]["trainable"] == 8 * 64
     assert record["prompt_tuning"]["num_virtual_tokens"] == 8
+    assert record["prompt_tuning"]["placement"] == record["config"]["bridge"]["placement"] == "primer_soft_prompt"
+    # its own learning rate (method.lr), not the bridge's trainer.lr, and the record says which
+    assert record["training"]["lr"] == pytest.approx(3e-3) != record["config"]["trainer"]["lr"]
     m = record["metrics"]
     assert m["n_test"] == 16 and "majority_accuracy" in m
     rows = _rows(record)

@@ -120,26 +120,40 @@ def test_quick_eval_probe_is_held_out_of_the_training_split():
         holdout(train, OmegaConf.create({"eval_every": 5, "eval_samples": 20}), seed=0)
 
 
+@pytest.mark.parametrize("placement", ["primer_soft_prompt", "soft_primer_prompt", "primer_prompt_soft"])
 @pytest.mark.parametrize("chat", [False, True])
-def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models, chat):
+def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models, chat, placement):
+    """Under every bridge.placement, prompt tuning's sequence is the bridge's (same framing, soft
+    tokens at the same place relative to primer and answer prompt) with the text after the primer."""
     import dataclasses
 
     import torch
 
     from baselines.prompt_tuning import soft_prompt_sequences
+    from helpers import compose
     from telepathy.receiver import SOFT, PromptIO
 
+    cfg = compose("method=prompt_tuning", f"bridge.placement={placement}")
     sender = tiny_models[0]  # SmolLM2's tokenizer has a chat template; the demo config leaves it off
     io = PromptIO(dataclasses.replace(sender, chat_template=chat))
     soft = torch.zeros(3, io.embed_layer.weight.shape[1])
-    (seq,) = soft_prompt_sequences(io, "Review: {text}\nSentiment:", soft, [Example(idx=0, text="fine", label=1)])
-    before, after = io.frame(SOFT + "Review: fine\nSentiment:")
-    bridge_before = io.soft_prompt("Review:", "\nSentiment:")[0]
-    assert seq[0] == before and seq[1] is soft and seq[2] == after
-    assert bridge_before.startswith(before)  # the same framing (BOS / chat header) precedes both
-    assert "Review: fine" in after
+    (seq,) = soft_prompt_sequences(io, cfg, soft, [Example(idx=0, text="a fine film", label=1)])
+    before, after = io.soft_prompt(cfg.task.receiver_primer, cfg.task.answer_prompt, placement)[::2]  # the bridge's
+    assert len(seq) == 3 and seq[1] is soft
+    assert (seq[0] + SOFT + seq[2]).replace(" a fine film", "", 1) == before + SOFT + after
     if chat:  # inside the user turn, after the template's header
-        assert "<|im_start|>user" in before
+        assert "<|im_start|>user" in seq[0]
+
+
+def test_prompt_tuning_placement_is_checked_before_anything_loads():
+    from baselines.prompt_tuning import validate
+    from helpers import compose
+    from telepathy.config import ConfigError
+
+    with pytest.raises(ConfigError, match="bridge.placement='middle'"):
+        validate(compose("method=prompt_tuning", "bridge.placement=middle"))
+    with pytest.raises(ConfigError, match="task.receiver_primer='Text:'"):
+        validate(compose("method=prompt_tuning", "task.receiver_primer=Text:"))
 
 
 def test_prompt_tuning_has_its_own_learning_rate():
