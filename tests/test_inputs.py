@@ -2,6 +2,7 @@
 
 import pytest
 
+from helpers import needs_data
 from telepathy.data import Example
 
 
@@ -68,6 +69,24 @@ def test_text_is_capped_in_words_once_for_every_method(tmp_path):
     assert [e.extra.get("text_truncated", False) for e in got] == [True, False]
     whole = load_split(OmegaConf.create({**task, "max_text_words": None}), data, "test")
     assert whole[0].text == rows[0]["text"]
+
+
+@needs_data
+@pytest.mark.parametrize("task", ["sst2", "trec", "xsum"])
+def test_the_word_cap_binds_before_the_senders_token_cap(tiny_models, task):
+    """With the shipped task.max_text_words, the demo sender's task.max_input_tokens cuts no test
+    text further, so the bridge reads what every other method reads (xsum at 360 words left 21 of
+    its 500 articles over 512 tokens). AG News is not here: 6 of its 2000 test items hold URLs or
+    markup of 28-42 tokens a word, over 128 tokens at any cap above 20 words; the run records
+    them (bridge.truncated_test_items) and aggregate's table notes them."""
+    from helpers import compose
+    from telepathy.data import load_split
+    from telepathy.features import sender_inputs
+
+    cfg = compose(f"task={task}")
+    test = load_split(cfg.task, cfg.data, "test")
+    got = sender_inputs(tiny_models[0], test, cfg.task.prompt, cfg.task.max_input_tokens)
+    assert sum(got.truncated) == 0 and max(got.text_tokens) <= cfg.task.max_input_tokens
 
 
 def test_measured_compression_is_text_tokens_per_position():
