@@ -345,6 +345,27 @@ def test_tables_show_measured_compression_beside_nominal(tmp_path):
     assert "| sst2 | text_relay |  |  | 32 |" in md
 
 
+def test_table_notes_rows_whose_sender_read_less_text(tmp_path):
+    """A bridge whose sender's token cap cut 3 test texts (bridge.truncated_test_items) did not read
+    what the other methods read: the table says so under itself, naming the row; none when 0."""
+    from telepathy.analysis.tables import metric_table, to_latex, to_markdown
+
+    for compression, cut in ((4, 0), (8, 3)):
+        for seed in (0, 1):
+            run = write_run(tmp_path, seed=seed, compression=compression, metrics={"accuracy": 0.7})
+            rec = json.loads((run / "result.json").read_text())
+            rec["bridge"]["truncated_test_items"] = cut
+            (run / "result.json").write_text(json.dumps(rec))
+    write_run(tmp_path, method="text_relay", seed=0, compression=None, metrics={"accuracy": 0.6})
+    s = analysis.summarize(analysis.load_runs(tmp_path))
+    table = metric_table(s)
+    (note,) = [n for n in table[2] if "task.max_input_tokens" in n]
+    assert "sst2 bridge c8: 3 items" in note and "c4" not in note and "text_relay" not in note
+    assert note in to_markdown(*table) and "task.max\\_input\\_tokens" in to_latex(*table, caption="t")
+    uncut = analysis.summarize(analysis.load_runs([p for p in tmp_path.iterdir() if "-c8-" not in p.name]))
+    assert not any("task.max_input_tokens" in n for n in metric_table(uncut)[2])
+
+
 def test_reused_runs_count_once(tmp_path):
     src = write_run(tmp_path, method="receiver_only", compression=None, seed=0, metrics={"accuracy": 0.5})
     for seed in (1, 2):

@@ -77,8 +77,8 @@ def test_the_word_cap_binds_before_the_senders_token_cap(tiny_models, task):
     """With the shipped task.max_text_words, the demo sender's task.max_input_tokens cuts no test
     text further, so the bridge reads what every other method reads (xsum at 360 words left 21 of
     its 500 articles over 512 tokens). AG News is not here: 6 of its 2000 test items hold URLs or
-    markup of 28-42 tokens a word, over 128 tokens at any cap above 20 words; the run records
-    them (bridge.truncated_test_items) and aggregate's table notes them."""
+    markup of 28-42 tokens a word, and some stay over 128 tokens at every cap above 20 words; the
+    run records them (bridge.truncated_test_items) and aggregate's table notes them."""
     from helpers import compose
     from telepathy.data import load_split
     from telepathy.features import sender_inputs
