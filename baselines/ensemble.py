@@ -15,7 +15,7 @@ import torch
 
 from baselines.common import check_classification, evaluate_counted, inference_result
 from telepathy.config import ConfigError
-from telepathy.data import load_task
+from telepathy.data import load_task, truncated_items
 from telepathy.evaluation import prediction_row, text_prompt
 from telepathy.methods import MethodOutput
 from telepathy.metrics import classification
@@ -68,4 +68,5 @@ def run(cfg, ctx) -> MethodOutput:
     metrics.update(classification([r["label"] for r in rows], preds, len(cfg.task.labels)))
     metrics["receiver_tokens_mean"] = sum(r["receiver_tokens"] for r in rows) / len(rows)
     metrics["sender_tokens_mean"] = sum(r["sender_tokens"] for r in rows) / len(rows)
+    metrics["text_truncated_items"] = truncated_items(test)  # both members read the same capped texts
     return inference_result(cfg, metrics, rows, train, test, models, eval_s)

@@ -31,9 +31,9 @@ from sklearn.preprocessing import StandardScaler
 
 from baselines.common import check_classification
 from telepathy.config import ConfigError, check_choice, resolve_layer
-from telepathy.data import load_task
+from telepathy.data import load_task, truncated_items
 from telepathy.evaluation import score_rows
-from telepathy.features import sender_prompts
+from telepathy.features import sender_inputs, sender_prompts
 from telepathy.methods import MethodOutput, output
 from telepathy.metrics import classification, majority
 
@@ -168,7 +168,8 @@ def run(cfg, ctx) -> MethodOutput:
     train_s = time.time() - t0
 
     t0 = time.time()
-    test_ids = sender_prompts(lm, test, cfg.task.prompt, cfg.task.max_input_tokens)
+    test_in = sender_inputs(lm, test, cfg.task.prompt, cfg.task.max_input_tokens)
+    test_ids = test_in.ids
     test_x = pooled_features(ctx, lm, test_ids, layers, cfg.method.pooling, split="test")
     test_labels = [e.label for e in test]
     num_labels = len(cfg.task.labels)
@@ -191,6 +192,7 @@ def run(cfg, ctx) -> MethodOutput:
     metrics = classification(test_labels, [r["pred"] for r in rows], num_labels)
     metrics.update(majority(y.tolist(), test_labels))
     metrics["reported_layer"] = reported
+    metrics["text_truncated_items"] = truncated_items(test)
     for layer in layers:
         layer_metrics = classification(test_labels, [r["pred"] for r in per_layer[layer]], num_labels)
         metrics[f"layer_{layer}_accuracy"] = layer_metrics["accuracy"]
@@ -216,6 +218,8 @@ def run(cfg, ctx) -> MethodOutput:
             "report": cfg.method.report,
             "bridge_layer": bridge_layer,
             "pooling": cfg.method.pooling,
+            # test texts the model's token cap (task.max_input_tokens) cut further, as bridge.truncated_test_items
+            "truncated_test_items": sum(test_in.truncated),
             "n_fit": len(fit_idx),
             "n_val": len(val_idx),
             "method_layers": OmegaConf.to_container(cfg.method.layers, resolve=True),

@@ -6,7 +6,9 @@
 
 ``method.budget``: ``rate`` keeps ``method.rate`` of the input's tokens (0.125 by
 default, the paper's 8x); ``match_bridge`` keeps M tokens, the number of soft tokens a
-bridge with this config's ``compression`` gives the receiver. Token counts are the
+bridge with this config's ``compression`` gives the receiver (``method=llmlingua_matched``:
+its ``uses: [bridge]`` puts the compression in the run id and identity, so matched runs of
+two factors are two rows, each compared with the bridge at its own M). Token counts are the
 compressor's. Compression is a deterministic function of the text, so the result is
 the same for every seed.
 """
@@ -19,7 +21,7 @@ from dataclasses import replace
 
 from baselines.common import check_model_choice, evaluate_counted, inference_result
 from baselines.llmlingua_compat import compress, make_compressor
-from telepathy.config import ConfigError, check_choice, model_config, num_latents
+from telepathy.config import ConfigError, check_choice, model_config, num_latents, uses_soft_tokens
 from telepathy.data import load_task
 from telepathy.evaluation import text_prompt
 from telepathy.methods import MethodOutput
@@ -32,6 +34,12 @@ DETERMINISTIC = True
 def validate(cfg) -> None:
     check_model_choice(cfg, "method.compressor")
     check_choice(cfg, "method.budget", ["rate", "match_bridge"])
+    if cfg.method.budget == "match_bridge" and not uses_soft_tokens(cfg):
+        # M is a function of compression: without it in the run's identity two factors would be one row
+        raise ConfigError(
+            f"method.budget=match_bridge needs method.uses: [bridge] (M comes from compression); "
+            f"got method.uses={list(cfg.method.uses)}: use method=llmlingua_matched"
+        )
     rate = cfg.method.rate
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 1:
         raise ConfigError(f"method.rate={rate!r} is not allowed; allowed: a number in (0, 1]")

@@ -1,7 +1,7 @@
-"""method=prompt_tuning: M trained soft-prompt vectors before the receiver's own text prompt.
+"""method=prompt_tuning: M trained soft-prompt vectors in the receiver's own text prompt, where the bridge's go.
 
-    receiver reads, inside its user turn, [M trained soft tokens] + cfg.task.prompt with the
-    input text (frozen); the soft tokens sit where the bridge's do (after BOS / chat header)
+    receiver reads, inside its user turn, cfg.task.prompt with the input text and M trained soft
+    tokens where the bridge's go (``bridge.placement``; default: right after the primer)
     loss: cross-entropy on the label verbaliser tokens only (``PromptIO.label_loss``)
     readout: the shared evaluation (label scoring by default), on the bridge's test items
 
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from baselines.common import check_classification, evaluate_counted
+from telepathy.bridge_recipe import PLACEMENTS
 from telepathy.config import ConfigError, check_choice, check_range, num_latents
 from telepathy.data import format_prompt, load_task
 from telepathy.methods import MethodOutput
@@ -63,16 +64,31 @@ def init_soft_prompt(io: PromptIO, m: int, how: str, vocab_top: int, seed: int) 
     return torch.randn(m, d, generator=gen) * embedding_rms_median(io.model)
 
 
-def soft_prompt_sequences(io: PromptIO, template: str, soft: torch.Tensor, chunk) -> list[list]:
-    """The receiver's sequences: the soft tokens where the bridge puts its own, inside the user
-    turn (after BOS and the chat template's header), followed by the task prompt with the text.
-    In front of the whole sequence they would sit before the chat framing, a position the
-    receiver never sees content in, and the comparison with the bridge would not be like for like."""
-    return [io.fill(io.soft_prompt("", format_prompt(template, ex.text), "primer_soft_prompt"), soft) for ex in chunk]
+def soft_prompt_sequences(io: PromptIO, cfg, soft: torch.Tensor, chunk) -> list[list]:
+    """The receiver's sequences: the task prompt with the text, and the soft tokens where the
+    bridge puts its own (``bridge.placement``, inside the user turn: after BOS and the chat
+    template's header), the text right after the primer. The bridge reads ``primer [soft]
+    answer prompt``; prompt tuning reads ``primer [soft] text answer prompt`` (default),
+    ``[soft] primer text answer prompt`` or ``primer text answer prompt [soft]``, so a placement
+    ablation moves both methods' soft tokens alike. In front of the whole sequence they would
+    sit before the chat framing, a position the receiver never sees content in."""
+    primer = cfg.task.receiver_primer
+    sequences = []
+    for ex in chunk:
+        prompt = format_prompt(cfg.task.prompt, ex.text)  # starts with the primer (validate)
+        template = io.soft_prompt(primer, prompt[len(primer) :], cfg.bridge.placement)
+        sequences.append(io.fill(template, soft))
+    return sequences
 
 
 def validate(cfg) -> None:
     check_classification(cfg)
+    check_choice(cfg, "bridge.placement", list(PLACEMENTS))  # its soft tokens go where the bridge's do
+    if not cfg.task.prompt.startswith(cfg.task.receiver_primer):
+        raise ConfigError(
+            f"task.receiver_primer={cfg.task.receiver_primer!r} is not allowed with method=prompt_tuning; "
+            f"allowed: a prefix of task.prompt={cfg.task.prompt!r} (the soft tokens follow the primer)"
+        )
     check_choice(cfg, "method.init", list(INITS))
     check_range(cfg, "method.init_vocab_top", lo=1, integer=True)
     lr = cfg.method.get("lr")  # null: trainer.lr (recipe.trainer_config)
@@ -89,7 +105,7 @@ def run(cfg, ctx) -> MethodOutput:
     prompt.to(receiver.device)
 
     def build(chunk):
-        return soft_prompt_sequences(io, cfg.task.prompt, prompt().to(receiver.dtype), chunk)
+        return soft_prompt_sequences(io, cfg, prompt().to(receiver.dtype), chunk)
 
     return train_then_evaluate(
         cfg,
@@ -101,5 +117,10 @@ def run(cfg, ctx) -> MethodOutput:
         build,
         params=trained_params(prompt, receiver),
         evaluate_fn=evaluate_counted,
-        prompt_tuning={"num_virtual_tokens": m, "compression_factor": cfg.compression, "init": cfg.method.init},
+        prompt_tuning={
+            "num_virtual_tokens": m,
+            "compression_factor": cfg.compression,
+            "init": cfg.method.init,
+            "placement": cfg.bridge.placement,
+        },
     )

@@ -256,10 +256,18 @@ def _log_summary(record: dict) -> None:
     lines += [f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in rows]
     if "bridge" in record:
         b = record["bridge"]
+        # measured: text tokens the sender read per soft token (bridge.compression_ratio counts
+        # the instruction and template tokens around the text too, so it is not the compression)
+        m_tokens = b["num_latents"]
         lines.append(
-            f"  {'soft tokens (M)':<{width}}  {b['num_latents']} "
-            f"(compression {b['compression_ratio']:.1f}x of {b['mean_sender_tokens']:.1f} sender tokens)"
+            f"  {'soft tokens (M)':<{width}}  {m_tokens} (compression {b['compression_factor']}x nominal, "
+            f"{b['measured_compression_mean']:.1f}x measured = {b['text_tokens_mean']:.1f} text tokens / {m_tokens})"
         )
+        if b.get("truncated_test_items"):
+            lines.append(
+                f"  WARNING: task.max_input_tokens cut {b['truncated_test_items']} test texts the sender read "
+                f"(other methods read them whole, up to task.max_text_words)"
+            )
         d = b.get("diagnostics") or {}
         if "soft_token_cosine_mean" in d:
             lines.append(f"  {'soft-token cosine':<{width}}  {d['soft_token_cosine_mean']:.4f} (across test inputs)")

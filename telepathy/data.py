@@ -103,14 +103,22 @@ def cap_words(text: str, max_words: int | None) -> tuple[str, bool]:
     return text[: words[max_words - 1].end()], True
 
 
+def truncated_items(examples: list[Example]) -> int:
+    """How many of ``examples`` ``task.max_text_words`` cut (``cap_words``): every method records
+    it as ``metrics.text_truncated_items``, so a table can say how much text its rows lost."""
+    return sum(bool(ex.extra.get("text_truncated")) for ex in examples)
+
+
 def load_split(task_cfg, data_cfg, split: str, cap: int | None = None, seed: int = 0) -> list[Example]:
     """Load ``split`` ("train" or "test", mapped through ``task.splits``) as Examples.
 
     ``cap`` keeps a seeded random subset of that many rows (the same rows for every
     run with the same data seed, so methods are compared on the same test items).
-    Each text is cut at ``task.max_text_words`` words, here, once, so every method reads
+    Each text is cut at ``task.max_text_words`` words, here, once, so every method gets
     the same text: the bridge's sender, zero-shot, relay, LLMLingua, few-shot, LoRA and
     prompt tuning alike (``extra["text_truncated"]`` marks a cut text; null: uncapped).
+    A sender may cut it further at ``task.max_input_tokens`` of its own tokens; that is
+    recorded per run (``bridge.truncated_test_items``) and noted under the tables.
     """
     split_name = task_cfg.splits[split]
     rows, source = _read_rows(task_cfg, data_cfg, split_name)

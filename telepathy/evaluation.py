@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from telepathy.data import Example, batches
+from telepathy.data import Example, batches, truncated_items
 from telepathy.metrics import classification, rouge_scores, rouge_summary
 from telepathy.progress import progress
 from telepathy.receiver import PromptIO, label_token_ids, parse_label
@@ -145,6 +145,5 @@ def evaluate(
     returns (metrics, prediction rows, seconds)."""
     fn = evaluate_generation if cfg.task.type == "generation" else evaluate_classification
     metrics, rows, seconds = fn(io, examples, build, cfg.task, cfg.eval, desc=desc)
-    # how many inputs task.max_text_words cut (telepathy.data.cap_words), recorded per run
-    metrics["text_truncated_items"] = sum(bool(ex.extra.get("text_truncated")) for ex in examples)
+    metrics["text_truncated_items"] = truncated_items(examples)
     return metrics, rows, seconds

@@ -152,6 +152,60 @@ def test_latency_plot_from_benchmark_records(tmp_path):
     assert list(analysis.summarize(analysis.load_runs(tmp_path))["method"]) == ["bridge"]
 
 
+def test_latency_plot_never_averages_runs_of_different_configs(tmp_path):
+    """Two latency sweeps that differ only in relay.max_new_tokens are two lines per path, named
+    by that setting; the batch size is the line's x axis, and seeds of one config are averaged."""
+    for tokens, base in ((16, 10.0), (48, 30.0)):
+        for bs in (1, 4):
+            for seed in (0, 1):
+                write_run(
+                    tmp_path,
+                    method="latency",
+                    seed=seed,
+                    compression=8,
+                    name=f"lat-r{tokens}-b{bs}-s{seed}",
+                    metrics={"p50_ms": base * bs + seed, "p99_ms": 99.0, "throughput_eps": 1.0},
+                    config_extra={
+                        "method": "latency",
+                        "batch_size": bs,
+                        "eval": {"batch_size": bs},
+                        "path": "text_relay",
+                        "relay": {"max_new_tokens": tokens},
+                    },
+                )
+    lat, thr = plots.latency(analysis.load_runs(tmp_path)).axes
+    p50 = {l.get_label(): l for l in lat.lines if l.get_label().endswith("p50")}
+    assert set(p50) == {"text_relay relay.max_new_tokens=16 p50", "text_relay relay.max_new_tokens=48 p50"}
+    assert list(p50["text_relay relay.max_new_tokens=16 p50"].get_ydata()) == pytest.approx([10.5, 40.5])
+    assert list(p50["text_relay relay.max_new_tokens=48 p50"].get_ydata()) == pytest.approx([30.5, 120.5])
+    assert len(thr.lines) == 2
+
+
+def test_accuracy_plot_labels_measured_compression_and_differing_settings(tmp_path):
+    """Each point carries its measured ratio (text tokens per soft token: 20 / 8 = 2.5×) beside the
+    nominal x position; runs that differ in trainer.lr are two lines whose legend says so."""
+    for lr, acc in ((1e-3, 0.8), (1e-4, 0.6)):
+        for compression in (4, 8):
+            for seed in (0, 1):
+                write_run(
+                    tmp_path,
+                    seed=seed,
+                    compression=compression,
+                    metrics={"accuracy": acc + 0.01 * seed},
+                    config_extra={"trainer": {"lr": lr}},
+                    name=f"sst2-bridge-c{compression}-lr{lr}-s{seed}",
+                )
+    fig = plots.accuracy_vs_compression(analysis.summarize(analysis.load_runs(tmp_path)))
+    (ax,) = fig.axes
+    assert [t.get_text() for t in ax.texts] == ["2.5×"] * 4  # 2 lines x 2 compression factors
+    labels = sorted(l.get_label() for l in ax.lines)
+    assert labels == ["bridge trainer.lr=0.0001", "bridge trainer.lr=0.001"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == labels
+    by_label = {l.get_label(): l for l in ax.lines}
+    assert list(by_label["bridge trainer.lr=0.001"].get_xdata()) == [4, 8]  # the nominal factor on x
+    assert list(by_label["bridge trainer.lr=0.001"].get_ydata()) == pytest.approx([80.5, 80.5])
+
+
 def test_accuracy_plot_bands_follow_the_ci(tmp_path):
     write_sweep(tmp_path)
     s = analysis.summarize(analysis.load_runs(tmp_path))

@@ -310,7 +310,8 @@ def test_runs_of_different_configs_are_not_pooled_as_seeds(tmp_path):
 
 def test_tables_show_measured_compression_beside_nominal(tmp_path):
     """A bridge at nominal 8x whose sender read 10 text tokens into M=8 soft tokens is 1.25x
-    measured; LLMLingua's measured ratio and receiver positions come from its own metrics."""
+    measured; LLMLingua's measured ratio and receiver positions come from its own metrics, the
+    text relay's positions from its message length (relay_tokens_mean)."""
     from telepathy.analysis.tables import metric_table, to_markdown
 
     for seed in (0, 1):
@@ -325,13 +326,44 @@ def test_tables_show_measured_compression_beside_nominal(tmp_path):
             compression=None,
             metrics={"accuracy": 0.6, "compression_ratio": 4.0, "compressed_tokens_mean": 2.5},
         )
+        # the text relay's receiver positions are the sender's message tokens
+        write_run(
+            tmp_path,
+            method="text_relay",
+            seed=seed,
+            compression=None,
+            metrics={"accuracy": 0.65, "relay_tokens_mean": 31.5 + seed},
+        )
     s = analysis.summarize(analysis.load_runs(tmp_path)).set_index("method")
     assert s.loc["bridge", "measured_compression"] == pytest.approx(1.25)
     assert s.loc["bridge", "positions"] == 8 and s.loc["llmlingua", "positions"] == pytest.approx(2.5)
+    assert s.loc["text_relay", "positions"] == pytest.approx(32.0)  # mean over its seeds
     md = to_markdown(*metric_table(s.reset_index()))
     header = md.splitlines()[0]
     assert header.index("Compression") < header.index("Measured ×") and "Receiver positions" in header
     assert "| sst2 | bridge | 8 | 1.2× | 8 |" in md and "| sst2 | llmlingua |  | 4.0× | 2.5 |" in md
+    assert "| sst2 | text_relay |  |  | 32 |" in md
+
+
+def test_table_notes_rows_whose_sender_read_less_text(tmp_path):
+    """A bridge whose sender's token cap cut 3 test texts (bridge.truncated_test_items) did not read
+    what the other methods read: the table says so under itself, naming the row; none when 0."""
+    from telepathy.analysis.tables import metric_table, to_latex, to_markdown
+
+    for compression, cut in ((4, 0), (8, 3)):
+        for seed in (0, 1):
+            run = write_run(tmp_path, seed=seed, compression=compression, metrics={"accuracy": 0.7})
+            rec = json.loads((run / "result.json").read_text())
+            rec["bridge"]["truncated_test_items"] = cut
+            (run / "result.json").write_text(json.dumps(rec))
+    write_run(tmp_path, method="text_relay", seed=0, compression=None, metrics={"accuracy": 0.6})
+    s = analysis.summarize(analysis.load_runs(tmp_path))
+    table = metric_table(s)
+    (note,) = [n for n in table[2] if "task.max_input_tokens" in n]
+    assert "sst2 bridge c8: 3 items" in note and "c4" not in note and "text_relay" not in note
+    assert note in to_markdown(*table) and "task.max\\_input\\_tokens" in to_latex(*table, caption="t")
+    uncut = analysis.summarize(analysis.load_runs([p for p in tmp_path.iterdir() if "-c8-" not in p.name]))
+    assert not any("task.max_input_tokens" in n for n in metric_table(uncut)[2])
 
 
 def test_reused_runs_count_once(tmp_path):

@@ -186,18 +186,12 @@ def test_text_relay_run_records_the_messages(outputs):
 
 @needs_data
 def test_llmlingua_run_matched_to_the_bridge_budget(outputs):
-    run_train(
-        *TINY,
-        "method=llmlingua",
-        "method.budget=match_bridge",
-        "compression=16",
-        "task.test_samples=4",
-        outputs=outputs,
-    )
+    run_train(*TINY, "method=llmlingua_matched", "compression=16", "task.test_samples=4", outputs=outputs)
     (record,) = results(outputs)
     rows = _check_inference_record(record, 4)
     m = record["metrics"]
     assert m["target_token"] == 4  # M = ceil(64 / 16)
+    assert "-c16-" in record["run_id"] and record["identity"]["compression"] == 16
     assert all(r["compressed_tokens"] <= r["origin_tokens"] for r in rows)
     assert m["compressed_tokens_mean"] < m["origin_tokens_mean"]
     assert record["extra"]["compressor"] == "smollm2_135m"
@@ -205,7 +199,7 @@ def test_llmlingua_run_matched_to_the_bridge_budget(outputs):
 
 @needs_data
 def test_sweep_mixes_bridge_and_baselines_on_the_same_items(outputs):
-    run_train("-m", *TINY, "method=bridge,zeroshot,ensemble", outputs=outputs)
+    run_train("-m", *TINY, "method=bridge,zeroshot,ensemble", "task.max_text_words=5", outputs=outputs)
     records = by_method(results(outputs))
     assert set(records) == {"bridge", "zeroshot", "ensemble"}
     assert all(r["status"] == "completed" for r in records.values())
@@ -218,6 +212,9 @@ def test_sweep_mixes_bridge_and_baselines_on_the_same_items(outputs):
     assert [r["receiver_pred"] for r in rows] == [r["pred"] for r in predictions(zs)]
     assert [r["idx"] for r in rows] == [r["idx"] for r in predictions(bridge)]
     assert all(sum(r["scores"]) == pytest.approx(1, abs=1e-3) for r in rows)
+    # every text reader records how many test texts the word cap cut: the same count for all three
+    truncated = {name: r["metrics"]["text_truncated_items"] for name, r in records.items()}
+    assert truncated["ensemble"] == truncated["zeroshot"] == truncated["bridge"] > 0
 
 
 @needs_data

@@ -154,6 +154,14 @@ def test_lora_loss_is_on_label_tokens_only(lora_receiver):
 # --- through the entry point --------------------------------------------------------------
 
 
+def _items_over(words: int, *overrides: str) -> int:
+    """Test items of the run's task whose whole text has more than ``words`` words."""
+    from telepathy.data import load_task
+
+    _, test = load_task(compose(*overrides, "task.max_text_words=null"))
+    return sum(len(ex.text.split()) > words for ex in test)
+
+
 def _rows(record: dict) -> list[dict]:
     path = Path(record["run_dir"]) / "predictions.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -161,7 +169,7 @@ def _rows(record: dict) -> list[dict]:
 
 @needs_data
 def test_linear_probe_run(outputs):
-    run_train("-m", *TINY, "method=linear_probe", "seed=1,2", outputs=outputs)
+    run_train("-m", *TINY, "method=linear_probe", "seed=1,2", "task.max_text_words=5", outputs=outputs)
     first, second = results(outputs)
     assert first["status"] == second["status"] == "completed"
     assert first["run_id"].startswith("sst2-linear_probe-smollm2_135m-s1-")
@@ -174,6 +182,9 @@ def test_linear_probe_run(outputs):
         assert 0 <= m[f"layer_{layer}_accuracy"] <= 1 and m[f"layer_{layer}_C"] > 0
     assert m["n_test"] == 16 and "majority_accuracy" in m and m["receiver_tokens_mean"] == 0.0
     assert m["model_tokens_mean"] > 0
+    # like every text reader, it records the test texts task.max_text_words cut (here: those over 5 words)
+    assert m["text_truncated_items"] == _items_over(5, *TINY) > 0
+    assert first["probe"]["truncated_test_items"] == 0  # 5 words are far below the 64-token cap
     assert first["params"]["trainable"] == 64 + 1  # binary: one weight vector + bias, d = 64
     assert first["timing"]["train_s"] > 0 and first["timing"]["eval_s"] > 0
     rows = _rows(first)
@@ -202,6 +213,9 @@ def test_prompt_tuning_run(outputs):
     assert "-prompt_tuning-gemma3_270m-c8-" in record["run_id"]  # M depends on the compression
     assert record["params"]["trainable"] == 8 * 64
     assert record["prompt_tuning"]["num_virtual_tokens"] == 8
+    assert record["prompt_tuning"]["placement"] == record["config"]["bridge"]["placement"] == "primer_soft_prompt"
+    # its own learning rate (method.lr), not the bridge's trainer.lr, and the record says which
+    assert record["training"]["lr"] == pytest.approx(3e-3) != record["config"]["trainer"]["lr"]
     m = record["metrics"]
     assert m["n_test"] == 16 and "majority_accuracy" in m
     rows = _rows(record)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from helpers import needs_data
 from telepathy.data import Example
 
 
@@ -70,6 +71,24 @@ def test_text_is_capped_in_words_once_for_every_method(tmp_path):
     assert whole[0].text == rows[0]["text"]
 
 
+@needs_data
+@pytest.mark.parametrize("task", ["sst2", "trec", "xsum"])
+def test_the_word_cap_binds_before_the_senders_token_cap(tiny_models, task):
+    """With the shipped task.max_text_words, the demo sender's task.max_input_tokens cuts no test
+    text further, so the bridge reads what every other method reads (xsum at 360 words left 21 of
+    its 500 articles over 512 tokens). AG News is not here: 6 of its 2000 test items hold URLs or
+    markup of 28-42 tokens a word, and some stay over 128 tokens at every cap above 20 words; the
+    run records them (bridge.truncated_test_items) and aggregate's table notes them."""
+    from helpers import compose
+    from telepathy.data import load_split
+    from telepathy.features import sender_inputs
+
+    cfg = compose(f"task={task}")
+    test = load_split(cfg.task, cfg.data, "test")
+    got = sender_inputs(tiny_models[0], test, cfg.task.prompt, cfg.task.max_input_tokens)
+    assert sum(got.truncated) == 0 and max(got.text_tokens) <= cfg.task.max_input_tokens
+
+
 def test_measured_compression_is_text_tokens_per_position():
     from telepathy.compression import measured_compression
 
@@ -87,11 +106,19 @@ def test_llmlingua_at_matched_positions_is_a_standard_p3_row():
 
     from baselines.llmlingua import compression_target
     from helpers import compose
-    from telepathy.config import CONF_DIR
+    from telepathy import methods
+    from telepathy.config import CONF_DIR, ConfigError, run_name
+    from telepathy.results import run_identity
 
     cfg = compose("method=llmlingua_matched", "compression=16")
     assert cfg.method.name == "llmlingua" and cfg.method.budget == "match_bridge"
     assert compression_target(cfg) == {"target_token": 4}  # ceil(64 / 16), the bridge's M
+    # the factor that defines its M is part of what the run is: its id, its identity, its table row
+    assert run_identity(cfg)["compression"] == 16 and run_identity(cfg)["num_latents"] == 4
+    assert "-llmlingua-smollm2_135m_gemma3_270m-c16-" in run_name(cfg)
+    assert run_identity(compose("method=llmlingua"))["compression"] is None  # rate 0.125 has no M
+    with pytest.raises(ConfigError, match="method.budget=match_bridge needs method.uses"):
+        methods.validate(compose("method=llmlingua", "method.budget=match_bridge"))
     phase = OmegaConf.load(CONF_DIR / "phase" / "p3_baselines.yaml")
     assert {"llmlingua", "llmlingua_matched", "bridge"} <= set(phase.hydra.sweeper.params.method.split(","))
 
@@ -112,26 +139,40 @@ def test_quick_eval_probe_is_held_out_of_the_training_split():
         holdout(train, OmegaConf.create({"eval_every": 5, "eval_samples": 20}), seed=0)
 
 
+@pytest.mark.parametrize("placement", ["primer_soft_prompt", "soft_primer_prompt", "primer_prompt_soft"])
 @pytest.mark.parametrize("chat", [False, True])
-def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models, chat):
+def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models, chat, placement):
+    """Under every bridge.placement, prompt tuning's sequence is the bridge's (same framing, soft
+    tokens at the same place relative to primer and answer prompt) with the text after the primer."""
     import dataclasses
 
     import torch
 
     from baselines.prompt_tuning import soft_prompt_sequences
+    from helpers import compose
     from telepathy.receiver import SOFT, PromptIO
 
+    cfg = compose("method=prompt_tuning", f"bridge.placement={placement}")
     sender = tiny_models[0]  # SmolLM2's tokenizer has a chat template; the demo config leaves it off
     io = PromptIO(dataclasses.replace(sender, chat_template=chat))
     soft = torch.zeros(3, io.embed_layer.weight.shape[1])
-    (seq,) = soft_prompt_sequences(io, "Review: {text}\nSentiment:", soft, [Example(idx=0, text="fine", label=1)])
-    before, after = io.frame(SOFT + "Review: fine\nSentiment:")
-    bridge_before = io.soft_prompt("Review:", "\nSentiment:")[0]
-    assert seq[0] == before and seq[1] is soft and seq[2] == after
-    assert bridge_before.startswith(before)  # the same framing (BOS / chat header) precedes both
-    assert "Review: fine" in after
+    (seq,) = soft_prompt_sequences(io, cfg, soft, [Example(idx=0, text="a fine film", label=1)])
+    before, after = io.soft_prompt(cfg.task.receiver_primer, cfg.task.answer_prompt, placement)[::2]  # the bridge's
+    assert len(seq) == 3 and seq[1] is soft
+    assert (seq[0] + SOFT + seq[2]).replace(" a fine film", "", 1) == before + SOFT + after
     if chat:  # inside the user turn, after the template's header
-        assert "<|im_start|>user" in before
+        assert "<|im_start|>user" in seq[0]
+
+
+def test_prompt_tuning_placement_is_checked_before_anything_loads():
+    from baselines.prompt_tuning import validate
+    from helpers import compose
+    from telepathy.config import ConfigError
+
+    with pytest.raises(ConfigError, match="bridge.placement='middle'"):
+        validate(compose("method=prompt_tuning", "bridge.placement=middle"))
+    with pytest.raises(ConfigError, match="task.receiver_primer='Text:'"):
+        validate(compose("method=prompt_tuning", "task.receiver_primer=Text:"))
 
 
 def test_prompt_tuning_has_its_own_learning_rate():
@@ -161,3 +202,30 @@ def test_latency_benchmark_times_the_accuracy_baselines_relay():
     method = compose("method=text_relay", "task=trec").method
     assert OmegaConf.to_container(latency.relay, resolve=True) == OmegaConf.to_container(method, resolve=True)
     assert latency.relay.instruction == latency.task.prompt and latency.relay.max_new_tokens == 48
+
+
+def test_final_log_reports_measured_compression_not_prompt_tokens_per_soft_token(caplog):
+    """The run's last log line gives M with the nominal and the measured factor (text tokens per
+    soft token), not prompt tokens / M (template and instruction included), and warns when the
+    sender's token cap cut test texts."""
+    import logging
+
+    from telepathy.app import _log_summary
+
+    bridge = {
+        "num_latents": 8,
+        "compression_factor": 8,
+        "mean_sender_tokens": 33.5,
+        "compression_ratio": 33.5 / 8,
+        "text_tokens_mean": 23.5,
+        "measured_compression_mean": 23.5 / 8,
+        "truncated_test_items": 0,
+    }
+    record = {"method": "bridge", "task": "sst2", "seed": 42, "run_dir": "r", "metrics": {"accuracy": 0.9}}
+    with caplog.at_level(logging.INFO, logger="telepathy"):
+        _log_summary({**record, "bridge": bridge})
+        _log_summary({**record, "bridge": {**bridge, "truncated_test_items": 3}})
+    first, second = (r.getMessage() for r in caplog.records)
+    assert "8 (compression 8x nominal, 2.9x measured = 23.5 text tokens / 8)" in first
+    assert "4.2x" not in first and "33.5" not in first and "WARNING" not in first
+    assert "WARNING: task.max_input_tokens cut 3 test texts" in second

@@ -21,7 +21,15 @@ from pathlib import Path
 import pandas as pd
 
 from telepathy import analysis
-from telepathy.analysis.tables import METRIC_NAMES, comparison_table, jsonable, metric_table, to_latex, to_markdown
+from telepathy.analysis.tables import (
+    METRIC_NAMES,
+    comparison_table,
+    jsonable,
+    metric_table,
+    sender_cut_note,
+    to_latex,
+    to_markdown,
+)
 
 
 def build(paths, metric="accuracy", baseline_method="bridge", confidence=0.95, n_boot=10_000, seed=0):
@@ -147,6 +155,8 @@ def main(argv=None):
         args.digits,
     )
     print(md)
+    if sender_cut_note(result["summary"]):  # also in summary.md/.tex under the table
+        print(f"WARNING: {sender_cut_note(result['summary'])}", file=sys.stderr)
     counts = ", ".join(f"{v} {k}" for k, v in runs["status"].value_counts().items())
     print(f"{len(runs)} runs ({counts}); wrote {', '.join(written)} to {out}", file=sys.stderr)
     for s in skipped:

@@ -8,6 +8,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from telepathy.analysis.runs import BENCHMARK_METHODS, is_missing
+from telepathy.analysis.summarise import differing_keys, settings
 from telepathy.analysis.tables import settings_cell
 
 
@@ -85,26 +86,30 @@ def accuracy_vs_compression(summary, metric="accuracy", scale=100.0, stem=None):
     return fig
 
 
+# the keys a latency line runs along (its x axis: conf/latency.yaml's batch_size is
+# ${eval.batch_size}) and the path that names it; a line's runs agree on every other setting
+LATENCY_AXES = ("batch_size", "eval.batch_size", "path")
+
+
 def latency(runs, stem=None):
-    """Latency per batch (p50, p99 dashed) and throughput vs batch size, one
-    line per path (and per compression / models / task where the runs differ),
-    from completed latency-benchmark runs; repeats of one setting are averaged."""
+    """Latency per batch (p50, p99 dashed) and throughput vs batch size, from completed
+    latency-benchmark runs: one line per path and benchmark config (the runs' settings less
+    the batch size). Repeats of one config (seeds) are averaged; runs that differ in any other
+    setting (compression, models, task, relay.max_new_tokens, answer, iterations, ...) are
+    separate lines, and the legend names the settings in which lines differ."""
     r = runs[runs["method"].isin(BENCHMARK_METHODS) & (runs["status"] == "completed")]
     need = ["batch_size", "path", "metrics.p50_ms", "metrics.p99_ms", "metrics.throughput_eps"]
     missing = [c for c in need if c not in r or r[c].isna().all()]
     if not len(r) or missing:
         raise ValueError(f"no latency results to plot (missing {missing or 'runs'})")
     r = r.astype({"batch_size": int})
-    # one line per path, and per setting where runs differ in one (never averaged over)
-    vary = _varying(r, ["compression", "sender", "receiver", "task"])
-    r = r.assign(
-        line=r.apply(
-            lambda row: " ".join(
-                [str(row["path"])] + [f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in vary]
-            ),
-            axis=1,
-        )
-    )
+    configs = [{k: v for k, v in settings(run).items() if k not in LATENCY_AXES} for run in r.to_dict("records")]
+    differ = differing_keys(configs)
+    labels = [
+        " ".join([str(path)] + ([cell] if (cell := settings_cell({k: c.get(k) for k in differ})) else []))
+        for path, c in zip(r["path"], configs)
+    ]
+    r = r.assign(line=labels)
     agg = r.groupby(["line", "batch_size"], sort=True)[need[2:]].mean().reset_index()
     fig = Figure(figsize=(8.4, 3.4), layout="constrained")
     ax_lat, ax_thr = fig.subplots(1, 2)

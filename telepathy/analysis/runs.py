@@ -57,6 +57,9 @@ MEASURED_SOURCES = {
         "metrics.compressed_tokens_mean",
         "metrics.relay_tokens_mean",
     ),
+    # test texts the sender's token cap (task.max_input_tokens) cut after the word cap every
+    # method reads (task.max_text_words): > 0 means this row read less text than the others
+    "sender_truncated_items": ("bridge.truncated_test_items", "probe.truncated_test_items"),
 }
 # columns that describe a run's outcome: averaged per experiment, never grouped by
 MEASURED = tuple(MEASURED_SOURCES)

@@ -76,7 +76,7 @@ def _mean_of(runs, col):
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def _settings(run):
+def settings(run):
     """The run's config without its seed and the keys that do not define a result
     (`run.id_exclude`), as {dotted key: value}."""
     exclude = json.loads(run.get("config.run.id_exclude") or "[]") + ["seed", "run"]
@@ -90,6 +90,13 @@ def _settings(run):
     return out
 
 
+def differing_keys(configs):
+    """The keys whose value is not the same in every one of `configs` ({key: value} dicts,
+    a key one of them lacks counts as None), sorted."""
+    keys = sorted(set().union(*configs)) if configs else []
+    return [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
+
+
 def _differing_settings(groups):
     """{experiment key: {setting: value}} for experiments that share every table column
     (GROUP_KEYS) but not their config: the settings in which they differ, so that a
@@ -97,13 +104,12 @@ def _differing_settings(groups):
     by_columns = {}
     for key, members in groups.items():
         done = [r for r in members if r["status"] == "completed"] or members
-        by_columns.setdefault(key[: len(GROUP_KEYS)], []).append((key, _settings(done[0])))
+        by_columns.setdefault(key[: len(GROUP_KEYS)], []).append((key, settings(done[0])))
     out = {}
     for same in by_columns.values():
         if len(same) < 2:
             continue
-        keys = sorted(set().union(*(s for _, s in same)))
-        differ = [k for k in keys if len({json.dumps(s.get(k), default=str) for _, s in same}) > 1]
+        differ = differing_keys([s for _, s in same])
         for key, s in same:
             out[key] = {k: s.get(k) for k in differ}
     return out

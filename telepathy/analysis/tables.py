@@ -52,6 +52,27 @@ def _measured_cell(v, key):
     return f"{v:.1f}×" if key == "measured_compression" else f"{v:.1f}".removesuffix(".0")
 
 
+def sender_cut_note(summary):
+    """A note naming the rows whose sender's token cap (``task.max_input_tokens``) cut test
+    texts that every other method reads whole up to ``task.max_text_words`` (the recorded
+    ``bridge.truncated_test_items`` / ``probe.truncated_test_items``); '' when none did."""
+    if "sender_truncated_items" not in summary:
+        return ""
+    cut = summary[summary["sender_truncated_items"].fillna(0) > 0]
+    if not len(cut):
+        return ""
+    rows = []
+    for g in cut.to_dict("records"):
+        name = " ".join(plain(g[k]) for k in ("task", "method") if not is_missing(g[k]))
+        name += f" c{plain(g['compression'])}" if not is_missing(g["compression"]) else ""
+        name += f" ({settings_cell(g['differs'])})" if settings_cell(g.get("differs")) else ""
+        rows.append(f"{name}: {g['sender_truncated_items']:.3g} items")
+    return (
+        "Not the same text: the sender's token cap (task.max_input_tokens) cut test texts that the "
+        "other methods read whole (up to task.max_text_words) in " + "; ".join(rows) + " (mean over seeds)."
+    )
+
+
 def metric_cell(g, scale=100.0, digits=1):
     """'mean ± half-width' of the 95% CI; no CI where there is no seed variance to show."""
     if g["n_independent"] == 0:
@@ -128,6 +149,9 @@ def metric_table(summary, metric="accuracy", scale=100.0, digits=1):
             "Receiver positions = what carries the input to the receiver: M soft tokens (bridge, "
             "prompt tuning), kept text tokens (LLMLingua) or message tokens (text relay), mean."
         )
+    cut_note = sender_cut_note(summary)
+    if cut_note:
+        notes.append(cut_note)
     if summary["deterministic"].any():
         notes.append("det. = deterministic method: one result reused across seeds, counted once, no CI.")
     if (~summary["deterministic"] & (summary["n_independent"] == 1)).any():
