@@ -8,7 +8,13 @@
     scale initialised to the median RMS of the receiver's input-embedding rows.
 
 The output RMS matters: a frozen receiver has only ever seen inputs of the size of
-its own embeddings, and soft tokens far off that size are read as noise.
+its own embeddings, and soft tokens far off that size are read as noise. So does the
+output's direction at init (``init_from_embeddings``, ``bridge.init=embeddings``):
+isotropic random soft tokens put some seeds' receivers where the class margin is
+very sharp (gradient norms in the hundreds), and soft tokens that start as typical
+embeddings of the receiver's own vocabulary avoid that. With the centred gradient
+(``bridge.centre_grad``, below) 60-step runs learn on every seed and thread count
+tried (benchmarks/README.md §3); either alone did not.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class PerceiverBridge(nn.Module):
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         target_rms: float = 1.0,
+        centre_grad: bool = False,
     ):
         super().__init__()
         self.num_latents = num_latents
@@ -70,6 +77,12 @@ class PerceiverBridge(nn.Module):
         self.out_norm = nn.LayerNorm(dim)
         self.out_proj = nn.Linear(dim, receiver_dim)
         self.scale = nn.Parameter(torch.tensor(float(target_rms)))
+        # centre_grad: the part of the soft tokens' gradient that a batch shares (the receiver's
+        # class prior, "say any label word") trains one learned constant ``offset``; the input
+        # path gets only what differs between the batch's inputs (_CentreGrad). The forward is
+        # unchanged (soft tokens + offset), so nothing differs between training and test.
+        self.centre_grad = centre_grad
+        self.offset = nn.Parameter(torch.zeros(num_latents, receiver_dim)) if centre_grad else None
 
     @torch.no_grad()
     def set_input_stats(self, states) -> None:
@@ -105,7 +118,55 @@ class PerceiverBridge(nn.Module):
             latents = block(latents, context, pad_mask)
         out = self.out_proj(self.out_norm(latents))
         rms = out.pow(2).mean(dim=-1, keepdim=True).add(1e-6).sqrt()
-        return out / rms * self.scale
+        soft = out / rms * self.scale
+        if self.centre_grad:
+            soft = _CentreGrad.apply(soft) + self.offset
+        return soft
+
+
+class _CentreGrad(torch.autograd.Function):
+    """Identity forward; backward subtracts the batch mean of the gradient (over dim 0).
+
+    Why: every Adam step moves every weight by about lr along the batch-shared gradient, and
+    the per-token RMS normalisation then squeezes out what differs between inputs; in 60-step
+    runs that made the soft tokens one constant prompt (cosine 0.999 across inputs) on 2 of 5
+    seeds. With the shared part routed to ``offset``, a weight's gradient is the covariance of
+    its features with the inputs' own gradients: it moves only to tell inputs apart.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g - g.mean(0, keepdim=True)
+
+
+INITS = ("embeddings", "random")
+EMBEDDING_ROWS_PER_CHUNK = 2**15  # rows of the receiver's embedding matrix averaged at a time
+
+
+@torch.no_grad()
+def init_from_embeddings(bridge: PerceiverBridge, embedding_weight: torch.Tensor, scale: float, seed: int) -> None:
+    """Point ``out_proj`` at the receiver's own input embeddings (as the model scales them).
+
+    bias = the mean embedding row; the ``dim`` weight columns = (rows drawn at random - mean) /
+    sqrt(dim). Then out_proj(LayerNorm(latent)) is the mean embedding plus a combination of
+    embedding deviations of a typical row's size: every soft token starts as a plausible input
+    of the receiver, whatever the latent. The mean is taken a chunk of rows at a time (a
+    128k x 4096 vocabulary is 2 GB in float32); the draw is seeded by the run's seed.
+    """
+    vocab, dim = embedding_weight.shape[0], bridge.out_proj.in_features
+    total = torch.zeros(embedding_weight.shape[1], dtype=torch.float64, device=embedding_weight.device)
+    for start in range(0, vocab, EMBEDDING_ROWS_PER_CHUNK):
+        total += embedding_weight[start : start + EMBEDDING_ROWS_PER_CHUNK].double().sum(0)
+    mean = (total / vocab).float() * scale
+    rows = torch.randint(vocab, (dim,), generator=torch.Generator().manual_seed(seed))
+    drawn = embedding_weight[rows.to(embedding_weight.device)].float() * scale
+    weight = bridge.out_proj.weight
+    weight.copy_(((drawn - mean) / dim**0.5).T.to(weight.device, weight.dtype))
+    bridge.out_proj.bias.copy_(mean.to(weight.device, weight.dtype))
 
 
 def _chunks(states, values: int):
@@ -169,6 +230,7 @@ def build_bridge(cfg, sender_dim: int, receiver_dim: int, num_latents: int, targ
         mlp_ratio=b.mlp_ratio,
         dropout=b.dropout,
         target_rms=target_rms,
+        centre_grad=b.centre_grad,
     )
 
 

@@ -18,15 +18,22 @@ import logging
 
 import torch
 
-from telepathy.bridge import build_bridge, collapse_diagnostics, count_params, diversity_loss
+from telepathy.bridge import (
+    INITS,
+    build_bridge,
+    collapse_diagnostics,
+    count_params,
+    diversity_loss,
+    init_from_embeddings,
+)
 from telepathy.compression import measured_compression
-from telepathy.config import check_choice, check_range, num_latents, resolve_layer
+from telepathy.config import ConfigError, check_choice, check_range, num_latents, resolve_layer
 from telepathy.data import holdout, load_task
 from telepathy.evaluation import evaluate, text_prompt
 from telepathy.features import Rows, collate, sender_inputs, sender_prompts
 from telepathy.methods import MethodOutput
 from telepathy.metrics import ROUGE_TYPES
-from telepathy.models import embedding_rms_median
+from telepathy.models import embedding_rms_median, input_embedding_scale
 from telepathy.receiver import PromptIO
 from telepathy.recipe import receiver_loss, train_then_evaluate
 
@@ -40,6 +47,17 @@ def validate(cfg) -> None:
     """Keys only the bridge reads (the architecture's shape is checked for every run: it is in
     every run id and the memory plan)."""
     check_choice(cfg, "bridge.placement", list(PLACEMENTS))
+    check_choice(cfg, "bridge.init", list(INITS))
+    check_choice(cfg, "bridge.centre_grad", [True, False])
+    if cfg.bridge.centre_grad:  # a micro-batch of one input has no part that differs: no gradient at all
+        from telepathy import batching
+
+        per_device = batching.plan(cfg)["per_device"]
+        if per_device < 2:
+            raise ConfigError(
+                f"bridge.centre_grad=true needs micro-batches of >= 2 inputs; trainer.batch_size and "
+                f"batch_by_size give {per_device}; allowed: a larger trainer.batch_size or bridge.centre_grad=false"
+            )
     check_range(cfg, "trainer.diversity_weight", lo=0)
 
 
@@ -63,6 +81,9 @@ def run(cfg, ctx) -> MethodOutput:
     bridge = build_bridge(
         cfg, sender.hidden_size, receiver.hidden_size, m, target_rms=embedding_rms_median(receiver.model)
     )
+    if cfg.bridge.init == "embeddings":  # soft tokens start as typical receiver embeddings (bridge.py)
+        emb = receiver.model.get_input_embeddings()
+        init_from_embeddings(bridge, emb.weight.detach(), input_embedding_scale(receiver.model), cfg.seed)
     # input statistics of the items it trains on (train_then_evaluate holds out the same probe items)
     fit_items = holdout(train, cfg.trainer, cfg.data.sample_seed)[0]
     bridge.set_input_stats(Rows(train_feats, [e.idx for e in fit_items]))  # streamed from the cache

@@ -360,15 +360,18 @@ def chat_kwargs(model_cfg) -> dict:
     return dict(OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value)
 
 
+def input_embedding_scale(model) -> float:
+    """The factor a model's embedding layer multiplies its rows by (Gemma: sqrt(hidden); else 1)."""
+    scale = getattr(model.get_input_embeddings(), "embed_scale", 1.0)
+    return float(scale.float() if torch.is_tensor(scale) else scale)
+
+
 def embedding_rms_median(model) -> float:
     """Median RMS of the receiver's input-embedding rows, as the model itself scales them.
 
     Gemma multiplies embeddings by sqrt(hidden) inside its embedding layer
     (``embed_scale``), so the rows' raw RMS is not what the first block sees.
     """
-    emb = model.get_input_embeddings()
-    weight = emb.weight.detach().float()
+    weight = model.get_input_embeddings().weight.detach().float()
     rms = weight.pow(2).mean(dim=1).sqrt()
-    scale = getattr(emb, "embed_scale", 1.0)
-    scale = float(scale.float() if torch.is_tensor(scale) else scale)
-    return float(rms.median()) * scale
+    return float(rms.median()) * input_embedding_scale(model)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from telepathy.bridge import PerceiverBridge, collapse_diagnostics, count_params, diversity_loss
+import telepathy.bridge as bridge_module
+from telepathy.bridge import PerceiverBridge, collapse_diagnostics, count_params, diversity_loss, init_from_embeddings
 from telepathy.config import num_latents
 
 
@@ -97,3 +98,70 @@ def test_collapse_diagnostics_flag_a_constant_bridge():
     diag = collapse_diagnostics(varied, [0, 1, 0, 0, 1, 1])
     assert diag["soft_token_cosine_mean"] < 0.99 and diag["predicted_classes"] == 2 and not diag["single_class"]
     assert set(collapse_diagnostics(varied)) == {"soft_token_cosine_mean", "cosine_inputs"}  # generation tasks
+
+
+def _vocabulary(rows=300, width=40, seed=0):
+    """Embedding rows that share a strong common direction, as real vocabularies do."""
+    gen = torch.Generator().manual_seed(seed)
+    return 0.02 * (torch.randn(rows, width, generator=gen) + 1.5 * torch.randn(1, width, generator=gen))
+
+
+def _cosine_to(out, direction):
+    return torch.nn.functional.cosine_similarity(out.flatten(0, 1), direction.expand(out.shape[0] * out.shape[1], -1))
+
+
+def test_embedding_init_makes_every_soft_token_look_like_a_receiver_embedding():
+    """bridge.init=embeddings: before any training each soft token is the vocabulary's mean row plus a
+    typical deviation, so its cosine to the mean is a typical row's (here about 0.8); PyTorch's
+    default init gives isotropic tokens at cosine about 0 (the init that collapsed short runs)."""
+    vocab = _vocabulary()
+    mean = vocab.mean(0, keepdim=True)
+    states, mask = torch.randn(6, 9, 24), torch.ones(6, 9, dtype=torch.long)
+    typical = torch.nn.functional.cosine_similarity(vocab, mean.expand_as(vocab)).median()
+
+    random_init = make()
+    assert _cosine_to(random_init(states, mask), mean).abs().mean() < 0.3
+
+    bridge = make()
+    init_from_embeddings(bridge, vocab, scale=1.0, seed=1)
+    cosine = _cosine_to(bridge(states, mask), mean)
+    assert cosine.min() > 0.5 and abs(cosine.mean() - typical) < 0.15, (cosine, typical)
+    torch.testing.assert_close(bridge.out_proj.bias, vocab.mean(0))
+
+
+def test_embedding_init_is_seeded_scaled_and_streams_the_mean(monkeypatch):
+    vocab = _vocabulary()
+    whole = make()
+    init_from_embeddings(whole, vocab, scale=2.0, seed=3)
+    monkeypatch.setattr(bridge_module, "EMBEDDING_ROWS_PER_CHUNK", 7)  # 300 rows in 43 chunks
+    chunked = make()
+    init_from_embeddings(chunked, vocab, scale=2.0, seed=3)
+    torch.testing.assert_close(chunked.out_proj.bias, whole.out_proj.bias)
+    torch.testing.assert_close(chunked.out_proj.weight, whole.out_proj.weight)
+    torch.testing.assert_close(whole.out_proj.bias, 2.0 * vocab.mean(0))  # rows as the model scales them
+    other = make()
+    init_from_embeddings(other, vocab, scale=2.0, seed=4)
+    assert not torch.allclose(other.out_proj.weight, whole.out_proj.weight)
+
+
+def test_centred_gradient_leaves_the_forward_alone_and_sends_the_shared_gradient_to_the_offset():
+    """bridge.centre_grad: the same function (offset 0 at init), but a loss that pulls every input's
+    soft tokens the same way (the receiver's prior) trains only the offset, never the input path."""
+    states, mask = torch.randn(4, 7, 24), torch.ones(4, 7, dtype=torch.long)
+    plain, centred = make(), make(centre_grad=True)
+    torch.testing.assert_close(centred(states, mask), plain(states, mask))
+
+    direction = torch.randn(5, 40)
+    (centred(states, mask) * direction).sum().backward()  # the same pull on every input
+    assert centred.offset.grad.abs().sum() > 0
+    for name, p in centred.named_parameters():
+        if name != "offset" and p.grad is not None:
+            assert p.grad.abs().max() < 1e-5, name
+    plain_direction = make()
+    (plain_direction(states, mask) * direction).sum().backward()
+    assert plain_direction.out_proj.weight.grad.abs().max() > 1e-3  # without it, every weight moves that way
+
+    centred.zero_grad()
+    per_input = torch.randn(4, 5, 40)  # pulls that differ between inputs reach the weights
+    (centred(states, mask) * per_input).sum().backward()
+    assert centred.out_proj.weight.grad.abs().max() > 1e-3

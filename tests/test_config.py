@@ -31,6 +31,8 @@ def test_default_config_is_valid_and_is_the_demo_pair():
         ("method.name=telepathy", "method.name"),
         ("sender.dtype=int4", "sender.dtype"),
         ("bridge.placement=middle", "bridge.placement"),
+        ("bridge.init=xavier", "bridge.init"),
+        ("trainer.batch_size=1", "bridge.centre_grad"),  # one input per micro-batch: nothing to centre
         ("trainer.loss=mse", "trainer.loss"),
         ("task=xsum trainer.loss=classes", "trainer.loss"),
     ],
