@@ -181,6 +181,24 @@ def test_latency_plot_never_averages_runs_of_different_configs(tmp_path):
     assert len(thr.lines) == 2
 
 
+def test_latency_plot_reads_a_frame_that_also_holds_training_runs(tmp_path):
+    """The rehearsal aggregates runs/ and benchmarks/latency together: training records list
+    run.id_exclude, latency records have none (NaN in the shared frame), and that is not an error."""
+    write_run(tmp_path, name="sst2-bridge-s0", config_extra={"run": {"id_exclude": ["paths"]}})
+    write_run(
+        tmp_path,
+        method="latency",
+        compression=8,
+        name="lat-b1",
+        metrics={"p50_ms": 10.0, "p99_ms": 12.0, "throughput_eps": 1.0},
+        config_extra={"method": "latency", "batch_size": 1, "eval": {"batch_size": 1}, "path": "bridge"},
+    )
+    runs = analysis.load_runs(tmp_path)
+    assert runs["config.run.id_exclude"].isna().sum() == 1
+    lat, _ = plots.latency(runs).axes
+    assert [line.get_label() for line in lat.lines] == ["bridge p50", "bridge p99"]
+
+
 def test_accuracy_plot_labels_measured_compression_and_differing_settings(tmp_path):
     """Each point carries its measured ratio (text tokens per soft token: 20 / 8 = 2.5×) beside the
     nominal x position; runs that differ in trainer.lr are two lines whose legend says so."""

@@ -79,7 +79,8 @@ def _mean_of(runs, col):
 def settings(run):
     """The run's config without its seed and the keys that do not define a result
     (`run.id_exclude`), as {dotted key: value}."""
-    exclude = json.loads(run.get("config.run.id_exclude") or "[]") + ["seed", "run"]
+    listed = run.get("config.run.id_exclude")  # NaN in a frame that also holds records without it (latency)
+    exclude = (json.loads(listed) if not is_missing(listed) and listed else []) + ["seed", "run"]
     out = {}
     for k, v in run.items():
         if not k.startswith("config.") or is_missing(v):
