@@ -155,8 +155,9 @@ def main(argv=None):
         args.digits,
     )
     print(md)
-    if sender_cut_note(result["summary"]):  # also in summary.md/.tex under the table
-        print(f"WARNING: {sender_cut_note(result['summary'])}", file=sys.stderr)
+    cut_note = sender_cut_note(result["summary"])  # also in summary.md/.tex under the table
+    if cut_note:
+        print(f"WARNING: {cut_note}", file=sys.stderr)
     counts = ", ".join(f"{v} {k}" for k, v in runs["status"].value_counts().items())
     print(f"{len(runs)} runs ({counts}); wrote {', '.join(written)} to {out}", file=sys.stderr)
     for s in skipped:
