@@ -1,7 +1,7 @@
 """Close the planner's loop on a SLURM cluster: run rehearsal A, calibrate from it, predict rehearsal B, run B.
 
     export SLURM_CONF=...                      # the local test cluster: bash scripts/slurm/up.sh
-    python benchmarks/plan_rehearsal.py --out /tmp/rehearsal --device cpu --gpus 4
+    python benchmarks/plan_rehearsal.py --out /tmp/rehearsal --device cpu --gpus 8
 
 Why: a cost model is only worth its calibration. This launches rehearsal A (``--a``, a tiny
 phase slice) through ``train.py -m hydra/launcher=slurm``, waits for it, then asks
@@ -81,19 +81,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cpu", help="cluster.device the planner assumes")
-    parser.add_argument("--gpus", type=int, default=4, help="cluster.gpus the planner assumes")
+    parser.add_argument(
+        "--gpus", type=int, default=8, help="cluster.gpus the planner assumes (the local test node has 8 fake GPUs)"
+    )
     parser.add_argument("--timeout", type=float, default=1200)
+    parser.add_argument("--a", nargs="+", default=A, metavar="OVERRIDE", help=f"rehearsal A (default: {' '.join(A)})")
+    parser.add_argument("--b", nargs="+", default=B, metavar="OVERRIDE", help=f"rehearsal B (default: {' '.join(B)})")
     args = parser.parse_args(argv)
     a_out, b_out = args.out / "a", args.out / "b"
-    a_jobs = launch(a_out, A)
+    a_jobs = launch(a_out, args.a)
     wait(a_jobs, args.timeout)
     a_span = sacct_makespan(a_jobs)
+    a_load = os.getloadavg()[1]  # 5-minute load average at the end: other work on the machine skews the ratios
     plan_cmd = [
         sys.executable,
         "-m",
         "telepathy.plan",
         *COMMON,
-        *B,
+        *args.b,
         *SMALL,
         f"cluster.device={args.device}",
         f"cluster.gpus={args.gpus}",
@@ -106,27 +111,29 @@ def main(argv=None) -> int:
     plan = json.loads(
         subprocess.run(plan_cmd, cwd=REPO, env=_env(b_out), check=True, capture_output=True, text=True).stdout
     )
-    b_jobs = launch(b_out, B)
+    b_jobs = launch(b_out, args.b)
     wait(b_jobs, args.timeout)
     measured = sacct_makespan(b_jobs)
+    b_load = os.getloadavg()[1]
     result = {
         "method": "plan_rehearsal",
-        "a": {"overrides": COMMON + A, "jobs": len(a_jobs), "makespan_s": a_span},
+        "a": {"overrides": COMMON + args.a, "jobs": len(a_jobs), "makespan_s": a_span, "load_avg_5min": a_load},
         "b": {
-            "overrides": COMMON + B,
+            "overrides": COMMON + args.b,
             "jobs": len(b_jobs),
             "predicted_makespan_s": plan["makespan_s"],
             "measured_makespan_s": round(measured, 1),
             "error": round(plan["makespan_s"] / measured - 1, 3),
+            "load_avg_5min": b_load,
             "per_job": [{"job": j["job"], "predicted_s": j["predicted_s"]} for j in plan["jobs"]],
         },
         "calibration": plan["calibration"],
     }
     write_json(args.out / "result.json", result)
     print(
-        f"rehearsal A: {len(a_jobs)} jobs in {a_span:.0f} s (calibrates)\n"
+        f"rehearsal A: {len(a_jobs)} jobs in {a_span:.0f} s (calibrates; load average {a_load:.1f})\n"
         f"rehearsal B: {len(b_jobs)} jobs, predicted {plan['makespan_s']:.0f} s, measured {measured:.0f} s "
-        f"({result['b']['error']:+.0%})"
+        f"({result['b']['error']:+.0%}; load average {b_load:.1f})"
     )
     return 0
 
