@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from telepathy.data import Example, holdout
-from telepathy.evaluation import evaluate, evaluate_classification
+from telepathy.evaluation import evaluate, evaluate_task
 from telepathy.methods import MethodOutput, output
 from telepathy.metrics import majority
 from telepathy.receiver import PromptIO, generation_targets, label_token_ids, task_targets
@@ -114,7 +114,7 @@ def train_then_evaluate(
                 return {
                     "eval_loss": io.label_loss(probe_prompts(probe), generation_targets(io, probe, cfg.task)).item()
                 }
-        metrics, _, _ = evaluate_classification(io, probe, probe_prompts, cfg.task, cfg.eval, desc="eval@step")
+        metrics, _, _ = evaluate_task(io, probe, probe_prompts, cfg.task, cfg.eval, desc="eval@step")
         return {"eval_accuracy": metrics["accuracy"], "eval_macro_f1": metrics["macro_f1"]}
 
     trainer = trainer_config(cfg)
