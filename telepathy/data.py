@@ -8,13 +8,14 @@ is used. Either way a missing split, column or label id is a clear error.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from telepathy.fsutil import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +44,6 @@ def data_root(data_cfg) -> Path | None:
     return Path(root).expanduser() if root else None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-    return rows
-
-
 def local_split(task_cfg, data_cfg, split_name: str) -> Path | None:
     """``<root>/<task.local_dir>/<split_name>.jsonl`` when a data root is set (DataError if absent), else None."""
     root = data_root(data_cfg)
@@ -75,7 +63,7 @@ def local_split(task_cfg, data_cfg, split_name: str) -> Path | None:
 def _read_rows(task_cfg, data_cfg, split_name: str) -> tuple[list[dict], str]:
     path = local_split(task_cfg, data_cfg, split_name)
     if path is not None:
-        return _read_jsonl(path), str(path)
+        return read_jsonl(path, error=DataError), str(path)
     import datasets
 
     try:

@@ -1,4 +1,5 @@
-"""File writes that other processes may read or repeat at the same time.
+"""File writes that other processes may read or repeat at the same time (and ``read_jsonl``,
+which reads a JSON Lines file that one of them may still be appending to).
 
 Jobs of one sweep share the model cache, the feature cache and the output root, and
 SLURM can start two of them at the same moment. Two rules keep them out of each
@@ -21,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,3 +86,24 @@ def atomic_path(target: Path, suffix: str = ".tmp") -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def read_jsonl(path: Path, *, live: bool = False, error: type[Exception] = ValueError) -> list[dict]:
+    """Rows of a JSON Lines file; blank lines are skipped. A line that is not JSON raises
+    ``error`` naming the file and line, except, when ``live`` (a log another process is still
+    appending to), a last line without its newline: that one is half written, so it is
+    skipped with a warning."""
+    text = Path(path).read_text()
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if live and i == len(lines) and not text.endswith("\n"):
+                warnings.warn(f"{path}:{i}: skipped a partly written last line", stacklevel=2)
+                continue
+            raise error(f"{path}:{i}: not valid JSON ({err.msg})") from None
+    return rows

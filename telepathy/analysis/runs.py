@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf.errors import OmegaConfBaseException
 
+from telepathy.fsutil import read_jsonl
 from telepathy.results import (
     IDENTITY,
     LOG_FILE,
@@ -321,25 +322,6 @@ def _runs(runs_or_paths):
     return runs_or_paths if isinstance(runs_or_paths, pd.DataFrame) else load_runs(runs_or_paths)
 
 
-def _read_jsonl(path):
-    """Rows of a JSON Lines file. A cut-off last line (a run still appending to
-    its log) is skipped with a warning; a bad line anywhere else is an error."""
-    text = Path(path).read_text()
-    lines = text.splitlines()
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) and not text.endswith("\n"):
-                warnings.warn(f"{path}:{i}: skipped a partly written last line", stacklevel=2)
-                continue
-            raise ValueError(f"{path}:{i}: invalid JSON line: {e}") from None
-    return rows
-
-
 def _run_file(run, filename, follow_reuse):
     """The run's own file, else (follow_reuse) the file of the run it reuses; None if neither exists."""
     own = Path(run["run_dir"]) / filename
@@ -360,7 +342,7 @@ def _per_run_rows(runs, filename, follow_reuse):
         path = _run_file(run, filename, follow_reuse)
         if path is not None:
             cols = {k: run[k] for k in keep}
-            out.extend({**cols, **r} for r in _read_jsonl(path))
+            out.extend({**cols, **r} for r in read_jsonl(path, live=True))
     return out
 
 
