@@ -169,29 +169,18 @@ def write_sweep(root, n_items=40):
                     correct=[1] * k + [0] * (n_items - k),
                     log=training_log(final_eval=k / n_items),
                 )
-            k = round((0.6 + shift + 0.02 * seed) * n_items)
-            write_run(
-                root,
-                task,
-                "text_relay",
-                seed,
-                {"accuracy": k / n_items, "n_test": n_items},
-                compression=None,
-                correct=[0] * (n_items - k) + [1] * k,
-            )
-            # deterministic baseline: seed 0 runs, seeds 1 and 2 reuse it
+            # deterministic receiver_only: seed 0 runs, seeds 1 and 2 reuse it
             src = root / f"{task}-receiver_only-cNone-s0"
-            k = round((0.5 + shift) * n_items)
-            write_run(
-                root,
-                task,
-                "receiver_only",
-                seed,
-                {"accuracy": k / n_items, "n_test": n_items},
-                compression=None,
-                correct=[1] * k + [0] * (n_items - k),
-                reused_from=src if seed > 0 else None,
-            )
+            for method, acc, reused in (
+                ("text_relay", 0.6 + shift + 0.02 * seed, None),
+                ("receiver_only", 0.5 + shift, src if seed > 0 else None),
+            ):
+                k = round(acc * n_items)
+                correct = [1] * k + [0] * (n_items - k)
+                if method == "text_relay":
+                    correct.reverse()  # text_relay gets the last items right
+                metrics = {"accuracy": k / n_items, "n_test": n_items}
+                write_run(root, task, method, seed, metrics, compression=None, correct=correct, reused_from=reused)
     write_run(
         root,
         "sst2",

@@ -4,26 +4,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from helpers import REPO
 from telepathy.training import DataStream, fit, latest_checkpoint, lr_lambda
 
 
 def trainer_cfg(**kw):
-    base = dict(
-        lr=1e-2,
-        weight_decay=0.01,
-        betas=[0.9, 0.999],
-        schedule="cosine",
-        warmup_steps=2,
-        batch_size=3,
-        grad_accum=2,
-        max_steps=6,
-        grad_clip=1.0,
-        checkpoint_every=3,
-        log_every=1,
-        eval_every=0,
-    )
-    base.update(kw)
-    return OmegaConf.create(base)
+    """conf/trainer/default.yaml with a toy run's steps, batch and schedule."""
+    small = dict(lr=1e-2, warmup_steps=2, batch_size=3, grad_accum=2, max_steps=6, checkpoint_every=3, log_every=1)
+    return OmegaConf.merge(OmegaConf.load(REPO / "conf/trainer/default.yaml"), small, kw)
 
 
 class Toy(torch.nn.Module):
