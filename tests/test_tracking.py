@@ -2,7 +2,7 @@
 
 In-process and model-free: a run directory is written as a run leaves it, then published.
 Each backend's test skips, with the reason, when its library is not installed
-(``pip install -e ".[tracking]"``).
+(``pip install -e ".[tracking]"``); ``make setup``, and so CI, installs all three.
 """
 
 import importlib.util
