@@ -174,3 +174,16 @@ def test_loading_a_budget_tiny_stand_in_costs_its_own_bytes_not_the_paper_models
     paper, tiny = compose("sender=llama31_8b"), compose("sender=llama31_8b", "budget=tiny")
     assert costs._weight_bytes(paper.sender) == pytest.approx(2 * 8.03e9, rel=0.01)
     assert costs._weight_bytes(tiny.sender) < 50e6
+
+
+def test_forward_flops_count_the_parameters_a_token_is_multiplied_by_for_paper_and_tiny_models():
+    # before: 2 x all 8.03 B parameters of Llama-3.1-8B (its 2 x 128256 x 4096 embedding and head
+    # rows are a lookup and a head applied only where a label is read), while tiny stand-ins had a
+    # formula of their own that ignored grouped-query attention
+    paper, tiny = compose("sender=llama31_8b"), compose("sender=llama31_8b", "budget=tiny")
+    assert costs._flops_per_token(paper.sender) == pytest.approx(2 * (8.03e9 - 2 * 128256 * 4096), rel=1e-3)
+    h, layers = int(tiny.sender.config_overrides.hidden_size), int(tiny.sender.config_overrides.num_hidden_layers)
+    heads, kv = tiny.sender.config_overrides.num_attention_heads, tiny.sender.config_overrides.num_key_value_heads
+    inter = int(tiny.sender.config_overrides.intermediate_size)
+    per_layer = h * (h // heads) * 2 * (heads + kv) + 3 * h * inter + 2 * h  # q, o, k, v; gated MLP; norms
+    assert costs._flops_per_token(tiny.sender) == pytest.approx(2 * (layers * per_layer + h))

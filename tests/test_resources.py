@@ -204,6 +204,12 @@ def test_built_shape_counts_the_parameters_of_the_model_load_model_builds():
         built = load_model(model_cfg).model
         shape = built_shape(model_cfg)
         assert shape.num_params == sum(p.numel() for p in built.parameters()), model_cfg.name
+        embeddings = {
+            id(p): p.numel()
+            for m in (built.get_input_embeddings(), built.get_output_embeddings())
+            for p in m.parameters()
+        }
+        assert shape.body_params == shape.num_params - sum(embeddings.values()), model_cfg.name
         assert (shape.hidden_size, shape.num_layers, shape.vocab_size) == (
             built.config.hidden_size,
             built.config.num_hidden_layers,

@@ -6,7 +6,9 @@ each run's duration per *stage* from its config alone:
 
 * ``load``     ``SETUP_S`` per run (tokenizers, data, model construction) + weights bytes /
                ``LOAD_BYTES_PER_S`` (disk → device);
-* ``features`` the frozen sender's forward over every train + test prompt (2·N FLOPs per token);
+* ``features`` the frozen sender's forward over every train + test prompt (2·N FLOPs per token,
+               N the parameters a token is multiplied by: ``resources.Shape.body_params``, no
+               embeddings, no output head, which runs only where a label or output is read);
 * ``train``    steps x batch x tokens the receiver reads, forward + backward to its input
                (4·N FLOPs per token: no weight gradients through a frozen model);
 * ``eval``     the scoring / reading forwards on the test items (2·N per token);
@@ -166,13 +168,11 @@ def model_key(model_cfg) -> str:
 
 
 def _flops_per_token(model_cfg) -> float:
-    """2·N per token forward; with random-init overrides, N from the overridden shape (12·L·h²)."""
-    over = model_cfg.get("config_overrides") or {}
-    if model_cfg.get("random_init") and "hidden_size" in over:
-        h, layers = int(over["hidden_size"]), int(over.get("num_hidden_layers", model_cfg.num_layers))
-        inter = int(over.get("intermediate_size", 4 * h))
-        return 2.0 * layers * (4 * h * h + 3 * h * inter)
-    return 2.0 * _n(model_cfg)
+    """2 FLOPs per parameter per token forward (C = 2N, with N the parameters a token is multiplied
+    by: ``resources.Shape.body_params``, of the model as built)."""
+    from telepathy.cluster.resources import built_shape
+
+    return 2.0 * built_shape(model_cfg).body_params
 
 
 def _layers(model_cfg) -> int:

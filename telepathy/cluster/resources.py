@@ -57,12 +57,20 @@ def _get(cfg, key: str, default=None):
 
 @dataclass(frozen=True)
 class Shape:
-    """What a model config builds: parameters, width, depth and vocabulary."""
+    """What a model config builds: parameters, width, depth, vocabulary and whether the output
+    head shares the input embeddings."""
 
     num_params: float
     hidden_size: int
     num_layers: int
     vocab_size: int
+    tied: bool = False
+
+    @property
+    def body_params(self) -> float:
+        """Parameters a token's forward pass multiplies by: all but the input embeddings (a lookup)
+        and the output head (this code applies it only at the positions it scores or generates)."""
+        return self.num_params - self.vocab_size * self.hidden_size * (1 if self.tied else 2)
 
 
 def built_shape(model_cfg) -> Shape:
@@ -81,8 +89,9 @@ def built_shape(model_cfg) -> Shape:
         "num_hidden_layers": int(model_cfg.num_layers),
         "vocab_size": int(_get(model_cfg, "vocab_size", 0)),
     }
+    tied = bool(over.get("tie_word_embeddings", _get(model_cfg, "tie_word_embeddings", False)))
     if not over:
-        return Shape(float(model_cfg.num_params), *facts.values())
+        return Shape(float(model_cfg.num_params), *facts.values(), tied)
     from telepathy.models import stand_in_config
 
     stand_in = stand_in_config(model_cfg)
@@ -94,7 +103,6 @@ def built_shape(model_cfg) -> Shape:
     kv_heads = int(over.get("num_key_value_heads", _get(model_cfg, "num_key_value_heads", heads)))
     head_dim = int(over.get("head_dim", _get(model_cfg, "head_dim", None) or h // heads))
     inter = int(over.get("intermediate_size", _get(model_cfg, "intermediate_size", 4 * h)))
-    tied = bool(over.get("tie_word_embeddings", _get(model_cfg, "tie_word_embeddings", False)))
     attention = h * head_dim * 2 * (heads + kv_heads)  # q, o; k, v
     if _get(model_cfg, "family") == "qwen2":
         attention += head_dim * (heads + 2 * kv_heads)  # q/k/v biases
@@ -102,7 +110,7 @@ def built_shape(model_cfg) -> Shape:
     if _get(model_cfg, "family") == "gemma3":
         per_layer += 2 * h + 2 * head_dim  # two more norms; q/k norms
     params = vocab * h * (1 if tied else 2) + layers * per_layer + h
-    return Shape(float(params), h, layers, vocab)
+    return Shape(float(params), h, layers, vocab, tied)
 
 
 def _weights_gb(model_cfg) -> float:
