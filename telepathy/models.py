@@ -370,8 +370,11 @@ def embedding_rms_median(model) -> float:
     """Median RMS of the receiver's input-embedding rows, as the model itself scales them.
 
     Gemma multiplies embeddings by sqrt(hidden) inside its embedding layer
-    (``embed_scale``), so the rows' raw RMS is not what the first block sees.
+    (``embed_scale``), so the rows' raw RMS is not what the first block sees. The rows are read a
+    chunk at a time: a float32 copy of a 128k x 4096 vocabulary would be 2 GB.
     """
-    weight = model.get_input_embeddings().weight.detach().float()
-    rms = weight.pow(2).mean(dim=1).sqrt()
+    from telepathy.bridge import EMBEDDING_ROWS_PER_CHUNK
+
+    weight = model.get_input_embeddings().weight.detach()
+    rms = torch.cat([rows.float().pow(2).mean(dim=1).sqrt() for rows in weight.split(EMBEDDING_ROWS_PER_CHUNK)])
     return float(rms.median()) * input_embedding_scale(model)

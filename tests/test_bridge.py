@@ -1,6 +1,7 @@
 """The bridge: shapes, padding mask, parameter counts, output scale, M from the compression factor."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -165,3 +166,16 @@ def test_centred_gradient_leaves_the_forward_alone_and_sends_the_shared_gradient
     per_input = torch.randn(4, 5, 40)  # pulls that differ between inputs reach the weights
     (centred(states, mask) * per_input).sum().backward()
     assert centred.out_proj.weight.grad.abs().max() > 1e-3
+
+
+def test_embedding_rms_median_reads_the_rows_a_chunk_at_a_time(monkeypatch):
+    """The soft-token scale of the other readers: the median row RMS, as the model scales rows,
+    the same whether the matrix is read whole or in chunks (a 128k x 4096 float32 copy is 2 GB)."""
+    from telepathy.models import embedding_rms_median
+
+    embedding = torch.nn.Embedding.from_pretrained(_vocabulary().to(torch.bfloat16))
+    embedding.embed_scale = torch.tensor(3.0)  # as Gemma's scaled embedding layer carries it
+    model = SimpleNamespace(get_input_embeddings=lambda: embedding)
+    expected = float(embedding.weight.float().pow(2).mean(1).sqrt().median()) * 3.0
+    monkeypatch.setattr(bridge_module, "EMBEDDING_ROWS_PER_CHUNK", 7)
+    assert embedding_rms_median(model) == pytest.approx(expected)
