@@ -27,12 +27,11 @@ import torch
 from torch import nn
 
 from baselines.common import check_classification, evaluate_counted
-from telepathy.bridge_recipe import PLACEMENTS
 from telepathy.config import ConfigError, check_choice, check_range, num_latents
 from telepathy.data import format_prompt, load_task
 from telepathy.methods import MethodOutput
 from telepathy.models import embedding_rms_median
-from telepathy.receiver import PromptIO
+from telepathy.receiver import PLACEMENTS, PromptIO
 from telepathy.recipe import train_then_evaluate, trained_params
 
 log = logging.getLogger(__name__)

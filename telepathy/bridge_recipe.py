@@ -34,13 +34,12 @@ from telepathy.features import Rows, collate, sender_inputs, sender_prompts
 from telepathy.methods import MethodOutput
 from telepathy.metrics import ROUGE_TYPES
 from telepathy.models import embedding_rms_median, input_embedding_scale
-from telepathy.receiver import PromptIO
+from telepathy.receiver import PLACEMENTS, PromptIO
 from telepathy.recipe import receiver_loss, train_then_evaluate
 
 log = logging.getLogger(__name__)
 
 DETERMINISTIC = False
-PLACEMENTS = ("primer_soft_prompt", "soft_primer_prompt", "primer_prompt_soft")
 
 
 def validate(cfg) -> None:

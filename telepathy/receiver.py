@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from telepathy.models import LoadedModel
 
 SOFT = "<<telepathy-soft-tokens>>"  # placeholder for the soft tokens in a prompt template
+# where soft tokens sit in the receiver's prompt (``bridge.placement``; the bridge and prompt tuning)
+PLACEMENTS = ("primer_soft_prompt", "soft_primer_prompt", "primer_prompt_soft")
 
 
 class PromptIO:
@@ -47,12 +49,8 @@ class PromptIO:
 
     def soft_prompt(self, primer: str, answer_prompt: str, placement: str = "primer_soft_prompt") -> list:
         """A template with the soft tokens placed as configured (``bridge.placement``)."""
-        layouts = {
-            "primer_soft_prompt": primer + SOFT + answer_prompt,
-            "soft_primer_prompt": SOFT + primer + answer_prompt,
-            "primer_prompt_soft": primer + answer_prompt + SOFT,
-        }
-        pieces = self.frame(layouts[placement])
+        layouts = (primer + SOFT + answer_prompt, SOFT + primer + answer_prompt, primer + answer_prompt + SOFT)
+        pieces = self.frame(dict(zip(PLACEMENTS, layouts))[placement])
         return [pieces[0], SOFT, pieces[1]]
 
     @staticmethod
