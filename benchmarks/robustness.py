@@ -30,6 +30,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from telepathy.results import write_json  # noqa: E402
+
 TEST_BUDGET = [
     "task.train_samples=480",
     "task.test_samples=120",
@@ -117,9 +121,7 @@ def main(argv=None) -> None:
         if (d / "predictions.jsonl").exists()
     ]
     rows.sort(key=lambda r: (r["threads"], seeds.index(r["seed"]) if r["seed"] in seeds else r["seed"]))
-    (out / "robustness.json").write_text(
-        json.dumps({"overrides": overrides, "margin": args.margin, "runs": rows}, indent=2)
-    )
+    write_json(out / "robustness.json", {"overrides": overrides, "margin": args.margin, "runs": rows})
     print(table(rows))
 
 
