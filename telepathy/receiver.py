@@ -24,7 +24,12 @@ from telepathy.models import LoadedModel
 
 SOFT = "<<telepathy-soft-tokens>>"  # placeholder for the soft tokens in a prompt template
 # where soft tokens sit in the receiver's prompt (``bridge.placement``; the bridge and prompt tuning)
-PLACEMENTS = ("primer_soft_prompt", "soft_primer_prompt", "primer_prompt_soft")
+LAYOUTS = {
+    "primer_soft_prompt": "{primer}{soft}{answer}",
+    "soft_primer_prompt": "{soft}{primer}{answer}",
+    "primer_prompt_soft": "{primer}{answer}{soft}",
+}
+PLACEMENTS = tuple(LAYOUTS)
 
 
 class PromptIO:
@@ -49,8 +54,7 @@ class PromptIO:
 
     def soft_prompt(self, primer: str, answer_prompt: str, placement: str = "primer_soft_prompt") -> list:
         """A template with the soft tokens placed as configured (``bridge.placement``)."""
-        layouts = (primer + SOFT + answer_prompt, SOFT + primer + answer_prompt, primer + answer_prompt + SOFT)
-        pieces = self.frame(dict(zip(PLACEMENTS, layouts))[placement])
+        pieces = self.frame(LAYOUTS[placement].format(primer=primer, soft=SOFT, answer=answer_prompt))
         return [pieces[0], SOFT, pieces[1]]
 
     @staticmethod
