@@ -24,9 +24,9 @@ from telepathy.config import ConfigError, check_range
 from telepathy.data import load_task
 from telepathy.evaluation import text_prompt
 from telepathy.methods import MethodOutput
+from telepathy.methods.train_then_evaluate import train_then_evaluate, trained_params
 from telepathy.models import LoadedModel
 from telepathy.receiver import PromptIO
-from telepathy.recipe import train_then_evaluate, trained_params
 
 log = logging.getLogger(__name__)
 

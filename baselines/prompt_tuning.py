@@ -30,9 +30,9 @@ from baselines.common import check_classification, evaluate_counted
 from telepathy.config import ConfigError, check_choice, check_range, num_latents
 from telepathy.data import format_prompt, load_task
 from telepathy.methods import MethodOutput
+from telepathy.methods.train_then_evaluate import train_then_evaluate, trained_params
 from telepathy.models import embedding_rms_median
 from telepathy.receiver import PLACEMENTS, PromptIO
-from telepathy.recipe import train_then_evaluate, trained_params
 
 log = logging.getLogger(__name__)
 

@@ -179,7 +179,7 @@ def test_prompt_tuning_has_its_own_learning_rate():
     from baselines.prompt_tuning import validate
     from helpers import TINY, compose
     from telepathy.config import ConfigError
-    from telepathy.recipe import trainer_config
+    from telepathy.methods.train_then_evaluate import trainer_config
 
     cfg = compose(*TINY, "method=prompt_tuning")
     assert cfg.method.lr == pytest.approx(3e-3) and trainer_config(cfg).lr == pytest.approx(3e-3)

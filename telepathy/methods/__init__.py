@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from telepathy.app import RunContext
 
 REGISTRY = {
-    "bridge": "telepathy.bridge_recipe",
+    "bridge": "telepathy.methods.bridge",
     "zeroshot": "baselines.zeroshot",
     "fewshot": "baselines.fewshot",
     "text_relay": "baselines.text_relay",

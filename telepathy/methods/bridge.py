@@ -32,10 +32,10 @@ from telepathy.data import holdout, load_task
 from telepathy.evaluation import evaluate, text_prompt
 from telepathy.features import Rows, collate, sender_inputs, sender_prompts
 from telepathy.methods import MethodOutput
+from telepathy.methods.train_then_evaluate import receiver_loss, train_then_evaluate
 from telepathy.metrics import ROUGE_TYPES
 from telepathy.models import embedding_rms_median, input_embedding_scale
 from telepathy.receiver import PLACEMENTS, PromptIO
-from telepathy.recipe import receiver_loss, train_then_evaluate
 
 log = logging.getLogger(__name__)
 
