@@ -40,12 +40,12 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from baselines.text_relay import relay_messages, relay_reader  # noqa: E402
 from telepathy.bridge import build_bridge, count_params  # noqa: E402
 from telepathy.config import num_latents, resolve_layer, validate_latency  # noqa: E402
 from telepathy.data import Example, batches, load_split  # noqa: E402
 from telepathy.evaluation import text_prompt  # noqa: E402
 from telepathy.features import collate, encode, sender_prompts  # noqa: E402
+from telepathy.methods.text_relay import relay_messages, relay_reader  # noqa: E402
 from telepathy.models import embedding_rms_median, load_model, placement  # noqa: E402
 from telepathy.receiver import PromptIO, label_token_ids  # noqa: E402
 from telepathy.results import RESULT_FILE, environment, identity_block, now, record, write_json  # noqa: E402

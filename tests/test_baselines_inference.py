@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from baselines.common import prompt_tokens
-from baselines.ensemble import average_probabilities
-from baselines.fewshot import DemonstrationSampler, demonstrations_text
 from helpers import TINY, compose, needs_data, results, run_train
 from telepathy.config import ConfigError, group_options, run_name
 from telepathy.data import Example, format_prompt
 from telepathy.evaluation import text_prompt
 from telepathy.methods import validate
+from telepathy.methods.baselines import prompt_tokens
+from telepathy.methods.ensemble import average_probabilities
+from telepathy.methods.fewshot import DemonstrationSampler, demonstrations_text
 from telepathy.receiver import PromptIO
 
 CLASSIFICATION_TASKS = [t for t in group_options("task") if compose(f"task={t}").task.type == "classification"]

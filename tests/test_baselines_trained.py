@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from baselines.linear_probe import resolve_layers
-from baselines.lora import add_lora
-from baselines.prompt_tuning import SoftPrompt, init_soft_prompt
 from helpers import TINY, compose, needs_data, results, run_train
 from telepathy import config as tconfig
 from telepathy import methods
+from telepathy.methods.linear_probe import resolve_layers
+from telepathy.methods.lora import add_lora
+from telepathy.methods.prompt_tuning import SoftPrompt, init_soft_prompt
 from telepathy.models import embedding_rms_median, load_model
 from telepathy.receiver import PromptIO
 
@@ -58,10 +58,10 @@ def test_probe_config_is_checked_before_launch():
 
 
 def test_probe_features_pooled_in_chunks_match_one_pass(tiny_models, tmp_path, monkeypatch):
-    from baselines import linear_probe
     from telepathy.app import RunContext
     from telepathy.data import Example
     from telepathy.features import encode, sender_prompts
+    from telepathy.methods import linear_probe
 
     cfg = compose(*TINY, "cache=off")
     sender, _ = tiny_models

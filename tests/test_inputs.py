@@ -104,10 +104,10 @@ def test_llmlingua_at_matched_positions_is_a_standard_p3_row():
     """Beside rate 0.125, P3 runs LLMLingua keeping as many tokens as the bridge's M soft tokens."""
     from omegaconf import OmegaConf
 
-    from baselines.llmlingua import compression_target
     from helpers import compose
     from telepathy import methods
     from telepathy.config import CONF_DIR, ConfigError, run_name
+    from telepathy.methods.llmlingua import compression_target
     from telepathy.results import run_identity
 
     cfg = compose("method=llmlingua_matched", "compression=16")
@@ -148,8 +148,8 @@ def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models
 
     import torch
 
-    from baselines.prompt_tuning import soft_prompt_sequences
     from helpers import compose
+    from telepathy.methods.prompt_tuning import soft_prompt_sequences
     from telepathy.receiver import SOFT, PromptIO
 
     cfg = compose("method=prompt_tuning", f"bridge.placement={placement}")
@@ -165,9 +165,9 @@ def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models
 
 
 def test_prompt_tuning_placement_is_checked_before_anything_loads():
-    from baselines.prompt_tuning import validate
     from helpers import compose
     from telepathy.config import ConfigError
+    from telepathy.methods.prompt_tuning import validate
 
     with pytest.raises(ConfigError, match="bridge.placement='middle'"):
         validate(compose("method=prompt_tuning", "bridge.placement=middle"))
@@ -176,9 +176,9 @@ def test_prompt_tuning_placement_is_checked_before_anything_loads():
 
 
 def test_prompt_tuning_has_its_own_learning_rate():
-    from baselines.prompt_tuning import validate
     from helpers import TINY, compose
     from telepathy.config import ConfigError
+    from telepathy.methods.prompt_tuning import validate
     from telepathy.methods.train_then_evaluate import trainer_config
 
     cfg = compose(*TINY, "method=prompt_tuning")

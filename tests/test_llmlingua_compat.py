@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from baselines import llmlingua_compat as lc
 from helpers import compose, data_root, needs_data
+from telepathy.methods import llmlingua_compressor as lc
 
 
 @pytest.fixture(scope="module")

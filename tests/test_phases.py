@@ -78,7 +78,7 @@ def test_p1_is_the_paper_pair_with_both_zero_shots_on_1000_items():
 
 
 def test_p2_probes_the_1b_and_mistral_at_the_plans_layers():
-    from baselines.linear_probe import probe_layers
+    from telepathy.methods.linear_probe import probe_layers
 
     assert grid("p2_probes") == {"method.model": ["sender", "receiver"], "task": TASKS}
     layers = {}

@@ -21,14 +21,14 @@ if TYPE_CHECKING:
 
 REGISTRY = {
     "bridge": "telepathy.methods.bridge",
-    "zeroshot": "baselines.zeroshot",
-    "fewshot": "baselines.fewshot",
-    "text_relay": "baselines.text_relay",
-    "llmlingua": "baselines.llmlingua",
-    "ensemble": "baselines.ensemble",
-    "linear_probe": "baselines.linear_probe",
-    "prompt_tuning": "baselines.prompt_tuning",
-    "lora": "baselines.lora",
+    "zeroshot": "telepathy.methods.zeroshot",
+    "fewshot": "telepathy.methods.fewshot",
+    "text_relay": "telepathy.methods.text_relay",
+    "llmlingua": "telepathy.methods.llmlingua",
+    "ensemble": "telepathy.methods.ensemble",
+    "linear_probe": "telepathy.methods.linear_probe",
+    "prompt_tuning": "telepathy.methods.prompt_tuning",
+    "lora": "telepathy.methods.lora",
 }
 
 

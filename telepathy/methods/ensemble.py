@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from baselines.common import check_classification, evaluate_counted, inference_result
 from telepathy.config import ConfigError
 from telepathy.data import load_task, truncated_items
 from telepathy.evaluation import prediction_row, text_prompt
 from telepathy.methods import MethodOutput
+from telepathy.methods.baselines import check_classification, evaluate_counted, inference_result
 from telepathy.metrics import classification
 from telepathy.receiver import PromptIO
 

@@ -12,10 +12,10 @@ randomness and no training, so one seed's result stands for every seed.
 
 from __future__ import annotations
 
-from baselines.common import check_model_choice, evaluate_counted, inference_result
 from telepathy.data import load_task
 from telepathy.evaluation import text_prompt
 from telepathy.methods import MethodOutput
+from telepathy.methods.baselines import check_model_choice, evaluate_counted, inference_result
 from telepathy.receiver import PromptIO
 
 DETERMINISTIC = True

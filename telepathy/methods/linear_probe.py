@@ -29,12 +29,12 @@ from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from baselines.common import check_classification
 from telepathy.config import ConfigError, check_choice, resolve_layer
 from telepathy.data import load_task, truncated_items
 from telepathy.evaluation import score_rows
 from telepathy.features import sender_inputs, sender_prompts
 from telepathy.methods import MethodOutput, output
+from telepathy.methods.baselines import check_classification
 from telepathy.metrics import classification, majority
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from baselines.common import check_classification, evaluate_counted, inference_result
 from telepathy.config import ConfigError, check_range
 from telepathy.data import Example, format_prompt, load_task
 from telepathy.methods import MethodOutput
+from telepathy.methods.baselines import check_classification, evaluate_counted, inference_result
 from telepathy.receiver import PromptIO
 
 DETERMINISTIC = False

@@ -17,11 +17,11 @@ import statistics
 import time
 from dataclasses import replace
 
-from baselines.common import evaluate_counted, inference_result
 from telepathy.config import ConfigError, check_range
 from telepathy.data import batches, load_task
 from telepathy.evaluation import text_prompt
 from telepathy.methods import MethodOutput
+from telepathy.methods.baselines import evaluate_counted, inference_result
 from telepathy.receiver import PromptIO
 
 DETERMINISTIC = True

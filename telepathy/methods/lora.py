@@ -19,11 +19,11 @@ import torch
 from omegaconf import OmegaConf
 from peft import LoraConfig, get_peft_model
 
-from baselines.common import check_classification, evaluate_counted
 from telepathy.config import ConfigError, check_range
 from telepathy.data import load_task
 from telepathy.evaluation import text_prompt
 from telepathy.methods import MethodOutput
+from telepathy.methods.baselines import check_classification, evaluate_counted
 from telepathy.methods.train_then_evaluate import train_then_evaluate, trained_params
 from telepathy.models import LoadedModel
 from telepathy.receiver import PromptIO

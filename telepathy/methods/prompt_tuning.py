@@ -26,10 +26,10 @@ import logging
 import torch
 from torch import nn
 
-from baselines.common import check_classification, evaluate_counted
 from telepathy.config import ConfigError, check_choice, check_range, num_latents
 from telepathy.data import format_prompt, load_task
 from telepathy.methods import MethodOutput
+from telepathy.methods.baselines import check_classification, evaluate_counted
 from telepathy.methods.train_then_evaluate import train_then_evaluate, trained_params
 from telepathy.models import embedding_rms_median
 from telepathy.receiver import PLACEMENTS, PromptIO

@@ -19,12 +19,12 @@ import statistics
 import time
 from dataclasses import replace
 
-from baselines.common import check_model_choice, evaluate_counted, inference_result
-from baselines.llmlingua_compat import compress, make_compressor
 from telepathy.config import ConfigError, check_choice, model_config, num_latents, uses_soft_tokens
 from telepathy.data import load_task
 from telepathy.evaluation import text_prompt
 from telepathy.methods import MethodOutput
+from telepathy.methods.baselines import check_model_choice, evaluate_counted, inference_result
+from telepathy.methods.llmlingua_compressor import compress, make_compressor
 from telepathy.models import local_model_dir, stand_in_config
 from telepathy.receiver import PromptIO
 

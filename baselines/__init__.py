@@ -1,1 +1,0 @@
-"""Baselines the latent bridge is compared with (one module per ``method``)."""
