@@ -17,17 +17,17 @@ import logging
 import shutil
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from telepathy import batching, data, features, methods, runlock
+from telepathy import batching, data, methods, runlock
 from telepathy import config as tconfig
 from telepathy.cli import stop_on_signals
 from telepathy.cluster import telemetry
-from telepathy.models import LoadedModel, load_model, placement
+from telepathy.methods import RunContext
+from telepathy.models import placement
 from telepathy.results import (
     PREDICTIONS_FILE,
     RESULT_FILE,
@@ -48,44 +48,6 @@ from telepathy.results import (
 from telepathy.shared_runs import share_result
 
 log = logging.getLogger("telepathy")
-
-
-@dataclass
-class RunContext:
-    """What a method gets besides its config: the run's folder (checkpoints, step log), the
-    devices ``models.placement`` chose, and models loaded once per run on their device."""
-
-    cfg: DictConfig
-    run_dir: Path
-    devices: dict[str, torch.device]
-    _models: dict = field(default_factory=dict)
-
-    def model(self, role: str) -> LoadedModel:
-        """``sender`` or ``receiver``, loaded once per run on its device; or any model named by its
-        config (``conf/model/<name>.yaml``, e.g. ``method.model=llama32_1b``), on the receiver's device."""
-        if role not in self._models:
-            device = self.devices.get(role, self.devices["receiver"])
-            self._models[role] = load_model(tconfig.model_config(self.cfg, role), device)
-        return self._models[role]
-
-    def sender_features(
-        self, lm: LoadedModel, ids: list[list[int]], layer: int | list[int], split: str
-    ) -> list[torch.Tensor] | dict[int, list[torch.Tensor]]:
-        """The sender's ``hidden_states[layer]`` for each prompt (cached when ``cache.mode=on``).
-
-        A list of layers returns {layer: features}, all computed in one forward pass.
-        """
-        layers = [layer] if isinstance(layer, int) else list(layer)
-        out = features.cached_encode(
-            lm,
-            ids,
-            layers,
-            self.cfg.get("cache"),
-            lm.config,
-            batch_size=self.cfg.eval.batch_size,
-            desc=f"sender features ({split})",
-        )
-        return out[layer] if isinstance(layer, int) else out
 
 
 def _output_dir(cfg) -> Path:

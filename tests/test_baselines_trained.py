@@ -58,10 +58,9 @@ def test_probe_config_is_checked_before_launch():
 
 
 def test_probe_features_pooled_in_chunks_match_one_pass(tiny_models, tmp_path, monkeypatch):
-    from telepathy.app import RunContext
     from telepathy.data import Example
     from telepathy.features import encode, sender_prompts
-    from telepathy.methods import linear_probe
+    from telepathy.methods import RunContext, linear_probe
 
     cfg = compose(*TINY, "cache=off")
     sender, _ = tiny_models

@@ -12,12 +12,16 @@ imports nothing from here, so the config module stays a leaf and the recipes may
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Protocol, TypedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TypedDict
+
+import torch
+from omegaconf import DictConfig
 
 from telepathy import config as tconfig
-
-if TYPE_CHECKING:
-    from telepathy.app import RunContext
+from telepathy import features
+from telepathy.models import LoadedModel, load_model
 
 REGISTRY = {
     "bridge": "telepathy.methods.bridge",
@@ -30,6 +34,44 @@ REGISTRY = {
     "prompt_tuning": "telepathy.methods.prompt_tuning",
     "lora": "telepathy.methods.lora",
 }
+
+
+@dataclass
+class RunContext:
+    """What a method gets besides its config: the run's folder (checkpoints, step log), the
+    devices ``models.placement`` chose, and models loaded once per run on their device."""
+
+    cfg: DictConfig
+    run_dir: Path
+    devices: dict[str, torch.device]
+    _models: dict = field(default_factory=dict)
+
+    def model(self, role: str) -> LoadedModel:
+        """``sender`` or ``receiver``, loaded once per run on its device; or any model named by its
+        config (``conf/model/<name>.yaml``, e.g. ``method.model=llama32_1b``), on the receiver's device."""
+        if role not in self._models:
+            device = self.devices.get(role, self.devices["receiver"])
+            self._models[role] = load_model(tconfig.model_config(self.cfg, role), device)
+        return self._models[role]
+
+    def sender_features(
+        self, lm: LoadedModel, ids: list[list[int]], layer: int | list[int], split: str
+    ) -> list[torch.Tensor] | dict[int, list[torch.Tensor]]:
+        """The sender's ``hidden_states[layer]`` for each prompt (cached when ``cache.mode=on``).
+
+        A list of layers returns {layer: features}, all computed in one forward pass.
+        """
+        layers = [layer] if isinstance(layer, int) else list(layer)
+        out = features.cached_encode(
+            lm,
+            ids,
+            layers,
+            self.cfg.get("cache"),
+            lm.config,
+            batch_size=self.cfg.eval.batch_size,
+            desc=f"sender features ({split})",
+        )
+        return out[layer] if isinstance(layer, int) else out
 
 
 class MethodOutput(TypedDict):
