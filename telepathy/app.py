@@ -22,10 +22,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from telepathy import batching, data, methods, runlock
+from telepathy import batching, data, methods, runlock, telemetry
 from telepathy import config as tconfig
 from telepathy.cli import stop_on_signals
-from telepathy.cluster import telemetry
 from telepathy.methods import RunContext
 from telepathy.models import placement
 from telepathy.results import (

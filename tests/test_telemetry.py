@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from telepathy.cluster import control, status, telemetry
+from telepathy import telemetry
+from telepathy.cluster import control, status
 
 
 class FakeNvml:

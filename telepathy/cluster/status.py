@@ -201,7 +201,7 @@ def _started_state(run_dir: str, status: str, ended: str | None, gone: bool) -> 
 
 def _progress(run_dir: str) -> str:
     """`` step 120/2000, ETA 0:35:10`` of a training run from its log.jsonl ('' before the first step)."""
-    from telepathy.cluster.telemetry import progress
+    from telepathy.telemetry import progress
 
     p = progress(Path(run_dir))
     if not p:
