@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from telepathy.cluster import costs, resources  # noqa: E402
+from telepathy import resources  # noqa: E402
+from telepathy.cluster import costs
 from telepathy.results import write_json  # noqa: E402
 
 # architecture values not in conf/model (intermediate size, heads, KV heads), from the models' config.json

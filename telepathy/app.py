@@ -192,7 +192,7 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
 
 def _resources(cfg) -> dict:
     """What the launcher chose (``resources.*``), plus the GPU-memory estimate for local runs."""
-    from telepathy.cluster.resources import estimate
+    from telepathy.resources import estimate
 
     out = OmegaConf.to_container(cfg.get("resources", {}), resolve=True)
     if "estimate_gb" not in out:

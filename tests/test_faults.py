@@ -378,7 +378,7 @@ def _manifest_jobs(out: Path) -> list[dict]:
 def test_an_array_no_node_can_run_is_refused_in_one_line_by_sinfo():
     """What the launcher asks before its first sbatch (``_submit`` → ``_preflight``), against the real sinfo."""
     from telepathy.cluster import preflight
-    from telepathy.cluster.resources import Resources
+    from telepathy.resources import Resources
 
     def request(gpus, mem_gb):
         return Resources(

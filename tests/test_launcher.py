@@ -9,9 +9,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from helpers import TINY, compose, needs_data, run_train
 from telepathy.cluster import status
-from telepathy.cluster.resources import Resources
 from telepathy.cluster.sweep import PlannedJob, group
 from telepathy.config import run_dir
+from telepathy.resources import Resources
 
 SLURM_DRY = ["-m", "hydra/launcher=slurm", "+dry_run=true"]
 

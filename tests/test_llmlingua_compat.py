@@ -107,7 +107,7 @@ def test_compressor_loads_in_the_dtype_the_planner_budgets(monkeypatch, device, 
     """llmlingua loads fp32 on "cuda:0" unless told; the planner budgets `auto` as bf16 on a GPU."""
     import llmlingua
 
-    from telepathy.cluster.resources import BYTES
+    from telepathy.resources import BYTES
 
     seen = {}
 

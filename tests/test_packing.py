@@ -6,8 +6,8 @@ On the local SLURM cluster: test_slurm.py::test_two_small_runs_packed_on_one_gpu
 import sys
 
 from telepathy.cluster import packing
-from telepathy.cluster.resources import Resources
 from telepathy.cluster.sweep import PlannedJob
+from telepathy.resources import Resources
 
 MEMBER = (
     "import sys, pathlib; pathlib.Path(sys.argv[2]).write_text(sys.argv[1]); "

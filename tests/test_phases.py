@@ -15,8 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from helpers import REPO, needs_data
-from telepathy import batching
-from telepathy.cluster import resources
+from telepathy import batching, resources
 from telepathy.config import register_resolvers
 from telepathy.methods import validate
 

@@ -5,8 +5,8 @@ import math
 import pytest
 
 from helpers import compose
-from telepathy.cluster.resources import GB, HOST_BASE_GB, Resources, bridge_params, estimate, host_ram_gb, plan
 from telepathy.config import ConfigError, models_used, num_latents
+from telepathy.resources import GB, HOST_BASE_GB, Resources, bridge_params, estimate, host_ram_gb, plan
 
 
 def test_weights_follow_num_params_and_dtype():
@@ -176,7 +176,7 @@ def test_prompt_tuning_counts_its_trained_soft_prompt():
 def test_budget_tiny_is_planned_as_the_model_it_builds_not_the_paper_model():
     """budget=tiny builds 2 layers of width 64 of the paper's families: GPU memory and the host-RAM
     request follow that model (its parameters counted from the overridden shape), not the 8B facts."""
-    from telepathy.cluster.resources import built_shape
+    from telepathy.resources import built_shape
 
     paper = compose("sender=llama31_8b", "receiver=mistral7b", "budget=paper")
     tiny = compose("sender=llama31_8b", "receiver=mistral7b", "budget=tiny")
@@ -195,8 +195,8 @@ def test_budget_tiny_is_planned_as_the_model_it_builds_not_the_paper_model():
 def test_built_shape_counts_the_parameters_of_the_model_load_model_builds():
     """One tiny model per way a family counts: untied embeddings (mistral), q/k/v biases (qwen2),
     tied embeddings and extra norms (gemma3)."""
-    from telepathy.cluster.resources import built_shape
     from telepathy.models import load_model
+    from telepathy.resources import built_shape
 
     families = compose("sender=qwen25_15b", "receiver=mistral7b", "budget=tiny")
     gemma = compose("sender=gemma3_270m", "budget=tiny").sender

@@ -51,7 +51,7 @@ def test_streaming_statistics_equal_the_in_memory_ones():
 
 def test_host_ram_request_counts_features_only_when_they_are_held_in_memory():
     from helpers import compose
-    from telepathy.cluster import resources
+    from telepathy import resources
 
     paper = ["budget=paper", "sender=llama31_8b", "receiver=mistral7b", "task=agnews"]
     streamed = compose(*paper)

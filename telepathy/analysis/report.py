@@ -44,7 +44,7 @@ def computed_estimate_gb(run):
     launcher did not record one (local runs)."""
     from omegaconf import OmegaConf
 
-    from telepathy.cluster import resources
+    from telepathy import resources
 
     config = json.loads(Path(run["run_dir"], analysis.RESULT_FILE).read_text())["config"]
     return float(resources.estimate(OmegaConf.create(config)).total_gb)

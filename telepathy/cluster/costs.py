@@ -150,7 +150,7 @@ class Work:
 def _n(model_cfg) -> float:
     """Parameters of the model as built: budget=tiny's 2-layer stand-ins load megabytes, not the 16 GB
     of the 8B model whose family they borrow (``resources.built_shape``)."""
-    from telepathy.cluster.resources import built_shape
+    from telepathy.resources import built_shape
 
     return float(built_shape(model_cfg).num_params)
 
@@ -170,7 +170,7 @@ def model_key(model_cfg) -> str:
 def _flops_per_token(model_cfg) -> float:
     """2 FLOPs per parameter per token forward (C = 2N, with N the parameters a token is multiplied
     by: ``resources.Shape.body_params``, of the model as built)."""
-    from telepathy.cluster.resources import built_shape
+    from telepathy.resources import built_shape
 
     return 2.0 * built_shape(model_cfg).body_params
 

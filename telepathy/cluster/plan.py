@@ -260,7 +260,8 @@ def phase_jobs(
     of one phase; ``seen`` maps the run dirs planned so far to their phase (P1's bridge runs are
     also P3's): such a run is planned, and costs, once, in the phase that plans it first; this
     phase lists it in ``shared`` (``shared_with`` that phase)."""
-    from telepathy.cluster import costs, resources
+    from telepathy import resources
+    from telepathy.cluster import costs
     from telepathy.config import run_dir
     from telepathy.methods import validate
     from telepathy.results import read_result

@@ -44,7 +44,7 @@ class PlannedJob:
     # "queue" | "skipped" (completed) | "active" (its earlier SLURM job is still alive)
     # | "duplicate" (an earlier job of this sweep has the same run dir)
     state: str
-    resources: Any = None  # telepathy.cluster.resources.Resources
+    resources: Any = None  # telepathy.resources.Resources
     reason: str = ""
     slurm_job_id: str | None = None
     kind: str = "run"  # "run": a train.py run dir with result.json | "benchmark": another app's job dir
@@ -79,7 +79,7 @@ def _filter(overrides: Sequence[str]) -> list[str]:
 
 def plan_job(idx: int, overrides: list[str], cfg, rerun: bool, alive: dict[str, str]) -> PlannedJob:
     """One composed job: validated, resource-planned, and marked skipped/active when it need not run."""
-    from telepathy.cluster import resources
+    from telepathy import resources
     from telepathy.config import run_dir
     from telepathy.methods import validate
     from telepathy.results import read_result
@@ -111,8 +111,8 @@ def plan_job(idx: int, overrides: list[str], cfg, rerun: bool, alive: dict[str, 
 def plan_benchmark_job(idx: int, overrides: list[str], cfg) -> PlannedJob:
     """A job of another Hydra app on the same conf/ tree (benchmarks/latency.py): no method,
     so no run id to skip on; it gets one GPU, the per-GPU CPUs and its host-RAM estimate."""
-    from telepathy.cluster.resources import Resources, mem_request_gb
     from telepathy.config import validate_latency
+    from telepathy.resources import Resources, mem_request_gb
 
     if OmegaConf.select(cfg, "cluster") is None:
         raise LaunchError(
