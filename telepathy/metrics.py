@@ -54,7 +54,7 @@ def rouge_summary(per_item: list[dict], n_boot: int = 1000, seed: int = 0) -> di
     Keys: ``rouge1``, ``rouge1_ci_low``, ``rouge1_ci_high`` (and the same for rouge2, rougeL).
     The bootstrap is the one of ``telepathy.analysis`` (a single stratum of per-item scores).
     """
-    from telepathy.analysis.stats import paired_bootstrap
+    from telepathy.stats import paired_bootstrap
 
     if not per_item:
         raise ValueError("no test items to score")

@@ -28,8 +28,8 @@ from telepathy.analysis.runs import (
     load_runs,
     read_run,
 )
-from telepathy.analysis.stats import holm, mcnemar, mean_ci, paired_bootstrap, paired_permutation_p, sign_test_p
 from telepathy.analysis.summarise import compare_to_baseline, metric_column, summarize
+from telepathy.stats import holm, mcnemar, mean_ci, paired_bootstrap, paired_permutation_p, sign_test_p
 
 __all__ = [
     "BENCHMARK_METHODS",

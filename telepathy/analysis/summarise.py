@@ -16,7 +16,7 @@ from telepathy.analysis.runs import (
     is_missing,
     is_reused,
 )
-from telepathy.analysis.stats import holm, item_means, mean_ci, paired_bootstrap, paired_permutation_p, sign_test_p
+from telepathy.stats import holm, item_means, mean_ci, paired_bootstrap, paired_permutation_p, sign_test_p
 
 # aggregation across seeds
 
