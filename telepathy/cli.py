@@ -10,22 +10,18 @@
 * Errors that only show up while a run executes (a data file that breaks half-way) are
   printed the same way by ``user_errors``; their ``result.json`` says ``failed``.
 * ``stop_on_signals``: SIGTERM, SIGUSR2 and SIGINT at any point of a run leave ``interrupted``.
-* ``MultirunSummary``: a multirun ends with one table of its jobs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
-import logging
 import os
 import signal
 import threading
 from pathlib import Path
 
 from hydra.errors import CompactHydraException
-from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
@@ -33,8 +29,6 @@ from telepathy import config as tconfig
 from telepathy import methods, tracking
 from telepathy.data import DataError, local_split
 from telepathy.models import ModelNotAvailableError, stand_in_config, unavailable_message
-
-log = logging.getLogger("telepathy")
 
 # what a user can fix from the command line; anything else is a bug and keeps its traceback
 USER_ERRORS = (tconfig.ConfigError, DataError, ModelNotAvailableError)
@@ -171,50 +165,3 @@ def stop_on_signals(signals=STOP_SIGNALS):
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-# --- a multirun ends with one table of its jobs -------------------------------------------------
-
-
-class MultirunSummary(Callback):
-    """``hydra.callbacks.multirun_summary``: after ``-m``, one table (state and headline metrics per run).
-
-    Hydra's own launcher runs the jobs in this process, so ``on_job_end`` sees every run
-    dir; the telepathy launchers (local/SLURM through submitit) list theirs in the sweep's
-    ``jobs.json``. The rows and the table are ``python -m telepathy.status``'s.
-    """
-
-    def __init__(self):
-        self.run_dirs: list[str] = []
-
-    def on_job_end(self, config, job_return, **kwargs) -> None:
-        self.run_dirs.append(str(config.hydra.runtime.output_dir))
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        from telepathy.cluster.status import render, run_state, squeue_states
-        from telepathy.cluster.sweep import MANIFEST, phase
-
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        jobs = [{"run_dir": d} for d in self.run_dirs]
-        manifest = sweep_dir / MANIFEST
-        if not jobs and manifest.exists():
-            jobs = json.loads(manifest.read_text()).get("jobs", [])
-        # jobs queued on SLURM (the launcher returns once they are queued): ask squeue where they stand
-        live = squeue_states() if any(job.get("slurm_job_id") for job in jobs) else None
-        rows = []
-        for job in jobs:
-            state, detail = run_state(job, live, {})
-            rows.append(
-                {
-                    "phase": phase(config) or "-",
-                    "sweep": str(sweep_dir),
-                    "run": Path(job["run_dir"]).name,
-                    "run_dir": job["run_dir"],
-                    "state": state,
-                    "detail": detail,
-                    "slurm_job_id": job.get("slurm_job_id"),
-                    "resources": job.get("resources"),
-                }
-            )
-        if rows:
-            log.info("multirun summary (%d jobs):\n%s", len(rows), render(rows).rstrip())

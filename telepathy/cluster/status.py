@@ -30,14 +30,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
+
 from telepathy.cluster.sweep import MANIFEST
 from telepathy.results import RESULT_FILE
+
+log = logging.getLogger("telepathy")
 
 LIVE = {
     "PENDING": "pending",
@@ -297,6 +302,52 @@ def render(rows: list[dict]) -> str:
             )
         lines.append("")
     return "\n".join(lines) if lines else "no runs found"
+
+
+# --- a multirun ends with one table of its jobs -------------------------------------------------
+
+
+class MultirunSummary(Callback):
+    """``hydra.callbacks.multirun_summary``: after ``-m``, one table (state and headline metrics per run).
+
+    Hydra's own launcher runs the jobs in this process, so ``on_job_end`` sees every run
+    dir; the telepathy launchers (local/SLURM through submitit) list theirs in the sweep's
+    ``jobs.json``. The rows and the table are ``python -m telepathy.status``'s.
+    """
+
+    def __init__(self):
+        self.run_dirs: list[str] = []
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        self.run_dirs.append(str(config.hydra.runtime.output_dir))
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from telepathy.cluster.sweep import phase
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = [{"run_dir": d} for d in self.run_dirs]
+        manifest = sweep_dir / MANIFEST
+        if not jobs and manifest.exists():
+            jobs = json.loads(manifest.read_text()).get("jobs", [])
+        # jobs queued on SLURM (the launcher returns once they are queued): ask squeue where they stand
+        live = squeue_states() if any(job.get("slurm_job_id") for job in jobs) else None
+        rows = []
+        for job in jobs:
+            state, detail = run_state(job, live, {})
+            rows.append(
+                {
+                    "phase": phase(config) or "-",
+                    "sweep": str(sweep_dir),
+                    "run": Path(job["run_dir"]).name,
+                    "run_dir": job["run_dir"],
+                    "state": state,
+                    "detail": detail,
+                    "slurm_job_id": job.get("slurm_job_id"),
+                    "resources": job.get("resources"),
+                }
+            )
+        if rows:
+            log.info("multirun summary (%d jobs):\n%s", len(rows), render(rows).rstrip())
 
 
 def _plan_report(output_dir: Path, plan_arg: str, rows: list[dict], phase: str | None, as_json: bool) -> int:
