@@ -11,9 +11,6 @@ devices the job sees (``CUDA_VISIBLE_DEVICES``); without NVML or a GPU the summa
 
 The GPU reader is injectable (``start(..., gpu_reader=...)``; any object with
 ``sample() -> list[dict]``), so tests and machines without a GPU exercise the same code.
-
-``progress(run_dir)`` reads a running run's ``log.jsonl`` (step, seconds per step) for
-``telepathy.status``: step / max steps and an ETA.
 """
 
 from __future__ import annotations
@@ -196,33 +193,3 @@ def start(cfg, run_dir: Path, gpu_reader=None) -> Sampler | _Off:
     if gpu_reader is None:
         gpu_reader, unavailable = default_gpu_reader()
     return Sampler(run_dir, interval, gpu_reader, unavailable).start()
-
-
-def progress(run_dir: Path) -> dict | None:
-    """``{"step", "max_steps", "eta_s"}`` of a training run from its log.jsonl (None before the first step)."""
-    path = Path(run_dir) / "log.jsonl"
-    try:
-        lines = path.read_text().splitlines()[-200:]
-    except OSError:
-        return None
-    rows = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "examples_per_s" in row and "step" in row:
-            rows.append(row)
-    if not rows:
-        return None
-    step = int(rows[-1]["step"])
-    recent = rows[-20:]
-    # seconds per step from the logged throughput; batch size cancels if it is constant
-    per_step = [1.0 / r["examples_per_s"] for r in recent if r.get("examples_per_s")]
-    try:
-        trainer = json.loads((Path(run_dir) / "result.json").read_text())["config"]["trainer"]
-        max_steps, batch = int(trainer["max_steps"]), int(trainer["batch_size"]) * int(trainer.get("grad_accum", 1))
-    except (OSError, KeyError, ValueError, TypeError):
-        return {"step": step, "max_steps": None, "eta_s": None}
-    eta = max(0, max_steps - step) * batch * sum(per_step) / len(per_step) if per_step else None
-    return {"step": step, "max_steps": max_steps, "eta_s": eta}

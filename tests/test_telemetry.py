@@ -62,7 +62,7 @@ def test_progress_and_eta_from_the_training_log(tmp_path):
     (tmp_path / "log.jsonl").write_text(
         "".join(json.dumps({"step": s, "examples_per_s": 4.0}) + "\n" for s in range(1, 41))
     )
-    p = telemetry.progress(tmp_path)
+    p = status.progress(tmp_path)
     assert p["step"] == 40 and p["max_steps"] == 100
     assert p["eta_s"] == pytest.approx(60 * 8 / 4.0)  # 60 steps left x 2 s per step
 
