@@ -13,8 +13,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import signal
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -24,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from telepathy import batching, data, methods, runlock, telemetry
 from telepathy import config as tconfig
-from telepathy.cli import stop_on_signals
 from telepathy.methods import RunContext
 from telepathy.models import placement
 from telepathy.results import (
@@ -78,6 +80,41 @@ def _find_reusable(cfg, run_dir: Path) -> dict | None:
         ):
             return found
     return None
+
+
+# --- every exit path ends with a final status ---------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals=STOP_SIGNALS):
+    """SIGTERM/SIGUSR2 anywhere in the run raise ``SystemExit``, which the lifecycle records as ``interrupted``.
+
+    SIGTERM's default action ends the process without running any Python code, so a run
+    stopped while loading models, extracting features or evaluating would keep saying
+    ``running`` for ever. A handler installed before (submitit's requeue on SLURM) runs
+    first; inside the training loop the preemption guard (telepathy/training.py) takes the
+    signal, checkpoints after the step and then calls this handler.
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    previous = {}
+
+    def stop(signum, frame):
+        handler = previous.get(signum)
+        if callable(handler):
+            handler(signum, frame)
+        raise SystemExit(f"stopped by signal {signal.Signals(signum).name}")
+
+    for sig in signals:
+        previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(cfg: DictConfig) -> dict | None:

@@ -9,7 +9,6 @@
   read side then reports as a "missing" run.
 * Errors that only show up while a run executes (a data file that breaks half-way) are
   printed the same way by ``user_errors``; their ``result.json`` says ``failed``.
-* ``stop_on_signals``: SIGTERM, SIGUSR2 and SIGINT at any point of a run leave ``interrupted``.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import signal
-import threading
 from pathlib import Path
 
 from hydra.errors import CompactHydraException
@@ -130,38 +127,3 @@ def _check_model(model_cfg) -> None:
         )
         if not isinstance(found, str):
             raise ModelNotAvailableError(unavailable_message(model_cfg, model_cfg.hub_id))
-
-
-# --- every exit path ends with a final status ---------------------------------------------------
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
-
-
-@contextlib.contextmanager
-def stop_on_signals(signals=STOP_SIGNALS):
-    """SIGTERM/SIGUSR2 anywhere in the run raise ``SystemExit``, which the lifecycle records as ``interrupted``.
-
-    SIGTERM's default action ends the process without running any Python code, so a run
-    stopped while loading models, extracting features or evaluating would keep saying
-    ``running`` for ever. A handler installed before (submitit's requeue on SLURM) runs
-    first; inside the training loop the preemption guard (telepathy/training.py) takes the
-    signal, checkpoints after the step and then calls this handler.
-    """
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-        yield
-        return
-    previous = {}
-
-    def stop(signum, frame):
-        handler = previous.get(signum)
-        if callable(handler):
-            handler(signum, frame)
-        raise SystemExit(f"stopped by signal {signal.Signals(signum).name}")
-
-    for sig in signals:
-        previous[sig] = signal.signal(sig, stop)
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
