@@ -3,8 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from telepathy.app import main as run
-from telepathy.cli import register_resolvers, user_errors
+from telepathy.hydra_glue import register_resolvers, user_errors
+from telepathy.lifecycle import main as run
 from telepathy.tracking import publishing
 
 register_resolvers()

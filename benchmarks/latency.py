@@ -47,7 +47,7 @@ from telepathy.evaluation import text_prompt  # noqa: E402
 from telepathy.features import collate, encode, sender_prompts  # noqa: E402
 from telepathy.methods.text_relay import relay_messages, relay_reader  # noqa: E402
 from telepathy.models import embedding_rms_median, load_model, placement  # noqa: E402
-from telepathy.receiver import PromptIO, label_token_ids  # noqa: E402
+from telepathy.prompting import PromptIO, label_token_ids  # noqa: E402
 from telepathy.results import RESULT_FILE, environment, identity_block, now, record, write_json  # noqa: E402
 from telepathy.training import latest_checkpoint, load_trainable  # noqa: E402
 

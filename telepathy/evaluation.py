@@ -20,7 +20,7 @@ import torch
 from telepathy.data import Example, batches, truncated_items
 from telepathy.metrics import classification, rouge_scores, rouge_summary
 from telepathy.progress import progress
-from telepathy.receiver import PromptIO, label_token_ids, parse_label
+from telepathy.prompting import PromptIO, label_token_ids, parse_label
 
 
 def evaluate_task(

@@ -15,7 +15,7 @@ from telepathy.methods import validate
 from telepathy.methods.baselines import prompt_tokens
 from telepathy.methods.ensemble import average_probabilities
 from telepathy.methods.fewshot import DemonstrationSampler, demonstrations_text
-from telepathy.receiver import PromptIO
+from telepathy.prompting import PromptIO
 
 CLASSIFICATION_TASKS = [t for t in group_options("task") if compose(f"task={t}").task.type == "classification"]
 

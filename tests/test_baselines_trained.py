@@ -21,7 +21,7 @@ from telepathy.methods.linear_probe import resolve_layers
 from telepathy.methods.lora import add_lora
 from telepathy.methods.prompt_tuning import SoftPrompt, init_soft_prompt
 from telepathy.models import embedding_rms_median, load_model
-from telepathy.receiver import PromptIO
+from telepathy.prompting import PromptIO
 
 SPREAD = ["25%", "50%", "75%", "100%"]
 

@@ -12,7 +12,7 @@ from helpers import TINY, compose
 from telepathy.data import Example
 from telepathy.features import ids_digest, sender_prompts
 from telepathy.models import chat_kwargs
-from telepathy.receiver import PromptIO
+from telepathy.prompting import PromptIO
 
 # the date logic of the Llama-3.1/3.2 Instruct templates
 LLAMA3_DATE_TEMPLATE = (

@@ -58,16 +58,16 @@ def test_preflight_accepts_a_hub_only_model_that_budget_tiny_builds_from_its_sta
     # before: under HF_HUB_OFFLINE=1 the preflight asked the hub cache for Llama-3.1-8B even though
     # budget=tiny never loads it (2 random layers + the SmolLM2 tokenizer): every rehearsal job failed
     from helpers import compose
-    from telepathy import cli
+    from telepathy import hydra_glue
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = compose("+phase=p1_seeds", *TINY, "paths.hf_cache_dir=" + str(tmp_path / "empty_hub_cache"))
     assert (cfg.sender.name, cfg.receiver.name) == ("llama31_8b", "mistral7b")
-    cli.preflight(cfg)  # raises ModelNotAvailableError before the fix
+    hydra_glue.preflight(cfg)  # raises ModelNotAvailableError before the fix
     with_own_weights = compose("+phase=p1_seeds", *TINY, "sender.stand_in=null", "paths.hf_cache_dir=" + str(tmp_path))
     try:
-        cli.preflight(with_own_weights)
-    except cli.ModelNotAvailableError as err:
+        hydra_glue.preflight(with_own_weights)
+    except hydra_glue.ModelNotAvailableError as err:
         assert "python -m telepathy.prepare sender=llama31_8b" in str(err)
     else:
         raise AssertionError("a random_init model without a stand-in needs its hub config: preflight must say so")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, TINY, compose
-from telepathy import app, config, methods, results
+from telepathy import config, lifecycle, methods, results
 from telepathy.config import ConfigError
 
 
@@ -130,7 +130,7 @@ def test_reusing_a_deterministic_run_copies_its_whole_record(tmp_path):
     (source_dir / results.PREDICTIONS_FILE).write_text('{"idx": 0, "pred": 1}\n')
 
     second = compose(*TINY, "method=linear_probe", "seed=2", f"paths.output_dir={tmp_path}")
-    assert app.main(second) == {"accuracy": 0.75}
+    assert lifecycle.main(second) == {"accuracy": 0.75}
     reused = json.loads((config.run_dir(second) / results.RESULT_FILE).read_text())
     assert reused["reused_from"] == str(source_dir) and reused["status"] == "completed"
     assert reused["probe"] == source["probe"] and reused["params"] == source["params"]

@@ -266,11 +266,11 @@ def test_a_resumed_run_records_and_sums_every_attempt(tmp_path, monkeypatch):
     one ending at its last heartbeat) and timing.all_attempts_s is their sum; total_s stays the last."""
     import types
 
-    from telepathy import app, methods, runlock
+    from telepathy import lifecycle, methods, runlock
     from telepathy.results import _epoch
 
     cfg = compose(*TINY, "task=sst2", f"paths.output_dir={tmp_path / 'out'}", "cluster.telemetry_interval_s=0")
-    run_dir = app.tconfig.run_dir(cfg)
+    run_dir = lifecycle.tconfig.run_dir(cfg)
     plan = iter(["kill -9", "preempted", "completed"])
 
     def run(cfg, ctx):
@@ -286,14 +286,14 @@ def test_a_resumed_run_records_and_sums_every_attempt(tmp_path, monkeypatch):
         methods, "get", lambda name: types.SimpleNamespace(DETERMINISTIC=False, run=run, validate=lambda cfg: None)
     )
     with pytest.raises(KeyError) as killed:
-        app.main(cfg)
+        lifecycle.main(cfg)
     running = killed.value.args[0]
     (run_dir / "result.json").write_text(json.dumps(running))
     beat = {**runlock.read_heartbeat(run_dir), "time": _epoch(running["started_at"]) + 5.0}
     (run_dir / runlock.HEARTBEAT_FILE).write_text(json.dumps(beat))
     with pytest.raises(SystemExit):
-        app.main(cfg)
-    app.main(cfg)
+        lifecycle.main(cfg)
+    lifecycle.main(cfg)
 
     done = json.loads((run_dir / "result.json").read_text())
     attempts = done["attempts"]
@@ -477,12 +477,12 @@ def test_deterministic_seeds_are_one_job_and_bridge_seeds_are_not(tmp_path, monk
 @needs_data
 @pytest.mark.slow  # loads the two tiny models and evaluates (~15 s)
 def test_the_one_deterministic_job_writes_every_seeds_record(tmp_path):
-    from telepathy import app
+    from telepathy import lifecycle
     from telepathy.config import run_dir
     from telepathy.results import read_result
 
     args = [*TINY, "method=zeroshot", "task=sst2", f"paths.output_dir={tmp_path}"]
-    app.main(compose(*args, "seed=1", "++run.reuse_seeds=[2,3]"))
+    lifecycle.main(compose(*args, "seed=1", "++run.reuse_seeds=[2,3]"))
     first = read_result(run_dir(compose(*args, "seed=1")))
     for seed in (2, 3):
         other = read_result(run_dir(compose(*args, f"seed={seed}")))

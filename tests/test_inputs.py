@@ -150,7 +150,7 @@ def test_prompt_tuning_soft_tokens_sit_where_the_bridge_puts_its_own(tiny_models
 
     from helpers import compose
     from telepathy.methods.prompt_tuning import soft_prompt_sequences
-    from telepathy.receiver import SOFT, PromptIO
+    from telepathy.prompting import SOFT, PromptIO
 
     cfg = compose("method=prompt_tuning", f"bridge.placement={placement}")
     sender = tiny_models[0]  # SmolLM2's tokenizer has a chat template; the demo config leaves it off
@@ -210,7 +210,7 @@ def test_final_log_reports_measured_compression_not_prompt_tokens_per_soft_token
     sender's token cap cut test texts."""
     import logging
 
-    from telepathy.app import _log_summary
+    from telepathy.lifecycle import _log_summary
 
     bridge = {
         "num_latents": 8,

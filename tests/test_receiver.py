@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from telepathy.data import Example
 from telepathy.features import hidden_states, sender_prompts
-from telepathy.receiver import PromptIO, label_token_ids, parse_label
+from telepathy.prompting import PromptIO, label_token_ids, parse_label
 
 
 def reference_logprobs(lm, ids):

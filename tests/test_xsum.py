@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import TINY, compose, needs_data, results, run_train
 from telepathy.data import Example
 from telepathy.metrics import rouge_scores, rouge_summary
-from telepathy.receiver import PromptIO, generation_targets
+from telepathy.prompting import PromptIO, generation_targets
 
 # 8 articles, short inputs and summaries: plumbing in seconds on 2 CPU cores
 SMALL = [

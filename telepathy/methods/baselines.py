@@ -17,7 +17,7 @@ from telepathy.evaluation import evaluate
 from telepathy.methods import MethodOutput, output
 from telepathy.metrics import majority
 from telepathy.models import LoadedModel
-from telepathy.receiver import PromptIO
+from telepathy.prompting import PromptIO
 
 ROLES = ("sender", "receiver")
 

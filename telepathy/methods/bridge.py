@@ -35,7 +35,7 @@ from telepathy.methods import MethodOutput
 from telepathy.methods.train_then_evaluate import receiver_loss, train_then_evaluate
 from telepathy.metrics import ROUGE_TYPES
 from telepathy.models import embedding_rms_median, input_embedding_scale
-from telepathy.receiver import PLACEMENTS, PromptIO
+from telepathy.prompting import PLACEMENTS, PromptIO
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from telepathy.evaluation import prediction_row, text_prompt
 from telepathy.methods import MethodOutput
 from telepathy.methods.baselines import check_classification, evaluate_counted, inference_result
 from telepathy.metrics import classification
-from telepathy.receiver import PromptIO
+from telepathy.prompting import PromptIO
 
 DETERMINISTIC = True
 MEMBERS = ("sender", "receiver")

@@ -21,7 +21,7 @@ from telepathy.config import ConfigError, check_range
 from telepathy.data import Example, format_prompt, load_task
 from telepathy.methods import MethodOutput
 from telepathy.methods.baselines import check_classification, evaluate_counted, inference_result
-from telepathy.receiver import PromptIO
+from telepathy.prompting import PromptIO
 
 DETERMINISTIC = False
 

@@ -26,7 +26,7 @@ from telepathy.methods import MethodOutput
 from telepathy.methods.baselines import check_model_choice, evaluate_counted, inference_result
 from telepathy.methods.llmlingua_compressor import compress, make_compressor
 from telepathy.models import local_model_dir, stand_in_config
-from telepathy.receiver import PromptIO
+from telepathy.prompting import PromptIO
 
 DETERMINISTIC = True
 

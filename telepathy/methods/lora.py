@@ -26,7 +26,7 @@ from telepathy.methods import MethodOutput
 from telepathy.methods.baselines import check_classification, evaluate_counted
 from telepathy.methods.train_then_evaluate import train_then_evaluate, trained_params
 from telepathy.models import LoadedModel
-from telepathy.receiver import PromptIO
+from telepathy.prompting import PromptIO
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from telepathy.methods import MethodOutput
 from telepathy.methods.baselines import check_classification, evaluate_counted
 from telepathy.methods.train_then_evaluate import train_then_evaluate, trained_params
 from telepathy.models import embedding_rms_median
-from telepathy.receiver import PLACEMENTS, PromptIO
+from telepathy.prompting import PLACEMENTS, PromptIO
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from telepathy.data import batches, load_task
 from telepathy.evaluation import text_prompt
 from telepathy.methods import MethodOutput
 from telepathy.methods.baselines import evaluate_counted, inference_result
-from telepathy.receiver import PromptIO
+from telepathy.prompting import PromptIO
 
 DETERMINISTIC = True
 

@@ -28,7 +28,7 @@ from telepathy.data import Example, holdout
 from telepathy.evaluation import evaluate, evaluate_task
 from telepathy.methods import MethodOutput, output
 from telepathy.metrics import majority
-from telepathy.receiver import PromptIO, generation_targets, label_token_ids, task_targets
+from telepathy.prompting import PromptIO, generation_targets, label_token_ids, task_targets
 from telepathy.training import fit
 
 Prompts = Callable[[list[Example]], list[list]]

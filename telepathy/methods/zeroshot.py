@@ -16,7 +16,7 @@ from telepathy.data import load_task
 from telepathy.evaluation import text_prompt
 from telepathy.methods import MethodOutput
 from telepathy.methods.baselines import check_model_choice, evaluate_counted, inference_result
-from telepathy.receiver import PromptIO
+from telepathy.prompting import PromptIO
 
 DETERMINISTIC = True
 
