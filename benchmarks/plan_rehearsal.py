@@ -5,7 +5,7 @@
 
 Why: a cost model is only worth its calibration. This launches rehearsal A (``--a``, a tiny
 phase slice) through ``train.py -m hydra/launcher=slurm``, waits for it, then asks
-``python -m telepathy.plan`` for the makespan of a *different* rehearsal B (``--b``: other
+``python -m telepathy plan`` for the makespan of a *different* rehearsal B (``--b``: other
 tasks, seeds and step counts) calibrated from A's result.json files only, launches B and
 measures its makespan from SLURM's accounting (first job start to last job end, ``sacct``).
 Prints and writes ``<out>/result.json``: predicted vs measured, and the error.
@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     plan_cmd = [
         sys.executable,
         "-m",
-        "telepathy.plan",
+        "telepathy",
+        "plan",
         *COMMON,
         *args.b,
         *SMALL,

@@ -11,7 +11,7 @@ each job asks for its estimate, a few GB for budget=tiny's 2-layer models). P1, 
 P5 and P6 are queued together; the latency phase (P4) goes last, so that its
 ``bridge_checkpoint=auto`` finds P1's trained bridge in the run store. Runs that two phases
 share (P1's bridge is also P3's and P6's medium pair) are queued once. At the end
-``python -m telepathy.aggregate`` writes one summary.json / summary.md over every run.
+``python -m telepathy aggregate`` writes one summary.json / summary.md over every run.
 Exit status 0 only if every run of every phase completed and the summary covers them all.
 """
 
@@ -54,7 +54,7 @@ def run(cmd: list[str], env: dict) -> None:
 
 
 def wait(out: Path, timeout_s: float) -> list[dict]:
-    """Poll ``telepathy.status`` until no run of any launched phase is queued or running."""
+    """Poll ``python -m telepathy status`` until no run of any launched phase is queued or running."""
     from telepathy.cluster import status
 
     deadline = time.time() + timeout_s
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         [
             sys.executable,
             "-m",
-            "telepathy.aggregate",
+            "telepathy",
+            "aggregate",
             str(out / "runs"),
             str(out / "benchmarks" / "latency"),
             "--out",

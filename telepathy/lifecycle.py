@@ -121,7 +121,7 @@ def main(cfg: DictConfig) -> dict | None:
     methods.validate(cfg)
     run_dir = _output_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    # one live job per run dir (a second one exits before writing) + heartbeat for `telepathy.status`
+    # one live job per run dir (a second one exits before writing) + heartbeat for `python -m telepathy status`
     with runlock.hold(run_dir, float(OmegaConf.select(cfg, "run.heartbeat_s", default=30))) as last_beat:
         return _run(cfg, run_dir, last_beat)
 

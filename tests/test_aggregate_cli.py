@@ -1,4 +1,4 @@
-"""`python -m telepathy.aggregate`, `python -m telepathy.report` and the plots,
+"""`python -m telepathy aggregate`, `python -m telepathy report` and the plots,
 on synthetic run directories with known values."""
 
 import json
@@ -34,7 +34,7 @@ def strict_json(path):
 def test_aggregate_cli_writes_tables_json_and_plots(tmp_path):
     runs = write_sweep(tmp_path / "runs")
     out = tmp_path / "summary"
-    proc = run_module("telepathy.aggregate", runs, "--out", out, "--n-boot", 500)
+    proc = run_module("telepathy", "aggregate", runs, "--out", out, "--n-boot", 500)
     assert proc.returncode == 0, proc.stderr
     # incomplete runs are reported, with their path and error type
     assert re.search(r"NOT COMPLETED \[failed\] .*sst2-bridge-c4-s3 \(OutOfMemoryError", proc.stderr)
@@ -68,7 +68,7 @@ def test_aggregate_cli_writes_tables_json_and_plots(tmp_path):
 def test_every_table_number_comes_from_summary_json(tmp_path):
     runs = write_sweep(tmp_path / "runs")
     out = tmp_path / "summary"
-    assert run_module("telepathy.aggregate", runs, "--out", out, "--n-boot", 200).returncode == 0
+    assert run_module("telepathy", "aggregate", runs, "--out", out, "--n-boot", 200).returncode == 0
     summary = strict_json(out / "summary.json")
     md = (out / "summary.md").read_text()
     for g in summary["groups"]:
@@ -78,12 +78,12 @@ def test_every_table_number_comes_from_summary_json(tmp_path):
 
 def test_default_out_is_beside_runs_not_inside(tmp_path):
     runs = write_sweep(tmp_path / "outputs" / "runs", n_items=10)
-    assert run_module("telepathy.aggregate", runs, "--n-boot", 100).returncode == 0
+    assert run_module("telepathy", "aggregate", runs, "--n-boot", 100).returncode == 0
     assert (tmp_path / "outputs" / "summary" / "summary.json").exists() and not (runs / "summary").exists()
 
 
 def test_aggregate_cli_fails_loudly_on_a_bad_glob(tmp_path):
-    proc = run_module("telepathy.aggregate", str(tmp_path / "outptus" / "*"), "--out", tmp_path / "s")
+    proc = run_module("telepathy", "aggregate", str(tmp_path / "outptus" / "*"), "--out", tmp_path / "s")
     assert proc.returncode != 0 and "no files match" in proc.stderr
     assert not (tmp_path / "s").exists()
 
@@ -91,7 +91,7 @@ def test_aggregate_cli_fails_loudly_on_a_bad_glob(tmp_path):
 def test_aggregate_refuses_a_completed_run_without_the_metric(tmp_path):
     write_run(tmp_path / "runs", seed=0, metrics={"accuracy": 0.7})
     write_run(tmp_path / "runs", seed=1, metrics={"n_test": 10})
-    proc = run_module("telepathy.aggregate", tmp_path / "runs", "--out", tmp_path / "s")
+    proc = run_module("telepathy", "aggregate", tmp_path / "runs", "--out", tmp_path / "s")
     assert proc.returncode != 0 and "MissingMetricError" in proc.stderr and "s1" in proc.stderr
 
 
@@ -300,6 +300,6 @@ def test_report_counts_failures_gpu_hours_and_checks(tmp_path):
     )
     assert "| OutOfMemoryError | yes | CUDA out of memory. |" in proc_md
     # the CLI's --check turns a failed check into a non-zero exit
-    proc = run_module("telepathy.report", phase, "--check", "--out", tmp_path / "rep")
+    proc = run_module("telepathy", "report", phase, "--check", "--out", tmp_path / "rep")
     assert proc.returncode == 1 and "## Success checks" in proc.stdout
     strict_json(tmp_path / "rep" / "report.json")

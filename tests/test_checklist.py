@@ -1,4 +1,4 @@
-"""telepathy.status --plan: the plan against what ran, and the five success metrics."""
+"""python -m telepathy status --plan: the plan against what ran, and the five success metrics."""
 
 import json
 

@@ -9,7 +9,8 @@ that start with ``python``. What each kind gets, and why:
   a documented command breaks (``+cluster=default`` appending a group the defaults list
   already has); running them would train or submit, and the dry-run path of a phase is
   run by tests/test_launcher.py.
-* ``python -m telepathy.status|aggregate|report|prepare|plan|control ...``: run for real (their ``main``) on
+* ``python -m telepathy status|aggregate|report|plan|control ...`` and ``python -m telepathy.prepare ...``:
+  run for real (their ``main``) on
   synthetic run dirs (``control`` finds no job of them to hold/release/cancel), with ``outputs``
   pointing at a temporary folder.
 * synopses with placeholders (``PHASE_DIR [--metric accuracy]``) are skipped: they are
@@ -26,16 +27,18 @@ import pytest
 
 from analysis_fixtures import write_run
 from helpers import REPO
+from telepathy.__main__ import COMMANDS as TOOLS
 
 SCRIPTS = {"train.py": "train", "benchmarks/latency.py": "latency"}
-CLI = {
-    "telepathy.status",
-    "telepathy.aggregate",
-    "telepathy.report",
-    "telepathy.prepare",
-    "telepathy.plan",
-    "telepathy.control",
-}
+CLI = {"telepathy.prepare", *(f"telepathy {name}" for name in TOOLS)}  # python -m telepathy.prepare | telepathy <tool>
+
+
+def cli_kind(argv: list[str]) -> str | None:
+    """What a ``python -m ...`` command runs: ``telepathy status`` (a tool) or ``telepathy.prepare`` (a module)."""
+    if argv[1] != "-m":
+        return None
+    kind = " ".join(argv[2:4]) if argv[2] == "telepathy" else argv[2]
+    return kind if kind in CLI else None
 
 
 def doc_commands() -> list[tuple[str, str]]:
@@ -63,10 +66,10 @@ def test_docs_have_commands_and_each_is_handled():
     kinds = set()
     for where, command in COMMANDS:
         argv = shlex.split(command)
-        kind = argv[1] if argv[1] in SCRIPTS else (argv[2] if argv[1] == "-m" and argv[2] in CLI else None)
+        kind = argv[1] if argv[1] in SCRIPTS else cli_kind(argv)
         assert kind, f"{where}: no test knows how to run `{command}`"
         kinds.add(kind)
-    assert {"train.py", "benchmarks/latency.py", "telepathy.status"} <= kinds
+    assert {"train.py", "benchmarks/latency.py", "telepathy status"} <= kinds
 
 
 def _first_values(overrides: list[str]) -> list[str]:
@@ -118,9 +121,11 @@ def test_documented_cli_commands_run(where, command, tmp_path, monkeypatch):
         for seed in (0, 1):
             write_run(runs, seed=seed, metrics={"accuracy": 0.8 + seed / 100}, correct=[1, 0, 1, 1])
     argv = shlex.split(command)
-    args = argv[3:] or ["--help"]  # a bare `python -m telepathy.x` in a table names the tool
+    module, args = ("telepathy.__main__", argv[3:]) if argv[2] == "telepathy" else (argv[2], argv[3:])
+    if len(args) == (module == "telepathy.__main__"):  # a bare `python -m telepathy x` in a table names the tool
+        args.append("--help")
     try:
-        code = importlib.import_module(argv[2]).main(args)
+        code = importlib.import_module(module).main(args)
     except SystemExit as stop:
         code = stop.code
     # --check exits 1 when a success check fails, as documented; two synthetic seeds may fail one

@@ -124,7 +124,8 @@ def test_plan_cli_plans_a_phase_slice_on_the_cpu(tmp_path):
     args = [
         sys.executable,
         "-m",
-        "telepathy.plan",
+        "telepathy",
+        "plan",
         "+phase=p1_seeds,p3_baselines",  # P3's bridge and zero-shot runs are P1's
         "budget=tiny",
         "task=trec",
@@ -157,7 +158,7 @@ def test_plan_cli_plans_a_phase_slice_on_the_cpu(tmp_path):
 
 def test_plan_cli_rejects_a_bad_cluster_value_in_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "telepathy.plan", "+phase=p1_seeds", "cluster.gpus=0"],
+        [sys.executable, "-m", "telepathy", "plan", "+phase=p1_seeds", "cluster.gpus=0"],
         cwd=REPO,
         env=run_env(tmp_path),
         capture_output=True,

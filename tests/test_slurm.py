@@ -4,7 +4,7 @@ Needs the one-node test cluster (``bash scripts/slurm/up.sh`` and ``export SLURM
 CI brings it up. Every sweep of this module is launched once, up front, so that the
 jobs run side by side; each test then waits for the runs it checks:
 
-* a 3-job sweep lands in one array and completes (and ``telepathy.status`` says so);
+* a 3-job sweep lands in one array and completes (and ``python -m telepathy status`` says so);
 * a phase with a 1-GPU and a 2-GPU job submits two arrays with the right GPU counts;
 * a job signalled mid-training (SIGUSR2, as SLURM does before preemption/time limit)
   checkpoints, is requeued, resumes in the same run dir and ends with the same

@@ -7,7 +7,7 @@ What it changes in hydra-submitit-launcher's ``BaseSubmititLauncher``:
   completed, still-active and duplicate runs), prints the plan and stops there under
   ``+dry_run=true``, else submits one submitit job array per resource class (that
   class's GPUs, CPUs, memory and time limit) and writes ``jobs.json``
-  (``sweep.write_manifest``), which ``python -m telepathy.status`` reads. On SLURM it
+  (``sweep.write_manifest``), which ``python -m telepathy status`` reads. On SLURM it
   returns as soon as the arrays are queued. Unlike upstream it builds the executor
   itself (per-class parameters, ``env`` exported in every sbatch script) and does not
   apply ``hydra.sweep.mode`` to the sweep dir.
@@ -179,7 +179,7 @@ class _TelepathyMixin:
         print(
             f"queued {len(submitted) + n_packed} jobs in {len(arrays)} arrays, skipped "
             f"{sum(j.state != 'queue' for j in planned)}; manifest {manifest}\n"
-            f"watch: python -m telepathy.status {output_dir}",
+            f"watch: python -m telepathy status {output_dir}",
             flush=True,
         )
         return submitted

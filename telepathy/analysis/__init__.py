@@ -5,8 +5,8 @@
     summarise  one row per experiment (mean and CI across seeds), paired comparisons
     tables     Markdown / LaTeX tables, JSON-safe values
     plots      accuracy vs compression, training curves, latency
-    aggregate  ``python -m telepathy.aggregate``: summary.json / .md / .tex and plots of a sweep
-    report     ``python -m telepathy.report``: a phase's resources, GPU-hours and checks
+    aggregate  ``python -m telepathy aggregate``: summary.json / .md / .tex and plots of a sweep
+    report     ``python -m telepathy report``: a phase's resources, GPU-hours and checks
 
 Nothing here writes into a run directory; the write side is telepathy/results.py.
 The names below are the public API used by notebooks (``from telepathy import analysis``).

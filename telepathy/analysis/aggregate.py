@@ -1,6 +1,6 @@
 """Aggregate a sweep into paper tables, summary.json and plots.
 
-    python -m telepathy.aggregate outputs/runs [more dirs or globs] [--out DIR]
+    python -m telepathy aggregate outputs/runs [more dirs or globs] [--out DIR]
         [--metric accuracy] [--baseline-method bridge]
 
 Writes, under --out (default: <first input dir>/summary, or <dir>/../summary
@@ -110,7 +110,7 @@ def write_outputs(
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        prog="python -m telepathy.aggregate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m telepathy aggregate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("paths", nargs="+", help="run dirs, sweep dirs or glob patterns (quote globs)")
     ap.add_argument("--out", help="output dir (default: <first input dir>/summary; outputs/runs -> outputs/summary)")

@@ -1,7 +1,7 @@
 """Phase report: did every run of a phase finish, what did it cost, and can its
 numbers go in a paper.
 
-    python -m telepathy.report outputs/phase1 [--metric accuracy] [--out DIR] [--check]
+    python -m telepathy report outputs/phase1 [--metric accuracy] [--out DIR] [--check]
 
 Prints Markdown: runs by status; failed and unfinished runs with their error
 type; GPU-hours in total and per run (every attempt of a resumed run counts);
@@ -261,7 +261,7 @@ def build_report(phase_dir, metric="accuracy"):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(
-        prog="python -m telepathy.report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m telepathy report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("phase_dir", help="a phase's output dir (or any dir / glob of runs)")
     ap.add_argument("--metric", default="accuracy", help="metric whose seeds and CIs are checked")

@@ -2,7 +2,7 @@
 
     resources  GPU-memory estimate per run and the SLURM request it implies
     sweep      a sweep's planned jobs, their grouping into arrays, and the jobs.json manifest
-    status     ``python -m telepathy.status``: queued / running / completed / failed per run
+    status     ``python -m telepathy status``: queued / running / completed / failed per run
 
 The Hydra launcher plugin (hydra_plugins/telepathy_launcher) is glue around ``sweep``.
 """

@@ -1,8 +1,8 @@
 """The plan against what ran: per phase wall time, GPU utilisation, OOMs, GPU-hours planned and used
 (every attempt; a run shared by phases counted once, in its first phase), predicted vs actual, success metrics.
 
-    python -m telepathy.status outputs/ --plan                 # the latest <outputs>/plans/*/plan.json
-    python -m telepathy.status outputs/ --plan path/plan.json --phase p1_seeds
+    python -m telepathy status outputs/ --plan                 # the latest <outputs>/plans/*/plan.json
+    python -m telepathy status outputs/ --plan path/plan.json --phase p1_seeds
 
 Why: the plan's success metrics (every phase done in the window, >80% average GPU
 utilisation, no OOM, valid JSON from every experiment, 3 seeds with confidence intervals)

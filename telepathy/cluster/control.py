@@ -1,8 +1,8 @@
 """Job control on a phase: cancel, hold or release a phase, or a slice of it, by name.
 
-    python -m telepathy.control hold    outputs/ --phase p6_ablations
-    python -m telepathy.control release outputs/ --phase p6_ablations --where receiver=mistral7b
-    python -m telepathy.control cancel  outputs/ --phase p1_seeds --where task=sst2 --dry-run
+    python -m telepathy control hold    outputs/ --phase p6_ablations
+    python -m telepathy control release outputs/ --phase p6_ablations --where receiver=mistral7b
+    python -m telepathy control cancel  outputs/ --phase p1_seeds --where task=sst2 --dry-run
 
 Why: the plan's monitoring by hand (squeue, scancel, scontrol hold/release) needs job ids;
 the launch manifests (``jobs.json``) already map every run of a phase to its SLURM job id,
@@ -66,7 +66,7 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m telepathy.control", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m telepathy control", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=sorted(ACTIONS))
     parser.add_argument("output_dir", nargs="?", default="outputs", help="paths.output_dir (default: outputs)")
     parser.add_argument("--phase", help="the phase (e.g. p1_seeds); default: every launched sweep")

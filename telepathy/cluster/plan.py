@@ -1,7 +1,7 @@
 """Will the plan fit? Predict every job of one or more phases, schedule them on the cluster, say so.
 
-    python -m telepathy.plan +phase=all cluster.gpus=4 cluster.window_h=24 cluster.device=h100
-    python -m telepathy.plan +phase=p1_seeds,p5_xsum task=sst2 budget=tiny cluster.device=cpu
+    python -m telepathy plan +phase=all cluster.gpus=4 cluster.window_h=24 cluster.device=h100
+    python -m telepathy plan +phase=p1_seeds,p5_xsum task=sst2 budget=tiny cluster.device=cpu
 
 Nothing is submitted. For each phase (``conf/phase/*.yaml``; ``all`` = every one) the sweep is
 expanded exactly as ``train.py -m`` would (the phase's ``hydra.sweeper.params``, command-line
@@ -21,7 +21,7 @@ Output: the jobs with their predicted durations and where each number comes from
 or calibrated), a Gantt table and PNG (one lane per GPU), the makespan, per-GPU occupancy,
 and a verdict: fits ``cluster.window_h`` or not, and if not, which cuts would make it fit
 (fewer steps, fewer grid points of one phase, a phase after the window). ``plan.json`` in
-the output folder holds it all; ``python -m telepathy.status --plan`` compares it with what ran.
+the output folder holds it all; ``python -m telepathy status --plan`` compares it with what ran.
 """
 
 from __future__ import annotations
@@ -500,7 +500,7 @@ def render(plan: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m telepathy.plan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m telepathy plan", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "overrides",
         nargs="*",

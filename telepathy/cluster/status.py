@@ -1,7 +1,7 @@
 """Where every run of every launched phase stands.
 
-    python -m telepathy.status outputs/            # table per phase / sweep
-    python -m telepathy.status outputs/ --json     # one JSON object per run
+    python -m telepathy status outputs/            # table per phase / sweep
+    python -m telepathy status outputs/ --json     # one JSON object per run
 
 Reads the ``jobs.json`` manifests the launcher writes into each sweep dir
 (``<outputs>/sweeps/``, and ``<outputs>/benchmarks/`` for the latency phase), the
@@ -340,7 +340,7 @@ class MultirunSummary(Callback):
 
     Hydra's own launcher runs the jobs in this process, so ``on_job_end`` sees every run
     dir; the telepathy launchers (local/SLURM through submitit) list theirs in the sweep's
-    ``jobs.json``. The rows and the table are ``python -m telepathy.status``'s.
+    ``jobs.json``. The rows and the table are ``python -m telepathy status``'s.
     """
 
     def __init__(self):
@@ -384,7 +384,7 @@ def _plan_report(output_dir: Path, plan_arg: str, rows: list[dict], phase: str |
     path = checklist.latest_plan(output_dir) if plan_arg == "latest" else Path(plan_arg)
     if path is None or not path.exists():
         print(
-            f"error: --plan={plan_arg} is not allowed; allowed: a plan.json (python -m telepathy.plan writes "
+            f"error: --plan={plan_arg} is not allowed; allowed: a plan.json (python -m telepathy plan writes "
             f"<outputs>/plans/<time>/plan.json)",
             file=sys.stderr,
         )
@@ -395,7 +395,7 @@ def _plan_report(output_dir: Path, plan_arg: str, rows: list[dict], phase: str |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m telepathy.status", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m telepathy status", description=__doc__.split("\n\n")[0])
     parser.add_argument("output_dir", nargs="?", default="outputs", help="paths.output_dir (default: outputs)")
     parser.add_argument("--phase", help="only this phase (e.g. p1_seeds)")
     parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         const="latest",
         metavar="PLAN_JSON",
-        help="compare with a plan (python -m telepathy.plan; default: the latest under "
+        help="compare with a plan (python -m telepathy plan; default: the latest under "
         "<outputs>/plans): wall time and GPU utilisation per phase, OOMs, predicted vs "
         "actual, success metrics",
     )

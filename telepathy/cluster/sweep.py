@@ -1,7 +1,7 @@
 """A sweep before and after submission: its planned jobs, their arrays, and the jobs.json manifest.
 
 Shared by the Hydra launcher plugin (hydra_plugins/telepathy_launcher), which submits
-the plan, and by ``python -m telepathy.status``, which reads the manifest back.
+the plan, and by ``python -m telepathy status``, which reads the manifest back.
 
 * ``plan`` composes, validates and resource-plans every job of a sweep before anything
   is submitted: one bad job aborts the launch with every problem listed; a run whose
@@ -345,7 +345,7 @@ def partial_launch_error(
     done = (
         (
             f"{queued} jobs in {len(arrays)} arrays ({ids}) were queued before it and are recorded in {manifest} "
-            f"(`python -m telepathy.status {output_dir}` shows them, a relaunch leaves them alone; "
+            f"(`python -m telepathy status {output_dir}` shows them, a relaunch leaves them alone; "
             f"`scancel {ids}` cancels them)"
         )
         if arrays
