@@ -49,7 +49,7 @@ def test_the_import_graph_has_no_cycle():
     """config.py is a leaf (it once imported methods, which import the recipes, which import config)."""
     files = {
         ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
-        for p in [*(REPO / "telepathy").rglob("*.py"), *(REPO / "baselines").glob("*.py")]
+        for p in (REPO / "telepathy").rglob("*.py")
     }
     graph = {name: _imports(path, set(files)) - {name} for name, path in files.items()}
     assert not graph["telepathy.config"]
@@ -63,6 +63,62 @@ def test_the_import_graph_has_no_cycle():
         return seen
 
     assert not sorted(name for name in graph if name in reachable(name))
+
+
+# the two sides above the run core, and the command dispatcher above all three layers
+UPPER_LAYERS = ("telepathy.cluster", "telepathy.analysis")
+DISPATCHER = "telepathy.__main__"
+
+
+def _every_import(path: Path, package: str) -> list[tuple[int, str]]:
+    """(line, module) of every import in ``path``: at module level or inside a function, under
+    ``if TYPE_CHECKING`` too, ``from pkg import sub`` as ``pkg.sub``, relative imports resolved
+    against ``package``, and ``importlib.import_module("...")`` of a literal name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module
+            if node.level:  # `from . import x`, `from ..y import z`: relative to the module's package
+                parts = package.split(".")
+                module = ".".join([*parts[: len(parts) - node.level + 1], *([node.module] if node.module else [])])
+            found += [(node.lineno, module), *((node.lineno, f"{module}.{alias.name}") for alias in node.names)]
+        elif (
+            isinstance(node, ast.Call)
+            and ast.unparse(node.func).split(".")[-1] in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+        ):
+            found.append((node.lineno, str(node.args[0].value)))
+    return found
+
+
+def test_the_run_core_never_imports_the_cluster_or_the_read_side():
+    """Three one-way layers. The run core (telepathy/ except cluster/, analysis/ and the
+    ``python -m telepathy`` dispatcher) imports neither ``telepathy.cluster`` nor ``telepathy.analysis``,
+    not even inside a function; cluster/ and analysis/ may import the core. What a run needs while
+    it runs (its telemetry, its own memory estimate, the statistics of its metrics) lives in the core."""
+    files = {
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in sorted((REPO / "telepathy").rglob("*.py"))
+    }
+
+    def above(name: str) -> bool:
+        return any(name == up or name.startswith(f"{up}.") for up in UPPER_LAYERS)
+
+    offending: dict[str, str] = {}
+    for name, path in files.items():
+        if name == DISPATCHER or above(name):
+            continue
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for line, module in _every_import(path, package):
+            if above(module):  # named by the deepest module it reaches: `from telepathy.cluster import status`
+                reached = max((known for known in files if module == known or module.startswith(f"{known}.")), key=len)
+                where = f"{path.relative_to(REPO)}:{line}"
+                offending[where] = max(offending.get(where, ""), reached, key=len)
+    listed = "\n".join(f"{where} imports {module}" for where, module in sorted(offending.items()))
+    assert not offending, f"the run core imports the cluster or the read side:\n{listed}"
 
 
 def test_validation_runs_the_shared_checks_then_the_methods_own():
