@@ -32,7 +32,7 @@ from telepathy.data import holdout, load_task
 from telepathy.evaluation import evaluate, text_prompt
 from telepathy.features import Rows, collate, sender_inputs, sender_prompts
 from telepathy.methods import MethodOutput
-from telepathy.methods.train_then_evaluate import receiver_loss, train_then_evaluate
+from telepathy.methods.train_then_evaluate import Trainable, receiver_loss, train_then_evaluate
 from telepathy.metrics import ROUGE_TYPES
 from telepathy.models import embedding_rms_median, input_embedding_scale
 from telepathy.prompting import PLACEMENTS, PromptIO
@@ -104,13 +104,9 @@ def run(cfg, ctx) -> MethodOutput:
         return total, {"loss": total.item(), "ce": ce.item(), "diversity": div.item()}
 
     # 3. train, then evaluate on the test items (the quick eval reads held-out training items)
-    out = train_then_evaluate(
-        cfg,
-        ctx,
+    trainable = Trainable(
         io,
         bridge,
-        train,
-        test,
         lambda chunk: prompts(test_feats, chunk)[0],
         loss=loss,
         probe_prompts=lambda chunk: prompts(train_feats, chunk)[0],
@@ -120,6 +116,13 @@ def run(cfg, ctx) -> MethodOutput:
             "sender": sender.num_params(),
             "receiver": receiver.num_params(),
         },
+    )
+    out = train_then_evaluate(
+        cfg,
+        ctx,
+        train,
+        test,
+        trainable,
         bridge={
             "num_latents": m,
             "compression_factor": cfg.compression,

@@ -24,7 +24,7 @@ from telepathy.data import load_task
 from telepathy.evaluation import text_prompt
 from telepathy.methods import MethodOutput
 from telepathy.methods.baselines import check_classification, evaluate_counted
-from telepathy.methods.train_then_evaluate import train_then_evaluate, trained_params
+from telepathy.methods.train_then_evaluate import Trainable, train_then_evaluate, trained_params
 from telepathy.models import LoadedModel
 from telepathy.prompting import PromptIO
 
@@ -81,16 +81,14 @@ def run(cfg, ctx) -> MethodOutput:
     receiver = ctx.model("receiver")
     module = add_lora(receiver, cfg.method, cfg.seed)
     io = PromptIO(receiver)
+    prompts = text_prompt(io, cfg.task.prompt)
+    trainable = Trainable(io, module, prompts, params=trained_params(module, receiver), evaluate_fn=evaluate_counted)
     return train_then_evaluate(
         cfg,
         ctx,
-        io,
-        module,
         train,
         test,
-        text_prompt(io, cfg.task.prompt),
-        params=trained_params(module, receiver),
-        evaluate_fn=evaluate_counted,
+        trainable,
         lora={
             "r": cfg.method.r,
             "alpha": cfg.method.alpha,

@@ -30,7 +30,7 @@ from telepathy.config import ConfigError, check_choice, check_range, num_latents
 from telepathy.data import format_prompt, load_task
 from telepathy.methods import MethodOutput
 from telepathy.methods.baselines import check_classification, evaluate_counted
-from telepathy.methods.train_then_evaluate import train_then_evaluate, trained_params
+from telepathy.methods.train_then_evaluate import Trainable, train_then_evaluate, trained_params
 from telepathy.models import embedding_rms_median
 from telepathy.prompting import PLACEMENTS, PromptIO
 
@@ -106,16 +106,13 @@ def run(cfg, ctx) -> MethodOutput:
     def build(chunk):
         return soft_prompt_sequences(io, cfg, prompt().to(receiver.dtype), chunk)
 
+    trainable = Trainable(io, prompt, build, params=trained_params(prompt, receiver), evaluate_fn=evaluate_counted)
     return train_then_evaluate(
         cfg,
         ctx,
-        io,
-        prompt,
         train,
         test,
-        build,
-        params=trained_params(prompt, receiver),
-        evaluate_fn=evaluate_counted,
+        trainable,
         prompt_tuning={
             "num_virtual_tokens": m,
             "compression_factor": cfg.compression,

@@ -20,6 +20,7 @@ own loss); it keeps only what makes it different.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
@@ -33,6 +34,29 @@ from telepathy.training import fit
 
 Prompts = Callable[[list[Example]], list[list]]
 Loss = Callable[[list[Example], list[list[int]]], tuple[torch.Tensor, dict]]
+Evaluate = Callable[..., tuple[dict, list[dict], float]]
+
+
+@dataclass
+class Trainable:
+    """What a method hands the shell: what it trains and how the receiver reads it.
+
+    ``prompts(examples)`` gives the receiver's prompt sequences of test items (and of training
+    items, unless ``loss`` is given). ``loss(examples, targets) -> (loss, stats)`` replaces the
+    default cross-entropy on the targets; its stats (floats) go to ``log.jsonl``.
+    ``evaluate_fn`` is ``evaluation.evaluate`` or a wrapper with the same signature (the
+    baselines count the tokens the receiver read). ``probe_prompts`` builds the held-out
+    training items' prompts where ``prompts`` cannot (the bridge reads the train split's
+    features for them); default ``prompts``. ``params`` goes to the output as it is.
+    """
+
+    io: PromptIO
+    module: torch.nn.Module
+    prompts: Prompts
+    params: dict
+    loss: Loss | None = None
+    evaluate_fn: Evaluate = evaluate
+    probe_prompts: Prompts | None = None
 
 
 def loss_kind(cfg) -> str:
@@ -69,32 +93,15 @@ def trainer_config(cfg):
 
 
 def train_then_evaluate(
-    cfg,
-    ctx,
-    io: PromptIO,
-    module: torch.nn.Module,
-    train: list[Example],
-    test: list[Example],
-    prompts: Prompts,
-    params: dict,
-    loss: Loss | None = None,
-    evaluate_fn=evaluate,
-    probe_prompts: Prompts | None = None,
-    **details: dict,
+    cfg, ctx, train: list[Example], test: list[Example], trainable: Trainable, **details: dict
 ) -> MethodOutput:
-    """Train ``module``'s trainable weights on ``train``, then evaluate ``prompts`` on ``test``.
+    """Train ``trainable.module``'s trainable weights on ``train``, then evaluate its prompts on ``test``.
 
-    ``prompts(examples)`` gives the receiver's prompt sequences of test items (and of training
-    items, unless ``loss`` is given). ``loss(examples, targets) -> (loss, stats)`` replaces the
-    default cross-entropy on the targets; its stats (floats) go to ``log.jsonl``.
-    ``evaluate_fn`` is ``evaluation.evaluate`` or a wrapper with the same signature (the
-    baselines count the tokens the receiver read). ``probe_prompts`` builds the held-out
-    training items' prompts where ``prompts`` cannot (the bridge reads the train split's
-    features for them); default ``prompts``. ``params`` and ``details`` go to the output
-    as they are, with ``details["training"]`` added.
+    ``details`` go to the output as they are, with ``details["training"]`` added.
     """
+    io, prompts = trainable.io, trainable.prompts
     fit_items, probe = holdout(train, cfg.trainer, cfg.data.sample_seed)
-    probe_prompts = probe_prompts or prompts
+    probe_prompts = trainable.probe_prompts or prompts
     targets = task_targets(io, fit_items, cfg.task)
     ce_loss = receiver_loss(io, cfg)
 
@@ -102,7 +109,7 @@ def train_then_evaluate(
         ce = ce_loss(prompts(chunk), chunk, chunk_targets)
         return ce, {"loss": ce.item()}
 
-    loss = loss or label_loss
+    loss = trainable.loss or label_loss
 
     def loss_fn(indices: list[int]):
         return loss([fit_items[i] for i in indices], [targets[i] for i in indices])
@@ -119,15 +126,22 @@ def train_then_evaluate(
 
     trainer = trainer_config(cfg)
     result = fit(
-        module, loss_fn, len(fit_items), trainer, cfg.seed, ctx.run_dir, eval_fn=eval_probe, device=io.lm.device
+        trainable.module,
+        loss_fn,
+        len(fit_items),
+        trainer,
+        cfg.seed,
+        ctx.run_dir,
+        eval_fn=eval_probe,
+        device=io.lm.device,
     )
-    metrics, predictions, eval_s = evaluate_fn(io, test, prompts, cfg, desc="eval")
+    metrics, predictions, eval_s = trainable.evaluate_fn(io, test, prompts, cfg, desc="eval")
     if cfg.task.type == "classification":
         metrics.update(majority([e.label for e in train], [e.label for e in test]))
     return output(
         metrics,
         predictions,
-        params,
+        trainable.params,
         {"train_s": result.train_s, "eval_s": eval_s},
         **details,
         training={
