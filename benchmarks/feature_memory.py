@@ -1,6 +1,6 @@
 """Peak host memory of the sender-feature path: streamed through the cache vs held in RAM.
 
-    python benchmarks/feature_memory.py --examples 2000 --tokens 64 --hidden 2048 [--mode stream|ram]
+    python -m benchmarks.feature_memory --examples 2000 --tokens 64 --hidden 2048 [--mode stream|ram]
 
 Builds a one-layer random model (``--hidden`` wide, tiny vocabulary: its weights are a few
 MB), encodes ``--examples`` prompts of ``--tokens`` tokens at hidden_states[0], then does
@@ -27,11 +27,9 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from telepathy.bridge import PerceiverBridge  # noqa: E402
-from telepathy.features import cached_encode, collate  # noqa: E402
-from telepathy.models import LoadedModel  # noqa: E402
+from telepathy.bridge import PerceiverBridge
+from telepathy.features import cached_encode, collate
+from telepathy.models import LoadedModel
 
 
 def _status_mb(key: str) -> float | None:

@@ -1,7 +1,7 @@
 """Measure the paper models on the GPU at hand; write the planner's calibration table.
 
-    python benchmarks/gpu_calibrate.py                         # on a GPU: every paper model, bf16, random weights
-    python benchmarks/gpu_calibrate.py --smoke --out /tmp/cal  # CPU smoke test: 2-layer versions, seconds
+    python -m benchmarks.gpu_calibrate                         # on a GPU: every paper model, bf16, random weights
+    python -m benchmarks.gpu_calibrate --smoke --out /tmp/cal  # CPU smoke test: 2-layer versions, seconds
 
 Why: the planner's durations (telepathy/cluster/costs.py) rest on published peaks x default
 efficiencies until something measures them. This builds each paper model's real
@@ -30,11 +30,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from telepathy import resources  # noqa: E402
+from telepathy import resources
 from telepathy.cluster import costs
-from telepathy.results import write_json  # noqa: E402
+from telepathy.results import write_json
 
 # architecture values not in conf/model (intermediate size, heads, KV heads), from the models' config.json
 ARCH = {

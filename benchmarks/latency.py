@@ -1,6 +1,6 @@
 """Latency and throughput: bridge vs text relay vs direct, same device, same inputs, same answer budget.
 
-    python benchmarks/latency.py -m compression=4,8,16,32 batch_size=1,4,8,16 [bridge_checkpoint=<run dir>]
+    python -m benchmarks.latency -m compression=4,8,16,32 batch_size=1,4,8,16 [bridge_checkpoint=<run dir>]
 
 Each job loads the sender and receiver once and times three paths on the same
 ``iterations`` batches of ``batch_size`` test inputs, after ``warmup_batches`` untimed
@@ -29,7 +29,6 @@ throughput_eps``; ``<job dir>/summary.json`` holds all three with the ratios.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -38,18 +37,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from telepathy.bridge import build_bridge, count_params  # noqa: E402
-from telepathy.config import num_latents, resolve_layer, validate_latency  # noqa: E402
-from telepathy.data import Example, batches, load_split  # noqa: E402
-from telepathy.evaluation import text_prompt  # noqa: E402
-from telepathy.features import collate, encode, sender_prompts  # noqa: E402
-from telepathy.methods.text_relay import relay_messages, relay_reader  # noqa: E402
-from telepathy.models import embedding_rms_median, load_model, placement  # noqa: E402
-from telepathy.prompting import PromptIO, label_token_ids  # noqa: E402
-from telepathy.results import RESULT_FILE, environment, identity_block, now, record, write_json  # noqa: E402
-from telepathy.training import latest_checkpoint, load_trainable  # noqa: E402
+from telepathy.bridge import build_bridge, count_params
+from telepathy.config import num_latents, resolve_layer, validate_latency
+from telepathy.data import Example, batches, load_split
+from telepathy.evaluation import text_prompt
+from telepathy.features import collate, encode, sender_prompts
+from telepathy.methods.text_relay import relay_messages, relay_reader
+from telepathy.models import embedding_rms_median, load_model, placement
+from telepathy.prompting import PromptIO, label_token_ids
+from telepathy.results import RESULT_FILE, environment, identity_block, now, record, write_json
+from telepathy.training import latest_checkpoint, load_trainable
 
 log = logging.getLogger("telepathy.latency")
 PATHS = ("bridge", "text_relay", "direct")

@@ -1,7 +1,7 @@
 """Close the planner's loop on a SLURM cluster: run rehearsal A, calibrate from it, predict rehearsal B, run B.
 
     export SLURM_CONF=...                      # the local test cluster: bash scripts/slurm/up.sh
-    python benchmarks/plan_rehearsal.py --out /tmp/rehearsal --device cpu --gpus 8
+    python -m benchmarks.plan_rehearsal --out /tmp/rehearsal --device cpu --gpus 8
 
 Why: a cost model is only worth its calibration. This launches rehearsal A (``--a``, a tiny
 phase slice) through ``train.py -m hydra/launcher=slurm``, waits for it, then asks
@@ -22,10 +22,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from telepathy.results import write_json
 
-from telepathy.results import write_json  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 COMMON = ["+phase=p1_seeds", "budget=tiny"]
 SMALL = ["cluster=test_node", "cluster.pack_max=1"]  # conf/cluster/test_node.yaml: one CPU per job

@@ -1,6 +1,6 @@
 """Does a short bridge run learn on every seed and thread count? The collapse table.
 
-    python benchmarks/robustness.py --out outputs/robustness [--seeds 42,1,2,3,4] [--threads 1,2] [--jobs 1]
+    python -m benchmarks.robustness --out outputs/robustness [--seeds 42,1,2,3,4] [--threads 1,2] [--jobs 1]
         [-- overrides]
 
 Runs ``train.py seed=S <overrides>`` once per (OMP_NUM_THREADS, seed), each thread
@@ -29,10 +29,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from telepathy.results import write_json
 
-from telepathy.results import write_json  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 TEST_BUDGET = [
     "task.train_samples=480",

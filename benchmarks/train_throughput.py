@@ -11,7 +11,7 @@ and the peak memory; then checks that the cached and uncached runs of each seed 
 identical metrics and predictions. The first cached run computes the features and
 writes them; every later run of the sweep reads them.
 
-    python benchmarks/train_throughput.py --seeds 1,2,3 -- task.train_samples=192 trainer.max_steps=24
+    python -m benchmarks.train_throughput --seeds 1,2,3 -- task.train_samples=192 trainer.max_steps=24
 
 Results: ``<out>/result.json`` (method "train_throughput"), printed as a table.
 """
@@ -28,10 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from telepathy.results import (  # noqa: E402  (after the sys.path line above)
+from telepathy.results import (
     PREDICTIONS_FILE,
     RESULT_FILE,
     environment,
@@ -40,6 +37,8 @@ from telepathy.results import (  # noqa: E402  (after the sys.path line above)
     record,
     write_json,
 )
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def run_sweep(seeds: str, overrides: list[str], outputs: Path, cache_args: list[str]) -> float:

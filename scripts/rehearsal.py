@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for phase, narrow in TRAIN_PHASES.items():
         run([sys.executable, "train.py", "-m", f"+phase={phase}", *TINY, *SMALL, *narrow], env)
     wait(out, args.timeout)
-    run([sys.executable, "benchmarks/latency.py", "-m", "+phase=p4_latency", *TINY, *SMALL, *LATENCY], env)
+    run([sys.executable, "-m", "benchmarks.latency", "-m", "+phase=p4_latency", *TINY, *SMALL, *LATENCY], env)
     rows = wait(out, args.timeout)
     bad = [
         f"{r['phase']}: {r['run']} {r['state']} {r['detail']}"

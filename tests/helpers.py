@@ -45,9 +45,10 @@ def run_env(outputs: Path, **extra) -> dict:
 def run_script(
     script: str, *overrides: str, outputs: Path, check: bool = True, timeout: int = 900, env_extra: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """``python <script> <overrides>`` from the repo root, as a user would type it."""
+    """``python <script> <overrides>`` from the repo root, as a user would type it (``script``:
+    ``train.py``, or ``-m benchmarks.latency`` for a module)."""
     proc = subprocess.run(
-        [sys.executable, script, *overrides],
+        [sys.executable, *script.split(), *overrides],
         cwd=REPO,
         env=run_env(outputs, **(env_extra or {})),
         capture_output=True,

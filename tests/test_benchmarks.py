@@ -16,7 +16,7 @@ LATENCY_TINY = [*TINY, "iterations=2", "warmup_batches=1", "relay.max_new_tokens
 def test_latency_writes_one_valid_record_per_path(tmp_path):
     outputs = tmp_path / "outputs"
     proc = run_script(
-        "benchmarks/latency.py",
+        "-m benchmarks.latency",
         *LATENCY_TINY,
         "batch_size=2",
         "num_inputs=3",  # 2 iterations x batch 2 = 4 timed inputs from 3 distinct ones: cycled
@@ -72,7 +72,7 @@ def test_latency_loads_a_trained_bridge_checkpoint(tmp_path):
     (run_dir,) = (tmp_path / "train" / "runs").iterdir()
     outputs = tmp_path / "outputs"
     proc = run_script(
-        "benchmarks/latency.py",
+        "-m benchmarks.latency",
         *LATENCY_TINY,
         "iterations=1",
         "batch_size=4",
@@ -91,7 +91,7 @@ def test_latency_loads_a_trained_bridge_checkpoint(tmp_path):
 def test_train_throughput_reports_identical_cached_and_uncached_runs(tmp_path):
     out = tmp_path / "bench"
     run_script(
-        "benchmarks/train_throughput.py",
+        "-m benchmarks.train_throughput",
         "--seeds",
         "1",
         "--out",

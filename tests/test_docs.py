@@ -3,7 +3,7 @@
 Commands are read from the fenced code blocks and the inline ``code`` spans of docs/*.md
 that start with ``python``. What each kind gets, and why:
 
-* ``python train.py ...`` and ``python benchmarks/latency.py ...`` (runs, sweeps, phase
+* ``python train.py ...`` and ``python -m benchmarks.latency ...`` (runs, sweeps, phase
   launches): composed in-process with the same config, overrides and config name as the
   script, taking the first value of each swept key, then validated. Composition is where
   a documented command breaks (``+cluster=default`` appending a group the defaults list
@@ -29,8 +29,14 @@ from analysis_fixtures import write_run
 from helpers import REPO
 from telepathy.__main__ import COMMANDS as TOOLS
 
-SCRIPTS = {"train.py": "train", "benchmarks/latency.py": "latency"}
+SCRIPTS = {"train.py": "train", "benchmarks.latency": "latency"}  # python train.py | python -m benchmarks.latency
 CLI = {"telepathy.prepare", *(f"telepathy {name}" for name in TOOLS)}  # python -m telepathy.prepare | telepathy <tool>
+
+
+def script_of(argv: list[str]) -> str | None:
+    """The Hydra app a command starts (``train.py``, ``benchmarks.latency``), or None."""
+    name = argv[2] if argv[1] == "-m" else argv[1]
+    return name if name in SCRIPTS else None
 
 
 def cli_kind(argv: list[str]) -> str | None:
@@ -66,10 +72,10 @@ def test_docs_have_commands_and_each_is_handled():
     kinds = set()
     for where, command in COMMANDS:
         argv = shlex.split(command)
-        kind = argv[1] if argv[1] in SCRIPTS else cli_kind(argv)
+        kind = script_of(argv) or cli_kind(argv)
         assert kind, f"{where}: no test knows how to run `{command}`"
         kinds.add(kind)
-    assert {"train.py", "benchmarks/latency.py", "telepathy status"} <= kinds
+    assert {"train.py", "benchmarks.latency", "telepathy status"} <= kinds
 
 
 def _first_values(overrides: list[str]) -> list[str]:
@@ -87,8 +93,8 @@ def _first_values(overrides: list[str]) -> list[str]:
 
 @pytest.mark.parametrize(
     "where,command",
-    [c for c in COMMANDS if shlex.split(c[1])[1] in SCRIPTS],
-    ids=[c[0] for c in COMMANDS if shlex.split(c[1])[1] in SCRIPTS],
+    [c for c in COMMANDS if script_of(shlex.split(c[1]))],
+    ids=[c[0] for c in COMMANDS if script_of(shlex.split(c[1]))],
 )
 def test_documented_run_and_launch_commands_compose(where, command, monkeypatch, tmp_path):
     from hydra import compose, initialize_config_dir
@@ -98,20 +104,21 @@ def test_documented_run_and_launch_commands_compose(where, command, monkeypatch,
 
     monkeypatch.setenv("TELEPATHY_OUTPUTS", str(tmp_path))
     argv = shlex.split(command)
-    overrides = _first_values([a for a in argv[2:] if a not in ("-m", "--multirun")])
+    script = script_of(argv)
+    overrides = _first_values([a for a in argv[argv.index(script) + 1 :] if a not in ("-m", "--multirun")])
     register_resolvers()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name=SCRIPTS[argv[1]], overrides=overrides)
-    if argv[1] == "train.py":
+        cfg = compose(config_name=SCRIPTS[script], overrides=overrides)
+    if script == "train.py":
         validate(cfg)
     assert cfg.get("cluster") is not None  # the launchers read cluster.*
 
 
 @pytest.mark.parametrize(
     "where,command",
-    [c for c in COMMANDS if shlex.split(c[1])[1] == "-m"],
-    ids=[c[0] for c in COMMANDS if shlex.split(c[1])[1] == "-m"],
+    [c for c in COMMANDS if cli_kind(shlex.split(c[1]))],
+    ids=[c[0] for c in COMMANDS if cli_kind(shlex.split(c[1]))],
 )
 def test_documented_cli_commands_run(where, command, tmp_path, monkeypatch):
     import importlib

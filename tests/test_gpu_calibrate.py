@@ -16,7 +16,8 @@ def test_smoke_run_writes_a_calibration_table_the_planner_reads(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
-            "benchmarks/gpu_calibrate.py",
+            "-m",
+            "benchmarks.gpu_calibrate",
             "--smoke",
             "--models",
             "llama32_1b",

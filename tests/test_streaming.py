@@ -21,7 +21,7 @@ SIZE = ["--examples", "960", "--tokens", "64", "--hidden", "1024"]  # 240 MB of 
 
 def _measure(mode: str, tmp_path) -> dict:
     proc = subprocess.run(
-        [sys.executable, "benchmarks/feature_memory.py", "--mode", mode, *SIZE, "--cache-dir", str(tmp_path / mode)],
+        [sys.executable, "-m", "benchmarks.feature_memory", "--mode", mode, *SIZE, "--cache-dir", str(tmp_path / mode)],
         cwd=REPO,
         env=run_env(tmp_path, OMP_NUM_THREADS=1),
         capture_output=True,
