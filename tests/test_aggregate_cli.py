@@ -97,7 +97,7 @@ def test_aggregate_refuses_a_completed_run_without_the_metric(tmp_path):
 
 def test_single_seed_table_says_no_ci(tmp_path):
     write_run(tmp_path, seed=0, metrics={"accuracy": 0.7})
-    s = analysis.summarize(analysis.load_runs(tmp_path))
+    s = analysis.summarise(analysis.load_runs(tmp_path))
     header, rows, notes = aggregate.metric_table(s)
     assert rows == [["sst2", "bridge", "4", "2.5×", "8", "70.0", "1 (no CI)"]]
     assert any("no CI" in n for n in notes)
@@ -149,7 +149,7 @@ def test_latency_plot_from_benchmark_records(tmp_path):
     assert list(labels["bridge compression=8 p50"].get_ydata()) == pytest.approx([10.5, 20.5, 40.5])
     # benchmark runs never enter the metric tables
     write_run(tmp_path, seed=0, metrics={"accuracy": 0.7})
-    assert list(analysis.summarize(analysis.load_runs(tmp_path))["method"]) == ["bridge"]
+    assert list(analysis.summarise(analysis.load_runs(tmp_path))["method"]) == ["bridge"]
 
 
 def test_latency_plot_never_averages_runs_of_different_configs(tmp_path):
@@ -213,7 +213,7 @@ def test_accuracy_plot_labels_measured_compression_and_differing_settings(tmp_pa
                     config_extra={"trainer": {"lr": lr}},
                     name=f"sst2-bridge-c{compression}-lr{lr}-s{seed}",
                 )
-    fig = plots.accuracy_vs_compression(analysis.summarize(analysis.load_runs(tmp_path)))
+    fig = plots.accuracy_vs_compression(analysis.summarise(analysis.load_runs(tmp_path)))
     (ax,) = fig.axes
     assert [t.get_text() for t in ax.texts] == ["2.5×"] * 4  # 2 lines x 2 compression factors
     labels = sorted(l.get_label() for l in ax.lines)
@@ -226,7 +226,7 @@ def test_accuracy_plot_labels_measured_compression_and_differing_settings(tmp_pa
 
 def test_accuracy_plot_bands_follow_the_ci(tmp_path):
     write_sweep(tmp_path)
-    s = analysis.summarize(analysis.load_runs(tmp_path))
+    s = analysis.summarise(analysis.load_runs(tmp_path))
     fig = plots.accuracy_vs_compression(s)
     ax = fig.axes[[a.get_title() for a in fig.axes].index("sst2")]
     line = next(l for l in ax.lines if l.get_label() == "bridge")

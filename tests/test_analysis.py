@@ -261,7 +261,7 @@ def test_reused_run_reads_source_predictions(tmp_path):
 # aggregation across seeds
 
 
-def test_summarize_known_means_and_cis(tmp_path):
+def test_summarise_known_means_and_cis(tmp_path):
     for seed, acc in enumerate([0.70, 0.72, 0.74]):
         write_run(tmp_path, seed=seed, metrics={"accuracy": acc})
     for seed, acc in enumerate([0.60, 0.64]):
@@ -275,7 +275,7 @@ def test_summarize_known_means_and_cis(tmp_path):
         metrics={},
         error={"type": "RuntimeError", "message": "boom", "traceback": "", "oom": False},
     )
-    s = analysis.summarize(analysis.load_runs(tmp_path)).set_index("method")
+    s = analysis.summarise(analysis.load_runs(tmp_path)).set_index("method")
     assert s.loc["bridge", "mean"] == pytest.approx(0.72)
     assert s.loc["bridge", "ci_half"] == pytest.approx(0.0496827, abs=1e-6)
     assert s.loc["bridge", "n_independent"] == 3
@@ -295,7 +295,7 @@ def test_runs_of_different_configs_are_not_pooled_as_seeds(tmp_path):
             config_extra={"trainer": {"lr": lr}},
             name=f"sst2-bridge-s{seed}-lr{lr}",
         )
-    s = analysis.summarize(analysis.load_runs(tmp_path))
+    s = analysis.summarise(analysis.load_runs(tmp_path))
     assert sorted(s["n_independent"]) == [1, 2]
     assert all(d.keys() == {"trainer.lr"} for d in s["differs"])  # only the setting that differs
     by_lr = s.set_index(s["differs"].map(lambda d: d["trainer.lr"]))
@@ -334,7 +334,7 @@ def test_tables_show_measured_compression_beside_nominal(tmp_path):
             compression=None,
             metrics={"accuracy": 0.65, "relay_tokens_mean": 31.5 + seed},
         )
-    s = analysis.summarize(analysis.load_runs(tmp_path)).set_index("method")
+    s = analysis.summarise(analysis.load_runs(tmp_path)).set_index("method")
     assert s.loc["bridge", "measured_compression"] == pytest.approx(1.25)
     assert s.loc["bridge", "positions"] == 8 and s.loc["llmlingua", "positions"] == pytest.approx(2.5)
     assert s.loc["text_relay", "positions"] == pytest.approx(32.0)  # mean over its seeds
@@ -357,12 +357,12 @@ def test_table_notes_rows_whose_sender_read_less_text(tmp_path):
             rec["bridge"]["truncated_test_items"] = cut
             (run / "result.json").write_text(json.dumps(rec))
     write_run(tmp_path, method="text_relay", seed=0, compression=None, metrics={"accuracy": 0.6})
-    s = analysis.summarize(analysis.load_runs(tmp_path))
+    s = analysis.summarise(analysis.load_runs(tmp_path))
     table = metric_table(s)
     (note,) = [n for n in table[2] if "task.max_input_tokens" in n]
     assert "sst2 bridge c8: 3 items" in note and "c4" not in note and "text_relay" not in note
     assert note in to_markdown(*table) and "task.max\\_input\\_tokens" in to_latex(*table, caption="t")
-    uncut = analysis.summarize(analysis.load_runs([p for p in tmp_path.iterdir() if "-c8-" not in p.name]))
+    uncut = analysis.summarise(analysis.load_runs([p for p in tmp_path.iterdir() if "-c8-" not in p.name]))
     assert not any("task.max_input_tokens" in n for n in metric_table(uncut)[2])
 
 
@@ -372,7 +372,7 @@ def test_reused_runs_count_once(tmp_path):
         write_run(
             tmp_path, method="receiver_only", compression=None, seed=seed, metrics={"accuracy": 0.5}, reused_from=src
         )
-    g = analysis.summarize(analysis.load_runs(tmp_path)).iloc[0]
+    g = analysis.summarise(analysis.load_runs(tmp_path)).iloc[0]
     assert g["n_independent"] == 1 and g["n_completed"] == 3 and bool(g["deterministic"])
     assert math.isnan(g["ci_low"]) and g["seeds"] == [0, 1, 2]
 
@@ -383,13 +383,13 @@ def test_missing_metric_is_an_error_not_zero(tmp_path):
     runs = analysis.load_runs(tmp_path)
     assert runs["metrics.accuracy"].isna().sum() == 1
     with pytest.raises(analysis.MissingMetricError, match="s1"):
-        analysis.summarize(runs)
+        analysis.summarise(runs)
 
 
 def test_task_without_the_metric_is_left_out(tmp_path):
     write_run(tmp_path, seed=0, metrics={"accuracy": 0.7})
     write_run(tmp_path, task="xsum", seed=0, metrics={"rougeL": 0.2})
-    s = analysis.summarize(analysis.load_runs(tmp_path))
+    s = analysis.summarise(analysis.load_runs(tmp_path))
     assert list(s["task"]) == ["sst2"]
     # a task whose every run failed is shown (with no value), not dropped
     write_run(
@@ -400,18 +400,18 @@ def test_task_without_the_metric_is_left_out(tmp_path):
         metrics={},
         error={"type": "RuntimeError", "message": "boom", "traceback": "", "oom": False},
     )
-    s = analysis.summarize(analysis.load_runs(tmp_path)).set_index("task")
+    s = analysis.summarise(analysis.load_runs(tmp_path)).set_index("task")
     assert s.loc["trec", "n_independent"] == 0 and math.isnan(s.loc["trec", "mean"])
     assert s.loc["trec", "status_counts"] == {"failed": 1}
     with pytest.raises(analysis.MissingMetricError):
-        analysis.summarize(analysis.load_runs(tmp_path), metric="bleu")
+        analysis.summarise(analysis.load_runs(tmp_path), metric="bleu")
 
 
 def test_same_run_in_two_places_is_refused(tmp_path):
     write_run(tmp_path / "a", seed=0, metrics={"accuracy": 0.7})
     write_run(tmp_path / "b", seed=0, metrics={"accuracy": 0.7})
     with pytest.raises(ValueError, match="same run_id"):
-        analysis.summarize(analysis.load_runs(tmp_path))
+        analysis.summarise(analysis.load_runs(tmp_path))
 
 
 # -----------------------------------------------------------------------------
@@ -428,7 +428,7 @@ def test_compare_to_baseline_counts_and_holm(tmp_path):
         write_run(tmp_path, method="relay_a", compression=None, seed=seed, metrics={"accuracy": 0.5}, correct=relay_a)
         write_run(tmp_path, method="relay_b", compression=None, seed=seed, metrics={"accuracy": 0.25}, correct=relay_b)
     runs = analysis.load_runs(tmp_path)
-    s = analysis.summarize(runs)
+    s = analysis.summarise(runs)
     c = analysis.compare_to_baseline(runs, analysis.load_predictions(runs), s, n_boot=500).set_index("method")
     # items, not seed x item pairs, are counted and tested: the two seeds agree on every item
     assert (c.loc["relay_a", "b"], c.loc["relay_a", "c"]) == (0, 5)
@@ -450,14 +450,14 @@ def test_pairs_by_item_id_not_by_row_order(tmp_path):
     rows = [json.loads(x) for x in (other / "predictions.jsonl").read_text().splitlines()]
     (other / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
     runs = analysis.load_runs(tmp_path)
-    c = analysis.compare_to_baseline(runs, analysis.load_predictions(runs), analysis.summarize(runs), n_boot=200)
+    c = analysis.compare_to_baseline(runs, analysis.load_predictions(runs), analysis.summarise(runs), n_boot=200)
     assert (c.iloc[0]["b"], c.iloc[0]["c"], c.iloc[0]["delta"]) == (0, 0, 0.0)
 
 
 def test_sweep_comparisons_use_deterministic_baseline_for_every_seed(tmp_path):
     write_sweep(tmp_path, n_items=20)
     runs = analysis.load_runs(tmp_path)
-    s = analysis.summarize(runs)
+    s = analysis.summarise(runs)
     c = analysis.compare_to_baseline(runs, analysis.load_predictions(runs), s, n_boot=200)
     ro = c[(c["method"] == "receiver_only") & (c["task"] == "sst2") & (c["baseline.compression"] == 4)].iloc[0]
     assert ro["n_strata"] == 3 and ro["n_items"] == 20 and ro["n_pairs"] == 60

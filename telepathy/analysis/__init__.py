@@ -28,7 +28,7 @@ from telepathy.analysis.runs import (
     load_runs,
     read_run,
 )
-from telepathy.analysis.summarise import compare_to_baseline, metric_column, summarize
+from telepathy.analysis.summarise import compare_to_baseline, metric_column, summarise
 from telepathy.stats import holm, mcnemar, mean_ci, paired_bootstrap, paired_permutation_p, sign_test_p
 
 __all__ = [
@@ -54,5 +54,5 @@ __all__ = [
     "paired_permutation_p",
     "read_run",
     "sign_test_p",
-    "summarize",
+    "summarise",
 ]

@@ -36,7 +36,7 @@ def build(paths, metric="accuracy", baseline_method="bridge", confidence=0.95, n
     """Load runs (or take a load_runs DataFrame) and compute everything the
     tables show. Returns a dict of DataFrames: runs, summary, comparisons, logs."""
     runs = paths if isinstance(paths, pd.DataFrame) else analysis.load_runs(paths)
-    summary = analysis.summarize(runs, metric, confidence)
+    summary = analysis.summarise(runs, metric, confidence)
     predictions = analysis.load_predictions(runs[runs["status"] == "completed"])
     comparisons = analysis.compare_to_baseline(
         runs, predictions, summary, metric, baseline_method, n_boot=n_boot, confidence=confidence, seed=seed

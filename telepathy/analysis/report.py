@@ -128,7 +128,7 @@ def checks(runs, metric="accuracy"):
         )
     )
     try:
-        s = analysis.summarize(runs, metric)
+        s = analysis.summarise(runs, metric)
         short = s[(s["n_independent"] < MIN_SEEDS) & ~s["deterministic"]]
         detail = f"{len(s) - len(short)}/{len(s)} experiments have >= {MIN_SEEDS} seeds or are deterministic" + (
             "; short: "

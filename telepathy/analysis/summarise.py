@@ -116,7 +116,7 @@ def _differing_settings(groups):
     return out
 
 
-def summarize(runs, metric="accuracy", confidence=0.95):
+def summarise(runs, metric="accuracy", confidence=0.95):
     """One row per experiment (GROUP_KEYS), with mean and CI of `metric` across seeds.
 
     Runs of BENCHMARK_METHODS, and of tasks whose completed runs do not report
