@@ -1,12 +1,15 @@
 """The statistics used on runs: seed-level CIs, Holm, McNemar, sign test, cluster bootstrap and permutation tests."""
 
+from __future__ import annotations
+
 import math
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 
 
-def mean_ci(values, confidence=0.95):
+def mean_ci(values: ArrayLike, confidence: float = 0.95) -> dict[str, float]:
     """Mean and t-based CI across independent observations (seeds).
 
     With fewer than 2 values the CI and std are NaN: one seed says nothing
@@ -30,7 +33,7 @@ def mean_ci(values, confidence=0.95):
     return out
 
 
-def holm(pvalues):
+def holm(pvalues: ArrayLike) -> np.ndarray:
     """Holm step-down adjusted p-values (statsmodels), in the input order; NaN stays NaN and is not counted.
 
     statsmodels counts a NaN in the family size m, so only the finite p-values are passed to it.
@@ -45,7 +48,7 @@ def holm(pvalues):
     return adj
 
 
-def mcnemar(b, c):
+def mcnemar(b: int, c: int) -> float:
     """Exact McNemar p-value from the discordant counts (statsmodels).
 
     b: pairs where the method is right and the baseline wrong; c: the reverse.
@@ -57,7 +60,7 @@ def mcnemar(b, c):
     return float(_mcnemar([[0, int(b)], [int(c), 0]], exact=True).pvalue)
 
 
-def sign_test_p(diffs):
+def sign_test_p(diffs: ArrayLike) -> float:
     """Two-sided exact sign test of per-item differences (statsmodels); ties are dropped.
 
     On seed-averaged per-item correctness this is the test of the paired comparison: with
@@ -71,13 +74,15 @@ def sign_test_p(diffs):
     return float(sign_test(d)[1])
 
 
-def item_means(by_seed):
+def item_means(by_seed: ArrayLike) -> np.ndarray:
     """Per-item mean over seeds of a [seeds, items] array (a 1-d array is one seed)."""
     d = np.asarray(by_seed, dtype=float)
     return d if d.ndim == 1 else d.mean(axis=0)
 
 
-def paired_bootstrap(diffs_by_seed, n_boot=10_000, confidence=0.95, seed=0):
+def paired_bootstrap(
+    diffs_by_seed: ArrayLike, n_boot: int = 10_000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """Percentile CI of the mean paired difference by a cluster bootstrap over items.
 
     diffs_by_seed: one 1-d array per seed of per-item differences (method minus
@@ -103,7 +108,7 @@ def paired_bootstrap(diffs_by_seed, n_boot=10_000, confidence=0.95, seed=0):
     return float(d.mean()), float(lo), float(hi)
 
 
-def paired_permutation_p(x, y, n_resamples=9_999, seed=0):
+def paired_permutation_p(x: ArrayLike, y: ArrayLike, n_resamples: int = 9_999, seed: int = 0) -> float:
     """Two-sided paired permutation test (sign flips) of mean(x - y), via scipy."""
     res = stats.permutation_test(
         (np.asarray(x, float), np.asarray(y, float)),

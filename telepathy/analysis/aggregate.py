@@ -12,6 +12,8 @@ for a dir named runs, so outputs/runs -> outputs/summary):
                  when the runs have what each plot needs
 """
 
+from __future__ import annotations
+
 import argparse
 import datetime
 import json
@@ -21,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from telepathy import analysis
+from telepathy.analysis.runs import RunPaths
 from telepathy.analysis.tables import (
     METRIC_NAMES,
     comparison_table,
@@ -32,7 +35,14 @@ from telepathy.analysis.tables import (
 )
 
 
-def build(paths, metric="accuracy", baseline_method="bridge", confidence=0.95, n_boot=10_000, seed=0):
+def build(
+    paths: pd.DataFrame | RunPaths,
+    metric: str = "accuracy",
+    baseline_method: str = "bridge",
+    confidence: float = 0.95,
+    n_boot: int = 10_000,
+    seed: int = 0,
+) -> dict[str, pd.DataFrame]:
     """Load runs (or take a load_runs DataFrame) and compute everything the
     tables show. Returns a dict of DataFrames: runs, summary, comparisons, logs."""
     runs = paths if isinstance(paths, pd.DataFrame) else analysis.load_runs(paths)
@@ -45,7 +55,9 @@ def build(paths, metric="accuracy", baseline_method="bridge", confidence=0.95, n
     return {"runs": runs, "summary": summary, "comparisons": comparisons, "logs": logs}
 
 
-def summary_record(result, paths, metric, baseline_method, confidence):
+def summary_record(
+    result: dict[str, pd.DataFrame], paths: list[str | Path], metric: str, baseline_method: str, confidence: float
+) -> dict:
     runs, summary, comparisons = result["runs"], result["summary"], result["comparisons"]
     reported = set(summary["run_dirs"].explode()) if len(summary) else set()
     not_reported = runs[~runs["run_dir"].isin(reported)]
@@ -72,8 +84,15 @@ def summary_record(result, paths, metric, baseline_method, confidence):
 
 
 def write_outputs(
-    result, out, paths, metric="accuracy", baseline_method="bridge", confidence=0.95, scale=100.0, digits=1
-):
+    result: dict[str, pd.DataFrame],
+    out: str | Path,
+    paths: list[str | Path],
+    metric: str = "accuracy",
+    baseline_method: str = "bridge",
+    confidence: float = 0.95,
+    scale: float = 100.0,
+    digits: int = 1,
+) -> tuple[str, list[str], list[str]]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary, comparisons = result["summary"], result["comparisons"]
@@ -108,7 +127,7 @@ def write_outputs(
     return md, written, skipped
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m telepathy aggregate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -2,6 +2,8 @@
 (built without pyplot, so no global state and no display needed) and, given
 `stem`, writes stem.png and stem.pdf."""
 
+from __future__ import annotations
+
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +14,7 @@ from telepathy.analysis.summarise import differing_keys, settings
 from telepathy.analysis.tables import settings_cell
 
 
-def save(fig, stem):
+def save(fig: Figure, stem: str | Path) -> list[Path]:
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
@@ -21,7 +23,7 @@ def save(fig, stem):
     return paths
 
 
-def _label(row, vary):
+def _label(row: pd.Series, vary: list[str]) -> str:
     """Legend label: the method, the columns that vary, and the settings in which an
     experiment differs from others with the same columns (never one line for two configs)."""
     parts = [str(row["method"])]
@@ -34,11 +36,13 @@ def _label(row, vary):
     return " ".join(parts)
 
 
-def _varying(df, keys):
+def _varying(df: pd.DataFrame, keys: list[str]) -> list[str]:
     return [k for k in keys if k in df and df[k].dropna().astype(str).nunique() > 1]
 
 
-def accuracy_vs_compression(summary, metric="accuracy", scale=100.0, stem=None):
+def accuracy_vs_compression(
+    summary: pd.DataFrame, metric: str = "accuracy", scale: float = 100.0, stem: str | Path | None = None
+) -> Figure:
     """Mean metric vs nominal compression factor, one panel per task, CI bands across seeds;
     each point is labelled with its measured compression (text tokens per soft token).
 
@@ -91,7 +95,7 @@ def accuracy_vs_compression(summary, metric="accuracy", scale=100.0, stem=None):
 LATENCY_AXES = ("batch_size", "eval.batch_size", "path")
 
 
-def latency(runs, stem=None):
+def latency(runs: pd.DataFrame, stem: str | Path | None = None) -> Figure:
     """Latency per batch (p50, p99 dashed) and throughput vs batch size, from completed
     latency-benchmark runs: one line per path and benchmark config (the runs' settings less
     the batch size). Repeats of one config (seeds) are averaged; runs that differ in any other
@@ -131,7 +135,7 @@ def latency(runs, stem=None):
     return fig
 
 
-def training_curves(logs, stem=None):
+def training_curves(logs: pd.DataFrame, stem: str | Path | None = None) -> Figure:
     """Training loss and eval accuracy vs step, one row per task, one line per
     run, one colour per experiment."""
     if logs is None or not len(logs) or "step" not in logs:

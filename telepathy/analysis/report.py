@@ -14,6 +14,8 @@ success checks:
 --out writes report.md and report.json; --check exits 1 when a check fails.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import sys
@@ -29,7 +31,7 @@ from telepathy.results import gpus_held, record_cost
 MIN_SEEDS = 3
 
 
-def gpu_count(run):
+def gpu_count(run: dict) -> float:
     """GPUs the run held (``results.gpus_held`` on a loaded run's flattened columns); NaN if unknown."""
     names = run.get("env.gpu_names")
     gpus = gpus_held(
@@ -39,7 +41,7 @@ def gpu_count(run):
     return np.nan if gpus is None else float(gpus)
 
 
-def computed_estimate_gb(run):
+def computed_estimate_gb(run: dict) -> float:
     """GPU-memory estimate of telepathy.resources for the run's config, when the
     launcher did not record one (local runs)."""
     from omegaconf import OmegaConf
@@ -50,7 +52,7 @@ def computed_estimate_gb(run):
     return float(resources.estimate(OmegaConf.create(config)).total_gb)
 
 
-def run_cost(run, gpus):
+def run_cost(run: dict, gpus: float) -> tuple[float, float, int]:
     """(wall seconds, GPU-hours, attempts) of a loaded run over every attempt it recorded
     (``results.record_cost``); NaN where unknown."""
     attempts = run.get("attempts")
@@ -65,7 +67,7 @@ def run_cost(run, gpus):
     return np.nan if seconds is None else seconds, np.nan if hours is None else hours, n
 
 
-def resource_table(runs):
+def resource_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """One row per run that has a result.json: GPU-hours, peak memory vs estimate, utilisation."""
     util_cols = [c for c in runs.columns if "util" in c.lower() and not c.startswith("config.")]
     rows = []
@@ -104,7 +106,7 @@ def resource_table(runs):
     return pd.DataFrame(rows), util_cols
 
 
-def checks(runs, metric="accuracy"):
+def checks(runs: pd.DataFrame, metric: str = "accuracy") -> list[tuple[str, bool, str]]:
     """The phase's success criteria, each (name, passed, detail)."""
     out = []
     n = len(runs)
@@ -147,11 +149,11 @@ def checks(runs, metric="accuracy"):
     return out
 
 
-def _num(v, fmt):
+def _num(v: float, fmt: str) -> str:
     return "—" if analysis.is_missing(v) else format(v, fmt)
 
 
-def build_report(phase_dir, metric="accuracy"):
+def build_report(phase_dir: str | Path, metric: str = "accuracy") -> tuple[str, dict]:
     runs = analysis.load_runs(phase_dir)
     res, util_cols = resource_table(runs)
     results = checks(runs, metric)
@@ -259,7 +261,7 @@ def build_report(phase_dir, metric="accuracy"):
     return "\n".join(lines), record
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m telepathy report", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -15,11 +15,15 @@ Rules that keep the numbers honest:
   one per seed.
 """
 
+from __future__ import annotations
+
 import glob
 import json
 import math
 import warnings
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pandas as pd
 from omegaconf.errors import OmegaConfBaseException
@@ -35,6 +39,14 @@ from telepathy.results import (
     run_identity,
 )
 from telepathy.results import STATUSES as RECORD_STATUSES
+
+if TYPE_CHECKING:
+    from pandas.api.typing import NAType
+
+# what the loaders accept: a directory, a glob pattern, a run file, or several of them
+RunPaths = str | Path | Iterable[str | Path]
+# one run: a loaded row (``DataFrame.to_dict("records")``, a ``Series``) or ``read_run``'s dict
+Run = Mapping[str, Any] | pd.Series
 
 # any of these marks a directory as a run directory
 RUN_MARKERS = (RESULT_FILE, LOG_FILE, PREDICTIONS_FILE, "checkpoints")
@@ -81,12 +93,12 @@ class MissingMetricError(ValueError):
     """A completed run lacks a metric that other runs of its task report."""
 
 
-def is_missing(v):
+def is_missing(v: object) -> bool:
     """None, NaN or <NA>: a value that was not recorded."""
     return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
 
-def is_reused(run):
+def is_reused(run: Run) -> bool:
     """The run copied the result of another seed's run (deterministic method)."""
     src = run.get("reused_from")
     return isinstance(src, str) and bool(src)
@@ -96,7 +108,7 @@ def is_reused(run):
 # finding run directories
 
 
-def _walk_runs(d):
+def _walk_runs(d: Path) -> Iterator[Path]:
     """Run directories at or under d. A directory holding only Hydra's `.hydra/`
     is a run that died before writing anything, unless run directories lie
     below it (a job dir that writes one run per subdirectory)."""
@@ -113,7 +125,7 @@ def _walk_runs(d):
         yield d
 
 
-def find_run_dirs(paths):
+def find_run_dirs(paths: RunPaths) -> list[Path]:
     """Run directories under one or more paths or glob patterns.
 
     A pattern that matches nothing, or a path with no run directory under it,
@@ -149,7 +161,7 @@ def find_run_dirs(paths):
 # loading
 
 
-def _flatten(d, prefix, out):
+def _flatten(d: dict, prefix: str, out: dict) -> dict:
     """Dotted keys, like pandas.json_normalize, except lists: json_normalize keeps them as
     Python lists, which cannot be grouped or compared across runs; here they are JSON text."""
     for k, v in d.items():
@@ -163,7 +175,7 @@ def _flatten(d, prefix, out):
     return out
 
 
-def _hydra_config(run_dir):
+def _hydra_config(run_dir: Path) -> dict:
     """Config of a run that left no result.json, from Hydra's saved copy."""
     path = run_dir / ".hydra" / "config.yaml"
     if not path.exists():
@@ -177,12 +189,12 @@ def _hydra_config(run_dir):
         return OmegaConf.to_container(cfg, resolve=False)
 
 
-def _not_json(name):
+def _not_json(name: str) -> NoReturn:
     """NaN / Infinity are not JSON; telepathy.results writes null plus a reason instead."""
     raise json.JSONDecodeError(f"{name} is not strict JSON", name, 0)
 
 
-def _check_record(rec):
+def _check_record(rec: object) -> str | None:
     """Reason the record is not a usable result.json, or None."""
     if not isinstance(rec, dict):
         return f"top level is {type(rec).__name__}, not an object"
@@ -200,7 +212,7 @@ def _check_record(rec):
     return None
 
 
-def read_run(run_dir):
+def read_run(run_dir: str | Path) -> dict:
     """One row (a flat dict) for one run directory."""
     run_dir = Path(run_dir)
     path = run_dir / RESULT_FILE
@@ -251,7 +263,7 @@ def read_run(run_dir):
     return row
 
 
-def _seedless_fallback(config):
+def _seedless_fallback(config: dict) -> str:
     """A config id for a record written before result.json had `seedless_hash`: the whole
     recorded config without its seed. It may split runs that differ only in paths, never pools
     runs that differ in a setting."""
@@ -261,7 +273,7 @@ def _seedless_fallback(config):
     return "cfg-" + hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def _identity(rec, config):
+def _identity(rec: dict, config: dict) -> dict:
     """The record's ``identity`` block (telepathy/results.py writes it). A record written
     before the block existed, or a run that left only Hydra's config, gets the block the
     writer would have written, computed from its config by the writer's own function."""
@@ -273,7 +285,7 @@ def _identity(rec, config):
         return identity_block()  # a config too partial to tell (e.g. a job that died while composing)
 
 
-def load_runs(paths):
+def load_runs(paths: RunPaths) -> pd.DataFrame:
     """Tidy DataFrame, one row per run directory found under `paths`.
 
     `paths` is a directory, a glob pattern, a result.json path, or a list of
@@ -309,7 +321,7 @@ def load_runs(paths):
     return df[first + rest]
 
 
-def _as_int(v, column, run_dir):
+def _as_int(v: object, column: str, run_dir: str) -> int | NAType:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return pd.NA
     try:
@@ -318,11 +330,11 @@ def _as_int(v, column, run_dir):
         raise RunReadError(f"cannot read run {run_dir}: {column}={v!r} is not an integer") from err
 
 
-def _runs(runs_or_paths):
+def _runs(runs_or_paths: pd.DataFrame | RunPaths) -> pd.DataFrame:
     return runs_or_paths if isinstance(runs_or_paths, pd.DataFrame) else load_runs(runs_or_paths)
 
 
-def _run_file(run, filename, follow_reuse):
+def _run_file(run: Run, filename: str, follow_reuse: bool) -> Path | None:
     """The run's own file, else (follow_reuse) the file of the run it reuses; None if neither exists."""
     own = Path(run["run_dir"]) / filename
     if own.exists():
@@ -335,7 +347,7 @@ def _run_file(run, filename, follow_reuse):
     return None
 
 
-def _per_run_rows(runs, filename, follow_reuse):
+def _per_run_rows(runs: pd.DataFrame, filename: str, follow_reuse: bool) -> list[dict]:
     out = []
     keep = ["run_dir", "run_id", "status", "seed", "reused_from", CONFIG_KEY] + GROUP_KEYS
     for run in runs.to_dict("records"):
@@ -346,7 +358,7 @@ def _per_run_rows(runs, filename, follow_reuse):
     return out
 
 
-def load_predictions(runs_or_paths):
+def load_predictions(runs_or_paths: pd.DataFrame | RunPaths) -> pd.DataFrame:
     """Per-example rows (predictions.jsonl) with their run's columns.
 
     Runs without a predictions file contribute no rows; `runs` tells you which.
@@ -356,7 +368,7 @@ def load_predictions(runs_or_paths):
     return pd.DataFrame(_per_run_rows(runs, PREDICTIONS_FILE, follow_reuse=True))
 
 
-def load_logs(runs_or_paths):
+def load_logs(runs_or_paths: pd.DataFrame | RunPaths) -> pd.DataFrame:
     """Per-step rows (log.jsonl: training rows and eval rows) with their run's
     columns. A reused run trained nothing and has no rows."""
     runs = _runs(runs_or_paths)

@@ -1,8 +1,11 @@
 """Summarise runs into one row per experiment (mean and CI across seeds) and compare methods pairwise."""
 
+from __future__ import annotations
+
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,6 +16,7 @@ from telepathy.analysis.runs import (
     GROUP_KEYS,
     MEASURED,
     MissingMetricError,
+    Run,
     is_missing,
     is_reused,
 )
@@ -27,15 +31,15 @@ EXPERIMENT_KEYS = GROUP_KEYS + [CONFIG_KEY]
 _MAY_LACK = [EXPERIMENT_KEYS.index("num_latents"), EXPERIMENT_KEYS.index(CONFIG_KEY)]
 
 
-def _group_key(row):
+def _group_key(row: Run) -> tuple:
     return tuple(None if is_missing(row.get(k)) else row[k] for k in EXPERIMENT_KEYS)
 
 
-def metric_column(metric):
+def metric_column(metric: str) -> str:
     return metric if metric.startswith("metrics.") else f"metrics.{metric}"
 
 
-def _independent(completed):
+def _independent(completed: list[dict]) -> tuple[list[dict], bool]:
     """Completed runs that are independent observations, and whether the group
     is deterministic. A run reused from another (`reused_from`) and its source
     are one observation; the source run is kept when it is present."""
@@ -48,7 +52,7 @@ def _independent(completed):
     return list(obs.values()), any(is_reused(r) for r in completed)
 
 
-def _groups(runs):
+def _groups(runs: pd.DataFrame) -> dict[tuple, list[dict]]:
     """{experiment key: [run rows]}. A run that did not complete may have no
     recorded num_latents or config id (a run that died before result.json); it
     joins the group that matches it on every other key, when there is exactly one."""
@@ -70,13 +74,13 @@ def _groups(runs):
     return groups
 
 
-def _mean_of(runs, col):
+def _mean_of(runs: list[dict], col: str) -> float:
     """Mean of a measured column over runs that recorded it; NaN when none did."""
     vals = [float(r[col]) for r in runs if not is_missing(r.get(col))]
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def settings(run):
+def settings(run: Run) -> dict[str, Any]:
     """The run's config without its seed and the keys that do not define a result
     (`run.id_exclude`), as {dotted key: value}."""
     listed = run.get("config.run.id_exclude")  # NaN in a frame that also holds records without it (latency)
@@ -91,14 +95,14 @@ def settings(run):
     return out
 
 
-def differing_keys(configs):
+def differing_keys(configs: list[dict]) -> list[str]:
     """The keys whose value is not the same in every one of `configs` ({key: value} dicts,
     a key one of them lacks counts as None), sorted."""
     keys = sorted(set().union(*configs)) if configs else []
     return [k for k in keys if len({json.dumps(c.get(k), default=str) for c in configs}) > 1]
 
 
-def _differing_settings(groups):
+def _differing_settings(groups: dict[tuple, list[dict]]) -> dict[tuple, dict[str, Any]]:
     """{experiment key: {setting: value}} for experiments that share every table column
     (GROUP_KEYS) but not their config: the settings in which they differ, so that a
     table shows them as separate, labelled rows instead of averaging them."""
@@ -116,7 +120,7 @@ def _differing_settings(groups):
     return out
 
 
-def summarise(runs, metric="accuracy", confidence=0.95):
+def summarise(runs: pd.DataFrame, metric: str = "accuracy", confidence: float = 0.95) -> pd.DataFrame:
     """One row per experiment (GROUP_KEYS), with mean and CI of `metric` across seeds.
 
     Runs of BENCHMARK_METHODS, and of tasks whose completed runs do not report
@@ -198,11 +202,11 @@ def summarise(runs, metric="accuracy", confidence=0.95):
 # paired comparisons against a baseline method
 
 
-def _item_key(df):
+def _item_key(df: pd.DataFrame) -> str:
     return "id" if "id" in df and df["id"].notna().all() else "idx"
 
 
-def _strata(group_runs, predictions, value_col):
+def _strata(group_runs: list[dict], predictions: pd.DataFrame, value_col: str) -> dict[int | str, pd.DataFrame]:
     """{seed or '*': DataFrame(item, value)} for a group's completed runs."""
     done = [r for r in group_runs if r["status"] == "completed"]
     indep, deterministic = _independent(done)
@@ -217,7 +221,9 @@ def _strata(group_runs, predictions, value_col):
     return out
 
 
-def _paired_matrix(a, b, pairs):
+def _paired_matrix(
+    a: dict[int | str, pd.DataFrame], b: dict[int | str, pd.DataFrame], pairs: list[tuple[int | str, int | str]]
+) -> tuple[np.ndarray, np.ndarray, int]:
     """[pairs, items] arrays of the method's and the baseline's values on the items every
     pair of strata has (aligned rows), and how many item rows could not be paired."""
     merged = None
@@ -233,7 +239,7 @@ def _paired_matrix(a, b, pairs):
     return xs, ys, rows - 2 * xs.size
 
 
-def _matches(a, b):
+def _matches(a: dict, b: dict) -> bool:
     """Two groups of one task are comparable when every key both define agrees."""
     for k in GROUP_KEYS:
         if k in ("method", "model"):
@@ -244,8 +250,15 @@ def _matches(a, b):
 
 
 def compare_to_baseline(
-    runs, predictions, summary, metric="accuracy", baseline_method="bridge", n_boot=10_000, confidence=0.95, seed=0
-):
+    runs: pd.DataFrame,
+    predictions: pd.DataFrame | None,
+    summary: pd.DataFrame,
+    metric: str = "accuracy",
+    baseline_method: str = "bridge",
+    n_boot: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
     """Paired comparison of every group in `summary` against the baseline group(s)
     of the same task (and same sender/receiver where both define them).
 

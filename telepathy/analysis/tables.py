@@ -1,8 +1,16 @@
 """Paper tables from summaries: metric and comparison tables as Markdown and LaTeX, JSON-safe values."""
 
+from __future__ import annotations
+
+from typing import Any
+
 import numpy as np
+import pandas as pd
 
 from telepathy.analysis.runs import is_missing
+
+# (header, rows, caption notes) of one table
+Table = tuple[list[str], list[list[str]], list[str]]
 
 METRIC_NAMES = {
     "accuracy": "Accuracy",
@@ -26,11 +34,11 @@ COLUMN_NAMES = {
 }
 
 
-def _fmt(v, scale, digits):
+def _fmt(v: float | None, scale: float, digits: int) -> str:
     return "—" if is_missing(v) else f"{v * scale:.{digits}f}"
 
 
-def plain(v):
+def plain(v: object) -> str:
     if is_missing(v):
         return ""
     if isinstance(v, float) and v.is_integer():
@@ -38,7 +46,7 @@ def plain(v):
     return str(v)
 
 
-def settings_cell(differs):
+def settings_cell(differs: object) -> str:
     """'key=value; ...' of the settings in which an experiment differs from others with the
     same table columns (summarise: `differs`); '' when it differs in none."""
     if not isinstance(differs, dict):
@@ -46,13 +54,13 @@ def settings_cell(differs):
     return "; ".join(f"{k}={'—' if is_missing(v) else plain(v)}" for k, v in sorted(differs.items()))
 
 
-def _measured_cell(v, key):
+def _measured_cell(v: float | None, key: str) -> str:
     if is_missing(v):
         return ""
     return f"{v:.1f}×" if key == "measured_compression" else f"{v:.1f}".removesuffix(".0")
 
 
-def sender_cut_note(summary):
+def sender_cut_note(summary: pd.DataFrame) -> str:
     """A note naming the rows whose sender's token cap (``task.max_input_tokens``) cut test
     texts that every other method reads whole up to ``task.max_text_words`` (the recorded
     ``bridge.truncated_test_items`` / ``probe.truncated_test_items``); '' when none did."""
@@ -73,7 +81,7 @@ def sender_cut_note(summary):
     )
 
 
-def metric_cell(g, scale=100.0, digits=1):
+def metric_cell(g: dict, scale: float = 100.0, digits: int = 1) -> str:
     """'mean ± half-width' of the 95% CI; no CI where there is no seed variance to show."""
     if g["n_independent"] == 0:
         return "—"
@@ -82,7 +90,7 @@ def metric_cell(g, scale=100.0, digits=1):
     return _fmt(g["mean"], scale, digits)
 
 
-def n_cell(g):
+def n_cell(g: dict) -> str:
     n = int(g["n_independent"])
     if g["deterministic"] and n == 1:
         return "1 (det.)"
@@ -91,12 +99,12 @@ def n_cell(g):
     return str(n)
 
 
-def _not_completed(g):
+def _not_completed(g: dict | pd.Series) -> str:
     counts = {k: v for k, v in g["status_counts"].items() if k != "completed"}
     return ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
 
 
-def metric_table(summary, metric="accuracy", scale=100.0, digits=1):
+def metric_table(summary: pd.DataFrame, metric: str = "accuracy", scale: float = 100.0, digits: int = 1) -> Table:
     """(header, rows, caption notes) of the main table: one row per experiment."""
     keys = ["task", "method"]
     if summary["compression"].notna().any():
@@ -161,7 +169,7 @@ def metric_table(summary, metric="accuracy", scale=100.0, digits=1):
     return header, rows, notes
 
 
-def _baseline_desc(c, vary):
+def _baseline_desc(c: dict, vary: list[str]) -> str:
     parts = []
     for k in vary:
         v = c.get(f"baseline.{k}")
@@ -172,7 +180,9 @@ def _baseline_desc(c, vary):
     return f"{c['baseline.method']}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-def comparison_table(comparisons, metric="accuracy", scale=100.0, digits=1):
+def comparison_table(
+    comparisons: pd.DataFrame, metric: str = "accuracy", scale: float = 100.0, digits: int = 1
+) -> Table:
     keys = ["task", "method"]
     if comparisons["compression"].notna().any():
         keys.append("compression")
@@ -226,13 +236,13 @@ def comparison_table(comparisons, metric="accuracy", scale=100.0, digits=1):
     return header, rows, notes
 
 
-def _pfmt(p):
+def _pfmt(p: float) -> str:
     if is_missing(p):
         return "—"
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def to_markdown(header, rows, notes):
+def to_markdown(header: list[str], rows: list[list[str]], notes: list[str]) -> str:
     """Pipe table plus italic notes. Not DataFrame.to_markdown: it needs `tabulate` (not a
     dependency) and has no notes; the LaTeX below is booktabs with the notes in the caption
     and ±/Δ/— escaped, which Styler.to_latex does not do either."""
@@ -256,7 +266,7 @@ _TEX = {
 }
 
 
-def _tex(s):
+def _tex(s: object) -> str:
     s = "".join(_TEX.get(ch, ch) for ch in str(s))
     return (
         s.replace("±", r"$\pm$")
@@ -268,7 +278,7 @@ def _tex(s):
     )
 
 
-def to_latex(header, rows, notes, caption):
+def to_latex(header: list[str], rows: list[list[str]], notes: list[str], caption: str) -> str:
     cols = "l" * (len(header) - 1) + "r"
     lines = [
         r"\begin{table}[t]",
@@ -289,7 +299,7 @@ def to_latex(header, rows, notes, caption):
     return "\n".join(lines) + "\n"
 
 
-def jsonable(v):
+def jsonable(v: Any) -> Any:
     if isinstance(v, dict):
         return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple, np.ndarray)):
