@@ -241,7 +241,7 @@ def run_dir(cfg) -> Path:
 def register_resolvers() -> None:
     """``${telepathy.run_dir:}`` lets Hydra put each job's output dir where ``run_dir`` says.
 
-    train.py registers the checked variant first (``telepathy.cli.register_resolvers``).
+    train.py registers the checked variant first (``telepathy.hydra_glue.register_resolvers``).
     """
     if not OmegaConf.has_resolver("telepathy.run_dir"):
         OmegaConf.register_new_resolver("telepathy.run_dir", lambda *, _root_: str(run_dir(_root_)))

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Splits of this process that had fewer rows than task.train_samples/test_samples asked for
 # (the local XSum copy has 500 training articles where the plan asks 1000): load_task resets
-# it, app.main copies it into result.json (``data_shortfall``), so it is never silent.
+# it, lifecycle.main copies it into result.json (``data_shortfall``), so it is never silent.
 SHORTFALLS: list[dict] = []
 
 

@@ -4,7 +4,7 @@ eval sections alone). ``READOUTS`` holds one readout per ``task.type``. The time
 metrics, not inside them: it describes the run, not the model's answers.
 
 A method hands ``evaluate`` a function that turns a batch of test
-examples into prompt *sequences* for the model (see ``telepathy.receiver``); the
+examples into prompt *sequences* for the model (see ``telepathy.prompting``); the
 readout (label scoring or generation + strict parser) is the configured one, so
 every method is scored the same way on the same items.
 """

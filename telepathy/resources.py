@@ -23,7 +23,7 @@ on one ``cluster.gpu_mem_gb`` GPU, 2 GPUs (sender on ``cuda:0``, receiver and
 bridge on ``cuda:1``) when only the split fits, ``ConfigError`` naming the
 estimate when even that does not fit. ``method.models`` says what a method loads:
 roles (``sender``, ``receiver``) or model configs named by file (``llama32_1b``),
-which live on the receiver's device as in ``telepathy.app``. What a method adds
+which live on the receiver's device as in ``telepathy.methods.RunContext``. What a method adds
 (back-propagation through the receiver, demonstrations in the prompt, every layer's
 hidden states kept) is its config's ``memory:`` block (``conf/method/*.yaml``). Methods that load a
 single model always get one GPU and the smaller ``cluster.single_model`` request.

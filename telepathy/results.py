@@ -31,7 +31,7 @@ SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 LOG_FILE = "log.jsonl"
-# what a run's record may say about it (telepathy/app.py); readers add "missing" and "malformed"
+# what a run's record may say about it (telepathy/lifecycle.py); readers add "missing" and "malformed"
 STATUSES = ("completed", "running", "failed", "interrupted")
 # the identity block: what makes two runs the same experiment (up to the seed); None = not used
 IDENTITY = ("task", "method", "sender", "receiver", "compression", "num_latents", "layer", "model", "seed")

@@ -183,7 +183,7 @@ class _Off:
 
 
 def start(cfg, run_dir: Path, gpu_reader=None) -> Sampler | _Off:
-    """Start sampling for a run (called by telepathy.app around the method)."""
+    """Start sampling for a run (called by telepathy.lifecycle around the method)."""
     from omegaconf import OmegaConf
 
     interval = float(OmegaConf.select(cfg, "cluster.telemetry_interval_s", default=5) or 0)

@@ -73,7 +73,7 @@ def write_run(
             num_latents=(num_latents or 8) if method in ("bridge", "latency") else None,
         ),
         "config": config,
-        # like telepathy/app.py: the config's hash without its seed
+        # like telepathy/lifecycle.py: the config's hash without its seed
         "seedless_hash": hashlib.sha256(
             json.dumps({k: v for k, v in config.items() if k != "seed"}, sort_keys=True).encode()
         ).hexdigest()[:8],

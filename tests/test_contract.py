@@ -1,4 +1,4 @@
-"""The method contract (telepathy/methods.py) and the result record (telepathy/results.py),
+"""The method contract (telepathy/methods/) and the result record (telepathy/results.py),
 checked without loading a model."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""baselines.llmlingua_compat: the real llmlingua 0.2.2 under transformers 5.x, offline.
+"""telepathy.methods.llmlingua_compressor: the real llmlingua 0.2.2 under transformers 5.x, offline.
 
 Fast tests check each shim on a tiny random Llama (no files, no network). The slow
 test runs LLMLingua-1 with the demo compressor (SmolLM2-135M) on real agnews and

@@ -32,7 +32,7 @@ def _needs(module):
 
 
 def _finished_run(tmp_path, logger):
-    """(cfg, run_dir, record) of a completed run as app.main leaves it."""
+    """(cfg, run_dir, record) of a completed run as lifecycle.main leaves it."""
     cfg = compose(*TINY, f"logger={logger}", f"paths.output_dir={tmp_path / 'outputs'}")
     run_dir = tconfig.run_dir(cfg)
     run_dir.mkdir(parents=True)

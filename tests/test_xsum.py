@@ -120,7 +120,7 @@ def test_missing_xsum_folder_is_a_clear_error_not_another_data_set(tmp_path, out
     proc = run_train(*TINY, *SMALL, outputs=outputs, check=False, env_extra={"TELEPATHY_DATA": tmp_path})
     assert proc.returncode != 0
     assert "xsum" in proc.stderr and "not found" in proc.stderr
-    assert not results(outputs)  # checked before the run dir exists (telepathy/cli.py): no ghost run
+    assert not results(outputs)  # checked before the run dir exists (telepathy/hydra_glue.py): no ghost run
 
 
 @pytest.mark.slow

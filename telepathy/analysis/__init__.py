@@ -1,15 +1,17 @@
 """The read side: run directories back into tables, statistics, plots and reports.
 
     runs       find run dirs, load result.json / predictions / logs into DataFrames
-    stats      seed-level CIs, Holm, McNemar, sign test, cluster bootstrap and permutation tests
     summarise  one row per experiment (mean and CI across seeds), paired comparisons
     tables     Markdown / LaTeX tables, JSON-safe values
     plots      accuracy vs compression, training curves, latency
     aggregate  ``python -m telepathy aggregate``: summary.json / .md / .tex and plots of a sweep
     report     ``python -m telepathy report``: a phase's resources, GPU-hours and checks
 
-Nothing here writes into a run directory; the write side is telepathy/results.py.
-The names below are the public API used by notebooks (``from telepathy import analysis``).
+The statistics (seed-level CIs, Holm, McNemar, sign test, cluster bootstrap, permutation
+test) are ``telepathy.stats``, a leaf of the run core that the run's metrics use too.
+Nothing here writes into a run directory; the write side is telepathy/results.py. It imports
+the run core; the run core never imports it. The names below are the public API used by
+notebooks (``from telepathy import analysis``).
 """
 
 from telepathy.analysis.runs import (

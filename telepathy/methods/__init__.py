@@ -1,12 +1,21 @@
-"""``method=<name>``: the contract every method module keeps, and which module runs which name.
+"""``method=<name>``: every method, the contract each keeps, and which module runs which name.
 
-A method is a module (``telepathy/bridge_recipe.py``, ``baselines/<name>.py``) that
-satisfies ``Method``: a ``DETERMINISTIC`` flag, ``validate(cfg)`` for its own config keys
-and ``run(cfg, ctx) -> MethodOutput``. The run lifecycle (``telepathy.app``) only talks
-to methods through this contract, so it can write, reuse and report every method's
-record the same way. ``validate(cfg)`` here is the one entry for config checks: the
-shared ones (``telepathy.config.validate``), then the method's own. ``config.py``
-imports nothing from here, so the config module stays a leaf and the recipes may use it.
+    __init__             the contract (``Method``, ``MethodOutput``, ``output``), ``RunContext``,
+                         ``REGISTRY``, ``validate(cfg)``
+    train_then_evaluate  the shell of the methods that train: targets, loss, probe, ``fit``, evaluation
+    bridge               method=bridge: sender states → Perceiver → soft tokens → receiver
+    prompt_tuning, lora  the trained baselines
+    zeroshot, fewshot, text_relay, llmlingua, ensemble, linear_probe   the inference-only baselines
+    baselines            what the baselines share (model choice, counted evaluation, their output)
+    llmlingua_compressor the real LLMLingua-1 compressor, offline under transformers 5
+
+A method is a module of this package that satisfies ``Method``: a ``DETERMINISTIC`` flag,
+``validate(cfg)`` for its own config keys and ``run(cfg, ctx) -> MethodOutput``; adding one is
+its file, its ``conf/method/<name>.yaml`` and its line in ``REGISTRY``. The run lifecycle
+(``telepathy.lifecycle``) only talks to methods through this contract, so it can write, reuse
+and report every method's record the same way. ``validate(cfg)`` here is the one entry for
+config checks: the shared ones (``telepathy.config.validate``), then the method's own.
+``config.py`` imports nothing from here, so the config module stays a leaf the methods may use.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """method=llmlingua: prompt compression in text, the bridge's compression rival.
 
-    LLMLingua-1 (``llmlingua`` package, through ``baselines.llmlingua_compat``) drops the
+    LLMLingua-1 (``llmlingua`` package, through ``telepathy.methods.llmlingua_compressor``) drops the
     input tokens a small causal LM (``method.compressor``) finds least surprising
     receiver reads the task prompt with the compressed text → label readout as zero-shot
 

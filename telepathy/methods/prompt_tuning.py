@@ -90,7 +90,7 @@ def validate(cfg) -> None:
         )
     check_choice(cfg, "method.init", list(INITS))
     check_range(cfg, "method.init_vocab_top", lo=1, integer=True)
-    lr = cfg.method.get("lr")  # null: trainer.lr (recipe.trainer_config)
+    lr = cfg.method.get("lr")  # null: trainer.lr (train_then_evaluate.trainer_config)
     if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0):
         raise ConfigError(f"method.lr={lr!r} is not allowed; allowed: a number > 0 (or null: trainer.lr)")
 
