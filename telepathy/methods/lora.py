@@ -83,16 +83,10 @@ def run(cfg, ctx) -> MethodOutput:
     io = PromptIO(receiver)
     prompts = text_prompt(io, cfg.task.prompt)
     trainable = Trainable(io, module, prompts, params=trained_params(module, receiver), evaluate_fn=evaluate_counted)
-    return train_then_evaluate(
-        cfg,
-        ctx,
-        train,
-        test,
-        trainable,
-        lora={
-            "r": cfg.method.r,
-            "alpha": cfg.method.alpha,
-            "dropout": cfg.method.dropout,
-            "target_modules": list(cfg.method.target_modules),
-        },
-    )
+    details = {
+        "r": cfg.method.r,
+        "alpha": cfg.method.alpha,
+        "dropout": cfg.method.dropout,
+        "target_modules": list(cfg.method.target_modules),
+    }
+    return train_then_evaluate(cfg, ctx, train, test, trainable, lora=details)

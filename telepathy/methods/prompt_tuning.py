@@ -107,16 +107,10 @@ def run(cfg, ctx) -> MethodOutput:
         return soft_prompt_sequences(io, cfg, prompt().to(receiver.dtype), chunk)
 
     trainable = Trainable(io, prompt, build, params=trained_params(prompt, receiver), evaluate_fn=evaluate_counted)
-    return train_then_evaluate(
-        cfg,
-        ctx,
-        train,
-        test,
-        trainable,
-        prompt_tuning={
-            "num_virtual_tokens": m,
-            "compression_factor": cfg.compression,
-            "init": cfg.method.init,
-            "placement": cfg.bridge.placement,
-        },
-    )
+    details = {
+        "num_virtual_tokens": m,
+        "compression_factor": cfg.compression,
+        "init": cfg.method.init,
+        "placement": cfg.bridge.placement,
+    }
+    return train_then_evaluate(cfg, ctx, train, test, trainable, prompt_tuning=details)
