@@ -330,6 +330,10 @@ def git_info(repo: Path | None = None) -> dict:
         return {"git_rev": None, "git_dirty": None}
 
 
+# variables that pick the CPU kernels torch, MKL and oneDNN run (benchmarks/robustness.py sets them)
+CPU_KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
+
+
 def environment(device: str | None = None) -> dict:
     packages = {}
     for name in PACKAGES:
@@ -353,6 +357,10 @@ def environment(device: str | None = None) -> dict:
 
         if torch.cuda.is_available():
             env["gpu_names"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        # they change float summation order, and so short runs' results (benchmarks/README.md §3)
+        env["cpu_threads"] = torch.get_num_threads()
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+        env["cpu_kernel_env"] = {k: os.environ[k] for k in CPU_KERNEL_ENV if k in os.environ}
     except ImportError:
         pass
     return env
