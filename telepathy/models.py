@@ -40,6 +40,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+EMBEDDING_ROWS_PER_CHUNK = 2**15  # rows of an embedding matrix read at a time (a 128k x 4096 one is 2 GB in fp32)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -373,8 +374,6 @@ def embedding_rms_median(model) -> float:
     (``embed_scale``), so the rows' raw RMS is not what the first block sees. The rows are read a
     chunk at a time: a float32 copy of a 128k x 4096 vocabulary would be 2 GB.
     """
-    from telepathy.bridge import EMBEDDING_ROWS_PER_CHUNK
-
     weight = model.get_input_embeddings().weight.detach()
     rms = torch.cat([rows.float().pow(2).mean(dim=1).sqrt() for rows in weight.split(EMBEDDING_ROWS_PER_CHUNK)])
     return float(rms.median()) * input_embedding_scale(model)

@@ -191,6 +191,34 @@ class _PreemptionGuard:
         raise SystemExit(f"stopped by signal {signum} after checkpointing")
 
 
+def accumulate_gradients(
+    loss_fn: Callable[[list[int]], tuple[torch.Tensor, dict]], micro_batches: list[list[int]], autocast=None
+) -> dict[str, float]:
+    """Backward every micro-batch of one optimiser step; return the step's mean stats.
+
+    Each micro-batch's loss is a mean over its items, and the micro-batches of a step are equal
+    (``batching.plan`` splits the effective batch by a divisor), so the summed gradients are the
+    gradient of the mean over the whole effective batch: 1 x 16, 2 x 8 and 8 x 2 give one update.
+    Stats stay on the device until the step ends, then cross to the host at once (one sync per
+    optimiser step, not several per micro-step).
+    """
+    n = len(micro_batches)
+    sums: dict[str, torch.Tensor | float] = {}
+    for indices in micro_batches:
+        with autocast or contextlib.nullcontext():
+            loss, stats = loss_fn(indices)
+        (loss / n).backward()
+        for k, v in stats.items():
+            v = v.detach().float() if torch.is_tensor(v) else float(v)
+            sums[k] = sums.get(k, 0.0) + v / n
+    if not sums:
+        return {}
+    keys = list(sums)
+    device = next((v.device for v in sums.values() if torch.is_tensor(v)), torch.device("cpu"))
+    values = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in keys])
+    return dict(zip(keys, values.tolist()))
+
+
 @dataclass
 class FitResult:
     steps: int
@@ -255,13 +283,7 @@ def fit(
         for step in range(start + 1, t.max_steps + 1):
             step_t0 = time.time()
             optimizer.zero_grad(set_to_none=True)
-            stats_sum: dict[str, float] = {}
-            for _ in range(t.grad_accum):
-                with autocast:
-                    loss, stats = loss_fn(stream.next())
-                (loss / t.grad_accum).backward()
-                for k, v in stats.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v) / t.grad_accum
+            stats_sum = accumulate_gradients(loss_fn, [stream.next() for _ in range(t.grad_accum)], autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
             optimizer.step()
             scheduler.step()

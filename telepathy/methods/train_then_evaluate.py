@@ -107,7 +107,7 @@ def train_then_evaluate(
 
     def label_loss(chunk: list[Example], chunk_targets: list[list[int]]):
         ce = ce_loss(prompts(chunk), chunk, chunk_targets)
-        return ce, {"loss": ce.item()}
+        return ce, {"loss": ce.detach()}
 
     loss = trainable.loss or label_loss
 
