@@ -108,9 +108,11 @@ def trained_bridge_run(cfg) -> Path | None:
     return min(found)[1] if found else None
 
 
-def load_bridge(cfg, sender, receiver, m: int):
+def load_bridge(cfg, sender, receiver, m: int, reference: list[Example]):
     """The bridge to time: trained weights from ``bridge_checkpoint`` (a run dir, a checkpoint, or
-    ``auto``: found in the run store) when there are any, else a seeded init."""
+    ``auto``: found in the run store) when there are any, else a seeded init whose reference set
+    (``bridge.reference_items``) is the sender's features of ``reference`` (a trained bridge's
+    checkpoint holds its own)."""
     torch.manual_seed(cfg.seed)
     bridge = (
         build_bridge(cfg, sender.hidden_size, receiver.hidden_size, m, target_rms=embedding_rms_median(receiver.model))
@@ -134,6 +136,10 @@ def load_bridge(cfg, sender, receiver, m: int):
             raise FileNotFoundError(f"bridge_checkpoint={path}: no checkpoints/step_*/trainable.safetensors")
         load_trainable(bridge, checkpoint)
         source = str(checkpoint)
+    elif bridge.reference_items:
+        layer = resolve_layer(cfg.sender.layer, sender.num_layers)
+        ids = sender_prompts(sender, reference[: bridge.reference_items], cfg.task.prompt, cfg.task.max_input_tokens)
+        bridge.set_reference(encode(sender, ids, [layer])[layer])
     return bridge, source
 
 
@@ -249,9 +255,9 @@ def main(cfg: DictConfig) -> dict:
     sender, receiver = load_model(cfg.sender, devices["sender"]), load_model(cfg.receiver, devices["receiver"])
     layer = resolve_layer(cfg.sender.layer, sender.num_layers)
     m = num_latents(cfg)
-    bridge, checkpoint = load_bridge(cfg, sender, receiver, m)
     bs = int(cfg.batch_size)
     warmup, timed, drawn = timed_inputs(cfg, bs)
+    bridge, checkpoint = load_bridge(cfg, sender, receiver, m, reference=warmup + timed)
     paths = Paths(cfg, sender, receiver, bridge, layer)
     runners = {"bridge": paths.bridge_path, "text_relay": paths.text_relay_path, "direct": paths.direct_path}
     dev_list = list(devices.values())

@@ -128,14 +128,17 @@ def _dtype_bytes(model_cfg) -> int:
 
 def bridge_params(cfg) -> int:
     """Parameter count of the Perceiver bridge: latents, in/out projections, ``depth`` blocks
-    of cross-attention + self-attention (4 d² each) + MLP (2 x mlp_ratio x d²), and with
-    ``bridge.centre_grad`` the learned offset (M x receiver width)."""
+    of cross-attention + self-attention (4 d² each) + MLP (2 x mlp_ratio x d²), and the learned
+    shared part of the soft tokens: with ``bridge.reference_items`` the prompt and the gain
+    (M x receiver width + M), with ``bridge.centre_grad`` the offset (M x receiver width)."""
     d = int(cfg.bridge.dim)
     blocks = int(cfg.bridge.depth) * (8 + 2 * float(_get(cfg, "bridge.mlp_ratio", 4.0))) * d * d
     receiver = built_shape(cfg.receiver).hidden_size
     widths = built_shape(cfg.sender).hidden_size + receiver
-    offset = num_latents(cfg) * receiver if _get(cfg, "bridge.centre_grad", False) else 0
-    return int(num_latents(cfg) * d + widths * d + blocks + offset)
+    m = num_latents(cfg)
+    shared = m * (receiver + 1) if _get(cfg, "bridge.reference_items", 0) else 0
+    shared += m * receiver if _get(cfg, "bridge.centre_grad", False) else 0
+    return int(m * d + widths * d + blocks + shared)
 
 
 def _forward_activations_gb(model_cfg, batch: int, tokens: int, keep_all_layers: bool) -> float:

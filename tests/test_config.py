@@ -32,7 +32,11 @@ def test_default_config_is_valid_and_is_the_demo_pair():
         ("sender.dtype=int4", "sender.dtype"),
         ("bridge.placement=middle", "bridge.placement"),
         ("bridge.init=xavier", "bridge.init"),
-        ("trainer.batch_size=1", "bridge.centre_grad"),  # one input per micro-batch: nothing to centre
+        # one input per micro-batch: nothing to centre
+        ("bridge.centre_grad=true bridge.reference_items=0 trainer.batch_size=1", "bridge.centre_grad"),
+        ("bridge.centre_grad=true", "bridge.centre_grad"),  # the ablation replaces the reference set
+        ("bridge.reference_items=1", "bridge.reference_items"),
+        ("bridge.reference_items=-2", "bridge.reference_items"),
         ("trainer.loss=mse", "trainer.loss"),
         ("task=xsum trainer.loss=classes", "trainer.loss"),
     ],

@@ -27,9 +27,9 @@ def test_bridge_is_counted_with_its_optimizer_state():
         + cfg.sender.hidden_size * d
         + d * cfg.receiver.hidden_size
         + cfg.bridge.depth * (8 + 2 * cfg.bridge.mlp_ratio) * d * d
-        + m * cfg.receiver.hidden_size  # bridge.centre_grad's learned offset
+        + m * (cfg.receiver.hidden_size + 1)  # the reference normalisation's learned prompt and gain
     )
-    assert cfg.bridge.centre_grad
+    assert cfg.bridge.reference_items and not cfg.bridge.centre_grad
     assert bridge_params(cfg) == int(expected)
     assert estimate(cfg).bridge_gb == pytest.approx(bridge_params(cfg) * 16 / GB)
 

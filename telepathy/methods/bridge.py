@@ -6,25 +6,32 @@
     readout: log-likelihood of each label verbaliser (or generation + strict parser);
              task.type=generation (XSum): the receiver writes the output, scored with ROUGE
 
-Loss: receiver cross-entropy on the target tokens only + λ · batch-diversity loss. The
-target is the label verbaliser (classification) or the reference summary + EOS
-(generation); prompt and soft tokens are never scored. Both task types share the data,
+Loss: the receiver's cross-entropy on the target (``trainer.loss``: over the label verbalisers by
+default; the reference summary + EOS for generation; prompt and soft tokens are never scored),
+plus λ x the diversity term (``trainer.diversity_weight``, 0 by default: each input's soft tokens'
+mean cosine with the reference set's). Both are means of per-input terms, so an effective batch
+gives the same update however it is split into micro-batches. Both task types share the data,
 models and loop; only the targets and the evaluation differ.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
+from omegaconf import DictConfig
 
 from telepathy.bridge import (
     INITS,
+    PerceiverBridge,
     build_bridge,
     collapse_diagnostics,
     count_params,
     diversity_loss,
     init_from_embeddings,
+    init_from_text,
+    reference_diversity,
 )
 from telepathy.compression import measured_compression
 from telepathy.config import ConfigError, check_choice, check_range, num_latents, resolve_layer
@@ -48,8 +55,17 @@ def validate(cfg) -> None:
     check_choice(cfg, "bridge.placement", list(PLACEMENTS))
     check_choice(cfg, "bridge.init", list(INITS))
     check_choice(cfg, "bridge.centre_grad", [True, False])
-    if cfg.bridge.centre_grad:  # a micro-batch of one input has no part that differs: no gradient at all
-        from telepathy import batching
+    k = cfg.bridge.reference_items
+    if isinstance(k, bool) or not isinstance(k, int) or k == 1 or k < 0:
+        raise ConfigError(f"bridge.reference_items={k!r} is not allowed; allowed: 0 (off) or an integer >= 2")
+    check_range(cfg, "trainer.diversity_weight", lo=0)
+    if cfg.bridge.centre_grad:
+        if k:
+            raise ConfigError(
+                "bridge.centre_grad=true is the previous bridge's ablation and replaces the reference set; "
+                "allowed: bridge.centre_grad=true with bridge.reference_items=0, or bridge.centre_grad=false"
+            )
+        from telepathy import batching  # a micro-batch of one input has no part that differs: no gradient at all
 
         per_device = batching.plan(cfg)["per_device"]
         if per_device < 2:
@@ -57,7 +73,6 @@ def validate(cfg) -> None:
                 f"bridge.centre_grad=true needs micro-batches of >= 2 inputs; trainer.batch_size and "
                 f"batch_by_size give {per_device}; allowed: a larger trainer.batch_size or bridge.centre_grad=false"
             )
-    check_range(cfg, "trainer.diversity_weight", lo=0)
 
 
 def run(cfg, ctx) -> MethodOutput:
@@ -80,36 +95,23 @@ def run(cfg, ctx) -> MethodOutput:
     bridge = build_bridge(
         cfg, sender.hidden_size, receiver.hidden_size, m, target_rms=embedding_rms_median(receiver.model)
     )
-    if cfg.bridge.init == "embeddings":  # soft tokens start as typical receiver embeddings (bridge.py)
-        emb = receiver.model.get_input_embeddings()
-        init_from_embeddings(bridge, emb.weight.detach(), input_embedding_scale(receiver.model), cfg.seed)
     # input statistics of the items it trains on (train_then_evaluate holds out the same probe items)
     fit_items = holdout(train, cfg.trainer, cfg.data.sample_seed)[0]
+    init_output(bridge, cfg, receiver, fit_items)
     bridge.set_input_stats(Rows(train_feats, [e.idx for e in fit_items]))  # streamed from the cache
     bridge.to(receiver.device)
+    if cfg.bridge.reference_items:
+        bridge.set_reference([train_feats[ex.idx] for ex in reference_set(fit_items, cfg)])
     template = io.soft_prompt(cfg.task.receiver_primer, cfg.task.answer_prompt, cfg.bridge.placement)
-
-    def prompts(feats, chunk):
-        states, mask = collate([feats[ex.idx] for ex in chunk], receiver.device)
-        soft = bridge(states, mask).to(receiver.dtype)
-        return [io.fill(template, soft[j]) for j in range(len(chunk))], soft
-
-    ce_loss = receiver_loss(io, cfg)
-
-    def loss(chunk, targets):
-        seqs, soft = prompts(train_feats, chunk)
-        ce = ce_loss(seqs, chunk, targets)
-        div = diversity_loss(soft)
-        total = ce + cfg.trainer.diversity_weight * div
-        return total, {"loss": total.item(), "ce": ce.item(), "diversity": div.item()}
+    soft = SoftPrompts(bridge, io, template, cfg)
 
     # 3. train, then evaluate on the test items (the quick eval reads held-out training items)
     trainable = Trainable(
         io,
         bridge,
-        lambda chunk: prompts(test_feats, chunk)[0],
-        loss=loss,
-        probe_prompts=lambda chunk: prompts(train_feats, chunk)[0],
+        lambda chunk: soft.prompts(test_feats, chunk),
+        loss=lambda chunk, targets: soft.loss(train_feats, chunk, targets),
+        probe_prompts=lambda chunk: soft.prompts(train_feats, chunk),
         params={
             "bridge": count_params(bridge),
             "trainable": count_params(bridge, trainable_only=True),
@@ -137,9 +139,10 @@ def run(cfg, ctx) -> MethodOutput:
 
     # 4. collapse: one constant prompt for every input must never pass silently into a table
     with torch.no_grad():
-        probe_soft = prompts(test_feats, test[: cfg.trainer.eval_samples])[1]
+        probe_soft = soft.encode(test_feats, test[: cfg.trainer.eval_samples])[0]
     classification = cfg.task.type == "classification"
-    diagnostics = collapse_diagnostics(probe_soft, [p["pred"] for p in out["predictions"]] if classification else None)
+    predicted = [p["pred"] for p in out["predictions"]] if classification else None
+    diagnostics = collapse_diagnostics(probe_soft, predicted, bridge.shared_part())
     out["details"]["bridge"]["diagnostics"] = diagnostics
     if diagnostics.get("single_class"):
         log.warning(
@@ -155,3 +158,74 @@ def run(cfg, ctx) -> MethodOutput:
         keys = list(ROUGE_TYPES) if cfg.task.type == "generation" else ["accuracy", "macro_f1"]
         out["metrics"].update({f"receiver_zeroshot_{k}": zs[k] for k in keys})
     return out
+
+
+@dataclass
+class SoftPrompts:
+    """The bridge between features and the receiver: a chunk of examples' features → soft tokens →
+    the receiver's prompts (``template`` with the soft tokens in place) → the training loss."""
+
+    bridge: PerceiverBridge
+    io: PromptIO
+    template: list
+    cfg: DictConfig
+
+    def encode(self, feats, chunk) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.bridge.encode(*collate([feats[ex.idx] for ex in chunk], self.io.lm.device))
+
+    def fill(self, soft: torch.Tensor) -> list[list]:
+        return [self.io.fill(self.template, s) for s in soft.to(self.io.lm.dtype)]
+
+    def prompts(self, feats, chunk) -> list[list]:
+        return self.fill(self.encode(feats, chunk)[0])
+
+    def loss(self, feats, chunk, targets) -> tuple[torch.Tensor, dict]:
+        """The receiver's cross-entropy (``trainer.loss``) + λ x the diversity term. With a reference
+        set both are means of per-input terms (each input against the fixed set), so the split of an
+        effective batch into micro-batches does not change the update; without one (the previous
+        bridges, ``bridge.reference_items=0``) the diversity term is the micro-batch's mean pairwise
+        cosine, which does."""
+        soft, reference = self.encode(feats, chunk)
+        ce = receiver_loss(self.io, self.cfg)(self.fill(soft), chunk, targets)
+        div = diversity_loss(soft) if reference is None else reference_diversity(soft, reference)
+        weight = self.cfg.trainer.diversity_weight
+        total = ce + weight * div if weight else ce
+        stats = {"loss": total.detach(), "ce": ce.detach(), "diversity": div.detach()}
+        return total, {**stats, **batch_similarity(soft.detach(), self.bridge.shared_part())}
+
+
+def batch_similarity(soft: torch.Tensor, shared: torch.Tensor | None) -> dict:
+    """What log.jsonl shows of a collapse as it happens (not in the loss): the micro-batch's mean
+    pairwise cosine of its soft tokens (``batch_cosine``; 1 = one prompt for every input) and of their
+    input-dependent part alone (``input_cosine``: soft tokens minus the learned shared part)."""
+    out = {"batch_cosine": diversity_loss(soft)}
+    if shared is not None:
+        out["input_cosine"] = diversity_loss(soft - shared.detach())
+    return out
+
+
+TEXT_INIT_ITEMS = 4096  # training texts (a seeded subset of the fit items) whose receiver tokens bridge.init=text draws
+
+
+def init_output(bridge, cfg, receiver, fit_items) -> None:
+    """Point the bridge's output at the receiver's embeddings (``bridge.init``; ``random`` keeps PyTorch's init)."""
+    if cfg.bridge.init == "random":
+        return
+    weight, scale = receiver.model.get_input_embeddings().weight.detach(), input_embedding_scale(receiver.model)
+    if cfg.bridge.init == "embeddings":
+        init_from_embeddings(bridge, weight, scale, cfg.seed)
+        return
+    texts = [ex.text for ex in _seeded(fit_items, TEXT_INIT_ITEMS, cfg.seed)]
+    ids = [t for row in receiver.tokenizer(texts, add_special_tokens=False).input_ids for t in row]
+    init_from_text(bridge, weight, scale, ids, cfg.seed)
+
+
+def reference_set(fit_items, cfg) -> list:
+    """The K training items of the reference set (``bridge.reference_items``; all of them when fewer), seeded."""
+    return _seeded(fit_items, int(cfg.bridge.reference_items), cfg.seed)
+
+
+def _seeded(items: list, k: int, seed: int) -> list:
+    """At most ``k`` of ``items``, drawn without replacement by ``seed``, in the drawn order."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed))[:k]
+    return [items[i] for i in order.tolist()]
