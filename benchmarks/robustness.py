@@ -1,21 +1,27 @@
-"""Does a short bridge run learn on every seed and thread count? The collapse table.
+"""Does a short bridge run learn on every seed, CPU kernel, thread count and micro-batch? The collapse table.
 
-    python -m benchmarks.robustness --out outputs/robustness [--seeds 42,1,2,3,4] [--threads 1,2] [--jobs 1]
-        [-- overrides]
+    python -m benchmarks.robustness --out outputs/robustness [--seeds 42,1,2,3,4] [--threads 1,2]
+        [--kernels default,avx2] [--micro 8,2] [-- overrides]
 
-Runs ``train.py seed=S <overrides>`` once per (OMP_NUM_THREADS, seed), each thread
-count in its own output folder (the thread count is not part of a run's id), then
-reads every run's result.json and predictions.jsonl and prints one row per run and
-the collapse rate. The default overrides are the learning test's budget
-(tests/test_learning.py). A run *collapsed* when its readout answers a single class
-or its accuracy is below majority + ``--margin``: a float-luck collapse shows up as
-a seed or thread count that lands on the majority rate.
+Runs ``train.py seed=S <overrides>`` once per cell (threads x kernel x micro-batch) and seed, each
+cell in its own output folder (``t1-avx2-mb2``: the thread count and the kernel are not part of a
+run's id), then reads every run's result.json and predictions.jsonl and prints one row per run
+and the collapse rate. The default overrides are the learning test's budget (tests/test_learning.py).
 
-``--jobs N`` runs N of them at once (each keeps its own OMP_NUM_THREADS: the thread count
-decides the float summation order, not the speed). Runs that already completed are
-skipped by train.py, so an interrupted table
-resumes. The collapse columns come from the predictions, so the table also reads
-runs made before result.json carried ``bridge.diagnostics`` (then no cosine).
+The cells are what changes float summation order, and so, for a fragile recipe, whether a short
+run learns (issue 20: CI's AMD EPYC with AVX-512 collapsed where an AVX2 machine learned):
+- ``--threads``: OMP_NUM_THREADS of the run;
+- ``--kernels``: ``default`` is the machine's own (``torch.backends.cpu.get_cpu_capability()``);
+  ``avx2`` sets ATEN_CPU_CAPABILITY=avx2 (torch's own kernels), MKL_ENABLE_INSTRUCTIONS=AVX2 (its
+  matrix products) and ONEDNN_MAX_CPU_ISA=AVX2, as on a machine without AVX-512;
+- ``--micro``: the per-device batch (the effective batch, ``trainer.batch_size``, is kept by
+  gradient accumulation: ``batch_by_size`` with that cap), as a smaller GPU would split it.
+
+A run *collapsed* when its readout answers a single class or its accuracy is below the test
+split's majority rate + ``--margin`` (the floor of docs/results.md; the record's
+``majority_accuracy`` scores the training split's majority label, a lower bar). Runs of one
+thread go ``cores`` at a time, runs of two threads half as many (two 2-thread runs on 2 cores
+spin-wait each other); completed runs are skipped by train.py, so an interrupted table resumes.
 Output: the table on stdout and ``<out>/robustness.json``.
 """
 
@@ -27,6 +33,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from telepathy.results import write_json
@@ -41,57 +48,83 @@ TEST_BUDGET = [
     "trainer.eval_every=0",
     "eval.receiver_zeroshot=false",
 ]
+KERNELS = {
+    "default": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
 
 
-def run_one(out: Path, threads: int, seed: int, overrides: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TELEPATHY_OUTPUTS": str(out / f"threads{threads}")}
-    log = out / f"threads{threads}-seed{seed}.log"
+def cell_name(threads: int, kernel: str, micro: int) -> str:
+    return f"t{threads}-{kernel}-mb{micro}"
+
+
+def micro_override(micro: int) -> str:
+    """The per-device cap that splits the effective batch into micro-batches of ``micro``."""
+    return f"batch_by_size.sizes=[{{name:mb{micro},max_params:null,dual:{micro},single:{micro}}}]"
+
+
+def run_one(out: Path, threads: int, kernel: str, micro: int, seed: int, overrides: list[str]) -> None:
+    cell = cell_name(threads, kernel, micro)
+    env = {
+        **os.environ,
+        **KERNELS[kernel],
+        "OMP_NUM_THREADS": str(threads),
+        "TELEPATHY_OUTPUTS": str(out / cell),
+    }
+    log = out / f"{cell}-seed{seed}.log"
     with open(log, "w") as f:
         code = subprocess.call(
-            [sys.executable, "train.py", f"seed={seed}", *overrides],
+            [sys.executable, "train.py", f"seed={seed}", *overrides, micro_override(micro)],
             cwd=REPO,
             env=env,
             stdout=f,
             stderr=subprocess.STDOUT,
         )
     if code != 0:
-        print(f"threads={threads} seed={seed} exited {code}; see {log}", file=sys.stderr)
+        print(f"{cell} seed={seed} exited {code}; see {log}", file=sys.stderr)
 
 
-def row(run_dir: Path, threads: int, margin: float) -> dict:
+def row(run_dir: Path, cell: str, margin: float) -> dict:
     """One run's numbers and whether it collapsed, from its own files."""
     record = json.loads((run_dir / "result.json").read_text())
     m = record["metrics"]
-    preds = [json.loads(line)["pred"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
-    classes = len({p for p in preds if p >= 0})
+    preds = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    classes = len({p["pred"] for p in preds if p["pred"] >= 0})
+    majority = max(Counter(p["label"] for p in preds).values()) / len(preds)  # the test split's majority rate
     diag = record.get("bridge", {}).get("diagnostics", {})
     return {
-        "threads": threads,
+        "cell": cell,
+        "threads": record["env"].get("cpu_threads"),
+        "kernel": record["env"].get("cpu_capability"),
+        "micro": record["batch"]["per_device"],
         "seed": record["seed"],
         "accuracy": m["accuracy"],
-        "majority": m["majority_accuracy"],
-        "margin": m["accuracy"] - m["majority_accuracy"],
+        "majority": majority,
+        "margin": m["accuracy"] - majority,
         "predicted_classes": classes,
         "soft_token_cosine": diag.get("soft_token_cosine_mean"),
         "final_loss": record["training"]["final_loss"],
-        "collapsed": classes <= 1 or m["accuracy"] < m["majority_accuracy"] + margin,
+        "collapsed": classes <= 1 or m["accuracy"] < majority + margin,
         "run_dir": str(run_dir),
     }
 
 
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| threads | seed | accuracy | majority | margin | classes | soft-token cosine | collapsed |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    head = ["threads", "kernel", "micro-batch", "seed", "accuracy", "majority", "margin", "classes"]
+    head += ["soft-token cosine", "collapsed"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cos = "-" if r["soft_token_cosine"] is None else f"{r['soft_token_cosine']:.3f}"
         lines.append(
-            f"| {r['threads']} | {r['seed']} | {r['accuracy']:.3f} | {r['majority']:.3f} | "
-            f"{r['margin']:+.3f} | {r['predicted_classes']} | {cos} | {'yes' if r['collapsed'] else 'no'} |"
+            f"| {r['threads']} | {r['kernel']} | {r['micro']} | {r['seed']} | {r['accuracy']:.3f} | "
+            f"{r['majority']:.3f} | {r['margin']:+.3f} | {r['predicted_classes']} | {cos} | "
+            f"{'yes' if r['collapsed'] else 'no'} |"
         )
     n = sum(r["collapsed"] for r in rows)
+    smallest = min(rows, key=lambda r: r["margin"]) if rows else None
     lines.append(f"\ncollapsed: {n}/{len(rows)}")
+    if smallest:
+        lines.append(f"smallest margin: {smallest['margin']:+.3f} ({smallest['cell']}, seed {smallest['seed']})")
     return "\n".join(lines)
 
 
@@ -100,8 +133,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("outputs/robustness"))
     ap.add_argument("--seeds", default="42,1,2,3,4")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    ap.add_argument("--margin", type=float, default=0.1, help="collapsed below majority + margin")
+    ap.add_argument("--kernels", default="default,avx2", help=f"of {', '.join(KERNELS)}")
+    ap.add_argument("--micro", default="8,2", help="per-device batches (the effective batch is kept)")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores the runs share")
+    ap.add_argument("--margin", type=float, default=0.1, help="collapsed below the test majority rate + margin")
     ap.add_argument("--table-only", action="store_true", help="read the runs already in --out, run nothing")
     ap.add_argument("overrides", nargs="*", help="train.py overrides (default: the learning test's budget)")
     args = ap.parse_args(argv)
@@ -109,17 +144,25 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     overrides = args.overrides or TEST_BUDGET
     seeds = [int(s) for s in args.seeds.split(",")]
-    threads = [int(t) for t in args.threads.split(",")]
+    kernels = args.kernels.split(",")
+    unknown = sorted(set(kernels) - set(KERNELS))
+    if unknown:
+        ap.error(f"--kernels {','.join(unknown)} is not allowed; allowed: {', '.join(KERNELS)}")
+    cells = [(int(t), k, int(mb)) for t in args.threads.split(",") for k in kernels for mb in args.micro.split(",")]
     if not args.table_only:
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda ts: run_one(out, *ts, overrides), [(t, s) for t in threads for s in seeds]))
+        for threads in sorted({t for t, _, _ in cells}):
+            jobs = max(1, args.cores // threads)
+            todo = [(t, k, mb, s) for t, k, mb in cells if t == threads for s in seeds]
+            with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+                list(pool.map(lambda job: run_one(out, *job, overrides), todo))
     rows = [
-        row(d, t, args.margin)
-        for t in threads
-        for d in sorted((out / f"threads{t}" / "runs").glob("*/"))
+        row(d, cell_name(*c), args.margin)
+        for c in cells
+        for d in sorted((out / cell_name(*c) / "runs").glob("*/"))
         if (d / "predictions.jsonl").exists()
     ]
-    rows.sort(key=lambda r: (r["threads"], seeds.index(r["seed"]) if r["seed"] in seeds else r["seed"]))
+    order = {cell_name(*c): i for i, c in enumerate(cells)}
+    rows.sort(key=lambda r: (order[r["cell"]], seeds.index(r["seed"]) if r["seed"] in seeds else r["seed"]))
     write_json(out / "robustness.json", {"overrides": overrides, "margin": args.margin, "runs": rows})
     print(table(rows))
 
