@@ -33,3 +33,13 @@ def test_accuracy_and_macro_f1_match_scikit_learn(labels, preds, k):
 def test_no_items_is_an_error():
     with pytest.raises(ValueError, match="no test items"):
         classification([], [], 2)
+
+
+def test_the_majority_floor_is_the_test_splits_majority_rate():
+    """Issue 21: scoring the training split's majority label on the test items (0.46 on SST-2) is a lower
+    bar than the best constant answer on them (0.54); the floor is the latter, the former kept beside it."""
+    from telepathy.metrics import majority
+
+    out = majority(train_labels=[1] * 6 + [0] * 4, test_labels=[0] * 54 + [1] * 46)
+    assert (out["majority_label"], out["majority_accuracy"]) == (0, 0.54)
+    assert (out["train_majority_label"], out["train_majority_accuracy"]) == (1, 0.46)
