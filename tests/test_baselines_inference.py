@@ -101,6 +101,27 @@ def test_ensemble_averages_probabilities_not_log_likelihoods():
     assert probs.argmax(-1).item() == 0
 
 
+def test_calibrated_zeroshot_divides_the_content_free_prior_out(tiny_models):
+    """Contextual calibration: p(label | x) / prior(label), the prior the mean label probabilities on
+    content-free texts; an argmax that a prior favouring one label decided is decided by the input."""
+    from telepathy.methods.zeroshot import CalibratedIO, content_free_prior
+    from telepathy.prompting import label_token_ids
+
+    cfg = compose(*TINY, "method=zeroshot_calibrated")
+    _, receiver = tiny_models
+    raw = PromptIO(receiver)
+    build = text_prompt(raw, cfg.task.prompt)
+    prior = content_free_prior(raw, build, cfg)
+    assert prior.shape == (2,) and float(prior.sum()) == pytest.approx(1.0)
+    label_ids = label_token_ids(raw, list(cfg.task.labels), cfg.task.label_prefix)
+    seqs = build([Example(idx=i, text=t) for i, t in enumerate(["a great film", "a dull film"])])
+    calibrated = CalibratedIO(receiver, prior).score_labels(seqs, label_ids)
+    want = raw.score_labels(seqs, label_ids).float().log_softmax(-1) - prior.log()
+    assert torch.allclose(calibrated, want, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"method\.calibration=content_free is not allowed"):
+        validate(compose(*TINY, "method=zeroshot_calibrated", "task=xsum"))
+
+
 def test_prompt_tokens_counts_what_the_model_reads(tiny_models):
     for lm in tiny_models:
         io = PromptIO(lm)

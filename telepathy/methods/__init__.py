@@ -35,6 +35,7 @@ from telepathy.models import LoadedModel, load_model
 REGISTRY = {
     "bridge": "telepathy.methods.bridge",
     "zeroshot": "telepathy.methods.zeroshot",
+    "zeroshot_calibrated": "telepathy.methods.zeroshot",
     "fewshot": "telepathy.methods.fewshot",
     "text_relay": "telepathy.methods.text_relay",
     "llmlingua": "telepathy.methods.llmlingua",
