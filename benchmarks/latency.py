@@ -38,7 +38,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from telepathy.bridge import build_bridge, count_params
-from telepathy.config import num_latents, resolve_layer, validate_latency
+from telepathy.compression import latents
+from telepathy.config import resolve_layer, validate_latency
 from telepathy.data import Example, batches, load_split
 from telepathy.evaluation import text_prompt
 from telepathy.features import collate, encode, sender_prompts
@@ -254,7 +255,7 @@ def main(cfg: DictConfig) -> dict:
     devices = placement(cfg)
     sender, receiver = load_model(cfg.sender, devices["sender"]), load_model(cfg.receiver, devices["receiver"])
     layer = resolve_layer(cfg.sender.layer, sender.num_layers)
-    m = num_latents(cfg)
+    m = latents(cfg)
     bs = int(cfg.batch_size)
     warmup, timed, drawn = timed_inputs(cfg, bs)
     bridge, checkpoint = load_bridge(cfg, sender, receiver, m, reference=warmup + timed)

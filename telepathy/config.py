@@ -148,6 +148,7 @@ def validate(cfg: DictConfig) -> None:
         check_choice(cfg, f"{role}.dtype", ["auto", "float32", "bfloat16", "float16"])
     check_range(cfg, "seed", lo=0, hi=2**32 - 1, integer=True)  # numpy's seed range
     check_range(cfg, "compression", lo=1, integer=True)
+    check_choice(cfg, "compression_basis", ["cap", "measured"])
     resolve_layer(cfg.sender.layer, cfg.sender.num_layers)
     if cfg.bridge.get("num_latents") is not None:
         check_range(cfg, "bridge.num_latents", lo=1, integer=True)

@@ -71,14 +71,16 @@ def identity_block(**values) -> dict:
     return {key: values.get(key) for key in IDENTITY}
 
 
-def run_identity(cfg) -> dict:
+def run_identity(cfg, latents: int | None = None) -> dict:
     """The identity of a ``train.py`` run, from its (composed or recorded) config.
 
     ``sender`` / ``receiver`` / ``layer`` only when the method loads that role
     (``method.models``); ``compression`` and ``num_latents`` only when it gives the
     receiver soft tokens (``config.uses_soft_tokens``); ``model`` is ``method.model``
     for single-model methods. A text baseline is thus never grouped or plotted by
-    the default compression factor its config carries.
+    the default compression factor its config carries. ``latents``: the run's M where the config
+    alone does not say it (``compression_basis=measured``: ``compression.latents``); default the
+    cap-based M of ``config.num_latents`` (and of every record written before the key existed).
     """
     cfg = cfg if OmegaConf.is_config(cfg) else OmegaConf.create(cfg)
     method = cfg.method
@@ -93,7 +95,7 @@ def run_identity(cfg) -> dict:
         receiver=(cfg.get("receiver") or {}).get("name") if "receiver" in models else None,
         layer=sender.get("layer") if "sender" in models else None,
         compression=cfg.get("compression") if soft else None,
-        num_latents=num_latents(cfg) if soft else None,
+        num_latents=(latents or num_latents(cfg)) if soft else None,
         model=method.get("model"),
     )
 
@@ -329,6 +331,16 @@ def git_info(repo: Path | None = None) -> dict:
     except (OSError, subprocess.SubprocessError):
         return {"git_rev": None, "git_dirty": None}
 
+
+# a bridge run's ``bridge.flags``: what makes its number not what it seems; every table marks the runs
+# that carry one and never averages them in silently (docs/results.md)
+FLAGS = {
+    "single_class": "the readout answers one class for every test item (the bridge collapsed): its accuracy is "
+    "a majority rate",
+    "below_majority": "accuracy below the test split's majority rate + 0.1: the bridge did not learn the task",
+    "sender_unread": "no better than the same bridge reading another item's sender states (the shuffled-sender "
+    "control): the result does not show that the receiver reads the sender",
+}
 
 # variables that pick the CPU kernels torch, MKL and oneDNN run (benchmarks/robustness.py sets them)
 CPU_KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")

@@ -49,7 +49,7 @@ def share_result(cfg, record: dict) -> list[Path]:
                 "run_id": run_dir.name,
                 "run_dir": str(run_dir),
                 "seed": int(seed),
-                "identity": run_identity(other),
+                "identity": run_identity(other, record["identity"].get("num_latents")),
                 "config_hash": tconfig.config_hash(other),
                 "config": OmegaConf.to_container(other, resolve=True),
                 "reused_from": str(source),

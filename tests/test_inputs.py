@@ -2,7 +2,9 @@
 
 import pytest
 
-from helpers import needs_data
+from helpers import compose, needs_data
+from telepathy.config import ConfigError
+from telepathy.config import validate as validate_config
 from telepathy.data import Example
 
 
@@ -229,3 +231,29 @@ def test_final_log_reports_measured_compression_not_prompt_tokens_per_soft_token
     assert "8 (compression 8x nominal, 2.9x measured = 23.5 text tokens / 8)" in first
     assert "4.2x" not in first and "33.5" not in first and "WARNING" not in first
     assert "WARNING: task.max_input_tokens cut 3 test texts" in second
+
+
+@needs_data
+def test_measured_compression_sets_m_from_the_training_texts_length(tmp_path, monkeypatch):
+    """Issue 21 §4: "8x" of compression_basis=measured is 8x the mean text tokens the sender reads of the
+    training items (TREC: ~10 tokens, so M = 2, where the 64-token cap gives M = 8: 1x measured, and 4x
+    is an expansion). Measured once per task and sender, cached on disk; cap stays the default."""
+    import math
+
+    from telepathy import compression
+    from telepathy.data import load_split
+    from telepathy.models import load_tokenizer
+
+    base = ["budget=tiny", "task=trec", f"paths.cache_dir={tmp_path}"]
+    assert compression.latents(compose(*base)) == 8  # cap: ceil(64 / 8)
+    cfg = compose(*base, "compression_basis=measured")
+    train = load_split(cfg.task, cfg.data, "train", cfg.task.train_samples, cfg.data.sample_seed)
+    tok = load_tokenizer(cfg.sender)
+    mean = sum(min(len(tok(ex.text, add_special_tokens=False).input_ids), 64) for ex in train) / len(train)
+    assert compression.latents(cfg) == math.ceil(mean / 8) < 8
+    assert list((tmp_path / "text_tokens").glob("*.json"))  # on disk: the next job reads it, no tokenizer
+    compression._MEASURED.clear()
+    monkeypatch.setattr("telepathy.models.load_tokenizer", lambda *_: pytest.fail("measured again"))
+    assert compression.latents(cfg) == math.ceil(mean / 8)
+    with pytest.raises(ConfigError, match="compression_basis"):
+        validate_config(compose(*base, "compression_basis=guess"))

@@ -19,7 +19,8 @@ import statistics
 import time
 from dataclasses import replace
 
-from telepathy.config import ConfigError, check_choice, model_config, num_latents, uses_soft_tokens
+from telepathy.compression import latents
+from telepathy.config import ConfigError, check_choice, model_config, uses_soft_tokens
 from telepathy.data import load_task
 from telepathy.evaluation import text_prompt
 from telepathy.methods import MethodOutput
@@ -48,7 +49,7 @@ def validate(cfg) -> None:
 def compression_target(cfg) -> dict:
     """``compress`` keyword: the kept fraction, or the bridge's M tokens."""
     if cfg.method.budget == "match_bridge":
-        return {"target_token": num_latents(cfg)}
+        return {"target_token": latents(cfg)}
     return {"rate": float(cfg.method.rate)}
 
 

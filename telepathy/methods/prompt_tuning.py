@@ -5,7 +5,7 @@
     loss: cross-entropy on the label verbaliser tokens only (``PromptIO.label_loss``)
     readout: the shared evaluation (label scoring by default), on the bridge's test items
 
-The fair counterpart of the bridge: as many soft tokens (M = ``config.num_latents``, so the
+The fair counterpart of the bridge: as many soft tokens (M = ``compression.latents``, so the
 run id carries the compression factor), the same optimiser, schedule, steps and data order
 (``cfg.trainer`` through ``telepathy.training.fit``, which also gives checkpoint/resume),
 except the learning rate: ``method.lr`` (default 3e-3; recorded in ``training.lr``).
@@ -26,7 +26,8 @@ import logging
 import torch
 from torch import nn
 
-from telepathy.config import ConfigError, check_choice, check_range, num_latents
+from telepathy.compression import latents
+from telepathy.config import ConfigError, check_choice, check_range
 from telepathy.data import format_prompt, load_task
 from telepathy.methods import MethodOutput
 from telepathy.methods.baselines import check_classification, evaluate_counted
@@ -99,7 +100,7 @@ def run(cfg, ctx) -> MethodOutput:
     train, test = load_task(cfg)
     receiver = ctx.model("receiver")
     io = PromptIO(receiver)
-    m = num_latents(cfg)
+    m = latents(cfg)
     prompt = SoftPrompt(init_soft_prompt(io, m, cfg.method.init, int(cfg.method.init_vocab_top), cfg.seed))
     prompt.to(receiver.device)
 
