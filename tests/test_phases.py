@@ -58,7 +58,7 @@ def _batch(cfg) -> tuple[int, int, int]:
 
 def test_p1_is_the_paper_pair_with_both_zero_shots_on_1000_items():
     assert grid("p1_seeds") == {
-        "method": ["bridge", "zeroshot", "zeroshot_sender"],
+        "method": ["bridge", "zeroshot", "zeroshot_sender", "zeroshot_calibrated"],
         "task": TASKS,
         "seed": [str(s) for s in SEEDS],
     }
@@ -67,6 +67,7 @@ def test_p1_is_the_paper_pair_with_both_zero_shots_on_1000_items():
         ("bridge", None),
         ("zeroshot", "receiver"),
         ("zeroshot", "sender"),
+        ("zeroshot_calibrated", "receiver"),  # the reference a base receiver's raw zero-shot is not (issue 21)
     ]
     for j in slice_:
         validate(j)
@@ -97,6 +98,7 @@ def test_p3_runs_the_bridge_against_every_baseline_on_the_paper_pair():
     assert methods == [
         ("bridge", None),
         ("zeroshot", None),
+        ("zeroshot_calibrated", None),
         ("text_relay", None),
         ("llmlingua", "rate"),
         ("llmlingua", "match_bridge"),
@@ -179,6 +181,21 @@ def test_p6_compares_the_small_and_the_medium_pair_on_sst2():
     assert (_models(medium), _batch(medium)) == (PAPER_PAIR, (2, 8, 16))
     extension = grid("p6_grid")  # the optional 3 x 3 extension
     assert len(extension["sender"]) == len(extension["receiver"]) == 3
+
+
+def test_p6_reads_both_senders_at_the_same_relative_depth_and_sets_m_on_measured_text():
+    """Issue 21 §4: the small sender was read at block 9 of 16 (56 %) and the medium one at 31 of 32
+    (97 %): the ablation changed the depth with the size. Now both read their second-to-last block."""
+    from telepathy.config import resolve_layer
+
+    small, medium = jobs("p6_ablations", "seed=42")
+    depth = {
+        j.sender.name: resolve_layer(j.sender.layer, j.sender.num_layers) / j.sender.num_layers for j in (small, medium)
+    }
+    assert depth == {"llama32_1b": 15 / 16, "llama31_8b": 31 / 32}
+    assert small.compression_basis == medium.compression_basis == "measured"
+    for phase, narrow in (("p1_seeds", "task=sst2"), ("p3_baselines", "task=sst2"), ("p5_xsum", "seed=42")):
+        assert jobs(phase, narrow, "method=bridge")[0].compression_basis == "measured", phase
 
 
 # the jobs of each phase whose models differ (one task, one seed, one method per model pair)
