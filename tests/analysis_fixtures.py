@@ -30,10 +30,16 @@ def write_run(
     config_extra=None,
     name=None,
     attempts=None,
+    shuffled=None,
+    flags=None,
+    git_rev="abc123",
+    measured=None,
 ):
     """Write one run directory and return its path.
 
     correct: list of 0/1 per test item -> predictions.jsonl (item ids shared across runs).
+    shuffled: list of 0/1 per item -> the shuffled-sender control's ``correct_shuffled_sender``.
+    flags: the bridge run's ``bridge.flags``; git_rev: ``env.git_rev``; measured: the bridge's measured ×.
     log: list of dicts -> log.jsonl.
     """
     has_bridge = method == "bridge"
@@ -91,7 +97,7 @@ def write_run(
         "memory": memory or {"peak_rss_mb": 900.0, "peak_gpu_mb": 0.0},
         "resources": resources or {"gpus": 0, "mem_gb": 8, "cpus": 2, "estimate_gb": 1.0, "placement": "cpu"},
         "env": {
-            "git_rev": "abc123",
+            "git_rev": git_rev,
             "git_dirty": False,
             "hostname": "test",
             "device": "cpu",
@@ -112,7 +118,8 @@ def write_run(
             "compression_ratio": 32.0 / (num_latents or 8),
             # 20 text tokens per item: what the sender read, per soft token
             "text_tokens_mean": 20.0,
-            "measured_compression_mean": 20.0 / (num_latents or 8),
+            "measured_compression_mean": measured if measured is not None else 20.0 / (num_latents or 8),
+            "flags": list(flags or []),
         }
     (run_dir / "result.json").write_text(json.dumps(rec, indent=1))
     if correct is not None:
@@ -127,6 +134,7 @@ def write_run(
                             "pred": 1 if c else 0,
                             "correct": bool(c),
                             "scores": [0.1, 0.9],
+                            **({"correct_shuffled_sender": bool(shuffled[i])} if shuffled is not None else {}),
                         }
                     )
                     + "\n"

@@ -30,8 +30,23 @@ from telepathy.analysis.runs import (
     load_runs,
     read_run,
 )
-from telepathy.analysis.summarise import compare_to_baseline, metric_column, summarise
-from telepathy.stats import holm, mcnemar, mean_ci, paired_bootstrap, paired_permutation_p, sign_test_p
+from telepathy.analysis.summarise import (
+    compare_settings,
+    compare_to_baseline,
+    metric_column,
+    sender_controls,
+    summarise,
+)
+from telepathy.stats import (
+    holm,
+    mcnemar,
+    mean_ci,
+    mean_difference_p,
+    paired_bootstrap,
+    paired_permutation_p,
+    seeds_and_items_bootstrap,
+    sign_test_p,
+)
 
 __all__ = [
     "BENCHMARK_METHODS",
@@ -41,6 +56,7 @@ __all__ = [
     "RESULT_FILE",
     "MissingMetricError",
     "RunReadError",
+    "compare_settings",
     "compare_to_baseline",
     "find_run_dirs",
     "holm",
@@ -51,10 +67,13 @@ __all__ = [
     "load_runs",
     "mcnemar",
     "mean_ci",
+    "mean_difference_p",
     "metric_column",
     "paired_bootstrap",
     "paired_permutation_p",
     "read_run",
+    "seeds_and_items_bootstrap",
+    "sender_controls",
     "sign_test_p",
     "summarise",
 ]

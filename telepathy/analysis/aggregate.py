@@ -1,12 +1,14 @@
 """Aggregate a sweep into paper tables, summary.json and plots.
 
     python -m telepathy aggregate outputs/runs [more dirs or globs] [--out DIR]
-        [--metric accuracy] [--baseline-method bridge]
+        [--metric accuracy] [--baseline-method bridge] [--reference SETTING=VALUE ...]
 
 Writes, under --out (default: <first input dir>/summary, or <dir>/../summary
 for a dir named runs, so outputs/runs -> outputs/summary):
   summary.json   every number in the tables, plus incomplete runs
-  summary.md     Markdown tables (metric per task x method; paired comparisons)
+  summary.md     Markdown tables (metric per task x method with the shuffled-sender control and
+                 flags; paired comparisons with the baseline method; settings of one method
+                 compared with its reference setting)
   summary.tex    the same tables as LaTeX (booktabs)
   accuracy_vs_compression.{png,pdf}, training_curves.{png,pdf}, latency.{png,pdf}
                  when the runs have what each plot needs
@@ -42,17 +44,20 @@ def build(
     confidence: float = 0.95,
     n_boot: int = 10_000,
     seed: int = 0,
+    reference: dict[str, str] | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Load runs (or take a load_runs DataFrame) and compute everything the
-    tables show. Returns a dict of DataFrames: runs, summary, comparisons, logs."""
+    """Load runs (or take a load_runs DataFrame) and compute everything the tables show. Returns
+    a dict of DataFrames: runs, summary (with the shuffled-sender control's columns), comparisons
+    (with ``baseline_method``), settings (each setting against the ``reference`` one), logs."""
     runs = paths if isinstance(paths, pd.DataFrame) else analysis.load_runs(paths)
     summary = analysis.summarise(runs, metric, confidence)
     predictions = analysis.load_predictions(runs[runs["status"] == "completed"])
-    comparisons = analysis.compare_to_baseline(
-        runs, predictions, summary, metric, baseline_method, n_boot=n_boot, confidence=confidence, seed=seed
-    )
+    stats = {"n_boot": n_boot, "confidence": confidence, "seed": seed}
+    comparisons = analysis.compare_to_baseline(runs, predictions, summary, metric, baseline_method, **stats)
+    summary = analysis.sender_controls(runs, predictions, summary, metric, **stats)
+    settings = analysis.compare_settings(runs, predictions, summary, metric, reference, **stats)
     logs = analysis.load_logs(runs)
-    return {"runs": runs, "summary": summary, "comparisons": comparisons, "logs": logs}
+    return {"runs": runs, "summary": summary, "comparisons": comparisons, "settings": settings, "logs": logs}
 
 
 def summary_record(
@@ -75,6 +80,7 @@ def summary_record(
             ].to_dict("records"),
             "groups": summary.to_dict("records"),
             "comparisons": comparisons.to_dict("records"),
+            "settings_comparisons": result["settings"].to_dict("records"),
             "not_in_tables": not_reported[["run_dir", "status", "task", "method"]].to_dict("records"),
         }
     )
@@ -103,6 +109,13 @@ def write_outputs(
     if len(comparisons):
         tables.append(
             (f"{name}: paired comparison with {baseline_method}.", comparison_table(comparisons, metric, scale, digits))
+        )
+    if len(result["settings"]):
+        tables.append(
+            (
+                f"{name}: each setting against the reference setting of the same method and columns.",
+                comparison_table(result["settings"], metric, scale, digits),
+            )
         )
     md = "\n".join(f"### {cap}\n\n{to_markdown(*t)}" for cap, t in tables) or "No task runs to tabulate.\n"
     (out / "summary.md").write_text(md)
@@ -139,6 +152,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-boot", type=int, default=10_000, help="bootstrap resamples")
     ap.add_argument("--seed", type=int, default=0, help="RNG seed of the bootstrap")
     ap.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="SETTING=VALUE",
+        help="the reference of the settings comparisons (repeatable, e.g. bridge.init=text); default: the "
+        "setting that sorts first",
+    )
+    ap.add_argument(
         "--percent",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -157,7 +178,11 @@ def main(argv: list[str] | None = None) -> None:
             ap.error("--out is required when the first input is not a directory")
         # beside a runs/ dir, not in it: every entry of runs/ is a run
         out = (first.parent if first.resolve().name == "runs" else first) / "summary"
-    result = build(args.paths, args.metric, args.baseline_method, args.confidence, args.n_boot, args.seed)
+    bad_ref = [r for r in args.reference if "=" not in r]
+    if bad_ref:
+        ap.error(f"--reference {bad_ref[0]!r} is not allowed; allowed: SETTING=VALUE, e.g. bridge.init=text")
+    reference = dict(r.split("=", 1) for r in args.reference)
+    result = build(args.paths, args.metric, args.baseline_method, args.confidence, args.n_boot, args.seed, reference)
     runs = result["runs"]
     bad = runs[runs["status"] != "completed"]
     for r in bad.to_dict("records"):

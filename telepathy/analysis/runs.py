@@ -74,8 +74,10 @@ MEASURED_SOURCES = {
     # method reads (task.max_text_words): > 0 means this row read less text than the others
     "sender_truncated_items": ("bridge.truncated_test_items", "probe.truncated_test_items"),
 }
-# columns that describe a run's outcome: averaged per experiment, never grouped by
-MEASURED = tuple(MEASURED_SOURCES)
+# columns that describe a run's outcome: averaged per experiment, never grouped by; majority_floor is
+# the test split's majority rate (metrics.majority_accuracy of records that also carry
+# train_majority_accuracy: older ones scored the training split's majority label there)
+MEASURED = (*MEASURED_SOURCES, "majority_floor")
 # "same experiment across seeds" = same values of these columns (the identity block, less the seed)
 # and the same CONFIG_KEY (result.json's hash of the config without its seed): runs that differ
 # in any other setting (learning rate, test size, bridge depth, ...) are never pooled as seeds
@@ -259,6 +261,8 @@ def read_run(run_dir: str | Path) -> dict:
         row[name] = flat.get(f"config.{name}")
     for name, keys in MEASURED_SOURCES.items():
         row[name] = next((flat[k] for k in keys if flat.get(k) is not None), None)
+    new_floor = flat.get("metrics.train_majority_accuracy") is not None
+    row["majority_floor"] = flat.get("metrics.majority_accuracy") if new_floor else None
     row.update(flat)
     return row
 

@@ -20,7 +20,7 @@ from telepathy.analysis.runs import (
     is_missing,
     is_reused,
 )
-from telepathy.stats import holm, item_means, mean_ci, paired_bootstrap, paired_permutation_p, sign_test_p
+from telepathy.stats import holm, item_means, mean_ci, mean_difference_p, seeds_and_items_bootstrap
 
 # aggregation across seeds
 
@@ -72,6 +72,25 @@ def _groups(runs: pd.DataFrame) -> dict[tuple, list[dict]]:
                 key = same[0]
         groups.setdefault(key, []).append(run)
     return groups
+
+
+def run_flags(run: dict) -> list[str]:
+    """The run's ``bridge.flags`` (results.FLAGS: single class, below majority + 0.1, sender unread)."""
+    listed = run.get("bridge.flags")
+    return [] if is_missing(listed) or not listed else list(json.loads(listed))
+
+
+def _flagged(done: list[dict]) -> dict[str, list[str]]:
+    """{seed: flags} of a group's completed runs that carry any: counted in the mean, marked in every table."""
+    return {str(r["seed"]): run_flags(r) for r in done if run_flags(r)}
+
+
+def _revision(run: dict) -> str | None:
+    """The code revision a run recorded (``env.git_rev``, ``+dirty`` for uncommitted changes)."""
+    rev = run.get("env.git_rev")
+    if is_missing(rev) or not rev:
+        return None
+    return str(rev)[:10] + ("+dirty" if run.get("env.git_dirty") is True else "")
 
 
 def _mean_of(runs: list[dict], col: str) -> float:
@@ -144,6 +163,8 @@ def summarise(runs: pd.DataFrame, metric: str = "accuracy", confidence: float = 
                 "ci_high",
                 "ci_half",
                 "run_dirs",
+                "flagged",
+                "revisions",
             ]
         )
     if col not in runs:
@@ -190,6 +211,8 @@ def summarise(runs: pd.DataFrame, metric: str = "accuracy", confidence: float = 
                 "status_counts": by_status,
                 "incomplete": sorted(r["run_dir"] for r in members if r["status"] != "completed"),
                 "run_dirs": sorted(r["run_dir"] for r in members),
+                "flagged": _flagged(done),
+                "revisions": sorted({_revision(r) for r in done} - {None}),
             }
         )
     df = pd.DataFrame(out)
@@ -200,6 +223,11 @@ def summarise(runs: pd.DataFrame, metric: str = "accuracy", confidence: float = 
 
 # -----------------------------------------------------------------------------
 # paired comparisons against a baseline method
+
+
+def item_column(metric: str) -> str:
+    """The predictions.jsonl column that holds ``metric`` per item: ``correct`` for accuracy."""
+    return "correct" if metric_column(metric) == "metrics.accuracy" else metric.removeprefix("metrics.")
 
 
 def _item_key(df: pd.DataFrame) -> str:
@@ -221,22 +249,58 @@ def _strata(group_runs: list[dict], predictions: pd.DataFrame, value_col: str) -
     return out
 
 
-def _paired_matrix(
-    a: dict[int | str, pd.DataFrame], b: dict[int | str, pd.DataFrame], pairs: list[tuple[int | str, int | str]]
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """[pairs, items] arrays of the method's and the baseline's values on the items every
-    pair of strata has (aligned rows), and how many item rows could not be paired."""
-    merged = None
-    for j, (sa, sb) in enumerate(pairs):
-        m = a[sa].merge(b[sb], on="item", suffixes=("_m", "_b"))
-        m = m.rename(columns={"value_m": f"m{j}", "value_b": f"b{j}"})
-        merged = m if merged is None else merged.merge(m, on="item")
-    rows = sum(len(a[sa]) + len(b[sb]) for sa, sb in pairs)
-    if merged is None:
-        return np.empty((0, 0)), np.empty((0, 0)), rows
-    xs = merged[[f"m{j}" for j in range(len(pairs))]].to_numpy(float).T
-    ys = merged[[f"b{j}" for j in range(len(pairs))]].to_numpy(float).T
-    return xs, ys, rows - 2 * xs.size
+def _paired_sides(a: dict, b: dict) -> tuple[np.ndarray, np.ndarray, int]:
+    """[method seeds, items] and [baseline seeds, items] arrays of the values on the items every
+    stratum of both sides has (aligned columns), and how many item rows could not be paired."""
+    strata = [*a.values(), *b.values()]
+    if not strata:
+        return np.empty((0, 0)), np.empty((0, 0)), 0
+    common = sorted(set.intersection(*(set(s["item"]) for s in strata)), key=str)
+
+    def matrix(side: dict) -> np.ndarray:
+        ordered = [side[k] for k in sorted(side, key=str)]
+        return np.array([s.set_index("item").loc[common, "value"].to_numpy(float) for s in ordered])
+
+    rows = sum(len(s) for s in strata)
+    xs, ys = matrix(a), matrix(b)
+    return xs, ys, rows - len(common) * len(strata)
+
+
+def paired_comparison(
+    a: dict, b: dict, binary: bool, n_boot: int = 10_000, confidence: float = 0.95, seed: int = 0
+) -> dict:
+    """Δ (method - baseline), its CI and p on the items both sides have: ``a`` and ``b`` are
+    ``_strata`` (seed -> per-item values). Items are resampled jointly for every seed, and each
+    side's seeds independently (``stats.seeds_and_items_bootstrap``); p is McNemar's for one seed a
+    side on 0/1 values, else the permutation test of the mean paired difference
+    (``stats.mean_difference_p``). ``b``/``c``: items where the method's seed mean is above/below."""
+    xs, ys, unpaired = _paired_sides(a, b)
+    n_items = xs.shape[1] if xs.size else 0
+    out = {"n_seeds": len(a), "baseline_seeds": len(b), "n_items": n_items, "n_unpaired": unpaired}
+    if n_items == 0:
+        return {
+            **out,
+            "delta": math.nan,
+            "delta_ci_low": math.nan,
+            "delta_ci_high": math.nan,
+            "p": math.nan,
+            "test": "",
+            "note": "no paired predictions (missing files or no common items)",
+        }
+    delta, lo, hi = seeds_and_items_bootstrap(xs, ys, n_boot, confidence, seed)
+    p, test = mean_difference_p(xs, ys, binary, seed=seed)
+    x, y = item_means(xs), item_means(ys)
+    return {
+        **out,
+        "delta": delta,
+        "delta_ci_low": lo,
+        "delta_ci_high": hi,
+        "p": p,
+        "test": test,
+        "b": int((x > y).sum()),
+        "c": int((x < y).sum()),
+        "note": f"{unpaired} unpaired item rows ignored" if unpaired else "",
+    }
 
 
 def _matches(a: dict, b: dict) -> bool:
@@ -262,16 +326,13 @@ def compare_to_baseline(
     """Paired comparison of every group in `summary` against the baseline group(s)
     of the same task (and same sender/receiver where both define them).
 
-    Items are the unit of analysis (docs/results.md): each side's per-item values are
-    averaged over its seeds (paired seed by seed; a deterministic side's one run pairs
-    with every seed), Δ's CI is a cluster bootstrap over items (one resample of items
-    for every seed), and the test is on the per-item seed means. Accuracy: per-item
-    `correct`, exact sign test (= McNemar with one seed a side); b / c count items the
-    method wins / loses. Other metrics: a per-item column named like the metric, paired
-    permutation (sign-flip) test. Holm correction over all comparisons made.
+    ``paired_comparison`` on the items both groups have (docs/results.md says what is resampled):
+    Δ = the method's mean over its seeds - the baseline's over its seeds (a deterministic side is
+    its one run), CI resampling items and each side's seeds, p of the mean difference (McNemar for
+    one seed a side on accuracy's per-item `correct`). Other metrics: the per-item column named
+    like the metric. Holm correction over all comparisons made.
     """
-    value_col = "correct" if metric_column(metric) == "metrics.accuracy" else metric.removeprefix("metrics.")
-    test = "sign" if value_col == "correct" else "permutation"
+    value_col = item_column(metric)
     if predictions is None or not len(predictions) or value_col not in predictions:
         return pd.DataFrame()
     members = _groups(runs)
@@ -287,44 +348,97 @@ def compare_to_baseline(
                 **{k: g[k] for k in EXPERIMENT_KEYS},
                 "differs": g["differs"],
                 **{f"baseline.{k}": base[k] for k in EXPERIMENT_KEYS + ["differs"] if k not in ("task",)},
-                "test": test,
             }
             a = _strata(members[_group_key(g)], predictions, value_col)
             b = _strata(members[_group_key(base)], predictions, value_col)
-            if "*" in a and "*" in b:
-                pairs = [("*", "*")]
-            elif "*" in a:
-                pairs = [("*", s) for s in sorted(b)]
-            elif "*" in b:
-                pairs = [(s, "*") for s in sorted(a)]
-            else:
-                pairs = [(s, s) for s in sorted(set(a) & set(b))]
-            xs, ys, unpaired = _paired_matrix(a, b, pairs)
-            n_items = xs.shape[1]
-            row.update(n_strata=len(pairs), n_items=n_items, n_pairs=n_items * len(pairs), n_unpaired=unpaired)
-            if n_items == 0:
-                row.update(
-                    delta=math.nan,
-                    delta_ci_low=math.nan,
-                    delta_ci_high=math.nan,
-                    p=math.nan,
-                    note="no paired predictions (missing files or no common seeds)",
-                )
-                rows.append(row)
+            row.update(paired_comparison(a, b, value_col == "correct", n_boot, confidence, seed))
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["p_holm"] = holm(df["p"].to_numpy())
+    return df
+
+
+def sender_controls(
+    runs: pd.DataFrame,
+    predictions: pd.DataFrame | None,
+    summary: pd.DataFrame,
+    metric: str = "accuracy",
+    n_boot: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """``summary`` with the shuffled-sender control's columns (``control_delta``, ``control_ci_low``,
+    ``control_ci_high``, ``control_p``, ``control_seeds``; NaN where a row has no control): for each
+    experiment whose runs scored it (the trained bridge, each test item reading another item's sender
+    states), Δ = own - shuffled sender, what the result owes to the sender. Own and control come from
+    the same run, so each seed's per-item difference is one row; the CI resamples items (jointly) and
+    seeds, p tests the mean (McNemar for one seed on accuracy)."""
+    value_col = item_column(metric)
+    control_col = f"{value_col}_shuffled_sender"
+    cols = ["control_delta", "control_ci_low", "control_ci_high", "control_p", "control_seeds"]
+    out = summary.copy()
+    for c in cols:
+        out[c] = math.nan
+    if predictions is None or not len(predictions) or control_col not in predictions or not len(summary):
+        return out
+    members = _groups(runs)
+    for index, g in zip(summary.index, summary.to_dict("records")):
+        control = _strata(members[_group_key(g)], predictions, control_col)
+        control = {k: v.dropna(subset=["value"]) for k, v in control.items() if v["value"].notna().any()}
+        own = {k: v for k, v in _strata(members[_group_key(g)], predictions, value_col).items() if k in control}
+        xs, ys, _ = _paired_sides(own, control)
+        if not control or not xs.size:
+            continue
+        delta, lo, hi = seeds_and_items_bootstrap(xs - ys, np.zeros((1, xs.shape[1])), n_boot, confidence, seed)
+        p, _ = mean_difference_p(xs, ys, value_col == "correct", seed=seed)
+        out.loc[index, cols] = [delta, lo, hi, p, len(xs)]
+    return out
+
+
+def compare_settings(
+    runs: pd.DataFrame,
+    predictions: pd.DataFrame | None,
+    summary: pd.DataFrame,
+    metric: str = "accuracy",
+    reference: dict[str, str] | None = None,
+    n_boot: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Ablations are comparisons too: every experiment that shares all table columns (task, method,
+    models, compression, ...) with others but differs in a setting (``differs``: a learning rate, a
+    bridge init, ...) against the reference setting of its set, paired on the same items as in
+    ``compare_to_baseline`` (Δ, CI over items and seeds, p of the mean; Holm over this table).
+    ``reference``: {setting: value} the reference must have (``--reference bridge.init=text``); without
+    it, or where no member matches, the reference is the member whose settings sort first, and the
+    row names it."""
+    value_col = item_column(metric)
+    if predictions is None or not len(predictions) or value_col not in predictions or not len(summary):
+        return pd.DataFrame()
+    members = _groups(runs)
+    by_columns: dict[tuple, list[dict]] = {}
+    for g in summary.to_dict("records"):
+        if isinstance(g["differs"], dict) and g["differs"]:
+            by_columns.setdefault(tuple(g[k] for k in GROUP_KEYS), []).append(g)
+    rows = []
+    for same in by_columns.values():
+        same.sort(key=lambda g: json.dumps(g["differs"], sort_keys=True, default=str))
+        wanted = (reference or {}).items()
+        matching = [g for g in same if wanted and all(str(g["differs"].get(k)) == str(v) for k, v in wanted)]
+        ref = (matching or same)[0]
+        for g in same:
+            if g is ref:
                 continue
-            # items are the unit: seed-averaged per-item values, items resampled jointly across seeds
-            delta, lo, hi = paired_bootstrap(xs - ys, n_boot, confidence, seed)
-            x, y = item_means(xs), item_means(ys)
-            if test == "sign":
-                row.update(b=int((x > y).sum()), c=int((x < y).sum()), p=sign_test_p(x - y))
-            else:
-                row["p"] = paired_permutation_p(x, y, seed=seed)
-            row.update(
-                delta=delta,
-                delta_ci_low=lo,
-                delta_ci_high=hi,
-                note=f"{unpaired} unpaired items ignored" if unpaired else "",
-            )
+            row = {
+                **{k: g[k] for k in EXPERIMENT_KEYS},
+                "differs": g["differs"],
+                **{f"baseline.{k}": ref[k] for k in EXPERIMENT_KEYS + ["differs"] if k != "task"},
+                "reference_named": bool(matching),
+            }
+            a = _strata(members[_group_key(g)], predictions, value_col)
+            b = _strata(members[_group_key(ref)], predictions, value_col)
+            row.update(paired_comparison(a, b, value_col == "correct", n_boot, confidence, seed))
             rows.append(row)
     df = pd.DataFrame(rows)
     if len(df):

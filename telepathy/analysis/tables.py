@@ -69,12 +69,7 @@ def sender_cut_note(summary: pd.DataFrame) -> str:
     cut = summary[summary["sender_truncated_items"].fillna(0) > 0]
     if not len(cut):
         return ""
-    rows = []
-    for g in cut.to_dict("records"):
-        name = " ".join(plain(g[k]) for k in ("task", "method") if not is_missing(g[k]))
-        name += f" c{plain(g['compression'])}" if not is_missing(g["compression"]) else ""
-        name += f" ({settings_cell(g['differs'])})" if settings_cell(g.get("differs")) else ""
-        rows.append(f"{name}: {g['sender_truncated_items']:.3g} items")
+    rows = [f"{_row_name(g)}: {g['sender_truncated_items']:.3g} items" for g in cut.to_dict("records")]
     return (
         "Not the same text: the sender's token cap (task.max_input_tokens) cut test texts that the "
         "other methods read whole (up to task.max_text_words) in " + "; ".join(rows) + " (mean over seeds)."
@@ -119,11 +114,14 @@ def metric_table(summary: pd.DataFrame, metric: str = "accuracy", scale: float =
     name = METRIC_NAMES.get(metric, metric) + (" (%)" if scale == 100 else "")
     show_settings = summary["differs"].map(settings_cell).ne("").any()
     measured = [k for k in ("measured_compression", "positions") if k in summary and summary[k].notna().any()]
+    control = "control_delta" in summary and summary["control_delta"].notna().any()
+    unit = " (pp)" if scale == 100 else ""
     header = (
         [COLUMN_NAMES[k] for k in keys]
         + (["Settings"] if show_settings else [])
         + [COLUMN_NAMES[k] for k in measured]
         + [f"{name}, mean ± 95% CI", "n seeds"]
+        + ([f"− shuffled sender{unit} [95% CI]"] if control else [])
     )
     show_incomplete = summary.apply(_not_completed, axis=1).ne("").any()
     if show_incomplete:
@@ -134,7 +132,8 @@ def metric_table(summary: pd.DataFrame, metric: str = "accuracy", scale: float =
             [plain(g[k]) for k in keys]
             + ([settings_cell(g["differs"])] if show_settings else [])
             + [_measured_cell(g[k], k) for k in measured]
-            + [metric_cell(g, scale, digits), n_cell(g)]
+            + [metric_cell(g, scale, digits) + markers(g), n_cell(g)]
+            + ([_delta_cell(g, "control_delta", "control_ci_low", "control_ci_high", scale, digits)] if control else [])
         )
         if show_incomplete:
             row.append(_not_completed(g))
@@ -148,15 +147,27 @@ def metric_table(summary: pd.DataFrame, metric: str = "accuracy", scale: float =
         notes.append("Settings = the config values in which rows with the same other columns differ.")
     if "measured_compression" in measured:
         notes.append(
-            "Compression = nominal factor (M = ceil(max input tokens / factor)); Measured × = text "
-            "tokens actually read per receiver position (bridge: per soft token; LLMLingua: original / "
-            "kept text tokens), mean over test items."
+            "Compression = the factor: nominal (M = ceil(max input tokens / factor), compression_basis=cap) "
+            "or measured on the training items (M = ceil(their mean text tokens / factor), "
+            "compression_basis=measured); Measured × = text tokens actually read per receiver position on "
+            "the test items (bridge: per soft token; LLMLingua: original / kept text tokens), mean."
         )
     if "positions" in measured:
         notes.append(
             "Receiver positions = what carries the input to the receiver: M soft tokens (bridge, "
             "prompt tuning), kept text tokens (LLMLingua) or message tokens (text relay), mean."
         )
+    if control:
+        notes.append(
+            "− shuffled sender = the row's metric minus the same trained bridge's with each test item "
+            "reading another item's sender states (a seeded derangement): what the result owes to the "
+            "sender; its CI resamples test items and seeds. Near 0, the receiver answers from the shared "
+            "soft prompt and its prior, not from the sender."
+        )
+    notes += marker_notes(summary)
+    floor = majority_note(summary, scale, digits)
+    if floor:
+        notes.append(floor)
     cut_note = sender_cut_note(summary)
     if cut_note:
         notes.append(cut_note)
@@ -167,6 +178,72 @@ def metric_table(summary: pd.DataFrame, metric: str = "accuracy", scale: float =
     if constant:
         notes.append("All rows: " + "; ".join(f"{COLUMN_NAMES[k].lower()} = {v}" for k, v in constant.items()) + ".")
     return header, rows, notes
+
+
+# markers on a row's metric cell: every table shows them, and a note says which runs and why
+FLAGGED, NO_COMPRESSION, MIXED_REVISIONS = "†", "‡", "§"
+
+
+def markers(g: dict) -> str:
+    """The markers of one experiment: flagged runs (``bridge.flags``: counted in the mean, never
+    silently), M at or above the text's length (no compression), several code revisions pooled."""
+    out = ""
+    if isinstance(g.get("flagged"), dict) and g["flagged"]:
+        out += FLAGGED
+    if not is_missing(g.get("measured_compression")) and g["measured_compression"] <= 1.0:
+        out += NO_COMPRESSION
+    if isinstance(g.get("revisions"), list) and len(g["revisions"]) > 1:
+        out += MIXED_REVISIONS
+    return f" {out}" if out else ""
+
+
+def _row_name(g: dict) -> str:
+    name = " ".join(plain(g[k]) for k in ("task", "method") if not is_missing(g.get(k)))
+    name += f" c{plain(g['compression'])}" if not is_missing(g.get("compression")) else ""
+    return name + (f" ({settings_cell(g['differs'])})" if settings_cell(g.get("differs")) else "")
+
+
+def marker_notes(summary: pd.DataFrame) -> list[str]:
+    """One note per marker used in the table, naming the rows (and runs) it marks."""
+    from telepathy.results import FLAGS
+
+    groups = summary.to_dict("records")
+    notes = []
+    flagged = [g for g in groups if FLAGGED in markers(g)]
+    if flagged:
+        named = sorted({f for g in flagged for fl in g["flagged"].values() for f in fl})
+        runs = "; ".join(
+            f"{_row_name(g)}: " + ", ".join(f"seed {s} {'+'.join(fl)}" for s, fl in sorted(g["flagged"].items()))
+            for g in flagged
+        )
+        meaning = "; ".join(f"{f} = {FLAGS.get(f, f)}" for f in named)
+        notes.append(f"{FLAGGED} flagged runs, counted in the mean: {runs}. ({meaning}.)")
+    if any(NO_COMPRESSION in markers(g) for g in groups):
+        rows = "; ".join(_row_name(g) for g in groups if NO_COMPRESSION in markers(g))
+        notes.append(f"{NO_COMPRESSION} M at or above the text's length (measured × ≤ 1: no compression): {rows}.")
+    if any(MIXED_REVISIONS in markers(g) for g in groups):
+        mixed = [g for g in groups if MIXED_REVISIONS in markers(g)]
+        rows = "; ".join(f"{_row_name(g)} ({', '.join(g['revisions'])})" for g in mixed)
+        notes.append(f"{MIXED_REVISIONS} runs of several code revisions pooled: {rows}.")
+    return notes
+
+
+def majority_note(summary: pd.DataFrame, scale: float = 100.0, digits: int = 1) -> str:
+    """The floor every classifier must clear: each task's test-split majority rate."""
+    if "majority_floor" not in summary or not summary["majority_floor"].notna().any():
+        return ""
+    floors = summary.dropna(subset=["majority_floor"]).groupby("task")["majority_floor"].first()
+    return (
+        "Majority class (the test split's majority rate, the floor): "
+        + "; ".join(f"{task} {_fmt(v, scale, digits)}" for task, v in floors.items())
+        + "."
+    )
+
+
+def _delta_cell(c: dict, delta: str, lo: str, hi: str, scale: float, digits: int) -> str:
+    if is_missing(c.get(delta)):
+        return ""
+    return f"{c[delta] * scale:+.{digits}f} [{c[lo] * scale:+.{digits}f}, {c[hi] * scale:+.{digits}f}]"
 
 
 def _baseline_desc(c: dict, vary: list[str]) -> str:
@@ -188,15 +265,17 @@ def comparison_table(
         keys.append("compression")
     keys += [k for k in OPTIONAL_COLUMNS if comparisons[k].dropna().map(plain).nunique() > 1]
     unit = " (pp)" if scale == 100 else ""
-    sign = (comparisons["test"] == "sign").all()
+    tests = sorted(set(comparisons["test"].dropna()) - {""})
+    binary = comparisons["b"].notna().any() if "b" in comparisons else False
     show_settings = comparisons["differs"].map(settings_cell).ne("").any()
     header = (
         [COLUMN_NAMES[k] for k in keys]
         + (["Settings"] if show_settings else [])
-        + ["vs", f"Δ{unit} [95% CI]", "items", "p (sign test)" if sign else "p (paired perm.)", "p (Holm)"]
+        + ["vs", f"Δ{unit} [95% CI]", "items", "seeds"]
+        + (["wins / losses"] if binary else [])
+        + (["test"] if len(tests) > 1 else [])
+        + ["p", "p (Holm)"]
     )
-    if sign:
-        header.insert(-2, "wins / losses")
     base_keys = [
         k
         for k in ("compression", "num_latents", "layer", "model")
@@ -204,34 +283,34 @@ def comparison_table(
     ]
     rows = []
     for c in comparisons.to_dict("records"):
-        delta = (
-            "—"
-            if is_missing(c["delta"])
-            else (
-                f"{c['delta'] * scale:+.{digits}f} [{c['delta_ci_low'] * scale:+.{digits}f}, "
-                f"{c['delta_ci_high'] * scale:+.{digits}f}]"
-            )
-        )
+        delta = _delta_cell(c, "delta", "delta_ci_low", "delta_ci_high", scale, digits) or "—"
         row = (
             [plain(c[k]) for k in keys]
             + ([settings_cell(c["differs"])] if show_settings else [])
-            + [_baseline_desc(c, base_keys), delta, str(int(c["n_items"]))]
+            + [_baseline_desc(c, base_keys), delta, str(int(c["n_items"])), f"{c['n_seeds']} vs {c['baseline_seeds']}"]
         )
-        if sign:
+        if binary:
             row.append("—" if is_missing(c.get("b")) else f"{int(c['b'])} / {int(c['c'])}")
+        if len(tests) > 1:
+            row.append(c["test"])
         row += [_pfmt(c["p"]), _pfmt(c["p_holm"])]
         rows.append(row)
+    described = {
+        "mcnemar": "McNemar's exact test where each side has one seed",
+        "permutation": "a paired permutation test (sign flips) of the mean of the per-item differences of "
+        "seed means, which tests the Δ printed",
+    }
     notes = [
-        "Paired on the same test items (and seeds); Δ = method − baseline, 95% CI by a cluster "
-        "bootstrap over items (one resample of items applied to every seed). "
-        + (
-            "Exact sign test on per-item accuracy averaged over seeds (McNemar with one seed); "
-            if sign
-            else "Paired permutation test on per-item values averaged over seeds; "
-        )
-        + f"Holm correction over all {len(comparisons)} comparisons of this table."
+        "Paired on the same test items; Δ = method − baseline, each side's mean over its own seeds "
+        "(a deterministic side is its one run); the 95% CI resamples items (one draw for every seed of "
+        "both sides: an item is hard or easy in all of them) and, independently, each side's seeds (what "
+        "new seeds would change; with 3 seeds still a third too little). p: "
+        + "; ".join(described[t] for t in tests if t in described)
+        + f". Holm correction over all {len(comparisons)} comparisons of this table. p tests Δ = 0 on these "
+        "items for these seeds; the CI also resamples the seeds, so it can span 0 where p is small: a difference "
+        "of these seeds that new seeds may not keep."
     ]
-    if sign:
+    if binary:
         notes.append("wins / losses = items where the method's seed-averaged accuracy is above / below the baseline's.")
     return header, rows, notes
 
