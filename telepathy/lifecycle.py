@@ -27,9 +27,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from telepathy import batching, data, methods, runlock, telemetry
 from telepathy import config as tconfig
+from telepathy.compression import latents
 from telepathy.methods import RunContext
 from telepathy.models import placement
 from telepathy.results import (
+    FLAGS,
     PREDICTIONS_FILE,
     RESULT_FILE,
     attempt,
@@ -141,7 +143,7 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
     base = {
         "run_id": run_dir.name,
         "run_dir": run_dir,
-        "identity": run_identity(cfg),
+        "identity": run_identity(cfg, latents(cfg) if tconfig.uses_soft_tokens(cfg) else None),
         "config_hash": tconfig.config_hash(cfg),
         "seedless_hash": tconfig.config_hash(cfg, exclude=("seed",)),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -269,6 +271,12 @@ def _log_summary(record: dict) -> None:
         d = b.get("diagnostics") or {}
         if "soft_token_cosine_mean" in d:
             lines.append(f"  {'soft-token cosine':<{width}}  {d['soft_token_cosine_mean']:.4f} (across test inputs)")
-        if d.get("single_class"):
-            lines.append("  WARNING: collapsed bridge: one class predicted for every test item")
+        control = b.get("control")
+        if control:
+            lines.append(
+                f"  {'own - shuffled sender':<{width}}  {control['delta']:+.4f} {control['metric']} "
+                f"(95% CI {control['delta_ci_low']:+.4f} to {control['delta_ci_high']:+.4f}, over test items)"
+            )
+        for flag in b.get("flags", []):
+            lines.append(f"  WARNING: {flag}: {FLAGS.get(flag, flag)}")
     log.info("final metrics: %s", "\n".join(lines))  # console, train.log and the SLURM log

@@ -45,6 +45,8 @@ def test_single_run_writes_a_complete_record(outputs):
     assert record["training"]["steps"] == 4 and record["timing"]["eval_s"] > 0
     assert record["config"]["trainer"]["max_steps"] == 4 and record["overrides"] == ["budget=tiny"]
     assert {"git_rev", "git_dirty", "hostname", "packages", "device"} <= set(record["env"])
+    # they change float summation order (issue 21): every record says which it ran with
+    assert record["env"]["cpu_threads"] >= 1 and record["env"]["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
     assert record["timing"]["train_s"] > 0 and record["memory"]["peak_rss_mb"] > 0
     telemetry = record["telemetry"]  # sampled in the background; this machine has no GPU: host figures only
     assert telemetry["gpu_available"] is False and telemetry["gpu_unavailable"] and telemetry["n_samples"] >= 1
@@ -54,7 +56,18 @@ def test_single_run_writes_a_complete_record(outputs):
     diagnostics = record["bridge"]["diagnostics"]  # collapse: reported, and warned about when it happens
     assert -1 <= diagnostics["soft_token_cosine_mean"] <= 1 and diagnostics["cosine_inputs"] == 4  # eval_samples
     assert diagnostics["single_class"] == (len({p["pred"] for p in predictions}) == 1)
-    assert ("WARNING: collapsed bridge" in proc.stdout) == diagnostics["single_class"]
+    assert ("WARNING: single_class" in proc.stdout) == diagnostics["single_class"]
+    assert {"input_cosine_mean", "shared_rms_ratio"} <= set(diagnostics)  # the prompt's share, apart
+    # the shuffled-sender control: the same trained bridge, each item reading another item's sender states
+    metrics, control = record["metrics"], record["bridge"]["control"]
+    assert 0 <= metrics["accuracy_shuffled_sender"] <= 1 and control["metric"] == "accuracy"
+    own = sum(p["correct"] for p in predictions) - sum(p["correct_shuffled_sender"] for p in predictions)
+    assert control["delta"] == pytest.approx(own / 16) and control["delta_ci_low"] <= control["delta_ci_high"]
+    assert metrics["majority_accuracy"] == max(sum(p["label"] == k for p in predictions) for k in (0, 1)) / 16
+    flags = record["bridge"]["flags"]  # in the log and the record whenever one applies
+    assert ("below_majority" in flags) == (metrics["accuracy"] < metrics["majority_accuracy"] + 0.1)
+    assert ("sender_unread" in flags) == (control["delta_ci_low"] <= 0)
+    assert all(f"WARNING: {flag}" in proc.stdout for flag in flags) and "own - shuffled sender" in proc.stdout
     assert record["training"]["loss"] == "classes"  # trainer.loss=auto on a classification task
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]

@@ -33,8 +33,8 @@ from telepathy.bridge import (
     init_from_text,
     reference_diversity,
 )
-from telepathy.compression import measured_compression
-from telepathy.config import ConfigError, check_choice, check_range, num_latents, resolve_layer
+from telepathy.compression import latents, measured_compression
+from telepathy.config import ConfigError, check_choice, check_range, resolve_layer
 from telepathy.data import holdout, load_task
 from telepathy.evaluation import evaluate, text_prompt
 from telepathy.features import Rows, collate, sender_inputs, sender_prompts
@@ -43,6 +43,8 @@ from telepathy.methods.train_then_evaluate import Trainable, receiver_loss, trai
 from telepathy.metrics import ROUGE_TYPES
 from telepathy.models import embedding_rms_median, input_embedding_scale
 from telepathy.prompting import PLACEMENTS, PromptIO
+from telepathy.results import FLAGS
+from telepathy.stats import paired_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +82,7 @@ def run(cfg, ctx) -> MethodOutput:
     sender, receiver = ctx.model("sender"), ctx.model("receiver")
     io = PromptIO(receiver)
     layer = resolve_layer(cfg.sender.layer, sender.num_layers)
-    m = num_latents(cfg)
+    m = latents(cfg)
 
     # 1. the sender's hidden states, once per split (the sender never runs inside the loop)
     train_ids = sender_prompts(sender, train, cfg.task.prompt, cfg.task.max_input_tokens)
@@ -137,27 +139,77 @@ def run(cfg, ctx) -> MethodOutput:
         },
     )
 
-    # 4. collapse: one constant prompt for every input must never pass silently into a table
+    # 4. the control: the same trained bridge, each test item reading another item's sender states
+    if cfg.eval.shuffled_sender:
+        shuffled_sender(cfg, io, soft, test, test_feats, out)
+
+    # 5. collapse: one constant prompt for every input must never pass silently into a table
     with torch.no_grad():
         probe_soft = soft.encode(test_feats, test[: cfg.trainer.eval_samples])[0]
     classification = cfg.task.type == "classification"
     predicted = [p["pred"] for p in out["predictions"]] if classification else None
     diagnostics = collapse_diagnostics(probe_soft, predicted, bridge.shared_part())
     out["details"]["bridge"]["diagnostics"] = diagnostics
-    if diagnostics.get("single_class"):
-        log.warning(
-            "the bridge collapsed: the readout answers one class for all %d test items "
-            "(soft-token cosine across inputs %.4f); this run's accuracy is the majority rate",
-            len(out["predictions"]),
-            diagnostics["soft_token_cosine_mean"],
-        )
+    out["details"]["bridge"]["flags"] = flags = run_flags(out["metrics"], diagnostics, out["details"]["bridge"])
+    for flag in flags:
+        log.warning("%s: %s", flag, FLAGS[flag])
 
-    # 5. the receiver's own zero-shot on the same items
+    # 6. the receiver's own zero-shot on the same items
     if cfg.eval.receiver_zeroshot:
         zs, _, _ = evaluate(io, test, text_prompt(io, cfg.task.prompt), cfg, desc="receiver zero-shot")
         keys = list(ROUGE_TYPES) if cfg.task.type == "generation" else ["accuracy", "macro_f1"]
         out["metrics"].update({f"receiver_zeroshot_{k}": zs[k] for k in keys})
     return out
+
+
+MAJORITY_MARGIN = 0.1  # the robustness table's rule (benchmarks/robustness.py)
+
+
+def shuffled_sender(cfg, io: PromptIO, soft: SoftPrompts, test: list, feats, out: dict) -> None:
+    """Score the trained bridge with the sender's features permuted across the test items (a
+    derangement drawn from the run's seed: no item reads its own states), into ``out``: the
+    metrics as ``<metric>_shuffled_sender``, the per-item values in each prediction row, and
+    ``bridge.control`` with the paired difference (own - shuffled) and its 95% CI over items.
+
+    What is left when the receiver cannot read the input: the soft prompt every input shares,
+    the answer prompt and the label prior. A bridge that beats it reads the sender."""
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    partner = {test[i].idx: test[order[(k + 1) % len(order)]].idx for k, i in enumerate(order)}
+    permuted = Rows(feats, [partner[i] for i in range(len(test))])  # read from the cache as needed; idx = position
+    metrics, rows, _ = evaluate(io, test, lambda chunk: soft.prompts(permuted, chunk), cfg, desc="eval (shuffled)")
+    generation = cfg.task.type == "generation"
+    keys = list(ROUGE_TYPES) if generation else ["accuracy", "macro_f1"]
+    out["metrics"].update({f"{k}_shuffled_sender": metrics[k] for k in keys})
+    per_item = list(ROUGE_TYPES) if generation else ["correct", "pred"]
+    for own, control in zip(out["predictions"], rows):
+        own.update({f"{k}_shuffled_sender": control[k] for k in per_item})
+    headline = HEADLINE[cfg.task.type]
+    diffs = [float(r[headline]) - float(r[f"{headline}_shuffled_sender"]) for r in out["predictions"]]
+    delta, lo, hi = paired_bootstrap([diffs], n_boot=2000, seed=cfg.seed)
+    out["details"]["bridge"]["control"] = {
+        "metric": "accuracy" if headline == "correct" else headline,
+        "shuffled_sender": {k: metrics[k] for k in keys},
+        "delta": delta,
+        "delta_ci_low": lo,
+        "delta_ci_high": hi,
+        "permutation_seed": cfg.seed,
+    }
+
+
+HEADLINE = {"classification": "correct", "generation": "rougeL"}  # the per-item value the control compares
+
+
+def run_flags(metrics: dict, diagnostics: dict, bridge: dict) -> list[str]:
+    """The names of ``FLAGS`` this run carries."""
+    flags = []
+    if diagnostics.get("single_class"):
+        flags.append("single_class")
+    if "majority_accuracy" in metrics and metrics["accuracy"] < metrics["majority_accuracy"] + MAJORITY_MARGIN:
+        flags.append("below_majority")
+    control = bridge.get("control")
+    if control and control["delta_ci_low"] <= 0:
+        flags.append("sender_unread")
+    return flags
 
 
 @dataclass
