@@ -47,6 +47,7 @@ from telepathy.results import (
     write_jsonl,
 )
 from telepathy.shared_runs import share_result
+from telepathy.training import Interrupted
 
 log = logging.getLogger("telepathy")
 
@@ -84,18 +85,19 @@ def _find_reusable(cfg, run_dir: Path) -> dict | None:
 
 # --- every exit path ends with a final status ---------------------------------------------------
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
 @contextlib.contextmanager
 def stop_on_signals(signals=STOP_SIGNALS):
-    """SIGTERM/SIGUSR2 anywhere in the run raise ``SystemExit``, which the lifecycle records as ``interrupted``.
+    """SIGTERM/SIGUSR2/SIGINT anywhere in the run raise ``SystemExit``, which the lifecycle records as ``interrupted``.
 
     SIGTERM's default action ends the process without running any Python code, so a run
     stopped while loading models, extracting features or evaluating would keep saying
-    ``running`` for ever. A handler installed before (submitit's requeue on SLURM) runs
-    first; inside the training loop the preemption guard (telepathy/training.py) takes the
-    signal, checkpoints after the step and then calls this handler.
+    ``running`` for ever; Ctrl-C's ``KeyboardInterrupt`` would print a hundred lines of
+    traceback. A handler installed before (submitit's requeue on SLURM) runs first; inside the
+    training loop the preemption guard (telepathy/training.py) takes the signal, checkpoints
+    after the step and then calls this handler. A SIGINT the process ignores stays ignored.
     """
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         yield
@@ -104,17 +106,30 @@ def stop_on_signals(signals=STOP_SIGNALS):
 
     def stop(signum, frame):
         handler = previous.get(signum)
-        if callable(handler):
+        if callable(handler) and handler is not signal.default_int_handler:
             handler(signum, frame)
         raise SystemExit(f"stopped by signal {signal.Signals(signum).name}")
 
     for sig in signals:
+        if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+            continue
         previous[sig] = signal.signal(sig, stop)
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _interruption(stop: BaseException) -> tuple[str, int]:
+    """(the one line a stopped run leaves on the console and in train.log, the exit status)."""
+    if isinstance(stop, Interrupted):
+        line = f"interrupted at step {stop.step}; rerun the same command to resume"
+        return line, 130 if stop.signal_name == "SIGINT" else 1
+    why = str(stop) or type(stop).__name__
+    sigint = isinstance(stop, KeyboardInterrupt) or why.endswith("SIGINT")
+    code = stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 1
+    return f"interrupted ({why}); rerun the same command to resume", 130 if sigint else code
 
 
 def main(cfg: DictConfig) -> dict | None:
@@ -194,7 +209,9 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
             out = method.run(cfg, RunContext(cfg, run_dir, devices))
     except (SystemExit, KeyboardInterrupt) as stop:  # a signal (Ctrl-C, preemption): a requeued job resumes
         ended("interrupted", {"type": type(stop).__name__, "message": str(stop)})
-        raise
+        line, code = _interruption(stop)
+        log.warning("%s", line)  # the console and train.log: every interruption, in one line
+        raise SystemExit(code) from None
     except BaseException as err:
         error = {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()}
         ended("failed", {**error, "oom": _is_oom(err)}, memory=peak_memory())
