@@ -39,6 +39,15 @@ def test_bad_value_of_one_multirun_job_leaves_no_run_dir(outputs):
     assert not (outputs / "runs").exists()
 
 
+def test_an_added_key_no_config_or_code_reads_fails_in_one_line_naming_the_closest_key(outputs):
+    # before: Hydra's hint for `trainer.lrr=1` is `+trainer.lrr=1`, which then ran, the key a no-op, with a new run id
+    _fails_in_one_line(
+        run_train(*TINY, "+trainer.lrr=1", outputs=outputs, check=False),
+        outputs,
+        "+trainer.lrr=1 is not allowed: no config or code reads trainer.lrr; did you mean trainer.lr=1?",
+    )
+
+
 def test_missing_model_fails_in_one_line(outputs):
     line = _fails_in_one_line(
         run_train(

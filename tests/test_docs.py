@@ -100,7 +100,7 @@ def test_documented_run_and_launch_commands_compose(where, command, monkeypatch,
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from telepathy.config import register_resolvers, validate
+    from telepathy.config import check_added_keys, register_resolvers, validate
 
     monkeypatch.setenv("TELEPATHY_OUTPUTS", str(tmp_path))
     argv = shlex.split(command)
@@ -112,6 +112,7 @@ def test_documented_run_and_launch_commands_compose(where, command, monkeypatch,
         cfg = compose(config_name=SCRIPTS[script], overrides=overrides)
     if script == "train.py":
         validate(cfg)
+        check_added_keys(cfg, overrides)  # every +key=value the docs add is one the code reads
     assert cfg.get("cluster") is not None  # the launchers read cluster.*
 
 
