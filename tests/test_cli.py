@@ -39,6 +39,44 @@ def test_bad_value_of_one_multirun_job_leaves_no_run_dir(outputs):
     assert not (outputs / "runs").exists()
 
 
+def test_a_sweep_checks_every_job_before_the_first_runs_one_line_per_bad_job(outputs):
+    """Before: the default launcher ran job #0, then died on #1's bad value with #2 never started."""
+    proc = run_train("-m", *TINY, "seed=7,-1,8", "trainer.lr=1e-3,-1", outputs=outputs, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert lines == [
+        "error: 4 of 6 jobs are invalid; none ran:",
+        "  #1 budget=tiny seed=7 trainer.lr=-1: trainer.lr=-1 is not allowed; allowed: a number in [0, inf]",
+        "  #2 budget=tiny seed=-1 trainer.lr=0.001: seed=-1 is not allowed; allowed: an integer in [0, 4294967295]",
+        "  #3 budget=tiny seed=-1 trainer.lr=-1: seed=-1 is not allowed; allowed: an integer in [0, 4294967295]",
+        "  #5 budget=tiny seed=8 trainer.lr=-1: trainer.lr=-1 is not allowed; allowed: a number in [0, inf]",
+    ], proc.stderr[-3000:]
+    assert not (outputs / "runs").exists() and "Launching" not in proc.stdout
+
+
+def test_a_failing_job_is_a_row_of_the_end_table_and_the_sweep_goes_on(outputs, tmp_path):
+    """Before: the job after the failed one ran, then the sweep ended in the failed job's traceback
+    and the end-of-sweep table was lost. Now: every job runs, the table has the failure, exit 1."""
+    from helpers import data_root
+
+    root = tmp_path / "data"  # sst2 as it is; trec's test split breaks at line 4, after the checks before the run
+    (root / "trec").mkdir(parents=True)
+    (root / "sst2").symlink_to(data_root() / "sst2")
+    (root / "trec" / "train.jsonl").symlink_to(data_root() / "trec" / "train.jsonl")
+    head = (data_root() / "trec" / "test.jsonl").read_text().splitlines()[:3]
+    (root / "trec" / "test.jsonl").write_text("\n".join([*head, '{"text": broken']) + "\n")
+    proc = run_train("-m", *TINY, "task=trec,sst2", f"data.root={root}", outputs=outputs, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    trec, sst2 = sorted(results(outputs), key=lambda r: r["task"], reverse=True)
+    assert (trec["status"], sst2["status"]) == ("failed", "completed")
+    table = proc.stdout[proc.stdout.index("multirun summary (2 jobs)") :]
+    assert "(1 completed, 1 failed)" in table
+    assert re.search(rf"failed .* {trec['run_id']}  DataError: {root}/trec/test", table), table  # the error, cut at 80
+    assert re.search(rf"completed .* {sst2['run_id']}  accuracy=", table), table
+    assert "1 of 2 jobs failed" in table
+
+
 def test_an_added_key_no_config_or_code_reads_fails_in_one_line_naming_the_closest_key(outputs):
     # before: Hydra's hint for `trainer.lrr=1` is `+trainer.lrr=1`, which then ran, the key a no-op, with a new run id
     _fails_in_one_line(

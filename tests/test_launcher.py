@@ -191,3 +191,19 @@ def test_status_reads_manifests_results_and_the_queue(tmp_path, monkeypatch):
     assert status.alive_runs(out) == {str(runs["pending"]): "7_2", str(runs["live"]): "8_0"}
     text = status.render(list(rows.values()))
     assert "phase p1_seeds" in text and "7_2" in text
+
+
+def test_a_failed_job_comes_back_as_a_value_so_the_sweep_goes_on():
+    """Hydra's sweeper re-raises a failed job's error when its batch is back (the end-of-sweep table
+    was lost with it); the launchers hand a failed job back with its error as its value."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from hydra_plugins.telepathy_launcher.launcher import FailedJob, kept
+
+    error = ValueError("boom")
+    failed = JobReturn(overrides=["seed=1"], status=JobStatus.FAILED, _return_value=error)
+    back = kept(failed)
+    assert isinstance(back, FailedJob) and back.status == JobStatus.FAILED and back.overrides == ["seed=1"]
+    assert back.return_value is error  # JobReturn.return_value raises it
+    done = JobReturn(status=JobStatus.COMPLETED, _return_value={"accuracy": 1.0})
+    assert kept(done) is done
