@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from telepathy import batching, data, methods, runlock, telemetry
+from telepathy import batching, data, methods, runlock, telemetry, tracking
 from telepathy import config as tconfig
 from telepathy.methods import RunContext
 from telepathy.models import placement
@@ -146,6 +146,7 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
     rerun = cfg.get("rerun")
     if existing and existing.get("status") == "completed" and rerun != "all":
         log.info("skipped: %s already completed (+rerun=all to force)", run_dir)
+        tracking.skipped(cfg, run_dir, existing)  # logger= added since: published from the run's files
         return existing.get("metrics")
     if rerun == "all":
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -184,6 +185,7 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
                 finished_at=now(),
             )
             write_json(run_dir / RESULT_FILE, done)
+            tracking.start(cfg, run_dir).finish(done)
             share_result(cfg, done)
             return done["metrics"]
 
@@ -196,16 +198,21 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
 
     write_json(run_dir / RESULT_FILE, record("running", **base, attempts=attempts("running", None), started_at=started))
     sampler = telemetry.start(cfg, run_dir)  # GPU / host usage → telemetry.jsonl, summary in the record
+    tracker = tracking.start(
+        cfg, run_dir
+    )  # logger=: the config now, log.jsonl rows as they come, the record at the end
     batching.apply(cfg)
 
     def ended(status: str, error: dict, **fields) -> None:
         """The record of an attempt that did not complete (its time still counts: ``attempts``)."""
         history = attempts(status, time.time() - t0)
         fields.update(started_at=started, finished_at=now(), telemetry=sampler.stop(), error=error)
-        write_json(run_dir / RESULT_FILE, record(status, **base, attempts=history, **fields))
+        final = record(status, **base, attempts=history, **fields)
+        write_json(run_dir / RESULT_FILE, final)
+        tracker.finish(final)
 
     try:
-        with stop_on_signals():
+        with stop_on_signals(), tracking.live(tracker):
             out = method.run(cfg, RunContext(cfg, run_dir, devices))
     except (SystemExit, KeyboardInterrupt) as stop:  # a signal (Ctrl-C, preemption): a requeued job resumes
         ended("interrupted", {"type": type(stop).__name__, "message": str(stop)})
@@ -239,6 +246,7 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
         finished_at=timing["finished_at"],
     )
     write_json(run_dir / RESULT_FILE, done)
+    tracker.finish(done)
     share_result(cfg, done)  # deterministic: the same record for the seeds the sweep pointed here
     _log_summary(done)
     return done["metrics"]

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from telepathy import checkpoint as ckpt
+from telepathy import tracking
 from telepathy.data import epoch_order
 from telepathy.progress import progress
 from telepathy.results import append_jsonl, write_jsonl
@@ -326,6 +327,7 @@ def fit(
                 **stats_sum,
             }
             append_jsonl(log_path, row)
+            tracking.log_row(row)  # logger=: the same row, at the same step, as it happens
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "-")
             if step % max(1, t.log_every) == 0:
@@ -334,6 +336,7 @@ def fit(
                 module.eval()
                 evaluated = {"step": step, **eval_fn()}
                 append_jsonl(log_path, evaluated)
+                tracking.log_row(evaluated)
                 log.info("eval at step %d: %s", step, json.dumps(evaluated))
                 module.train()
             if step % max(1, t.checkpoint_every) == 0 or step == t.max_steps or guard.received:
