@@ -54,9 +54,23 @@ def user_errors():
         raise UsageError(str(err)) from err
 
 
+def check_phase_is_swept(cfg) -> None:
+    """``+phase=...`` is a sweep: without ``-m`` Hydra ignores its sweep and would run one job of it."""
+    phase = OmegaConf.select(cfg, "hydra.runtime.choices.phase", default=None)
+    if phase is None or str(OmegaConf.select(cfg, "hydra.mode", default="")) != "RunMode.RUN":
+        return
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+    sweep = " ".join(f"{k}={v}" for k, v in params.items())
+    raise tconfig.ConfigError(
+        f"+phase={phase} is a sweep ({sweep or 'its jobs'}) and runs with -m; allowed: "
+        f"python train.py -m +phase={phase} [key=value ...] (narrow it to one job with them, e.g. task=sst2 seed=42)"
+    )
+
+
 def checked_run_dir(*, _root_) -> str:
     """The ``${telepathy.run_dir:}`` resolver: validate and preflight the job, then its run dir."""
     with user_errors():
+        check_phase_is_swept(_root_)
         methods.validate(_root_)  # the shared checks, then the method's own
         tracking.check(_root_)
         preflight(_root_)

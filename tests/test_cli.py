@@ -86,6 +86,16 @@ def test_an_added_key_no_config_or_code_reads_fails_in_one_line_naming_the_close
     )
 
 
+def test_a_phase_without_multirun_fails_in_one_line_instead_of_running_one_job(outputs):
+    # before: Hydra ignored the phase's sweep and ran its first job, silently
+    _fails_in_one_line(
+        run_train(*TINY, "+phase=p1_seeds", outputs=outputs, check=False),
+        outputs,
+        "+phase=p1_seeds is a sweep (method=bridge,zeroshot,zeroshot_sender task=sst2,agnews,trec seed=42,123,456)",
+        "allowed: python train.py -m +phase=p1_seeds",
+    )
+
+
 def test_missing_model_fails_in_one_line(outputs):
     line = _fails_in_one_line(
         run_train(

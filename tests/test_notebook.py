@@ -12,7 +12,7 @@ from nbclient import NotebookClient
 
 from analysis_fixtures import write_sweep
 from helpers import TINY, needs_data, run_train
-from telepathy.analysis import report
+from telepathy.analysis import aggregate, report
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "results.ipynb"
@@ -47,6 +47,9 @@ def test_notebook_on_synthetic_sweep(tmp_path, monkeypatch):
     assert "| sst2 | receiver_only |  |  |  | 50.0 | 1 (det.) |  |" in table
     assert "p (Holm)" in markdown[1]
     assert pngs == 2
+    # the same numbers as summary.md (before: 2000 bootstrap resamples in the notebook, 10 000 in aggregate)
+    summary_md, _, _ = aggregate.write_outputs(aggregate.build(runs), tmp_path / "summary", [runs])
+    assert markdown[0] in summary_md and markdown[1] in summary_md
 
 
 @pytest.mark.slow
