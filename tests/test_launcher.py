@@ -207,3 +207,21 @@ def test_a_failed_job_comes_back_as_a_value_so_the_sweep_goes_on():
     assert back.return_value is error  # JobReturn.return_value raises it
     done = JobReturn(status=JobStatus.COMPLETED, _return_value={"accuracy": 1.0})
     assert kept(done) is done
+
+
+def test_status_shows_step_and_eta_of_a_local_run(tmp_path):
+    """Before: a running local run (no SLURM job) showed its heartbeat only, no step or ETA."""
+    import os
+    import socket
+    import time
+
+    run_dir = tmp_path / "out" / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    trainer = {"max_steps": 10, "batch_size": 4, "grad_accum": 1}
+    (run_dir / "result.json").write_text(json.dumps({"status": "running", "config": {"trainer": trainer}}))
+    beat = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "interval_s": 30}
+    (run_dir / "heartbeat.json").write_text(json.dumps(beat))
+    rows = [{"step": s, "loss": 1.0, "examples_per_s": 4.0} for s in (1, 2, 3)]  # 1 s per step of 4 examples
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (row,) = status.collect(tmp_path / "out")
+    assert row["state"] == "running" and row["detail"].endswith("step 3/10, ETA 0:00:07"), row

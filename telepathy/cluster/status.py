@@ -199,9 +199,11 @@ def _started_state(run_dir: str, status: str, ended: str | None, gone: bool) -> 
         return "interrupted", f"preempted; {resume}"
     if gone:
         return "interrupted", f"its SLURM job is gone; {resume}"
+    # a local run (no SLURM job): its step and ETA from log.jsonl, as for a SLURM job that squeue lists
     if beat:
-        return "running", f"heartbeat {time.time() - float(beat.get('time', 0)):.0f}s ago on {beat.get('host')}"
-    return "running", "result.json says running"
+        age = time.time() - float(beat.get("time", 0))
+        return "running", f"heartbeat {age:.0f}s ago on {beat.get('host')}{_progress(run_dir)}"
+    return "running", "result.json says running" + _progress(run_dir)
 
 
 def progress(run_dir: Path) -> dict | None:
