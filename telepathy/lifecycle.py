@@ -294,6 +294,11 @@ def _log_summary(record: dict) -> None:
         d = b.get("diagnostics") or {}
         if "soft_token_cosine_mean" in d:
             lines.append(f"  {'soft-token cosine':<{width}}  {d['soft_token_cosine_mean']:.4f} (across test inputs)")
-        if d.get("single_class"):
+        if d.get("single_class") and d.get("predicted_classes") == 0:  # not one class: no class at all
+            lines.append(
+                "  WARNING: no test answer could be parsed (every item counts as wrong, so accuracy is 0, "
+                "not the majority rate); see predictions.jsonl"
+            )
+        elif d.get("single_class"):
             lines.append("  WARNING: collapsed bridge: one class predicted for every test item")
     log.info("final metrics: %s", "\n".join(lines))  # console, train.log and the SLURM log
