@@ -328,8 +328,8 @@ def fit(
             }
             append_jsonl(log_path, row)
             tracking.log_row(row)  # logger=: the same row, at the same step, as it happens
+            bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "-", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "-")
             if step % max(1, t.log_every) == 0:
                 log.info("step %d/%d loss %.4f lr %.2e", step, t.max_steps, last_loss or float("nan"), row["lr"])
             if eval_fn is not None and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
