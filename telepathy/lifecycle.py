@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from telepathy import batching, data, methods, runlock, telemetry, tracking
+from telepathy import batching, data, hydra_glue, methods, runlock, telemetry, tracking
 from telepathy import config as tconfig
 from telepathy.methods import RunContext
 from telepathy.models import placement
@@ -196,6 +196,9 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
     def attempts(status: str, seconds: float | None) -> list[dict]:
         return [*prior, attempt(status, started, seconds, gpus=gpus, job=runlock.job_id())]
 
+    changes = hydra_glue.config_changes(cfg)
+    if changes:
+        log.info("%s", changes)  # the console and train.log: what this run changes, before it starts
     write_json(run_dir / RESULT_FILE, record("running", **base, attempts=attempts("running", None), started_at=started))
     sampler = telemetry.start(cfg, run_dir)  # GPU / host usage → telemetry.jsonl, summary in the record
     tracker = tracking.start(

@@ -170,6 +170,9 @@ def test_logs_hold_progress_evals_and_final_metrics_and_a_multirun_ends_with_a_t
             and f"accuracy                    {record['metrics']['accuracy']:.4f}" in log
         )
         assert 'eval at step 2: {"step": 2, "eval_accuracy"' in log
+        # at the start, what the run changes from the defaults (before: no config in the log at all)
+        changes = log[log.index("values differ from the defaults (all of it: .hydra/config.yaml)") :]
+        assert "\n  groups: budget=tiny\n" in changes and f"\n  seed: 42 → {record['seed']}\n" in changes
         # no TTY: the progress bars are log lines with rate and ETA
         assert re.search(r"train: 4/4 step \(100%\) [\d.]+ step/s elapsed \d\d:\d\d ETA 00:00, loss=[\d.]+", log)
     summary = proc.stdout[proc.stdout.index("multirun summary (2 jobs)") :]
