@@ -166,3 +166,13 @@ def test_documented_python_snippets_run(where, code, tmp_path, monkeypatch):
     for seed in (0, 1):
         write_run(tmp_path / "outputs" / "runs", seed=seed, metrics={"accuracy": 0.8 + seed / 100}, correct=[1, 0, 1])
     exec(compile(code, where, "exec"), {"__name__": "__doc_snippet__"})
+
+
+def test_make_demo_passes_args_to_train_py():
+    """README: `make demo ARGS="budget=tiny seed=1"` (before: ARGS was ignored, the demo ran as is)."""
+    import subprocess
+
+    proc = subprocess.run(
+        ["make", "-n", "demo", "ARGS=budget=tiny seed=1"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("train.py budget=tiny seed=1"), proc.stdout
