@@ -3,7 +3,7 @@
 #              package at the version pinned in constraints.txt
 # make lock    regenerate constraints.txt (pip-tools) after a dependency change in pyproject.toml
 # make test    the whole test suite on TEST_WORKERS processes (pytest-xdist; SLURM tests share one worker)
-# make demo    python train.py: the offline demo run
+# make demo    python train.py: the offline demo run (ARGS="budget=tiny seed=1": its overrides)
 # make lint    ruff: lint and format check (pyproject.toml [tool.ruff]); make format applies both
 # make rehearsal  all six phases, narrowed, at budget=tiny on the SLURM cluster of SLURM_CONF, then aggregate
 PYTHON ?= python
@@ -45,7 +45,7 @@ format:
 	$(PYTHON) -m ruff format .
 
 demo:
-	$(PYTHON) train.py
+	$(PYTHON) train.py $(ARGS)
 
 rehearsal:
 	$(PYTHON) scripts/rehearsal.py

@@ -7,10 +7,15 @@
 * ``num_latents(cfg)`` is M, the number of soft tokens.
 * ``run_dir(cfg)`` is the one place that says where a run's outputs live. It is a
   pure function of the resolved config, so a relaunched sweep finds its old runs.
+* ``check_added_keys(cfg, overrides)``: a key added on the command line (``+key=value``) that
+  no config or code reads is refused, naming the closest real key (Hydra itself suggests
+  ``+trainer.lrr=1`` for a typo, and the run would take it as a no-op with a new run id).
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import hashlib
 import json
 import math
@@ -182,6 +187,103 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None:
             check_range(cfg, key, lo=1, integer=True)
+    overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None)  # composed by Hydra: what was typed
+    if overrides is not None:
+        check_added_keys(cfg, overrides)
+
+
+# --- keys added on the command line --------------------------------------------------
+
+# keys the code reads that no config file sets: they are added with +key=value (or by the launcher)
+ADDED_KEYS = ("rerun", "dry_run", "run.reuse_seeds", "sender.init_seed", "receiver.init_seed")
+# dicts whose entries are handed on as they are (SLURM options, environment, model config fields,
+# chat template arguments, the launcher's resource plan): any key is allowed under them
+OPEN_DICTS = (
+    "resources",
+    "cluster.env",
+    "cluster.additional_parameters",
+    "sender.config_overrides",
+    "receiver.config_overrides",
+    "sender.chat_template_kwargs",
+    "receiver.chat_template_kwargs",
+)
+
+
+def _dotted(node, prefix: str = "") -> set[str]:
+    """Every key of a (nested) config as ``a.b.c``, the dicts themselves included."""
+    out = set()
+    if isinstance(node, dict):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            out.add(key)
+            out |= _dotted(v, key + ".")
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def defined_keys() -> frozenset[str]:
+    """Every key some file of ``conf/`` defines, at the place it lands in the composed config.
+
+    A file's package is its group (``conf/trainer/x.yaml`` → ``trainer.*``) unless its header says
+    otherwise (``# @package _global_``: the root); a defaults entry ``/model/x@_here_`` (sender,
+    receiver) brings that file's keys in at the same place. Hydra's own config is left out.
+    """
+
+    def package(path: Path) -> str:
+        for line in path.read_text().splitlines()[:5]:
+            if line.startswith("# @package"):
+                name = line.split()[-1]
+                return "" if name == "_global_" else name
+        return ".".join(path.relative_to(CONF_DIR).parent.parts)
+
+    def content(path: Path) -> dict:
+        data = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        out = {k: v for k, v in data.items() if k not in ("defaults", "hydra")}
+        for entry in data.get("defaults") or []:
+            if isinstance(entry, str) and entry.startswith("/") and entry.endswith("@_here_"):
+                out = {**content(CONF_DIR / f"{entry[1:].removesuffix('@_here_')}.yaml"), **out}
+        return out
+
+    keys = set()
+    for path in CONF_DIR.rglob("*.yaml"):
+        if path.relative_to(CONF_DIR).parts[0] == "hydra":
+            continue
+        prefix = package(path)
+        keys |= _dotted(content(path), f"{prefix}." if prefix else "")
+        keys |= {".".join(prefix.split(".")[: i + 1]) for i in range(len(prefix.split(".")))} if prefix else set()
+    return frozenset(keys)
+
+
+def _read_by_code(key: str) -> bool:
+    return key in ADDED_KEYS or any(key.startswith(open_dict + ".") for open_dict in OPEN_DICTS)
+
+
+def check_added_keys(cfg, overrides) -> None:
+    """Refuse ``+key=value`` (and ``++key=value``) for a key that no config or code reads.
+
+    ``+`` adds a key the composed config does not have, so it must be one the code reads
+    without a config file setting it (``ADDED_KEYS``, or an entry of ``OPEN_DICTS``);
+    ``++`` may also set a key some config file defines. Config groups (``+phase=p1_seeds``)
+    and Hydra's own keys are Hydra's to check. The message names the closest real key.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
+    for override in parsed:
+        key = override.key_or_group
+        if not (override.is_add() or override.is_force_add()) or "/" in key or key.split(".")[0] == "hydra":
+            continue
+        if (CONF_DIR / key).is_dir() or _read_by_code(key) or (override.is_force_add() and key in defined_keys()):
+            continue
+        present = {k for k in _dotted(OmegaConf.to_container(cfg, resolve=False)) if k.split(".")[0] != "hydra"}
+        present -= {k for k in present if k == key or k.startswith(key + ".")}  # the key this override added
+        close = difflib.get_close_matches(key, sorted(present | set(ADDED_KEYS)), n=1, cutoff=0.6)
+        value = override.input_line.split("=", 1)[1] if "=" in override.input_line else ""
+        if close:
+            hint = f"did you mean {'' if close[0] in present else '+'}{close[0]}={value}?"
+        else:
+            hint = f"allowed: a key of the config, or +{', +'.join(ADDED_KEYS)}"
+        raise ConfigError(f"{override.input_line} is not allowed: no config or code reads {key}; {hint}")
 
 
 # --- run identity -------------------------------------------------------------------

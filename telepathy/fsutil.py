@@ -12,16 +12,15 @@ other's way:
   runs under ``file_lock``, and the second writer re-checks for the result after it
   gets the lock.
 
-``file_lock`` is an ``fcntl.flock`` on a ``.lock`` file: the kernel drops it when its
-process dies (even ``kill -9``), so a crashed job never leaves a lock behind. It holds
-across nodes on NFSv4 and on Lustre/GPFS mounted with flock support.
+``file_lock`` is ``filelock.FileLock``: an ``fcntl.flock`` on a ``.lock`` file, which the
+kernel drops when its process dies (even ``kill -9``), so a crashed job never leaves a lock
+behind. It holds across nodes on NFSv4 and on Lustre/GPFS mounted with flock support (where
+a file system has no flock, filelock falls back to a lock file holding the owner's pid).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -29,6 +28,8 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 log = logging.getLogger(__name__)
 
@@ -38,29 +39,27 @@ class LockHeld(RuntimeError):
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, blocking: bool = True, waiting_message: str | None = None) -> Iterator[int]:
-    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block; yields its fd.
+def file_lock(path: Path, blocking: bool = True, waiting_message: str | None = None) -> Iterator[FileLock]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block.
 
     ``blocking=False`` raises ``LockHeld`` at once when another process holds it;
     otherwise it waits, logging ``waiting_message`` (if given) when it has to.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = FileLock(path, thread_local=False)  # a new instance: a second holder in this process waits too
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            if not blocking:
-                raise LockHeld(str(path)) from None
-            if waiting_message:
-                log.warning("%s", waiting_message)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield fd
+        lock.acquire(blocking=False)
+    except Timeout:
+        if not blocking:
+            raise LockHeld(str(path)) from None
+        if waiting_message:
+            log.warning("%s", waiting_message)
+        lock.acquire()
+    try:
+        yield lock
     finally:
-        os.close(fd)  # closing the last fd of the open file releases the flock
+        lock.release()
 
 
 @contextlib.contextmanager

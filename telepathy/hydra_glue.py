@@ -54,9 +54,23 @@ def user_errors():
         raise UsageError(str(err)) from err
 
 
+def check_phase_is_swept(cfg) -> None:
+    """``+phase=...`` is a sweep: without ``-m`` Hydra ignores its sweep and would run one job of it."""
+    phase = OmegaConf.select(cfg, "hydra.runtime.choices.phase", default=None)
+    if phase is None or str(OmegaConf.select(cfg, "hydra.mode", default="")) != "RunMode.RUN":
+        return
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+    sweep = " ".join(f"{k}={v}" for k, v in params.items())
+    raise tconfig.ConfigError(
+        f"+phase={phase} is a sweep ({sweep or 'its jobs'}) and runs with -m; allowed: "
+        f"python train.py -m +phase={phase} [key=value ...] (narrow it to one job with them, e.g. task=sst2 seed=42)"
+    )
+
+
 def checked_run_dir(*, _root_) -> str:
     """The ``${telepathy.run_dir:}`` resolver: validate and preflight the job, then its run dir."""
     with user_errors():
+        check_phase_is_swept(_root_)
         methods.validate(_root_)  # the shared checks, then the method's own
         tracking.check(_root_)
         preflight(_root_)
@@ -127,3 +141,35 @@ def _check_model(model_cfg) -> None:
         )
         if not isinstance(found, str):
             raise ModelNotAvailableError(unavailable_message(model_cfg, model_cfg.hub_id))
+
+
+# --- what this run changes ---------------------------------------------------------------------
+
+
+def config_changes(cfg) -> str | None:
+    """The resolved config's values that differ from the defaults (``conf/train.yaml`` as it is
+    composed without overrides), and the group options chosen, for the log at a run's start;
+    None outside a Hydra app. ``.hydra/config.yaml`` in the run dir holds the whole config."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    if not GlobalHydra.instance().is_initialized() or not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    default = compose(config_name=hydra_cfg.job.config_name, return_hydra_config=True)
+    before = OmegaConf.to_container(default, resolve=False)
+    groups = before.pop("hydra")["runtime"]["choices"]
+    before = tracking.flat(OmegaConf.to_container(OmegaConf.create(before), resolve=True))
+    after = tracking.flat(OmegaConf.to_container(cfg, resolve=True))
+    chosen = {g: o for g, o in hydra_cfg.runtime.choices.items() if not g.startswith("hydra/") and groups.get(g) != o}
+    changed = [k for k in after if before.get(k, "<absent>") != after[k]]
+    lines = [
+        f"config: {len(changed)} values differ from the defaults (all of it: {hydra_cfg.output_subdir}/config.yaml)"
+    ]
+    if chosen:
+        lines.append("  groups: " + " ".join(f"{g}={o}" for g, o in sorted(chosen.items())))
+    lines += [
+        f"  {k}: {before[k]!r} → {after[k]!r}" if k in before else f"  {k}: {after[k]!r} (added)" for k in changed
+    ]
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from telepathy import batching, data, methods, runlock, telemetry
+from telepathy import batching, data, hydra_glue, methods, runlock, telemetry, tracking
 from telepathy import config as tconfig
 from telepathy.compression import latents
 from telepathy.methods import RunContext
@@ -49,6 +49,7 @@ from telepathy.results import (
     write_jsonl,
 )
 from telepathy.shared_runs import share_result
+from telepathy.training import Interrupted
 
 log = logging.getLogger("telepathy")
 
@@ -86,18 +87,19 @@ def _find_reusable(cfg, run_dir: Path) -> dict | None:
 
 # --- every exit path ends with a final status ---------------------------------------------------
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
 @contextlib.contextmanager
 def stop_on_signals(signals=STOP_SIGNALS):
-    """SIGTERM/SIGUSR2 anywhere in the run raise ``SystemExit``, which the lifecycle records as ``interrupted``.
+    """SIGTERM/SIGUSR2/SIGINT anywhere in the run raise ``SystemExit``, which the lifecycle records as ``interrupted``.
 
     SIGTERM's default action ends the process without running any Python code, so a run
     stopped while loading models, extracting features or evaluating would keep saying
-    ``running`` for ever. A handler installed before (submitit's requeue on SLURM) runs
-    first; inside the training loop the preemption guard (telepathy/training.py) takes the
-    signal, checkpoints after the step and then calls this handler.
+    ``running`` for ever; Ctrl-C's ``KeyboardInterrupt`` would print a hundred lines of
+    traceback. A handler installed before (submitit's requeue on SLURM) runs first; inside the
+    training loop the preemption guard (telepathy/training.py) takes the signal, checkpoints
+    after the step and then calls this handler. A SIGINT the process ignores stays ignored.
     """
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         yield
@@ -106,17 +108,30 @@ def stop_on_signals(signals=STOP_SIGNALS):
 
     def stop(signum, frame):
         handler = previous.get(signum)
-        if callable(handler):
+        if callable(handler) and handler is not signal.default_int_handler:
             handler(signum, frame)
         raise SystemExit(f"stopped by signal {signal.Signals(signum).name}")
 
     for sig in signals:
+        if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+            continue
         previous[sig] = signal.signal(sig, stop)
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _interruption(stop: BaseException) -> tuple[str, int]:
+    """(the one line a stopped run leaves on the console and in train.log, the exit status)."""
+    if isinstance(stop, Interrupted):
+        line = f"interrupted at step {stop.step}; rerun the same command to resume"
+        return line, 130 if stop.signal_name == "SIGINT" else 1
+    why = str(stop) or type(stop).__name__
+    sigint = isinstance(stop, KeyboardInterrupt) or why.endswith("SIGINT")
+    code = stop.code if isinstance(stop, SystemExit) and isinstance(stop.code, int) else 1
+    return f"interrupted ({why}); rerun the same command to resume", 130 if sigint else code
 
 
 def main(cfg: DictConfig) -> dict | None:
@@ -133,6 +148,7 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
     rerun = cfg.get("rerun")
     if existing and existing.get("status") == "completed" and rerun != "all":
         log.info("skipped: %s already completed (+rerun=all to force)", run_dir)
+        tracking.skipped(cfg, run_dir, existing)  # logger= added since: published from the run's files
         return existing.get("metrics")
     if rerun == "all":
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -171,6 +187,7 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
                 finished_at=now(),
             )
             write_json(run_dir / RESULT_FILE, done)
+            tracking.start(cfg, run_dir).finish(done)
             share_result(cfg, done)
             return done["metrics"]
 
@@ -181,22 +198,32 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
     def attempts(status: str, seconds: float | None) -> list[dict]:
         return [*prior, attempt(status, started, seconds, gpus=gpus, job=runlock.job_id())]
 
+    changes = hydra_glue.config_changes(cfg)
+    if changes:
+        log.info("%s", changes)  # the console and train.log: what this run changes, before it starts
     write_json(run_dir / RESULT_FILE, record("running", **base, attempts=attempts("running", None), started_at=started))
     sampler = telemetry.start(cfg, run_dir)  # GPU / host usage → telemetry.jsonl, summary in the record
+    tracker = tracking.start(
+        cfg, run_dir
+    )  # logger=: the config now, log.jsonl rows as they come, the record at the end
     batching.apply(cfg)
 
     def ended(status: str, error: dict, **fields) -> None:
         """The record of an attempt that did not complete (its time still counts: ``attempts``)."""
         history = attempts(status, time.time() - t0)
         fields.update(started_at=started, finished_at=now(), telemetry=sampler.stop(), error=error)
-        write_json(run_dir / RESULT_FILE, record(status, **base, attempts=history, **fields))
+        final = record(status, **base, attempts=history, **fields)
+        write_json(run_dir / RESULT_FILE, final)
+        tracker.finish(final)
 
     try:
-        with stop_on_signals():
+        with stop_on_signals(), tracking.live(tracker):
             out = method.run(cfg, RunContext(cfg, run_dir, devices))
     except (SystemExit, KeyboardInterrupt) as stop:  # a signal (Ctrl-C, preemption): a requeued job resumes
         ended("interrupted", {"type": type(stop).__name__, "message": str(stop)})
-        raise
+        line, code = _interruption(stop)
+        log.warning("%s", line)  # the console and train.log: every interruption, in one line
+        raise SystemExit(code) from None
     except BaseException as err:
         error = {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()}
         ended("failed", {**error, "oom": _is_oom(err)}, memory=peak_memory())
@@ -224,6 +251,7 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
         finished_at=timing["finished_at"],
     )
     write_json(run_dir / RESULT_FILE, done)
+    tracker.finish(done)
     share_result(cfg, done)  # deterministic: the same record for the seeds the sweep pointed here
     _log_summary(done)
     return done["metrics"]

@@ -337,6 +337,8 @@ def git_info(repo: Path | None = None) -> dict:
 FLAGS = {
     "single_class": "the readout answers one class for every test item (the bridge collapsed): its accuracy is "
     "a majority rate",
+    "unparsed": "no test answer could be parsed (every item counts as wrong, so accuracy is 0, not the majority "
+    "rate); see predictions.jsonl",
     "below_majority": "accuracy below the test split's majority rate + 0.1: the bridge did not learn the task",
     "sender_unread": "no better than the same bridge reading another item's sender states (the shuffled-sender "
     "control): the result does not show that the receiver reads the sender",

@@ -1,12 +1,19 @@
 """Optional experiment tracking (``logger=tensorboard|mlflow|wandb``; default ``none``).
 
-``log.jsonl`` and ``result.json`` stay the record of a run. A tracker is a view of the same
-rows for dashboards: when a run ends (completed, failed or interrupted) ``publishing``
-replays its ``log.jsonl`` rows (training steps and periodic evals, each at its ``step``)
-and the final metrics (``final/<metric>``) into the configured backend. Built from the
-files, it can never disagree with them, and it adds nothing to the training loop. A
-resumed run publishes again and replaces its earlier copy (TensorBoard and W&B: the
-run's folder; MLflow: the run tagged with this run id), so dashboards hold one curve per run.
+``log.jsonl`` and ``result.json`` stay the record of a run; a tracker is a live view of them
+for dashboards, fed by the lifecycle (telepathy/lifecycle.py) and the training loop:
+
+* at the start, the run's config, flattened (``trainer.lr``, ``task.name``, ...), as typed
+  hyper-parameters, so the runs of an lr sweep can be filtered and compared by lr;
+* while it runs, every ``log.jsonl`` row as it is written (``training.fit`` calls ``log_row``),
+  at the row's own step; the rows an earlier attempt left (kept by a resume) go first;
+* at the end (completed, failed or interrupted), ``final/<metric>`` at the last step, the
+  status and the record itself (result.json).
+
+A rerun or a resumed run replaces its earlier copy (TensorBoard and W&B: the run's folder;
+MLflow: the run tagged with this run id), so a dashboard holds one curve per run. A run that
+had completed before ``logger=`` was added is skipped as always, and published from its files
+(the log says so). A tracker that fails never fails the run: one warning, then it stops.
 """
 
 from __future__ import annotations
@@ -20,13 +27,17 @@ import os
 import shutil
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from telepathy import config as tconfig
-from telepathy.results import LOG_FILE, read_result
+from telepathy.results import LOG_FILE, RESULT_FILE
 
 log = logging.getLogger("telepathy")
 
 # backend -> the Python module it needs (pip install -e ".[tracking]")
 MODULES = {"none": None, "tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+# the headline metrics each task type ends with (declared up front for TensorBoard's HParams table)
+HEADLINE = {"classification": ("accuracy", "macro_f1"), "generation": ("rouge1", "rouge2", "rougeL")}
 
 
 def check(cfg) -> None:
@@ -40,25 +51,6 @@ def check(cfg) -> None:
             f"logger={cfg.logger.name} needs the Python package {module!r}, which is not "
             f'installed; allowed without it: logger=none (or pip install -e ".[tracking]")'
         )
-
-
-@contextlib.contextmanager
-def publishing(cfg):
-    """Around a run: when it has written a new final record, publish it (a skipped run publishes nothing)."""
-    if cfg.get("logger") is None or cfg.logger.name == "none":
-        yield
-        return
-    run_dir = tconfig.run_dir(cfg)
-    before = read_result(run_dir)
-    try:
-        yield
-    finally:
-        record = read_result(run_dir)
-        if record and record != before and record.get("status") != "running":
-            try:
-                publish(cfg.logger, run_dir, record)
-            except Exception as err:  # noqa: BLE001 - a dashboard problem must not fail a finished run
-                log.warning("logger=%s: not published (%s: %s)", cfg.logger.name, type(err).__name__, err)
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -78,98 +70,257 @@ def _numbers(row: dict) -> dict[str, float]:
     }
 
 
-def scalars(run_dir: Path, record: dict) -> list[tuple[int, str, float]]:
-    """``(step, name, value)``: every number of every log.jsonl row, then ``final/<metric>`` at the last step."""
-    out = [(int(row["step"]), k, v) for row in _rows(run_dir) if "step" in row for k, v in _numbers(row).items()]
-    last = max((s for s, _, _ in out), default=0)
-    out += [(last, f"final/{k}", v) for k, v in _numbers(record.get("metrics") or {}).items()]
+def flat(tree: dict, prefix: str = "") -> dict:
+    """``{"trainer": {"lr": 1e-3}}`` → ``{"trainer.lr": 1e-3}``; values keep their types (lists stay lists)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
     return out
 
 
-def params(record: dict) -> dict[str, str]:
-    """What identifies the run, for the tracker's parameter table."""
-    cfg = record.get("config") or {}
-    keys = {
-        "task": ("task", "name"),
-        "method": ("method", "name"),
-        "sender": ("sender", "name"),
-        "receiver": ("receiver", "name"),
-        "layer": ("sender", "layer"),
-        "seed": ("seed",),
-        "compression": ("compression",),
-    }
-    out = {"run_id": record.get("run_id"), "status": record.get("status")}
-    for name, path in keys.items():
-        node = cfg
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        out[name] = node
-    return {k: str(v) for k, v in out.items() if v is not None}
+def hyperparameters(cfg) -> dict:
+    """The run's resolved config, nested (W&B flattens it itself); Hydra's own node left out."""
+    tree = OmegaConf.to_container(cfg, resolve=True)
+    tree.pop("hydra", None)
+    return tree
 
 
-def publish(logger_cfg, run_dir: Path, record: dict) -> None:
-    BACKENDS[logger_cfg.name](logger_cfg, Path(run_dir), record)
+def _scalar(v):
+    """A hyper-parameter value a tracker can type: numbers, strings and booleans as they are, the rest as JSON."""
+    return v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
 
 
-def _tensorboard(logger_cfg, run_dir: Path, record: dict) -> None:
-    from torch.utils.tensorboard import SummaryWriter
+class Tracker:
+    """One run's view in a tracker. This base is ``logger=none``: every call does nothing."""
 
-    log_dir = run_dir / logger_cfg.log_dir
-    shutil.rmtree(log_dir, ignore_errors=True)
-    with SummaryWriter(log_dir=str(log_dir)) as writer:
-        for step, name, value in scalars(run_dir, record):
-            writer.add_scalar(name, value, step)
-        writer.add_text("params", "\n".join(f"{k}: {v}  " for k, v in params(record).items()))
+    def __init__(self, logger_cfg=None, run_dir: Path | None = None, run_id: str | None = None):
+        self.cfg, self.run_dir, self.run_id = logger_cfg, Path(run_dir) if run_dir else None, run_id
+        self.live = False  # rows arrive one by one (after the first, which brings the earlier ones)
+        self.last_step = 0
+        self.broken = False
+
+    # --- what the run calls ---------------------------------------------------------------
+    def start(self, hparams: dict, metric_names: list[str]) -> None:
+        """A new copy of the run (an earlier one is removed) with its hyper-parameters."""
+        self._guard(self._start, hparams, metric_names)
+
+    def row(self, row: dict) -> None:
+        """A row just appended to log.jsonl; the first also brings the rows already there (a resume's)."""
+        if self.broken or self.cfg is None:
+            return
+        rows = [row] if self.live else _rows(self.run_dir)
+        self.live = True
+        self._guard(self._log, rows)
+
+    def finish(self, record: dict) -> None:
+        """The run's final record: the rows not sent live, ``final/<metric>``, status and record."""
+        if self.broken or self.cfg is None:
+            return
+        rows = [] if self.live else _rows(self.run_dir)
+        rows += [{"step": None, **{f"final/{k}": v for k, v in _numbers(record.get("metrics") or {}).items()}}]
+        self._guard(self._log, rows)
+        self._guard(self._end, record)
+
+    def has_copy(self) -> bool:
+        return False
+
+    # --- what a backend implements ----------------------------------------------------------
+    def _start(self, hparams: dict, metric_names: list[str]) -> None: ...
+
+    def _scalars(self, step: int, values: dict[str, float]) -> None: ...
+
+    def _flush(self) -> None: ...
+
+    def _end(self, record: dict) -> None: ...
+
+    # ----------------------------------------------------------------------------------------
+    def _log(self, rows: list[dict]) -> None:
+        for row in rows:
+            step = self.last_step if row.get("step") is None else int(row["step"])
+            values = _numbers(row)
+            if values:
+                self.last_step = max(self.last_step, step)
+                self._scalars(step, values)
+        self._flush()
+
+    def _guard(self, fn, *args) -> None:
+        if self.broken or self.cfg is None:
+            return
+        try:
+            fn(*args)
+        except Exception as err:  # noqa: BLE001 - a dashboard problem must never fail or stop a run
+            self.broken = True
+            log.warning("logger=%s: stopped logging (%s: %s)", self.cfg.name, type(err).__name__, err)
 
 
-def _mlflow(logger_cfg, run_dir: Path, record: dict) -> None:
-    from mlflow.entities import Metric, Param, RunTag
-    from mlflow.tracking import MlflowClient
+class _TensorBoard(Tracker):
+    def _dir(self) -> Path:
+        return self.run_dir / self.cfg.log_dir
 
-    # the file store: many SLURM jobs may write at once on a shared file system, where an SQLite
-    # store's locking is unreliable; MLflow >= 3.x wants this opt-in for it
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=Path(logger_cfg.tracking_dir).expanduser().resolve().as_uri())
-    experiment = client.get_experiment_by_name(logger_cfg.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(logger_cfg.experiment)
-    run_id = record.get("run_id") or run_dir.name
-    for old in client.search_runs([experiment_id], filter_string=f"tags.telepathy_run_id = '{run_id}'"):
-        client.delete_run(old.info.run_id)
-    run = client.create_run(
-        experiment_id, run_name=run_id, tags={"telepathy_run_id": run_id, "telepathy_run_dir": str(run_dir)}
-    )
-    metrics = [Metric(name, value, 0, step) for step, name, value in scalars(run_dir, record)]
-    for start in range(0, len(metrics), 1000):  # MLflow's batch limit
-        client.log_batch(run.info.run_id, metrics=metrics[start : start + 1000])
-    client.log_batch(
-        run.info.run_id,
-        params=[Param(k, v) for k, v in params(record).items()],
-        tags=[RunTag("status", str(record.get("status")))],
-    )
-    client.set_terminated(run.info.run_id, "FINISHED" if record.get("status") == "completed" else "FAILED")
+    def has_copy(self) -> bool:
+        return any(self._dir().glob("events.out.tfevents.*"))
+
+    def _start(self, hparams, metric_names):
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        shutil.rmtree(self._dir(), ignore_errors=True)
+        self.writer = SummaryWriter(log_dir=str(self._dir()))
+        values = {k: _scalar(v) for k, v in flat(hparams).items()}
+        experiment, start, self._end_info = hparams_summaries(values, {name: 0.0 for name in metric_names})
+        for summary in (experiment, start):  # the HParams tab: one row per run, these metrics as columns
+            self.writer.file_writer.add_summary(summary)
+        self.writer.add_text("run_id", self.run_id)
+
+    def _scalars(self, step, values):
+        for name, value in values.items():
+            self.writer.add_scalar(name, value, step)
+
+    def _flush(self):
+        self.writer.flush()  # a dashboard open during the run sees every step
+
+    def _end(self, record):
+        self.writer.add_text("record", "```\n" + json.dumps(record, indent=1, default=str) + "\n```", self.last_step)
+        self.writer.add_text("status", str(record.get("status")), self.last_step)
+        if record.get("status") == "completed":
+            self.writer.file_writer.add_summary(self._end_info)
+        self.writer.close()
 
 
-def _wandb(logger_cfg, run_dir: Path, record: dict) -> None:
-    import wandb
+class _MLflow(Tracker):
+    STATUS = {"completed": "FINISHED", "failed": "FAILED"}  # interrupted: KILLED
 
-    shutil.rmtree(run_dir / "wandb", ignore_errors=True)
-    run = wandb.init(
-        project=logger_cfg.project,
-        mode=logger_cfg.mode,
-        dir=str(run_dir),
-        name=record.get("run_id") or run_dir.name,
-        config=params(record),
-        reinit="create_new",
-    )
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        # the file store: many SLURM jobs may write at once on a shared file system, where an SQLite
+        # store's locking is unreliable; MLflow >= 3.x wants this opt-in for it
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(tracking_uri=Path(self.cfg.tracking_dir).expanduser().resolve().as_uri())
+        experiment = client.get_experiment_by_name(self.cfg.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(self.cfg.experiment)
+        return client, experiment_id
+
+    def _copies(self, client, experiment_id) -> list:
+        return client.search_runs([experiment_id], filter_string=f"tags.telepathy_run_id = '{self.run_id}'")
+
+    def has_copy(self) -> bool:
+        return bool(self._copies(*self._client()))
+
+    def _start(self, hparams, metric_names):
+        from mlflow.entities import Param
+
+        self.client, experiment_id = self._client()
+        for old in self._copies(self.client, experiment_id):
+            self.client.delete_run(old.info.run_id)
+        tags = {"telepathy_run_id": self.run_id, "telepathy_run_dir": str(self.run_dir), "status": "running"}
+        self.id = self.client.create_run(experiment_id, run_name=self.run_id, tags=tags).info.run_id
+        params = [Param(k, str(_scalar(v))) for k, v in flat(hparams).items()]
+        for first in range(0, len(params), 100):  # MLflow's batch limit for params
+            self.client.log_batch(self.id, params=params[first : first + 100])
+        self.pending = []
+
+    def _scalars(self, step, values):
+        from mlflow.entities import Metric
+
+        self.pending += [Metric(name, value, 0, step) for name, value in values.items()]
+
+    def _flush(self):
+        for first in range(0, len(self.pending), 1000):  # MLflow's batch limit for metrics
+            self.client.log_batch(self.id, metrics=self.pending[first : first + 1000])
+        self.pending = []
+
+    def _end(self, record):
+        self.client.set_tag(self.id, "status", str(record.get("status")))
+        self.client.log_dict(self.id, record, RESULT_FILE)  # the record, as an artifact of the run
+        self.client.set_terminated(self.id, self.STATUS.get(record.get("status"), "KILLED"))
+
+
+class _WandB(Tracker):
+    def has_copy(self) -> bool:
+        return (self.run_dir / "wandb").is_dir()
+
+    def _start(self, hparams, metric_names):
+        import wandb
+
+        shutil.rmtree(self.run_dir / "wandb", ignore_errors=True)
+        self.run = wandb.init(
+            project=self.cfg.project,
+            mode=self.cfg.mode,
+            dir=str(self.run_dir),
+            name=self.run_id,
+            config=hparams,  # nested and typed; W&B's filters read trainer.lr as a number
+            reinit="create_new",
+        )
+
+    def _scalars(self, step, values):
+        self.run.log(values, step=step)  # rows of one step (a training row and its eval) merge
+
+    def _end(self, record):
+        import wandb
+
+        try:
+            summary = {k: v for k, v in flat({k: v for k, v in record.items() if k != "config"}).items()}
+            self.run.summary.update({f"record/{k}": _scalar(v) for k, v in summary.items() if v is not None})
+        finally:
+            self.run.finish(exit_code=0 if record.get("status") == "completed" else 1)
+            wandb.teardown()  # waits for wandb's service process to write out the run file
+
+
+BACKENDS = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}
+_ACTIVE: Tracker | None = None
+
+
+def tracker(cfg, run_dir: Path) -> Tracker:
+    """The run's tracker (``Tracker()``, doing nothing, for ``logger=none``)."""
+    logger_cfg = cfg.get("logger")
+    if logger_cfg is None or logger_cfg.name == "none":
+        return Tracker()
+    return BACKENDS[logger_cfg.name](logger_cfg, Path(run_dir), Path(run_dir).name)
+
+
+def start(cfg, run_dir: Path) -> Tracker:
+    """A new copy of this run in the tracker, with the config as hyper-parameters."""
+    found = tracker(cfg, run_dir)
+    task_type = OmegaConf.select(cfg, "task.type", default="classification")
+    found.start(hyperparameters(cfg), [f"final/{m}" for m in HEADLINE.get(task_type, ())])
+    return found
+
+
+@contextlib.contextmanager
+def live(found: Tracker):
+    """While the method runs, ``log_row`` sends each log.jsonl row to ``found``."""
+    global _ACTIVE
+    before, _ACTIVE = _ACTIVE, found
     try:
-        by_step: dict[int, dict] = {}
-        for step, name, value in scalars(run_dir, record):
-            by_step.setdefault(step, {})[name] = value
-        for step in sorted(by_step):
-            run.log(by_step[step], step=step)
+        yield found
     finally:
-        run.finish(exit_code=0 if record.get("status") == "completed" else 1)
-        wandb.teardown()  # waits for wandb's service process to write out the run file
+        _ACTIVE = before
 
 
-BACKENDS = {"tensorboard": _tensorboard, "mlflow": _mlflow, "wandb": _wandb}
+def log_row(row: dict) -> None:
+    """A row just appended to the run's log.jsonl (``training.fit``): to the live tracker, if any."""
+    if _ACTIVE is not None:
+        _ACTIVE.row(row)
+
+
+def skipped(cfg, run_dir: Path, record: dict) -> None:
+    """A completed run that is skipped: a tracker that lacks it gets it from its files (and the log says so)."""
+    found = tracker(cfg, run_dir)
+    try:
+        if found.cfg is None or found.has_copy():
+            return
+    except Exception as err:  # noqa: BLE001 - a dashboard problem must never fail a run
+        log.warning("logger=%s: could not look for this run (%s: %s)", found.cfg.name, type(err).__name__, err)
+        return
+    log.info(
+        "logger=%s: this run completed before the logger was set; publishing it from its files "
+        "(log.jsonl, result.json)",
+        found.cfg.name,
+    )
+    config = OmegaConf.create(record.get("config") or {})
+    found.start(hyperparameters(config), [f"final/{m}" for m in HEADLINE.get(config.get("task", {}).get("type"), ())])
+    found.finish(record)

@@ -6,10 +6,12 @@ stopped (on CPU): the data order is a function of (seed, epoch); the checkpoint
 holds the trainable weights (safetensors), optimizer, scheduler, every RNG state
 and the data position.
 
-Preemption: SLURM sends SIGUSR2 (submitit) or SIGTERM before it stops a job.
-``fit`` notes the signal, finishes the current step, writes a checkpoint and then
-hands the signal to the handler that was installed before it (submitit's, which
-requeues the job). The requeued job finds the checkpoint and resumes.
+Preemption and Ctrl-C: SLURM sends SIGUSR2 (submitit) or SIGTERM before it stops a job;
+a user presses Ctrl-C (SIGINT). ``fit`` notes the signal, finishes the current step, writes
+a checkpoint and then hands the signal to the handler that was installed before it
+(submitit's, which requeues the job) and stops with ``Interrupted`` ("interrupted at step
+N"). The requeued job, or the same command run again, finds the checkpoint and resumes. A
+second Ctrl-C stops at once (``KeyboardInterrupt``), without waiting for the step.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from telepathy import checkpoint as ckpt
+from telepathy import tracking
 from telepathy.data import epoch_order
 from telepathy.progress import progress
 from telepathy.results import append_jsonl, write_jsonl
@@ -156,10 +159,24 @@ def load_trainable(module: torch.nn.Module, checkpoint: Path) -> None:
     module.load_state_dict(weights, strict=False)  # frozen parameters are not in the checkpoint
 
 
-class _PreemptionGuard:
-    """Remember SIGUSR2/SIGTERM; after the step, checkpoint and pass it on."""
+class Interrupted(SystemExit):
+    """A stop signal taken between two steps: the checkpoint of ``step`` is written, so rerunning
+    the same command (or the requeued job) resumes from it."""
 
-    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+    def __init__(self, signum: int, step: int):
+        self.signal_name, self.step = signal.Signals(signum).name, step
+        super().__init__(f"interrupted at step {step} ({self.signal_name})")
+
+
+class _PreemptionGuard:
+    """Remember SIGUSR2/SIGTERM/SIGINT; after the step, checkpoint and pass it on.
+
+    A second SIGINT (Ctrl-C twice) does not wait for the step: it raises ``KeyboardInterrupt``.
+    A SIGINT that the process ignores (started with ``nohup`` or in a non-interactive shell's
+    background) stays ignored.
+    """
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.received: int | None = None
@@ -170,25 +187,39 @@ class _PreemptionGuard:
 
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
+                if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
                 self.previous[sig] = signal.signal(sig, self._note)
         return self
 
     def _note(self, signum, _frame):
-        log.warning("received signal %s: will checkpoint after this step", signum)
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            self._restore()
+            raise KeyboardInterrupt("a second Ctrl-C: stopped at once, without checkpointing this step")
+        name = signal.Signals(signum).name
+        again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
+        log.warning("received %s: will checkpoint after this step%s", name, again)
         self.received = signum
 
-    def __exit__(self, *exc):
+    def _restore(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
-    def pass_on(self) -> None:
+    def __exit__(self, *exc):
+        self._restore()
+
+    def pass_on(self, step: int) -> None:
+        """Hand the signal to the handler installed before ours (submitit's requeues the job), then
+        stop with ``Interrupted``: the checkpoint of ``step`` is written."""
         signum = self.received
         handler = self.previous.get(signum)
-        for sig, h in self.previous.items():
-            signal.signal(sig, h)
-        if callable(handler):
-            handler(signum, None)  # submitit: requeue + exit
-        raise SystemExit(f"stopped by signal {signum} after checkpointing")
+        self._restore()
+        try:
+            if callable(handler) and handler is not signal.default_int_handler:
+                handler(signum, None)
+        except SystemExit:
+            pass  # the run's own stop (telepathy.lifecycle) or submitit's exit after requeueing: ours says the step
+        raise Interrupted(signum, step)
 
 
 def accumulate_gradients(
@@ -296,20 +327,22 @@ def fit(
                 **stats_sum,
             }
             append_jsonl(log_path, row)
+            tracking.log_row(row)  # logger=: the same row, at the same step, as it happens
+            bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "-", refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.4f}" if last_loss is not None else "-")
             if step % max(1, t.log_every) == 0:
                 log.info("step %d/%d loss %.4f lr %.2e", step, t.max_steps, last_loss or float("nan"), row["lr"])
             if eval_fn is not None and t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
                 module.eval()
                 evaluated = {"step": step, **eval_fn()}
                 append_jsonl(log_path, evaluated)
+                tracking.log_row(evaluated)
                 log.info("eval at step %d: %s", step, json.dumps(evaluated))
                 module.train()
             if step % max(1, t.checkpoint_every) == 0 or step == t.max_steps or guard.received:
                 save_checkpoint(run_dir, module, optimizer, scheduler, stream, step)
             if guard.received:
-                guard.pass_on()
+                guard.pass_on(step)
     module.eval()
     return FitResult(
         steps=t.max_steps,

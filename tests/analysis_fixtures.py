@@ -207,3 +207,12 @@ def write_sweep(root, n_items=40):
         "receiver:\n  name: tiny-receiver\ncompression: 8\n"
     )
     return root
+
+
+def table_rows(markdown: str) -> list[list[str]]:
+    """The cells of every row of the pipe tables in ``markdown`` (header rows too; not the alignment rows)."""
+    return [
+        [cell.strip() for cell in line.strip()[1:-1].split("|")]
+        for line in markdown.splitlines()
+        if line.startswith("|") and not set(line) <= set("|:- ")
+    ]

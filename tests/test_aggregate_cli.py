@@ -10,7 +10,7 @@ from pathlib import Path
 import matplotlib
 import pytest
 
-from analysis_fixtures import write_run, write_sweep
+from analysis_fixtures import table_rows, write_run, write_sweep
 from telepathy import analysis
 from telepathy.analysis import aggregate, plots, report
 
@@ -53,10 +53,10 @@ def test_aggregate_cli_writes_tables_json_and_plots(tmp_path):
     assert ro["n_independent"] == 1 and ro["deterministic"] and ro["ci_low"] is None
     assert len(summary["comparisons"]) == 12 and all(c["p_holm"] is not None for c in summary["comparisons"])
 
-    md = (out / "summary.md").read_text()
-    assert "| sst2 | bridge | 4 | 2.5× | 8 | 75.8 ± 3.6 | 3 | 1 failed |" in md
-    assert "| sst2 | bridge | 8 | 2.5× | 8 | 65.8 ± 3.6 | 3 | 1 missing |" in md
-    assert "| sst2 | receiver_only |  |  |  | 50.0 | 1 (det.) |  |" in md
+    md = table_rows((out / "summary.md").read_text())
+    assert ["sst2", "bridge", "4", "2.5×", "8", "75.8 ± 3.6", "3", "1 failed"] in md
+    assert ["sst2", "bridge", "8", "2.5×", "8", "65.8 ± 3.6", "3", "1 missing"] in md
+    assert ["sst2", "receiver_only", "", "", "", "50.0", "1 (det.)", ""] in md
     tex = (out / "summary.tex").read_text()
     assert r"sst2 & bridge & 4 & 2.5$\times$ & 8 & 75.8 $\pm$ 3.6 & 3 & 1 failed \\" in tex
     assert r"receiver\_only" in tex and tex.count(r"\begin{tabular}") == 2
@@ -218,7 +218,7 @@ def test_accuracy_plot_labels_measured_compression_and_differing_settings(tmp_pa
     assert [t.get_text() for t in ax.texts] == ["2.5×"] * 4  # 2 lines x 2 compression factors
     labels = sorted(l.get_label() for l in ax.lines)
     assert labels == ["bridge trainer.lr=0.0001", "bridge trainer.lr=0.001"]
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == labels
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == labels  # one legend, under the panels
     by_label = {l.get_label(): l for l in ax.lines}
     assert list(by_label["bridge trainer.lr=0.001"].get_xdata()) == [4, 8]  # the nominal factor on x
     assert list(by_label["bridge trainer.lr=0.001"].get_ydata()) == pytest.approx([80.5, 80.5])
@@ -298,8 +298,92 @@ def test_report_counts_failures_gpu_hours_and_checks(tmp_path):
         not checks["valid result.json for every run"]["passed"]
         and "broken" in checks["valid result.json for every run"]["detail"]
     )
-    assert "| OutOfMemoryError | yes | CUDA out of memory. |" in proc_md
+    assert any(row[2:5] == ["OutOfMemoryError", "yes", "CUDA out of memory."] for row in table_rows(proc_md))
     # the CLI's --check turns a failed check into a non-zero exit
     proc = run_module("telepathy", "report", phase, "--check", "--out", tmp_path / "rep")
     assert proc.returncode == 1 and "## Success checks" in proc.stdout
     strict_json(tmp_path / "rep" / "report.json")
+
+
+def _pixels(fig, ax, color, tol=12):
+    """How many pixels inside ``ax`` are drawn in ``color`` (the rendered figure, as a reader sees it)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_rgb
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    image = np.asarray(canvas.buffer_rgba())[..., :3].astype(int)
+    box = ax.get_window_extent()
+    height = image.shape[0]
+    crop = image[int(height - box.y1) + 2 : int(height - box.y0) - 2, int(box.x0) + 2 : int(box.x1) - 2]
+    target = np.array([round(255 * c) for c in to_rgb(color)])
+    return int((np.abs(crop - target).max(axis=-1) <= tol).sum())
+
+
+def _reading_order(legend):
+    """A legend's entries as a reader reads them, row by row (matplotlib fills it column by column)."""
+    import numpy as np
+
+    columns = np.array_split([t.get_text() for t in legend.get_texts()], legend._ncols)
+    return [str(col[r]) for r in range(len(columns[0])) for col in columns if r < len(col)]
+
+
+def test_figures_keep_one_colour_per_method_clipped_bands_numeric_order_and_visible_equal_baselines(tmp_path):
+    """Before: bands ran from -70% to 170%, a method changed colour between panels (the colours
+    were handed out per panel), the legend read 16, 4, 8, two baselines at one value showed as one
+    line, and the eval panel was in fractions while the table is in percent."""
+    from matplotlib.colors import rgb_to_hsv, to_rgb
+
+    hue = lambda c: rgb_to_hsv(to_rgb(c))[0]  # noqa: E731
+    for task in ("sst2", "trec"):
+        for c in (4, 8, 16):
+            for seed, acc in ((0, 0.1), (1, 0.9)):  # two seeds far apart: t(0.975, 1) = 12.7, the CI spans ±400 pp
+                log = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4)] + [{"step": 2, "eval_accuracy": 0.75}]
+                write_run(tmp_path, task, "bridge", seed, {"accuracy": acc}, compression=c, log=log)
+        # trec has no linear probe: per-panel colours would give zeroshot another colour there
+        for method in ("zeroshot", "linear_probe") if task == "sst2" else ("zeroshot",):
+            for seed in (0, 1):  # equal values: the two baselines of sst2 are one horizontal line
+                write_run(tmp_path, task, method, seed, {"accuracy": 0.5}, compression=None)
+    runs = analysis.load_runs(tmp_path)
+    summary = analysis.summarise(runs)
+    fig = plots.accuracy_vs_compression(summary)
+    for ax in fig.axes:
+        (bridge,) = [line for line in ax.lines if line.get_label() == "bridge"]
+        assert to_rgb(bridge.get_color()) == to_rgb(plots.PALETTE["bridge"])
+        zeroshot = next(line for line in ax.lines if line.get_label() == "zeroshot")
+        assert to_rgb(zeroshot.get_color()) == to_rgb(plots.PALETTE["zeroshot"]), ax.get_title()
+        for band in ax.collections:  # clipped to what an accuracy can be
+            y = band.get_paths()[0].vertices[:, 1]
+            assert y.min() >= 0 and y.max() <= 100
+        lo, hi = ax.get_ylim()
+        assert -5 <= lo and hi <= 105
+    sst2 = fig.axes[0]
+    for method in ("zeroshot", "linear_probe"):  # both baselines at 50% stay visible: their dashes interleave
+        assert _pixels(fig, sst2, plots.PALETTE[method]) > 50, method
+
+    curves = plots.training_curves(analysis.load_logs(runs))
+    (legend,) = curves.legends
+    assert _reading_order(legend) == [f"bridge compression={c}" for c in (4, 8, 16)]
+    loss, evals = curves.axes[:2]
+    shades = [line.get_color() for line in loss.lines]
+    assert {round(hue(c), 3) for c in shades} == {round(hue(plots.PALETTE["bridge"]), 3)} and len(set(shades)) == 3
+    assert {tuple(line.get_ydata()) for line in evals.lines} == {(75.0,)}  # percent, as in the table
+    assert evals.get_ylim()[1] <= 105 and all(float(t).is_integer() for t in evals.get_xticks())
+
+    for path in ("bridge", "text_relay", "direct"):
+        for c in (16, 4):
+            write_run(
+                tmp_path,
+                method="latency",
+                compression=c,
+                name=f"lat-{path}-c{c}",
+                metrics={"p50_ms": 10.0 * c, "p99_ms": 12.0 * c, "throughput_eps": 1.0},
+                config_extra={"method": "latency", "batch_size": 1, "path": path, "compression": c},
+            )
+    lat_fig = plots.latency(analysis.load_runs(tmp_path))
+    lines = {line.get_label(): line for line in lat_fig.axes[1].lines}
+    order = [f"{path} compression={c}" for path in ("bridge", "direct", "text_relay") for c in (4, 16)]
+    assert _reading_order(lat_fig.legends[0]) == order
+    for path, method in (("bridge", "bridge"), ("text_relay", "text_relay"), ("direct", "zeroshot")):
+        assert round(hue(lines[f"{path} compression=4"].get_color()), 3) == round(hue(plots.PALETTE[method]), 3)

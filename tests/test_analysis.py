@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis_fixtures import training_log, write_run, write_sweep
+from analysis_fixtures import table_rows, training_log, write_run, write_sweep
 from telepathy import analysis
 
 # -----------------------------------------------------------------------------
@@ -341,8 +341,9 @@ def test_tables_show_measured_compression_beside_nominal(tmp_path):
     md = to_markdown(*metric_table(s.reset_index()))
     header = md.splitlines()[0]
     assert header.index("Compression") < header.index("Measured ×") and "Receiver positions" in header
-    assert "| sst2 | bridge | 8 | 1.2× | 8 |" in md and "| sst2 | llmlingua |  | 4.0× | 2.5 |" in md
-    assert "| sst2 | text_relay |  |  | 32 |" in md
+    starts = [row[:5] for row in table_rows(md)]
+    assert ["sst2", "bridge", "8", "1.2×", "8"] in starts and ["sst2", "llmlingua", "", "4.0×", "2.5"] in starts
+    assert ["sst2", "text_relay", "", "", "32"] in starts
 
 
 def test_table_notes_rows_whose_sender_read_less_text(tmp_path):

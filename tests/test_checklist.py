@@ -81,8 +81,8 @@ def test_checklist_fails_on_oom_low_utilisation_missing_seeds_and_a_lost_record(
         if line.strip().startswith("[")
     }
     assert all(line.strip().startswith("[FAIL]") for line in lines.values()), lines
-    assert "1 runs out of memory" in lines["no OOM"]
-    assert "2/3 result.json readable" in lines["valid JSON from every experiment"]
+    assert "1 runs out of memory" in lines["no out-of-memory failure"]  # report.SUCCESS_CHECKS' wording
+    assert "2/3 result.json readable" in lines["valid result.json for every run"]
     assert "50.0% over 2 runs" in lines[">80% average GPU utilisation"]
 
 

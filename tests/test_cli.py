@@ -39,6 +39,63 @@ def test_bad_value_of_one_multirun_job_leaves_no_run_dir(outputs):
     assert not (outputs / "runs").exists()
 
 
+def test_a_sweep_checks_every_job_before_the_first_runs_one_line_per_bad_job(outputs):
+    """Before: the default launcher ran job #0, then died on #1's bad value with #2 never started."""
+    proc = run_train("-m", *TINY, "seed=7,-1,8", "trainer.lr=1e-3,-1", outputs=outputs, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert lines == [
+        "error: 4 of 6 jobs are invalid; none ran:",
+        "  #1 budget=tiny seed=7 trainer.lr=-1: trainer.lr=-1 is not allowed; allowed: a number in [0, inf]",
+        "  #2 budget=tiny seed=-1 trainer.lr=0.001: seed=-1 is not allowed; allowed: an integer in [0, 4294967295]",
+        "  #3 budget=tiny seed=-1 trainer.lr=-1: seed=-1 is not allowed; allowed: an integer in [0, 4294967295]",
+        "  #5 budget=tiny seed=8 trainer.lr=-1: trainer.lr=-1 is not allowed; allowed: a number in [0, inf]",
+    ], proc.stderr[-3000:]
+    assert not (outputs / "runs").exists() and "Launching" not in proc.stdout
+
+
+def test_a_failing_job_is_a_row_of_the_end_table_and_the_sweep_goes_on(outputs, tmp_path):
+    """Before: the job after the failed one ran, then the sweep ended in the failed job's traceback
+    and the end-of-sweep table was lost. Now: every job runs, the table has the failure, exit 1."""
+    from helpers import data_root
+
+    root = tmp_path / "data"  # sst2 as it is; trec's test split breaks at line 4, after the checks before the run
+    (root / "trec").mkdir(parents=True)
+    (root / "sst2").symlink_to(data_root() / "sst2")
+    (root / "trec" / "train.jsonl").symlink_to(data_root() / "trec" / "train.jsonl")
+    head = (data_root() / "trec" / "test.jsonl").read_text().splitlines()[:3]
+    (root / "trec" / "test.jsonl").write_text("\n".join([*head, '{"text": broken']) + "\n")
+    proc = run_train("-m", *TINY, "task=trec,sst2", f"data.root={root}", outputs=outputs, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    trec, sst2 = sorted(results(outputs), key=lambda r: r["task"], reverse=True)
+    assert (trec["status"], sst2["status"]) == ("failed", "completed")
+    table = proc.stdout[proc.stdout.index("multirun summary (2 jobs)") :]
+    assert "(1 completed, 1 failed)" in table
+    assert re.search(rf"failed .* {trec['run_id']}  DataError: {root}/trec/test", table), table  # the error, cut at 80
+    assert re.search(rf"completed .* {sst2['run_id']}  accuracy=", table), table
+    assert "1 of 2 jobs failed" in table
+
+
+def test_an_added_key_no_config_or_code_reads_fails_in_one_line_naming_the_closest_key(outputs):
+    # before: Hydra's hint for `trainer.lrr=1` is `+trainer.lrr=1`, which then ran, the key a no-op, with a new run id
+    _fails_in_one_line(
+        run_train(*TINY, "+trainer.lrr=1", outputs=outputs, check=False),
+        outputs,
+        "+trainer.lrr=1 is not allowed: no config or code reads trainer.lrr; did you mean trainer.lr=1?",
+    )
+
+
+def test_a_phase_without_multirun_fails_in_one_line_instead_of_running_one_job(outputs):
+    # before: Hydra ignored the phase's sweep and ran its first job, silently
+    _fails_in_one_line(
+        run_train(*TINY, "+phase=p1_seeds", outputs=outputs, check=False),
+        outputs,
+        "+phase=p1_seeds is a sweep (method=bridge,zeroshot,zeroshot_sender task=sst2,agnews,trec seed=42,123,456)",
+        "allowed: python train.py -m +phase=p1_seeds",
+    )
+
+
 def test_missing_model_fails_in_one_line(outputs):
     line = _fails_in_one_line(
         run_train(
@@ -113,8 +170,11 @@ def test_logs_hold_progress_evals_and_final_metrics_and_a_multirun_ends_with_a_t
             and f"accuracy                    {record['metrics']['accuracy']:.4f}" in log
         )
         assert 'eval at step 2: {"step": 2, "eval_accuracy"' in log
+        # at the start, what the run changes from the defaults (before: no config in the log at all)
+        changes = log[log.index("values differ from the defaults (all of it: .hydra/config.yaml)") :]
+        assert "\n  groups: budget=tiny\n" in changes and f"\n  seed: 42 → {record['seed']}\n" in changes
         # no TTY: the progress bars are log lines with rate and ETA
-        assert re.search(r"train: 4/4 step \(100%\) [\d.]+ step/s elapsed \d:\d\d:\d\d ETA 0:00:00", log)
+        assert re.search(r"train: 4/4 step \(100%\) [\d.]+ step/s elapsed \d\d:\d\d ETA 00:00, loss=[\d.]+", log)
     summary = proc.stdout[proc.stdout.index("multirun summary (2 jobs)") :]
     for record in records:
         assert re.search(rf"completed .* {record['run_id']}  accuracy={record['metrics']['accuracy']:.4f}", summary)

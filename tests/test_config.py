@@ -73,3 +73,52 @@ def test_bad_config_fails_before_any_model_loads(outputs):
     assert proc.returncode != 0
     assert "sender.layer=40 is out of range" in proc.stderr
     assert not (outputs / "runs").exists() or not any((outputs / "runs").glob("*/result.json"))
+
+
+def _with_hydra(*overrides):
+    """The composed config with its ``hydra`` node, as Hydra hands it to the run-dir resolver."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from helpers import REPO
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+
+
+@pytest.mark.parametrize(
+    "added,message",
+    [
+        (
+            "+trainer.lrr=1",
+            "+trainer.lrr=1 is not allowed: no config or code reads trainer.lrr; did you mean trainer.lr=1?",
+        ),
+        ("++trainer.lrr=1", "did you mean trainer.lr=1?"),  # ++ may set a key a config file has; this one none has
+        ("+reruns=all", "did you mean +rerun=all?"),  # a key the code reads, added with +
+        ("+method.shots=2", "no config or code reads method.shots"),  # fewshot's key: method=bridge never reads it
+        ("+bridge.dpeth=2", "did you mean bridge.depth=2?"),
+    ],
+)
+def test_a_key_no_config_or_code_reads_is_refused_naming_the_closest_one(added, message):
+    """Before: Hydra suggests `+trainer.lrr=1` for a typo and the run took it as a no-op, with a new run id."""
+    with pytest.raises(ConfigError) as err:
+        validate(_with_hydra(*TINY, added))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "added",
+    [
+        "+rerun=all",
+        "+dry_run=true",
+        "+phase=p1_seeds",
+        "+pair=small",
+        "++resources.gpus=1",
+        "+cluster.env.HF_HOME=/x",
+        "++run.reuse_seeds=[1,2]",
+        "++trainer.lr=1e-3",
+        "+sender.init_seed=3",
+    ],
+)
+def test_keys_the_code_reads_or_the_configs_define_can_be_added(added):
+    validate(_with_hydra(*TINY, added))

@@ -193,3 +193,27 @@ def test_reusing_a_deterministic_run_copies_its_whole_record(tmp_path):
     assert reused["timing"] == source["timing"] and "memory" not in reused  # nothing was measured here
     assert reused["identity"] == {**source["identity"], "seed": 2} and reused["seed"] == 2
     assert (Path(reused["run_dir"]) / results.PREDICTIONS_FILE).read_text() == '{"idx": 0, "pred": 1}\n'
+
+
+@pytest.mark.parametrize(
+    "classes,warning",
+    [
+        (1, "WARNING: collapsed bridge: one class predicted for every test item"),
+        (0, "WARNING: no test answer could be parsed (every item counts as wrong, so accuracy is 0, not the majority"),
+    ],
+)
+def test_the_final_metrics_say_collapse_only_when_one_class_was_predicted(classes, warning, caplog):
+    """Before: a generate readout whose answers were all unparseable (accuracy 0.0) was called a collapse,
+    'one class predicted for every test item'."""
+    bridge = {
+        "num_latents": 8,
+        "compression_factor": 8,
+        "measured_compression_mean": 3.0,
+        "text_tokens_mean": 24.0,
+        "diagnostics": {"soft_token_cosine_mean": 0.9, "predicted_classes": classes, "single_class": True},
+    }
+    record = {"method": "bridge", "task": "sst2", "seed": 1, "run_dir": "r", "metrics": {"accuracy": 0.0}}
+    with caplog.at_level("INFO", logger="telepathy"):
+        lifecycle._log_summary({**record, "bridge": bridge})
+    assert warning in caplog.text
+    assert ("collapsed bridge" in caplog.text) == (classes == 1)

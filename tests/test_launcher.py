@@ -191,3 +191,37 @@ def test_status_reads_manifests_results_and_the_queue(tmp_path, monkeypatch):
     assert status.alive_runs(out) == {str(runs["pending"]): "7_2", str(runs["live"]): "8_0"}
     text = status.render(list(rows.values()))
     assert "phase p1_seeds" in text and "7_2" in text
+
+
+def test_a_failed_job_comes_back_as_a_value_so_the_sweep_goes_on():
+    """Hydra's sweeper re-raises a failed job's error when its batch is back (the end-of-sweep table
+    was lost with it); the launchers hand a failed job back with its error as its value."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from hydra_plugins.telepathy_launcher.launcher import FailedJob, kept
+
+    error = ValueError("boom")
+    failed = JobReturn(overrides=["seed=1"], status=JobStatus.FAILED, _return_value=error)
+    back = kept(failed)
+    assert isinstance(back, FailedJob) and back.status == JobStatus.FAILED and back.overrides == ["seed=1"]
+    assert back.return_value is error  # JobReturn.return_value raises it
+    done = JobReturn(status=JobStatus.COMPLETED, _return_value={"accuracy": 1.0})
+    assert kept(done) is done
+
+
+def test_status_shows_step_and_eta_of_a_local_run(tmp_path):
+    """Before: a running local run (no SLURM job) showed its heartbeat only, no step or ETA."""
+    import os
+    import socket
+    import time
+
+    run_dir = tmp_path / "out" / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    trainer = {"max_steps": 10, "batch_size": 4, "grad_accum": 1}
+    (run_dir / "result.json").write_text(json.dumps({"status": "running", "config": {"trainer": trainer}}))
+    beat = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time(), "interval_s": 30}
+    (run_dir / "heartbeat.json").write_text(json.dumps(beat))
+    rows = [{"step": s, "loss": 1.0, "examples_per_s": 4.0} for s in (1, 2, 3)]  # 1 s per step of 4 examples
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (row,) = status.collect(tmp_path / "out")
+    assert row["state"] == "running" and row["detail"].endswith("step 3/10, ETA 0:00:07"), row

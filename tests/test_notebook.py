@@ -10,9 +10,9 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from analysis_fixtures import write_sweep
+from analysis_fixtures import table_rows, write_sweep
 from helpers import TINY, needs_data, run_train
-from telepathy.analysis import report
+from telepathy.analysis import aggregate, report
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "results.ipynb"
@@ -42,11 +42,14 @@ def test_notebook_is_committed_without_outputs():
 def test_notebook_on_synthetic_sweep(tmp_path, monkeypatch):
     runs = write_sweep(tmp_path / "runs")
     markdown, pngs = execute(runs, monkeypatch)
-    table = markdown[0]
-    assert "| sst2 | bridge | 4 | 2.5× | 8 | 75.8 ± 3.6 | 3 | 1 failed |" in table
-    assert "| sst2 | receiver_only |  |  |  | 50.0 | 1 (det.) |  |" in table
+    table = table_rows(markdown[0])
+    assert ["sst2", "bridge", "4", "2.5×", "8", "75.8 ± 3.6", "3", "1 failed"] in table
+    assert ["sst2", "receiver_only", "", "", "", "50.0", "1 (det.)", ""] in table
     assert "p (Holm)" in markdown[1]
     assert pngs == 2
+    # the same numbers as summary.md (before: 2000 bootstrap resamples in the notebook, 10 000 in aggregate)
+    summary_md, _, _ = aggregate.write_outputs(aggregate.build(runs), tmp_path / "summary", [runs])
+    assert markdown[0] in summary_md and markdown[1] in summary_md
 
 
 @pytest.mark.slow
@@ -62,8 +65,8 @@ def test_notebook_and_report_on_a_real_tiny_sweep(tmp_path, monkeypatch):
     c = records[0]["config"]["compression"]
 
     markdown, pngs = execute(runs_dir, monkeypatch)
-    row = next(line for line in markdown[0].splitlines() if line.startswith(f"| sst2 | bridge | {c} |"))
-    assert f"| {100 * sum(accs) / 3:.1f} ± " in row and row.endswith("| 3 |")
+    row = next(row for row in table_rows(markdown[0]) if row[:3] == ["sst2", "bridge", str(c)])
+    assert row[-2].startswith(f"{100 * sum(accs) / 3:.1f} ± ") and row[-1] == "3"
     assert pngs == 2
 
     md, rec = report.build_report(outputs)

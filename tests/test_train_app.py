@@ -101,17 +101,24 @@ def test_failed_run_records_the_error(outputs):
     assert "task.labels must be a non-empty list of distinct verbalisers" in proc.stderr
 
 
-def _interrupt_after_first_step(overrides, outputs):
-    """Start a run, send SIGTERM once it has logged a step, wait for it to stop."""
+def _interrupt_after_first_step(overrides, outputs, signum=signal.SIGTERM):
+    """Start a run, send ``signum`` once it has logged a step, wait for it to stop."""
     cmd = [sys.executable, "train.py", *overrides]
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=run_env(outputs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=REPO,
+        env=run_env(outputs),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # Ctrl-C reaches Python as in a terminal, even when the shell that started pytest ignores SIGINT
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 300
     while time.time() < deadline:
         logs = list((outputs / "runs").glob("*/log.jsonl")) if (outputs / "runs").exists() else []
         if logs and logs[0].read_text().strip():
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             break
         if proc.poll() is not None:
             break
@@ -136,6 +143,29 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
     assert resumed["metrics"] == straight["metrics"]
     pred = lambda root, r: (Path(r["run_dir"]) / "predictions.jsonl").read_text()  # noqa: E731
     assert pred(tmp_path / "interrupted", resumed) == pred(tmp_path / "straight", straight)
+
+
+def test_ctrl_c_checkpoints_after_the_step_and_says_how_to_resume_in_one_line(tmp_path):
+    """Before: Ctrl-C wrote no checkpoint (the steps since the last one were lost) and printed a
+    traceback of about a hundred lines. Now it is SIGTERM's path: finish the step, checkpoint, one line."""
+    outputs = tmp_path / "outputs"
+    overrides = [*TINY, "trainer.max_steps=200", "trainer.checkpoint_every=1000", "trainer.eval_every=0"]
+    code, out = _interrupt_after_first_step(overrides, outputs, signal.SIGINT)
+    (stopped,) = results(outputs)
+    run_dir = Path(stopped["run_dir"])
+    steps = [json.loads(line)["step"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert code == 130 and stopped["status"] == "interrupted", out[-3000:]
+    step = steps[-1]
+    assert 1 <= step < 200 and sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{step:08d}"]
+    line = f"interrupted at step {step}; rerun the same command to resume"
+    assert out.rstrip().endswith(line) and "Traceback" not in out, out[-3000:]
+    after = [x for x in out[out.index("received SIGINT") :].splitlines()[1:] if "[telepathy.progress]" not in x]
+    assert len(after) == 1, out[-3000:]  # the notice, the progress line of the step it finished, that line
+    assert line in (run_dir / "train.log").read_text()
+    assert stopped["error"] == {"type": "Interrupted", "message": f"interrupted at step {step} (SIGINT)"}
+    run_train(*overrides, outputs=outputs)  # the same command again
+    (resumed,) = results(outputs)
+    assert resumed["status"] == "completed" and resumed["training"]["resumed_from"] == step
 
 
 def test_a_run_learns_the_same_whatever_the_micro_batch_split(outputs):

@@ -13,8 +13,15 @@ What it changes in hydra-submitit-launcher's ``BaseSubmititLauncher``:
   apply ``hydra.sweep.mode`` to the sweep dir.
 * ``checkpoint`` is upstream's (requeue the same job with the same arguments, so it
   resumes in the same run dir) plus a log line.
-* Two config nodes: ``hydra/launcher=telepathy_slurm`` and ``telepathy_local``
-  (conf/hydra/launcher/slurm.yaml and local.yaml select them).
+* ``TelepathyBasicLauncher`` is ``python train.py -m``'s default (conf/hydra/launcher/default.yaml):
+  Hydra's basic launcher (the jobs one after another, in this process), except that every job
+  of the sweep is composed and checked before the first one runs (one line per bad job, none
+  run), and that a job which fails is a row of the end table, not the end of the sweep.
+* A failed job never ends a sweep: Hydra's sweeper re-raises the error of a failed job as soon
+  as its batch is back, so the other launchers' failed jobs come back as ``FailedJob``, whose
+  value is its error (the multirun summary shows it and exits 1).
+* Three config nodes: ``hydra/launcher=telepathy_slurm``, ``telepathy_local`` and
+  ``telepathy_basic`` (conf/hydra/launcher/slurm.yaml, local.yaml and default.yaml select them).
 """
 
 import contextlib
@@ -26,10 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from omegaconf import OmegaConf
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from omegaconf import OmegaConf, open_dict
 
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
@@ -115,7 +124,7 @@ class _TelepathyMixin:
 
         if not self._WAIT_FOR_RESULTS:
             return [_job_return(j, "queued" if j.state == "queue" else j.state) for j in planned]
-        results = {job.idx: handle.results()[0] for job, handle in submitted}
+        results = {job.idx: kept(handle.results()[0]) for job, handle in submitted}
         return [results.get(j.idx) or _job_return(j, j.state) for j in planned]
 
     def _preflight(self, classes, packs=()) -> None:
@@ -222,6 +231,84 @@ class _TelepathyMixin:
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
+class FailedJob(JobReturn):
+    """A job whose run failed (its result.json says so, with the error). Its value is its error
+    instead of raising it, so that Hydra's sweeper goes on to the next batch and the sweep ends
+    with the multirun summary, which shows the job as failed and exits 1."""
+
+    @property
+    def return_value(self):
+        return self._return_value
+
+    @return_value.setter
+    def return_value(self, value) -> None:
+        self._return_value = value
+
+
+def kept(ret: JobReturn) -> JobReturn:
+    """``ret``, or for a failed job the same job as a ``FailedJob`` (status FAILED, error as value)."""
+    if ret.status != JobStatus.FAILED:
+        return ret
+    failed = FailedJob()
+    failed.__dict__.update(ret.__dict__)
+    return failed
+
+
+def check_job(cfg) -> str | None:
+    """What stops one composed job before anything runs (one line), or None: the checks that
+    ``${telepathy.run_dir:}`` makes when Hydra resolves the job's directory."""
+    from telepathy import hydra_glue
+
+    previous = HydraConfig.instance().cfg
+    HydraConfig.instance().set_config(cfg)  # the job's own ${hydra:...} values resolve as they will when it runs
+    try:
+        hydra_glue.checked_run_dir(_root_=cfg)
+    except hydra_glue.UsageError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 - listed with the others; the run itself would raise it too
+        return f"{type(err).__name__}: {err}"
+    finally:
+        HydraConfig.instance().cfg = previous
+    return None
+
+
+class TelepathyBasicLauncher(BasicLauncher):
+    """``python train.py -m``: check every job, then run them one after another in this process."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        assert self.hydra_context is not None and self.config is not None and self.task_function is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        jobs, problems = [], []
+        for idx, overrides in enumerate(job_overrides, initial_job_idx):
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(cfg):
+                cfg.hydra.job.id = cfg.hydra.job.num = idx
+            problem = check_job(cfg)
+            if problem:
+                problems.append(f"  #{idx} {' '.join(filter_overrides(overrides))}: {problem}")
+            jobs.append((idx, overrides, cfg))
+        if problems:
+            bad = f"{len(problems)} of {len(jobs)} jobs {'is' if len(problems) == 1 else 'are'} invalid"
+            print(f"error: {bad}; none ran:\n" + "\n".join(problems), file=sys.stderr, flush=True)
+            raise SystemExit(1)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        log.info("Launching %d jobs locally", len(jobs))
+        runs = []
+        for idx, overrides, cfg in jobs:
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+            ret = run_job(
+                hydra_context=self.hydra_context,
+                task_function=self.task_function,
+                config=cfg,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
+            )
+            runs.append(kept(ret))
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return runs
+
+
 def _job_return(job: PlannedJob, state: str) -> JobReturn:
     ret = JobReturn(overrides=job.overrides, working_dir=job.run_dir, task_name="train", status=JobStatus.COMPLETED)
     ret.return_value = {
@@ -261,6 +348,14 @@ class TelepathyLocalConf(LocalQueueConf):
     dry_run: bool = False
 
 
+@dataclass
+class TelepathyBasicConf:
+    _target_: str = "hydra_plugins.telepathy_launcher.launcher.TelepathyBasicLauncher"
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="telepathy_basic", node=TelepathyBasicConf, provider="telepathy_launcher"
+)
 ConfigStore.instance().store(
     group="hydra/launcher", name="telepathy_slurm", node=TelepathySlurmConf, provider="telepathy_launcher"
 )

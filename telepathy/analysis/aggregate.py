@@ -128,7 +128,7 @@ def write_outputs(
     written, skipped = ["summary.json", "summary.md", "summary.tex"], []
     jobs = [
         ("accuracy_vs_compression", lambda s: plots.accuracy_vs_compression(summary, metric, scale, s)),
-        ("training_curves", lambda s: plots.training_curves(result["logs"], s)),
+        ("training_curves", lambda s: plots.training_curves(result["logs"], s, scale)),
         ("latency", lambda s: plots.latency(result["runs"], s)),
     ]
     for stem, fn in jobs:

@@ -8,8 +8,13 @@ type; GPU-hours in total and per run (every attempt of a resumed run counts);
 peak GPU memory per run against the planned estimate; GPU utilisation where a run recorded it; and the phase's
 success checks:
 
-  all runs completed | no out-of-memory failure | a valid result.json for every
-  run | every experiment has >= 3 independent seeds with a CI (or is deterministic)
+  all runs completed | no out-of-memory failure | valid result.json for every
+  run | 3 seeds with confidence intervals (every experiment has >= 3 independent
+  seeds, or is deterministic)
+
+``SUCCESS_CHECKS`` is the one list of the plan's success checks, in one wording: this report
+shows those the run directories answer; ``python -m telepathy status --plan``
+(telepathy/cluster/checklist.py) reads the same list and adds those that need the plan.
 
 --out writes report.md and report.json; --check exits 1 when a check fails.
 """
@@ -28,7 +33,17 @@ from telepathy import analysis
 from telepathy.analysis.tables import jsonable, plain, to_markdown
 from telepathy.results import gpus_held, record_cost
 
-MIN_SEEDS = 3
+SEEDS_NEEDED = 3  # independent seeds an experiment needs for its CI (a deterministic method needs one)
+UTIL_TARGET = 80.0  # % average GPU utilisation the plan aims for
+# the success checks, by key: their one wording, here and in `status --plan` (cluster/checklist.py)
+SUCCESS_CHECKS = {
+    "window": "every phase done in the window",  # needs the plan: status --plan
+    "gpu_util": f">{UTIL_TARGET:g}% average GPU utilisation",  # needs the plan's runs' telemetry: status --plan
+    "completed": "all runs completed",
+    "oom": "no out-of-memory failure",
+    "valid": "valid result.json for every run",
+    "seeds": f"{SEEDS_NEEDED} seeds with confidence intervals",
+}
 
 
 def gpu_count(run: dict) -> float:
@@ -107,16 +122,16 @@ def resource_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
 
 
 def checks(runs: pd.DataFrame, metric: str = "accuracy") -> list[tuple[str, bool, str]]:
-    """The phase's success criteria, each (name, passed, detail)."""
+    """The phase's success criteria that its run directories answer, each (name, passed, detail)."""
     out = []
     n = len(runs)
     done = int((runs["status"] == "completed").sum())
-    out.append(("all runs completed", done == n, f"{done}/{n} completed"))
+    out.append((SUCCESS_CHECKS["completed"], done == n, f"{done}/{n} completed"))
     oom = runs["error.oom"].fillna(False).astype(bool) if "error.oom" in runs else pd.Series(False, index=runs.index)
     oom |= runs["error.type"].fillna("").str.contains("OutOfMemory")
     out.append(
         (
-            "no out-of-memory failure",
+            SUCCESS_CHECKS["oom"],
             not oom.any(),
             f"{int(oom.sum())} OOM: " + ", ".join(runs.loc[oom, "run_id"]) if oom.any() else "none",
         )
@@ -124,28 +139,32 @@ def checks(runs: pd.DataFrame, metric: str = "accuracy") -> list[tuple[str, bool
     bad = runs["status"].isin(["missing", "malformed"])
     out.append(
         (
-            "valid result.json for every run",
+            SUCCESS_CHECKS["valid"],
             not bad.any(),
             f"{int(bad.sum())} without one: " + ", ".join(runs.loc[bad, "run_id"]) if bad.any() else "all valid",
         )
     )
     try:
         s = analysis.summarise(runs, metric)
-        short = s[(s["n_independent"] < MIN_SEEDS) & ~s["deterministic"]]
-        detail = f"{len(s) - len(short)}/{len(s)} experiments have >= {MIN_SEEDS} seeds or are deterministic" + (
-            "; short: "
-            + "; ".join(
-                f"{r.task}/{r.method}"
-                + (f"/c{plain(r.compression)}" if not analysis.is_missing(r.compression) else "")
-                + f" n={r.n_independent}"
-                for r in short.itertuples()
+        short = s[(s["n_independent"] < SEEDS_NEEDED) & ~s["deterministic"]]
+        detail = (
+            f"{len(s) - len(short)}/{len(s)} experiments have >= {SEEDS_NEEDED} seeds of {metric} "
+            "or are deterministic"
+            + (
+                "; short: "
+                + "; ".join(
+                    f"{r.task}/{r.method}"
+                    + (f"/c{plain(r.compression)}" if not analysis.is_missing(r.compression) else "")
+                    + f" n={r.n_independent}"
+                    for r in short.itertuples()
+                )
+                if len(short)
+                else ""
             )
-            if len(short)
-            else ""
         )
-        out.append((f"{MIN_SEEDS} seeds with CIs ({metric})", len(s) > 0 and not len(short), detail))
+        out.append((SUCCESS_CHECKS["seeds"], len(s) > 0 and not len(short), detail))
     except ValueError as e:  # MissingMetricError, missing seeds, duplicated runs
-        out.append((f"{MIN_SEEDS} seeds with CIs ({metric})", False, str(e).replace("\n", " ")))
+        out.append((SUCCESS_CHECKS["seeds"], False, str(e).replace("\n", " ")))
     return out
 
 

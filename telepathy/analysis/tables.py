@@ -322,12 +322,9 @@ def _pfmt(p: float) -> str:
 
 
 def to_markdown(header: list[str], rows: list[list[str]], notes: list[str]) -> str:
-    """Pipe table plus italic notes. Not DataFrame.to_markdown: it needs `tabulate` (not a
-    dependency) and has no notes; the LaTeX below is booktabs with the notes in the caption
-    and ±/Δ/— escaped, which Styler.to_latex does not do either."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    text = "\n".join(lines) + "\n"
+    """Pipe table (pandas' ``DataFrame.to_markdown``, tabulate) plus the notes in italics under it.
+    Cells are the tables' own strings (``disable_numparse``: "4" is not re-formatted as a number)."""
+    text = pd.DataFrame(rows, columns=header).to_markdown(index=False, disable_numparse=True) + "\n"
     return text + "".join(f"\n_{n}_\n" for n in notes)
 
 
@@ -358,24 +355,16 @@ def _tex(s: object) -> str:
 
 
 def to_latex(header: list[str], rows: list[list[str]], notes: list[str], caption: str) -> str:
-    cols = "l" * (len(header) - 1) + "r"
-    lines = [
-        r"\begin{table}[t]",
-        r"\centering",
-        r"\small",
-        rf"\begin{{tabular}}{{{cols}}}",
-        r"\toprule",
-        " & ".join(_tex(h) for h in header) + r" \\",
-        r"\midrule",
-    ]
-    lines += [" & ".join(_tex(c) for c in r) + r" \\" for r in rows]
-    lines += [
-        r"\bottomrule",
-        r"\end{tabular}",
-        rf"\caption{{{_tex(caption)} {' '.join(_tex(n) for n in notes)}}}",
-        r"\end{table}",
-    ]
-    return "\n".join(lines) + "\n"
+    """A booktabs table (pandas' ``Styler.to_latex``) with the notes in its caption; every cell and
+    the caption go through ``_tex`` (LaTeX's special characters, and ±/Δ/×/—/− as math)."""
+    table = pd.DataFrame(rows, columns=header).style.hide(axis="index").format(_tex).format_index(_tex, axis=1)
+    return table.to_latex(
+        column_format="l" * (len(header) - 1) + "r",
+        hrules=True,
+        position="t",
+        position_float="centering",
+        caption=_tex(" ".join([caption, *notes])),
+    )
 
 
 def jsonable(v: Any) -> Any:

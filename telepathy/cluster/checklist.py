@@ -5,9 +5,11 @@
     python -m telepathy status outputs/ --plan path/plan.json --phase p1_seeds
 
 Why: the plan's success metrics (every phase done in the window, >80% average GPU
-utilisation, no OOM, valid JSON from every experiment, 3 seeds with confidence intervals)
-are facts about many runs together; this puts the planner's ``plan.json`` next to the runs'
-result.json (timing, telemetry, errors) and the scheduler's view (``status.collect``).
+utilisation, no out-of-memory failure, valid result.json for every run, 3 seeds with
+confidence intervals) are facts about many runs together; this puts the planner's
+``plan.json`` next to the runs' result.json (timing, telemetry, errors) and the scheduler's
+view (``status.collect``). Their wording and thresholds are ``telepathy.analysis.report``'s
+``SUCCESS_CHECKS`` (one list for this and ``python -m telepathy report``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from telepathy.analysis.report import SEEDS_NEEDED, SUCCESS_CHECKS, UTIL_TARGET
 from telepathy.cluster.plan import PLAN_FILE
-
-UTIL_TARGET = 80.0
-SEEDS_NEEDED = 3
 
 
 def latest_plan(output_dir: Path) -> Path | None:
@@ -130,7 +130,8 @@ def compare(plan: dict, rows: list[dict], phase: str | None = None) -> dict:
 
 
 def checklist(plan: dict, per_job: list[dict]) -> list[tuple[str, bool, str]]:
-    """The five success metrics: (name, passed, evidence)."""
+    """The plan's five success metrics (``SUCCESS_CHECKS`` less "all runs completed", which "every phase
+    done in the window" includes): (name, passed, evidence)."""
     window_s = float(plan["cluster"]["window_h"]) * 3600
     done = [r for r in per_job if r["status"] == "completed"]
     starts = [_seconds(r["started_at"]) for r in per_job if r["started_at"]]
@@ -148,21 +149,21 @@ def checklist(plan: dict, per_job: list[dict]) -> list[tuple[str, bool, str]]:
     short = [k for k, v in seeds.items() if len(v) < SEEDS_NEEDED]
     return [
         (
-            "every phase done in the window",
+            SUCCESS_CHECKS["window"],
             in_window,
             f"{len(done)}/{len(per_job)} completed in {span / 3600:.2f} h of {window_s / 3600:g} h"
             if span is not None
             else f"{len(done)}/{len(per_job)} completed",
         ),
         (
-            f">{UTIL_TARGET:g}% average GPU utilisation",
+            SUCCESS_CHECKS["gpu_util"],
             util is not None and util > UTIL_TARGET,
             f"{util:.1f}% over {len(utils)} runs" if util is not None else "no GPU telemetry recorded",
         ),
-        ("no OOM", ooms == 0, f"{ooms} runs out of memory"),
-        ("valid JSON from every experiment", valid == len(per_job), f"{valid}/{len(per_job)} result.json readable"),
+        (SUCCESS_CHECKS["oom"], ooms == 0, f"{ooms} runs out of memory"),
+        (SUCCESS_CHECKS["valid"], valid == len(per_job), f"{valid}/{len(per_job)} result.json readable"),
         (
-            f"{SEEDS_NEEDED} seeds with confidence intervals",
+            SUCCESS_CHECKS["seeds"],
             bool(seeds) and not short,
             f"{len(seeds) - len(short)}/{len(seeds)} configurations with >= {SEEDS_NEEDED} completed seeds",
         ),
@@ -178,7 +179,7 @@ def render(report: dict) -> str:
     for name, p in sorted(report["phases"].items()):
         util = "-"
         if p["gpu_util_pct"] is not None:
-            util = f"{p['gpu_util_pct']:.0f}%{'' if p['gpu_util_pct'] > UTIL_TARGET else ' <80'}"
+            util = f"{p['gpu_util_pct']:.0f}%{'' if p['gpu_util_pct'] > UTIL_TARGET else f' <{UTIL_TARGET:g}'}"
         used = "-" if p["gpu_hours"] is None else f"{p['gpu_hours']:.2f}"
         shared = f" (+{p['shared']} shared, costed in their first phase)" if p["shared"] else ""
         lines.append(

@@ -199,9 +199,11 @@ def _started_state(run_dir: str, status: str, ended: str | None, gone: bool) -> 
         return "interrupted", f"preempted; {resume}"
     if gone:
         return "interrupted", f"its SLURM job is gone; {resume}"
+    # a local run (no SLURM job): its step and ETA from log.jsonl, as for a SLURM job that squeue lists
     if beat:
-        return "running", f"heartbeat {time.time() - float(beat.get('time', 0)):.0f}s ago on {beat.get('host')}"
-    return "running", "result.json says running"
+        age = time.time() - float(beat.get("time", 0))
+        return "running", f"heartbeat {age:.0f}s ago on {beat.get('host')}{_progress(run_dir)}"
+    return "running", "result.json says running" + _progress(run_dir)
 
 
 def progress(run_dir: Path) -> dict | None:
@@ -338,16 +340,25 @@ def render(rows: list[dict]) -> str:
 class MultirunSummary(Callback):
     """``hydra.callbacks.multirun_summary``: after ``-m``, one table (state and headline metrics per run).
 
-    Hydra's own launcher runs the jobs in this process, so ``on_job_end`` sees every run
-    dir; the telepathy launchers (local/SLURM through submitit) list theirs in the sweep's
-    ``jobs.json``. The rows and the table are ``python -m telepathy status``'s.
+    Hydra's own launcher and the default one (conf/hydra/launcher/default.yaml) run the jobs in
+    this process, so ``on_job_end`` sees every run dir and every job that failed; the telepathy
+    launchers (local/SLURM through submitit) list theirs in the sweep's ``jobs.json``. The rows
+    and the table are ``python -m telepathy status``'s. A failed job is a row (state ``failed``,
+    its error); when a job run by this sweep failed, the sweep exits 1 after the table.
     """
 
     def __init__(self):
         self.run_dirs: list[str] = []
+        self.errors: dict[str, str] = {}  # run dir -> the error of a job that failed in this process
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
-        self.run_dirs.append(str(config.hydra.runtime.output_dir))
+        from hydra.core.utils import JobStatus
+
+        run_dir = str(config.hydra.runtime.output_dir)
+        self.run_dirs.append(run_dir)
+        if job_return.status == JobStatus.FAILED:
+            err = job_return._return_value
+            self.errors[run_dir] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
     def on_multirun_end(self, config, **kwargs) -> None:
         from telepathy.cluster.sweep import phase
@@ -355,13 +366,17 @@ class MultirunSummary(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = [{"run_dir": d} for d in self.run_dirs]
         manifest = sweep_dir / MANIFEST
+        launcher = None
         if not jobs and manifest.exists():
-            jobs = json.loads(manifest.read_text()).get("jobs", [])
+            written = json.loads(manifest.read_text())
+            jobs, launcher = written.get("jobs", []), written.get("launcher")
         # jobs queued on SLURM (the launcher returns once they are queued): ask squeue where they stand
         live = squeue_states() if any(job.get("slurm_job_id") for job in jobs) else None
         rows = []
         for job in jobs:
             state, detail = run_state(job, live, {})
+            if job["run_dir"] in self.errors and state != "failed":  # it failed before its record said so
+                state, detail = "failed", self.errors[job["run_dir"]][:120]
             rows.append(
                 {
                     "phase": phase(config) or "-",
@@ -376,6 +391,14 @@ class MultirunSummary(Callback):
             )
         if rows:
             log.info("multirun summary (%d jobs):\n%s", len(rows), render(rows).rstrip())
+        # jobs this sweep ran and waited for (in this process, or hydra/launcher=local): a failure is the exit status
+        ran_here = bool(self.run_dirs) or launcher == "local"
+        failed = [r for r in rows if r["state"] == "failed" and (r["run_dir"] in self.errors or launcher == "local")]
+        if ran_here and failed:
+            log.error(
+                "%d of %d jobs failed (rows above; each run's result.json has the traceback)", len(failed), len(rows)
+            )
+            raise SystemExit(1)
 
 
 def _plan_report(output_dir: Path, plan_arg: str, rows: list[dict], phase: str | None, as_json: bool) -> int:

@@ -202,8 +202,8 @@ HEADLINE = {"classification": "correct", "generation": "rougeL"}  # the per-item
 def run_flags(metrics: dict, diagnostics: dict, bridge: dict) -> list[str]:
     """The names of ``FLAGS`` this run carries."""
     flags = []
-    if diagnostics.get("single_class"):
-        flags.append("single_class")
+    if diagnostics.get("single_class"):  # at most one class: none at all is another failure
+        flags.append("unparsed" if diagnostics.get("predicted_classes") == 0 else "single_class")
     if "majority_accuracy" in metrics and metrics["accuracy"] < metrics["majority_accuracy"] + MAJORITY_MARGIN:
         flags.append("below_majority")
     control = bridge.get("control")
