@@ -198,22 +198,26 @@ def test_reusing_a_deterministic_run_copies_its_whole_record(tmp_path):
 @pytest.mark.parametrize(
     "classes,warning",
     [
-        (1, "WARNING: collapsed bridge: one class predicted for every test item"),
-        (0, "WARNING: no test answer could be parsed (every item counts as wrong, so accuracy is 0, not the majority"),
+        (1, "WARNING: single_class: the readout answers one class for every test item (the bridge collapsed)"),
+        (0, "WARNING: unparsed: no test answer could be parsed (every item counts as wrong, so accuracy is 0, not the"),
     ],
 )
 def test_the_final_metrics_say_collapse_only_when_one_class_was_predicted(classes, warning, caplog):
     """Before: a generate readout whose answers were all unparseable (accuracy 0.0) was called a collapse,
     'one class predicted for every test item'."""
+    from telepathy.methods.bridge import run_flags
+
+    diagnostics = {"soft_token_cosine_mean": 0.9, "predicted_classes": classes, "single_class": True}
     bridge = {
         "num_latents": 8,
         "compression_factor": 8,
         "measured_compression_mean": 3.0,
         "text_tokens_mean": 24.0,
-        "diagnostics": {"soft_token_cosine_mean": 0.9, "predicted_classes": classes, "single_class": True},
+        "diagnostics": diagnostics,
+        "flags": run_flags({"accuracy": 0.0}, diagnostics, {}),
     }
     record = {"method": "bridge", "task": "sst2", "seed": 1, "run_dir": "r", "metrics": {"accuracy": 0.0}}
     with caplog.at_level("INFO", logger="telepathy"):
         lifecycle._log_summary({**record, "bridge": bridge})
     assert warning in caplog.text
-    assert ("collapsed bridge" in caplog.text) == (classes == 1)
+    assert ("the bridge collapsed" in caplog.text) == (classes == 1)
