@@ -387,3 +387,26 @@ def test_figures_keep_one_colour_per_method_clipped_bands_numeric_order_and_visi
     assert _reading_order(lat_fig.legends[0]) == order
     for path, method in (("bridge", "bridge"), ("text_relay", "text_relay"), ("direct", "zeroshot")):
         assert round(hue(lines[f"{path} compression=4"].get_color()), 3) == round(hue(plots.PALETTE[method]), 3)
+
+
+def test_every_plot_labels_each_setting_of_a_method(tmp_path):
+    """Issue 21 §5: two learning rates of the bridge were drawn in one colour under one label in
+    training_curves.png; each setting is its own labelled line now (and its own point in the accuracy plot)."""
+    from telepathy.analysis import aggregate
+
+    for lr, acc in ((1e-3, 0.8), (2e-4, 0.6)):
+        for seed in (0, 1):
+            write_run(
+                tmp_path,
+                seed=seed,
+                metrics={"accuracy": acc},
+                config_extra={"trainer": {"lr": lr}},
+                name=f"lr{lr}-s{seed}",
+                log=[{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 2, "eval_accuracy": acc}],
+            )
+    result = aggregate.build(tmp_path, n_boot=100)
+    (legend,) = plots.training_curves(result["logs"]).legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert sorted(labels) == ["bridge trainer.lr=0.0002", "bridge trainer.lr=0.001"], labels
+    (legend,) = plots.accuracy_vs_compression(result["summary"]).legends
+    assert {"bridge trainer.lr=0.0002", "bridge trainer.lr=0.001"} <= {t.get_text() for t in legend.get_texts()}

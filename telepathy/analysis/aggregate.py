@@ -56,8 +56,18 @@ def build(
     comparisons = analysis.compare_to_baseline(runs, predictions, summary, metric, baseline_method, **stats)
     summary = analysis.sender_controls(runs, predictions, summary, metric, **stats)
     settings = analysis.compare_settings(runs, predictions, summary, metric, reference, **stats)
-    logs = analysis.load_logs(runs)
+    logs = with_settings(analysis.load_logs(runs), summary)
     return {"runs": runs, "summary": summary, "comparisons": comparisons, "settings": settings, "logs": logs}
+
+
+def with_settings(per_run: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """``per_run`` rows (logs, predictions) with their experiment's ``differs``: the settings in which it
+    differs from experiments of the same columns, so a plot labels each setting (two learning rates of
+    the bridge are two labelled lines, never one)."""
+    if not len(per_run) or not len(summary):
+        return per_run
+    differs = {run_dir: g["differs"] for g in summary.to_dict("records") for run_dir in g["run_dirs"]}
+    return per_run.assign(differs=per_run["run_dir"].map(differs))
 
 
 def summary_record(
