@@ -353,6 +353,17 @@ def test_every_reader_of_a_record_names_a_non_utf8_result_json(tmp_path):
     assert found.status == "malformed" and found.problem.startswith(where)
 
 
+def test_a_plan_json_that_is_not_utf8_is_one_line_of_status(tmp_path, capsys):
+    """before: ``status --plan`` died on a UnicodeDecodeError traceback."""
+    from telepathy.cluster import status
+
+    plan = tmp_path / "plan.json"
+    plan.write_bytes(b'{"jobs": [\xff]}')
+    assert status.main([str(tmp_path), "--plan", str(plan)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert f"{plan}:1: not UTF-8 (byte 0xff at column 11)" in line
+
+
 # --- one writer, honouring the umask ----------------------------------------------------------
 
 

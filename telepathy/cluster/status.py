@@ -471,7 +471,15 @@ def _plan_report(output_dir: Path, plan_arg: str, rows: list[dict], phase: str |
             file=sys.stderr,
         )
         return 2
-    report = checklist.compare(read_json(path), rows, phase)
+    try:
+        plan = read_json(path)
+    except ValueError as err:  # not UTF-8 / not JSON: the file and line, in one line
+        print(
+            f"error: --plan={plan_arg}: {err}; allowed: a plan.json written by python -m telepathy plan",
+            file=sys.stderr,
+        )
+        return 2
+    report = checklist.compare(plan, rows, phase)
     print(json.dumps(report, default=str) if as_json else f"plan {path}\n" + checklist.render(report))
     return 0
 
