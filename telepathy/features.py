@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from telepathy.data import Example, batches, format_prompt
-from telepathy.fsutil import shared_mode
+from telepathy.fsutil import atomic_path, writing
 from telepathy.models import LoadedModel
 from telepathy.progress import progress
 
@@ -235,7 +234,8 @@ class EntryWriter:
     file's layout is too: a safetensors file with ``data`` [sum T_i, d] in example order and
     ``offsets`` [N + 1]. Rows go to their place with ``pwrite`` as each batch is encoded, so
     the process never holds more than one batch of features; the file is a temporary name
-    until ``close`` fsyncs and renames it (concurrent jobs never see half a file).
+    (``fsutil.atomic_path``, the one writer of shared files) until ``close`` writes each
+    example's CRC-32, fsyncs and renames it (concurrent jobs never see half a file).
     """
 
     def __init__(self, path: Path, lengths: list[int], dim: int, dtype: torch.dtype, key_text: str):
@@ -265,11 +265,22 @@ class EntryWriter:
         text = json.dumps(header).encode()
         text += b" " * (-len(text) % 8)  # 8-byte aligned data, as safetensors writes it
         self.start = 8 + len(text)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self.fd = fd
-        os.write(fd, len(text).to_bytes(8, "little") + text)
-        os.pwrite(fd, np.array(self.offsets, dtype="<i8").tobytes(), self.start + data_bytes)
+        self._writing = contextlib.ExitStack()  # atomic_path's block, open from here until close / abort
+        self.tmp = self._writing.enter_context(atomic_path(self.path))
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self._io(lambda: os.write(self.fd, len(text).to_bytes(8, "little") + text))
+        self._io(lambda: os.pwrite(self.fd, np.array(self.offsets, dtype="<i8").tobytes(), self.start + data_bytes))
         self.dtype, self.dim = dtype, dim
+
+    def _io(self, write) -> None:
+        """One write of the file; on failure the temporary file goes and the error names the target
+        (``fsutil.writing``: a full disk says which file)."""
+        try:
+            with writing(self.path):
+                write()
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, i: int, rows: torch.Tensor) -> None:
         """Example ``i``'s features [T_i, d]."""
@@ -281,23 +292,26 @@ class EntryWriter:
             )
         raw = (rows.view(torch.uint8) if rows.numel() else rows).numpy().tobytes()
         self.digests[i] = zlib.crc32(raw)
-        os.pwrite(self.fd, raw, self.start + self.offsets[i] * self.row_bytes)
+        self._io(lambda: os.pwrite(self.fd, raw, self.start + self.offsets[i] * self.row_bytes))
 
     def close(self) -> None:
-        try:
-            os.pwrite(self.fd, np.array(self.digests, dtype="<i8").tobytes(), self.start + self.digests_at)
-            os.fsync(self.fd)
-            os.close(self.fd)
-            os.chmod(self.tmp, shared_mode())  # mkstemp makes it private; other jobs read it as the umask says
-            os.replace(self.tmp, self.path)
-        except BaseException:
-            self.abort()
-            raise
+        """Write the checksums and rename the file into place (atomic_path: fsync, the umask's mode)."""
+        self._io(
+            lambda: os.pwrite(self.fd, np.array(self.digests, dtype="<i8").tobytes(), self.start + self.digests_at)
+        )
+        fd, self.fd = self.fd, None
+        os.close(fd)
+        self._writing.close()
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-        Path(self.tmp).unlink(missing_ok=True)
+        """Drop the temporary file; the target is untouched (a second call does nothing)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        stop = RuntimeError("feature cache write aborted")
+        with contextlib.suppress(Exception):  # cleanup on an error path: the error being raised is the one to see
+            self._writing.__exit__(type(stop), stop, None)  # atomic_path removes its temporary file
 
 
 class Rows(Sequence):
@@ -343,9 +357,10 @@ class FeatureFile(Sequence):
             return torch.empty(0, self.dim, dtype=self.dtype)
         return torch.frombuffer(bytearray(raw), dtype=self.dtype).view(n, self.dim)
 
-    def first_mismatch(self, digests: list[int], chunk_bytes: int = 64 << 20) -> int | None:
+    def first_mismatch(self, digests: list[int], chunk_bytes: int = 4 << 20) -> int | None:
         """The first example whose bytes do not match its CRC-32 in ``digests`` (None: all do),
-        read in chunks of about ``chunk_bytes`` through this file's own descriptor."""
+        read in chunks of about ``chunk_bytes`` through this file's own descriptor (small: the
+        check must not hold more of a file larger than the job's RAM than training does)."""
         n, i = len(self), 0
         while i < n:
             j = i + 1
