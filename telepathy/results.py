@@ -289,12 +289,22 @@ MIN_SECRET_CHARS = 6  # a secret's value is also replaced inside other strings w
 def secret_name(name) -> bool:
     """A name that looks like it holds a secret: its last dotted part begins or ends with TOKEN,
     KEY, PASSWORD, SECRET, ... (``HF_TOKEN``, ``WANDB_API_KEY``, ``db.password``), not
-    ``num_key_value_heads`` or ``max_new_tokens``."""
+    ``num_key_value_heads`` or ``max_new_tokens``. Only text values are secrets: a number under
+    such a name (LLMLingua's ``target_token: 4``) is a count."""
     words = [w for w in re.split(r"[_\-]", str(name).rsplit(".", 1)[-1].upper()) if w]
     return bool(words) and (words[0] in SECRET_WORDS or words[-1] in SECRET_WORDS)
 
 
 _OVERRIDE = re.compile(r"^[+~]*([\w.\-/@]+)=(.+)$")
+_NUMBER = re.compile(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?")
+
+
+def _secret_override(text: str) -> re.Match | None:
+    """``text`` as a ``key=value`` override of a secret-named key with a text value, else None."""
+    match = _OVERRIDE.match(text)
+    if match and secret_name(match.group(1)) and not _NUMBER.fullmatch(match.group(2)):
+        return match
+    return None
 
 
 def secret_values(*objs) -> set[str]:
@@ -305,16 +315,16 @@ def secret_values(*objs) -> set[str]:
     def walk(obj):
         if isinstance(obj, dict):
             for k, v in obj.items():
-                if secret_name(k) and isinstance(v, (str, int, float)) and not isinstance(v, bool) and str(v):
-                    found.add(str(v))
+                if secret_name(k) and isinstance(v, str) and v:
+                    found.add(v)
                 walk(v)
         elif isinstance(obj, (list, tuple)):
             for v in obj:
                 walk(v)
         elif isinstance(obj, str):
             for part in obj.split():  # an override, or a command line of them
-                match = _OVERRIDE.match(part.strip("'\""))
-                if match and secret_name(match.group(1)):
+                match = _secret_override(part.strip("'\""))
+                if match:
                     found.add(match.group(2).strip("'\""))
 
     walk(list(objs))
@@ -331,8 +341,8 @@ def redact(obj, secrets: set[str] | None = None):
     long = sorted((v for v in secrets if len(v) >= MIN_SECRET_CHARS), key=len, reverse=True)
 
     def clean(value, name=None):
-        if name is not None and secret_name(name) and isinstance(value, (str, int, float)):
-            return value if isinstance(value, bool) or value in ("", None) else REDACTED
+        if name is not None and secret_name(name) and isinstance(value, str):
+            return value and REDACTED
         if isinstance(value, dict):
             return {k: clean(v, k) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
@@ -340,8 +350,8 @@ def redact(obj, secrets: set[str] | None = None):
         if isinstance(value, str):
             for secret in long:
                 value = value.replace(secret, REDACTED)
-            match = _OVERRIDE.match(value)
-            if match and secret_name(match.group(1)) and match.group(2) != REDACTED:
+            match = _secret_override(value)
+            if match and match.group(2) != REDACTED:
                 value = value[: match.start(2)] + REDACTED
         return value
 
