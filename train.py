@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from telepathy.hydra_glue import register_resolvers, user_errors
+from telepathy.hydra_glue import register_resolvers, task_errors
 from telepathy.lifecycle import main as run
 
 register_resolvers()
@@ -11,8 +11,9 @@ register_resolvers()
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig):
-    # a data/model/config error found mid-run: one line, like the checks before it
-    with user_errors():
+    # a data/model/config error, a full disk or a live run in the dir found mid-run: one line,
+    # like the checks before it (logger=: the lifecycle drives the tracker)
+    with task_errors(cfg):
         return run(cfg)
 
 

@@ -22,7 +22,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from telepathy.results import write_json
+from telepathy.cluster.sweep import MANIFEST, read_manifest
+from telepathy.results import RESULT_FILE, read_result, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,19 +40,14 @@ def _env(outputs: Path) -> dict:
 def launch(outputs: Path, overrides: list[str]) -> list[dict]:
     cmd = [sys.executable, "train.py", "-m", "hydra/launcher=slurm", *COMMON, *SMALL, *overrides]
     subprocess.run(cmd, cwd=REPO, env=_env(outputs), check=True, capture_output=True, text=True)
-    manifest = sorted(outputs.glob("sweeps/*/jobs.json"))[-1]
-    return json.loads(manifest.read_text())["jobs"]
+    manifest = sorted(outputs.glob(f"sweeps/*/{MANIFEST}"))[-1]
+    return read_manifest(manifest)["jobs"]
 
 
 def wait(jobs: list[dict], timeout_s: float) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        states = []
-        for j in jobs:
-            try:
-                states.append(json.loads((Path(j["run_dir"]) / "result.json").read_text()).get("status"))
-            except (OSError, json.JSONDecodeError):
-                states.append(None)
+        states = [(read_result(Path(j["run_dir"])) or {}).get("status") for j in jobs]
         if all(s in ("completed", "failed") for s in states):
             if states.count("failed"):
                 raise SystemExit(f"{states.count('failed')} runs failed: {[j['run_dir'] for j in jobs]}")
@@ -129,7 +125,7 @@ def main(argv=None) -> int:
         },
         "calibration": plan["calibration"],
     }
-    write_json(args.out / "result.json", result)
+    write_json(args.out / RESULT_FILE, result)
     print(
         f"rehearsal A: {len(a_jobs)} jobs in {a_span:.0f} s (calibrates; load average {a_load:.1f})\n"
         f"rehearsal B: {len(b_jobs)} jobs, predicted {plan['makespan_s']:.0f} s, measured {measured:.0f} s "

@@ -29,14 +29,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
-from telepathy.results import write_json
+from telepathy.fsutil import read_jsonl
+from telepathy.results import PREDICTIONS_FILE, require_result, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,9 +86,9 @@ def run_one(out: Path, threads: int, kernel: str, micro: int, seed: int, overrid
 
 def row(run_dir: Path, cell: str, margin: float) -> dict:
     """One run's numbers and whether it collapsed, from its own files."""
-    record = json.loads((run_dir / "result.json").read_text())
+    record = require_result(run_dir)
     m = record["metrics"]
-    preds = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    preds = read_jsonl(run_dir / PREDICTIONS_FILE)
     classes = len({p["pred"] for p in preds if p["pred"] >= 0})
     majority = max(Counter(p["label"] for p in preds).values()) / len(preds)  # the test split's majority rate
     diag = record.get("bridge", {}).get("diagnostics", {})
@@ -159,7 +159,7 @@ def main(argv=None) -> None:
         row(d, cell_name(*c), args.margin)
         for c in cells
         for d in sorted((out / cell_name(*c) / "runs").glob("*/"))
-        if (d / "predictions.jsonl").exists()
+        if (d / PREDICTIONS_FILE).exists()
     ]
     order = {cell_name(*c): i for i, c in enumerate(cells)}
     rows.sort(key=lambda r: (order[r["cell"]], seeds.index(r["seed"]) if r["seed"] in seeds else r["seed"]))

@@ -19,7 +19,6 @@ Results: ``<out>/result.json`` (method "train_throughput"), printed as a table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -28,13 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from telepathy.fsutil import read_jsonl
 from telepathy.results import (
+    LOG_FILE,
     PREDICTIONS_FILE,
     RESULT_FILE,
     environment,
     identity_block,
     now,
     record,
+    require_result,
     write_json,
 )
 
@@ -56,8 +58,8 @@ def run_sweep(seeds: str, overrides: list[str], outputs: Path, cache_args: list[
 
 def run_stats(run_dir: Path) -> dict:
     """Per-run numbers from what train.py wrote: result.json and log.jsonl."""
-    rec = json.loads((run_dir / RESULT_FILE).read_text())
-    steps = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    rec = require_result(run_dir)
+    steps = read_jsonl(run_dir / LOG_FILE)
     loop_eps = [row["examples_per_s"] for row in steps if "examples_per_s" in row]
     seen = rec["training"]["examples_seen"]
     return {

@@ -19,8 +19,6 @@ A checkpoint folder ``checkpoints/step_N`` holds ``trainable.safetensors`` (weig
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 from collections.abc import Callable
@@ -29,29 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from telepathy.fsutil import digest_problem, write_digests
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "checkpoint.json"
 STATE = "state.pt"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path, step: int) -> None:
     """Record size and sha256 of every file of a checkpoint folder (call after they are written)."""
-    folder = Path(folder)
-    files = {
-        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MANIFEST
-    }
-    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
+    write_digests(folder, MANIFEST, step=step)
 
 
 def problem(folder: Path) -> str | None:
@@ -60,24 +46,7 @@ def problem(folder: Path) -> str | None:
     A folder without a manifest (written before manifests existed) is not checked here;
     loading it still has to succeed.
     """
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        files = json.loads(path.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{MANIFEST} unreadable ({err})"
-    for name, want in files.items():
-        file = folder / name
-        if not file.exists():
-            return f"{name} is missing"
-        size = file.stat().st_size
-        if size != want["bytes"]:
-            return f"{name} has {size} bytes, {want['bytes']} were written"
-        if _sha256(file) != want["sha256"]:
-            return f"{name} does not match its sha256"
-    return None
+    return digest_problem(folder, MANIFEST, required=False)
 
 
 def rng_state() -> dict:

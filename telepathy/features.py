@@ -9,10 +9,12 @@ captures each needed block output and stops the pass early.
 its hidden states depend only on the model, the prompt token ids and the layer:
 a sweep over seeds and compression factors, or a probe over several layers,
 computes them once. One safetensors file per (model, token ids, layer) holds all
-examples concatenated (``data`` [sum T_i, d]) and an ``offsets`` index [N + 1];
-missing layers are computed together in one forward pass. Files are written to a
-temporary name and renamed, so concurrent jobs never see half a file; a file that
-does not load or whose stored key differs from the expected one is recomputed.
+examples concatenated (``data`` [sum T_i, d]), an ``offsets`` index [N + 1] and a
+CRC-32 of each example's bytes (``digests`` [N]); missing layers are computed together in
+one forward pass. Files are written to a temporary name and renamed, so concurrent jobs
+never see half a file; a file that does not load, whose stored key differs from the
+expected one, or whose bytes no longer match their checksums (changed on disk, even
+without changing its size) is recomputed.
 
 Streaming: an 8B sender's features of a full training set are tens to hundreds of GB
 (SST-2 ~84 GB, AG News ~270 GB with every copy counted), more than a job's RAM. So each
@@ -28,7 +30,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from telepathy.data import Example, batches, format_prompt
+from telepathy.fsutil import atomic_path, writing
 from telepathy.models import LoadedModel
 from telepathy.progress import progress
 
@@ -184,7 +187,7 @@ IDENTITY_KEYS = (
     "trust_remote_code",
     "stand_in",
 )
-CACHE_VERSION = 1  # bump when the stored layout or the meaning of the features changes
+CACHE_VERSION = 2  # bump when the stored layout or the meaning of the features changes
 
 
 def _plain(value):
@@ -231,7 +234,8 @@ class EntryWriter:
     file's layout is too: a safetensors file with ``data`` [sum T_i, d] in example order and
     ``offsets`` [N + 1]. Rows go to their place with ``pwrite`` as each batch is encoded, so
     the process never holds more than one batch of features; the file is a temporary name
-    until ``close`` fsyncs and renames it (concurrent jobs never see half a file).
+    (``fsutil.atomic_path``, the one writer of shared files) until ``close`` writes each
+    example's CRC-32, fsyncs and renames it (concurrent jobs never see half a file).
     """
 
     def __init__(self, path: Path, lengths: list[int], dim: int, dtype: torch.dtype, key_text: str):
@@ -242,23 +246,41 @@ class EntryWriter:
         for n in lengths:
             self.offsets.append(self.offsets[-1] + n)
         data_bytes = self.offsets[-1] * self.row_bytes
+        self.digests_at = data_bytes + 8 * len(self.offsets)
+        self.digests = [0] * len(lengths)  # CRC-32 of each example's bytes, written by ``close``
         header = {
             "data": {"dtype": ST_DTYPES[dtype], "shape": [self.offsets[-1], dim], "data_offsets": [0, data_bytes]},
             "offsets": {
                 "dtype": "I64",
                 "shape": [len(self.offsets)],
-                "data_offsets": [data_bytes, data_bytes + 8 * len(self.offsets)],
+                "data_offsets": [data_bytes, self.digests_at],
+            },
+            "digests": {
+                "dtype": "I64",
+                "shape": [len(lengths)],
+                "data_offsets": [self.digests_at, self.digests_at + 8 * len(lengths)],
             },
             "__metadata__": {"key": key_text},
         }
         text = json.dumps(header).encode()
         text += b" " * (-len(text) % 8)  # 8-byte aligned data, as safetensors writes it
         self.start = 8 + len(text)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self.fd = fd
-        os.write(fd, len(text).to_bytes(8, "little") + text)
-        os.pwrite(fd, np.array(self.offsets, dtype="<i8").tobytes(), self.start + data_bytes)
+        self._writing = contextlib.ExitStack()  # atomic_path's block, open from here until close / abort
+        self.tmp = self._writing.enter_context(atomic_path(self.path))
+        self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self._io(lambda: os.write(self.fd, len(text).to_bytes(8, "little") + text))
+        self._io(lambda: os.pwrite(self.fd, np.array(self.offsets, dtype="<i8").tobytes(), self.start + data_bytes))
         self.dtype, self.dim = dtype, dim
+
+    def _io(self, write) -> None:
+        """One write of the file; on failure the temporary file goes and the error names the target
+        (``fsutil.writing``: a full disk says which file)."""
+        try:
+            with writing(self.path):
+                write()
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, i: int, rows: torch.Tensor) -> None:
         """Example ``i``'s features [T_i, d]."""
@@ -268,23 +290,28 @@ class EntryWriter:
                 f"example {i}: features {tuple(rows.shape)}, expected "
                 f"{(self.offsets[i + 1] - self.offsets[i], self.dim)}"
             )
-        raw = rows.view(torch.uint8) if rows.numel() else rows
-        os.pwrite(self.fd, raw.numpy().tobytes(), self.start + self.offsets[i] * self.row_bytes)
+        raw = (rows.view(torch.uint8) if rows.numel() else rows).numpy().tobytes()
+        self.digests[i] = zlib.crc32(raw)
+        self._io(lambda: os.pwrite(self.fd, raw, self.start + self.offsets[i] * self.row_bytes))
 
     def close(self) -> None:
-        try:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            os.chmod(self.tmp, 0o644)  # mkstemp makes it private; other jobs (and users of a shared scratch) read it
-            os.replace(self.tmp, self.path)
-        except BaseException:
-            self.abort()
-            raise
+        """Write the checksums and rename the file into place (atomic_path: fsync, the umask's mode)."""
+        self._io(
+            lambda: os.pwrite(self.fd, np.array(self.digests, dtype="<i8").tobytes(), self.start + self.digests_at)
+        )
+        fd, self.fd = self.fd, None
+        os.close(fd)
+        self._writing.close()
 
     def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-        Path(self.tmp).unlink(missing_ok=True)
+        """Drop the temporary file; the target is untouched (a second call does nothing)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        stop = RuntimeError("feature cache write aborted")
+        with contextlib.suppress(Exception):  # cleanup on an error path: the error being raised is the one to see
+            self._writing.__exit__(type(stop), stop, None)  # atomic_path removes its temporary file
 
 
 class Rows(Sequence):
@@ -330,6 +357,27 @@ class FeatureFile(Sequence):
             return torch.empty(0, self.dim, dtype=self.dtype)
         return torch.frombuffer(bytearray(raw), dtype=self.dtype).view(n, self.dim)
 
+    def first_mismatch(self, digests: list[int], chunk_bytes: int = 4 << 20) -> int | None:
+        """The first example whose bytes do not match its CRC-32 in ``digests`` (None: all do),
+        read in chunks of about ``chunk_bytes`` through this file's own descriptor (small: the
+        check must not hold more of a file larger than the job's RAM than training does)."""
+        n, i = len(self), 0
+        while i < n:
+            j = i + 1
+            while j < n and (self.offsets[j + 1] - self.offsets[i]) * self.row_bytes <= chunk_bytes:
+                j += 1
+            base = self.offsets[i] * self.row_bytes
+            size = self.offsets[j] * self.row_bytes - base
+            view = memoryview(os.pread(self._fd, size, self.start + base))
+            if len(view) != size:
+                return i
+            for k in range(i, j):
+                lo, hi = self.offsets[k] * self.row_bytes - base, self.offsets[k + 1] * self.row_bytes - base
+                if zlib.crc32(view[lo:hi]) != digests[k]:
+                    return k
+            i = j
+        return None
+
     def __del__(self):
         with contextlib.suppress(OSError, AttributeError, TypeError):
             os.close(self._fd)
@@ -358,7 +406,9 @@ def load_entry(path: Path, key_text: str, lengths: list[int]) -> FeatureFile | N
     """One layer's features from ``path`` (read on demand), or None when absent, unreadable or not this key.
 
     The stored key and every example's length are checked, so a truncated file, a
-    file from another model or prompt set, or a hash collision is never used.
+    file from another model or prompt set, or a hash collision is never used; then every
+    example's bytes against its CRC-32 (one pass over the file), so bytes changed on disk,
+    even without changing the file's size, are recomputed rather than trained on.
     """
     path = Path(path)
     if not path.exists():
@@ -369,20 +419,28 @@ def load_entry(path: Path, key_text: str, lengths: list[int]) -> FeatureFile | N
                 log.warning("feature cache %s: key mismatch, recomputing", path)
                 return None
             offsets = f.get_tensor("offsets")
+            digests = f.get_tensor("digests").tolist()
             shape = f.get_slice("data").get_shape()
             dtype = TORCH_DTYPES.get(f.get_slice("data").get_dtype())
         with open(path, "rb") as raw:
             header_len = int.from_bytes(raw.read(8), "little")
             header = json.loads(raw.read(header_len))
+        stored = (offsets[1:] - offsets[:-1]).tolist()
+        if stored != list(lengths) or int(offsets[-1]) != shape[0] or dtype is None or len(shape) != 2:
+            log.warning("feature cache %s: lengths do not match the prompts, recomputing", path)
+            return None
+        start = 8 + header_len + header["data"]["data_offsets"][0]
+        found = FeatureFile(path, start, dtype, shape[1], offsets.tolist())
+        bad = found.first_mismatch(digests)
     except (OSError, ValueError, KeyError, SafetensorError) as err:
         log.warning("feature cache %s unreadable (%s), recomputing", path, err)
         return None
-    stored = (offsets[1:] - offsets[:-1]).tolist()
-    if stored != list(lengths) or int(offsets[-1]) != shape[0] or dtype is None or len(shape) != 2:
-        log.warning("feature cache %s: lengths do not match the prompts, recomputing", path)
+    if bad is not None:
+        log.warning(
+            "feature cache %s: example %d does not match its checksum (changed on disk), recomputing", path, bad
+        )
         return None
-    start = 8 + header_len + header["data"]["data_offsets"][0]
-    return FeatureFile(path, start, dtype, shape[1], offsets.tolist())
+    return found
 
 
 def cached_encode(

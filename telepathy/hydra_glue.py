@@ -7,8 +7,12 @@
   (and, in a multirun, each job's ``hydra.sweep.subdir``) and creates that directory before
   the task function runs: a check in the task would leave a directory behind that the
   read side then reports as a "missing" run.
-* Errors that only show up while a run executes (a data file that breaks half-way) are
-  printed the same way by ``user_errors``; their ``result.json`` says ``failed``.
+* Errors that only show up while a run executes (a data file that breaks half-way, a disk
+  that fills up, another job already running in the run dir) are printed the same way by
+  ``task_errors``: one line naming the file or key, the value and what is allowed, then
+  Hydra's hint, exit code 1 (in a multirun Hydra reports the failed job as it does any other).
+  Their ``result.json`` says ``failed`` where it could be written; a second job on a live run
+  writes nothing at all.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 from hydra.errors import CompactHydraException
@@ -25,10 +30,15 @@ from omegaconf.errors import InterpolationResolutionError
 from telepathy import config as tconfig
 from telepathy import methods, tracking
 from telepathy.data import DataError, local_split
+from telepathy.fsutil import DISK_ERRNOS
 from telepathy.models import ModelNotAvailableError, stand_in_config, unavailable_message
+from telepathy.runlock import RunLocked
 
 # what a user can fix from the command line; anything else is a bug and keeps its traceback
-USER_ERRORS = (tconfig.ConfigError, DataError, ModelNotAvailableError)
+USER_ERRORS = (tconfig.ConfigError, DataError, ModelNotAvailableError, RunLocked)
+HINT = "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."  # Hydra's own
+# config keys that name where a run writes, most specific first: a disk error names the one it hit
+WRITE_KEYS = ("cache.dir", "paths.cache_dir", "paths.output_dir")
 
 
 class UsageError(CompactHydraException, InterpolationResolutionError):
@@ -67,6 +77,61 @@ def check_phase_is_swept(cfg) -> None:
     )
 
 
+def disk_message(err: OSError, cfg=None) -> str:
+    """One line for a write that failed for want of disk: the file, the config key whose folder it is
+    in and its value, why, and what is allowed."""
+    path = str(err.filename or "?")
+    key, value = next(
+        (
+            (key, OmegaConf.select(cfg, key))
+            for key in WRITE_KEYS
+            if cfg is not None
+            and OmegaConf.select(cfg, key, default=None)
+            and path.startswith(str(Path(str(OmegaConf.select(cfg, key))).expanduser()))
+        ),
+        (None, None),
+    )
+    where = f"{key}={value!r}: " if key else ""
+    return (
+        f"{where}cannot write {path} ({err.strerror or err}); allowed: a folder on a disk with free space "
+        f"that this user can write"
+    )
+
+
+def _is_single_run() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.RUN
+    except (ImportError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def task_errors(cfg):
+    """``user_errors`` for the task itself (train.py's ``main``): a user error, another job in the
+    run dir (``RunLocked``) or a disk that is full or not writable ends a single run with one line
+    and Hydra's hint, exit code 1, as Hydra's own errors; in a multirun the job fails with that line
+    as its error (Hydra reports it; a SLURM job's log shows it)."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        _stop(str(err), err)
+    except OSError as err:
+        if err.errno not in DISK_ERRNOS:
+            raise
+        _stop(disk_message(err, cfg), err)
+
+
+def _stop(message: str, cause: BaseException):
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or not _is_single_run():
+        if not _is_single_run():
+            print(message, file=sys.stderr, flush=True)  # a job's own log (the run dir's is not touched)
+        raise UsageError(message) from cause
+    raise SystemExit(f"{message}\n{HINT}") from None  # before Hydra's "Error executing job" header
+
+
 def checked_run_dir(*, _root_) -> str:
     """The ``${telepathy.run_dir:}`` resolver: validate and preflight the job, then its run dir."""
     with user_errors():
@@ -74,7 +139,27 @@ def checked_run_dir(*, _root_) -> str:
         methods.validate(_root_)  # the shared checks, then the method's own
         tracking.check(_root_)
         preflight(_root_)
-        return str(tconfig.run_dir(_root_))
+        run_dir = tconfig.run_dir(_root_)
+        _check_writable(run_dir, OmegaConf.select(_root_, "paths.output_dir"))
+        return str(run_dir)
+
+
+def _check_writable(run_dir: Path, output_dir) -> None:
+    """The run dir, or the nearest folder above it that exists, must be writable (a read-only or
+    someone else's outputs dir would otherwise fail in Hydra's own ``mkdir``, with a traceback)."""
+    folder = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        why = "read-only file system" if _read_only(folder) else "permission denied"
+        raise tconfig.ConfigError(
+            f"paths.output_dir={str(output_dir)!r}: cannot write {folder} ({why}); "
+            f"allowed: a folder this user can write"
+        )
+
+
+def _read_only(folder: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    return False
 
 
 def register_resolvers() -> None:
@@ -93,10 +178,25 @@ def preflight(cfg) -> None:
     files (when a data root is set), a model's ``path=`` folder, the demo models' PyPI
     package, and a hub model that is not in the local hub cache under ``HF_HUB_OFFLINE=1``.
     """
+    _check_device(cfg)
     _check_data(cfg)
     for role in cfg.method.get("models") or ["sender", "receiver"]:
         if role in ("sender", "receiver"):  # other names are conf/model configs: checked when loaded
             _check_model(cfg[role])
+
+
+def _check_device(cfg) -> None:
+    """``device=cuda`` on a machine whose torch sees no CUDA device stops before anything loads."""
+    device = str(cfg.get("device", "auto"))
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__}, " + (
+            f"built for CUDA {torch.version.cuda}, no device visible" if torch.version.cuda else "a CPU-only build"
+        )
+        raise tconfig.ConfigError(f"device={device!r} is not allowed on this machine ({build}); allowed: cpu, auto")
 
 
 def _check_data(cfg) -> None:

@@ -32,6 +32,7 @@ from telepathy.methods import RunContext
 from telepathy.models import placement
 from telepathy.results import (
     FLAGS,
+    LOG_FILE,
     PREDICTIONS_FILE,
     RESULT_FILE,
     attempt,
@@ -39,17 +40,21 @@ from telepathy.results import (
     earlier_attempts,
     environment,
     gpus_held,
+    load_result,
     measured,
     now,
     peak_memory,
     read_result,
     record,
+    redact,
     run_identity,
+    secret_values,
     write_json,
     write_jsonl,
+    write_text,
 )
 from telepathy.shared_runs import share_result
-from telepathy.training import Interrupted
+from telepathy.training import CHECKPOINT_DIR, Interrupted
 
 log = logging.getLogger("telepathy")
 
@@ -64,8 +69,22 @@ def _output_dir(cfg) -> Path:
         return tconfig.run_dir(cfg)
 
 
+# what torch and the OS say when host memory runs out (a CPU tensor too large to allocate)
+HOST_OOM = ("can't allocate memory", "cannot allocate memory", "defaultcpuallocator")
+
+
+def _oom_kind(err: BaseException) -> str | None:
+    """``gpu`` / ``host`` when ``err`` is running out of device / host memory, else None."""
+    text = str(err).lower()
+    if isinstance(err, torch.cuda.OutOfMemoryError) or "cuda out of memory" in text:
+        return "gpu"
+    if isinstance(err, MemoryError) or any(marker in text for marker in HOST_OOM):
+        return "host"
+    return "gpu" if "out of memory" in text else None
+
+
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+    return _oom_kind(err) is not None
 
 
 def _find_reusable(cfg, run_dir: Path) -> dict | None:
@@ -139,20 +158,57 @@ def main(cfg: DictConfig) -> dict | None:
     run_dir = _output_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     # one live job per run dir (a second one exits before writing) + heartbeat for `python -m telepathy status`
-    with runlock.hold(run_dir, float(OmegaConf.select(cfg, "run.heartbeat_s", default=30))) as last_beat:
-        return _run(cfg, run_dir, last_beat)
+    with runlock.hold(run_dir, float(OmegaConf.select(cfg, "run.heartbeat_s", default=30))) as lease:
+        _save_hydra_config(cfg, run_dir)
+        return _run(cfg, run_dir, lease)
 
 
-def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict | None:
-    existing = read_result(run_dir)
+HYDRA_DIR = ".hydra"
+
+
+def _save_hydra_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Hydra's ``.hydra/`` (config.yaml, hydra.yaml, overrides.yaml), secrets redacted, written once the
+    run dir's lock is held: conf/train.yaml sets ``hydra.output_subdir: null`` because Hydra writes them
+    before the task starts, so a second job on a live run rewrote the live run's copies."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):  # called without Hydra (tests, tools): there is nothing of Hydra's to save
+        return
+    task = OmegaConf.to_container(cfg, resolve=False)
+    hydra = {"hydra": OmegaConf.to_container(hydra_cfg, resolve=False)}
+    overrides = list(hydra_cfg.overrides.task)
+    secrets = secret_values(task, hydra, overrides)
+    for name, value in (("config.yaml", task), ("hydra.yaml", hydra), ("overrides.yaml", overrides)):
+        write_text(run_dir / HYDRA_DIR / name, OmegaConf.to_yaml(OmegaConf.create(redact(value, secrets))))
+
+
+def _existing_record(run_dir: Path) -> dict | None:
+    """The record this attempt finds in its run dir. One that is damaged on disk is moved aside
+    (``result.json.damaged``) with a warning naming it and why: the run is redone from its
+    checkpoints, and its earlier attempts come from the heartbeat (``results.earlier_attempts``)."""
+    found = load_result(run_dir)
+    if found.problem is not None:
+        aside = found.path.with_name(f"{RESULT_FILE}.damaged")
+        log.warning("%s; moved to %s, the run is redone from its last checkpoint", found.problem, aside.name)
+        with contextlib.suppress(OSError):
+            found.path.replace(aside)
+    return found.record
+
+
+def _run(cfg: DictConfig, run_dir: Path, lease: runlock.Lease | None = None) -> dict | None:
+    existing = _existing_record(run_dir)
     rerun = cfg.get("rerun")
     if existing and existing.get("status") == "completed" and rerun != "all":
         log.info("skipped: %s already completed (+rerun=all to force)", run_dir)
         tracking.skipped(cfg, run_dir, existing)  # logger= added since: published from the run's files
+        if lease is not None and existing.get("attempts"):  # this hold's heartbeat keeps their copy
+            lease.note(attempts=existing["attempts"], ended=True)
         return existing.get("metrics")
     if rerun == "all":
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        (run_dir / "log.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
+        (run_dir / LOG_FILE).unlink(missing_ok=True)
 
     method = methods.get(cfg.method.name)
     devices = placement(cfg)
@@ -192,7 +248,7 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
             return done["metrics"]
 
     # every attempt of this run dir (preempted, killed, failed, resumed) counts for its cost; +rerun=all starts afresh
-    prior = [] if rerun == "all" else earlier_attempts(existing, last_beat)
+    prior = [] if rerun == "all" else earlier_attempts(existing, lease.previous if lease else None)
     gpus = gpus_held(base["resources"], base["env"])
 
     def attempts(status: str, seconds: float | None) -> list[dict]:
@@ -201,6 +257,8 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
     changes = hydra_glue.config_changes(cfg)
     if changes:
         log.info("%s", changes)  # the console and train.log: what this run changes, before it starts
+    if lease is not None:  # the heartbeat keeps the attempts too: they survive a damaged result.json
+        lease.note(attempts=prior, gpus=gpus)
     write_json(run_dir / RESULT_FILE, record("running", **base, attempts=attempts("running", None), started_at=started))
     sampler = telemetry.start(cfg, run_dir)  # GPU / host usage → telemetry.jsonl, summary in the record
     tracker = tracking.start(
@@ -208,12 +266,20 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
     )  # logger=: the config now, log.jsonl rows as they come, the record at the end
     batching.apply(cfg)
 
+    def closed(history: list[dict]) -> None:
+        if lease is not None:
+            lease.note(attempts=history, ended=True)
+
     def ended(status: str, error: dict, **fields) -> None:
         """The record of an attempt that did not complete (its time still counts: ``attempts``)."""
         history = attempts(status, time.time() - t0)
         fields.update(started_at=started, finished_at=now(), telemetry=sampler.stop(), error=error)
+        closed(history)
         final = record(status, **base, attempts=history, **fields)
-        write_json(run_dir / RESULT_FILE, final)
+        try:
+            write_json(run_dir / RESULT_FILE, final)
+        except OSError as err:  # a full or read-only disk: the error that stopped the run is the one to report
+            log.error("the %s record was not written: %s", status, err)
         tracker.finish(final)
 
     try:
@@ -226,7 +292,8 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
         raise SystemExit(code) from None
     except BaseException as err:
         error = {"type": type(err).__name__, "message": str(err), "traceback": traceback.format_exc()}
-        ended("failed", {**error, "oom": _is_oom(err)}, memory=peak_memory())
+        kind = _oom_kind(err)
+        ended("failed", {**error, "oom": kind is not None, "oom_kind": kind}, memory=peak_memory())
         log.error("run failed (%s: %s); record in %s", type(err).__name__, err, run_dir / RESULT_FILE)
         raise
     if out["predictions"] is not None:
@@ -250,6 +317,7 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
         started_at=started,
         finished_at=timing["finished_at"],
     )
+    closed(runs)
     write_json(run_dir / RESULT_FILE, done)
     tracker.finish(done)
     share_result(cfg, done)  # deterministic: the same record for the seeds the sweep pointed here

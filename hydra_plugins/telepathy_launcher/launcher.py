@@ -25,6 +25,7 @@ What it changes in hydra-submitit-launcher's ``BaseSubmititLauncher``:
 """
 
 import contextlib
+import hashlib
 import logging
 import shlex
 import sys
@@ -160,29 +161,47 @@ class _TelepathyMixin:
         )
         written.add(str(sweep_dir))
 
-        def recorded(array: dict, jobs: list[PlannedJob]) -> None:
+        def intend(executor, label: str, tasks: list[list[PlannedJob]]) -> str:
+            """Name the array after this launch and record it before its sbatch (``sweep.record_intent``):
+            a launcher killed during the sbatch leaves it findable in squeue by that name."""
+            token = hashlib.sha1(f"{sweep_dir}:{label}:{tasks[0][0].idx}".encode()).hexdigest()[:8]
+            job_name = f"{self.config.hydra.job.name}-{label}-{token}"
+            executor.update_parameters(name=job_name)
+            sweep.record_intent(sweep_dir, job_name, label, tasks, phase, self._EXECUTOR)
+            return job_name
+
+        def refused(job_name: str) -> None:
+            """sbatch answered with an error: the array was not queued, so its intent goes."""
+            sweep.write_manifest(sweep_dir, [], [], phase, self._EXECUTOR, done_intent=job_name)
+
+        def recorded(array: dict, jobs: list[PlannedJob], job_name: str) -> None:
             arrays.append(array)
-            sweep.write_manifest(sweep_dir, jobs + sweep.sharers(planned, jobs), [array], phase, self._EXECUTOR)
+            sweep.write_manifest(
+                sweep_dir, jobs + sweep.sharers(planned, jobs), [array], phase, self._EXECUTOR, done_intent=job_name
+            )
 
         arrays: list[dict] = []
-        self._submit_packs(packs, recorded, manifest, output_dir, arrays)
+        self._submit_packs(packs, intend, refused, recorded, manifest, output_dir, arrays)
         n_packed = sum(len(p) for p in packs)
         state = Singleton.get_state()
         submitted = []
         for name, jobs in classes.items():
             executor = self._executor(jobs[0].resources)
-            executor.update_parameters(name=f"{self.config.hydra.job.name}-{name}")
+            job_name = intend(executor, name, [[j] for j in jobs])
             args = [(j.job_overrides, "hydra.sweep.dir", j.idx, f"job_id_for_{j.idx}", state) for j in jobs]
             try:
                 handles = executor.map_array(self, *zip(*args))
             except Exception as err:  # noqa: BLE001 - sbatch refused it: say what is queued and recorded
+                refused(job_name)
                 raise sweep.partial_launch_error(err, name, len(jobs), arrays, manifest, output_dir) from None
             for job, handle in zip(jobs, handles):
                 job.slurm_job_id = str(handle.job_id)
             submitted += list(zip(jobs, handles))
             array_id = str(handles[0].job_id).split("_")[0] if handles else None
             recorded(
-                {"class": name, "job_id": array_id, "n_jobs": len(jobs), "resources": jobs[0].resources.to_dict()}, jobs
+                {"class": name, "job_id": array_id, "n_jobs": len(jobs), "resources": jobs[0].resources.to_dict()},
+                jobs,
+                job_name,
             )
             log.info("queued array %s (%s): %d jobs", array_id, name, len(jobs))
         print(
@@ -194,21 +213,30 @@ class _TelepathyMixin:
         return submitted
 
     def _submit_packs(
-        self, packs: list[list[PlannedJob]], recorded, manifest: Path, output_dir: Path, arrays: list[dict]
+        self,
+        packs: list[list[PlannedJob]],
+        intend,
+        refused,
+        recorded,
+        manifest: Path,
+        output_dir: Path,
+        arrays: list[dict],
     ) -> None:
         """One array per resource class of packs; every member records its pack's job id, and each array
-        goes into jobs.json (``recorded``) right after sbatch accepts it."""
+        is recorded as an intent before its sbatch (``intend``) and goes into jobs.json (``recorded``)
+        right after sbatch accepts it (or the intent goes, ``refused``, when sbatch says no)."""
         by_class: dict = {}
         for pack in packs:
             by_class.setdefault(packing.resources(pack).class_name, []).append(pack)
         for name, group in by_class.items():
             res = packing.resources(group[0])
             executor = self._executor(res)
-            executor.update_parameters(name=f"{self.config.hydra.job.name}-pack-{name}")
+            job_name = intend(executor, f"pack-{name}", group)
             n_jobs = sum(len(p) for p in group)
             try:
                 handles = executor.map_array(packing.Pack(), [[packing.member_args(j) for j in p] for p in group])
             except Exception as err:  # noqa: BLE001 - sbatch refused it: say what is queued and recorded
+                refused(job_name)
                 raise sweep.partial_launch_error(err, f"pack-{name}", n_jobs, arrays, manifest, output_dir) from None
             for pack, handle in zip(group, handles):
                 for job in pack:
@@ -220,7 +248,7 @@ class _TelepathyMixin:
                 "packs": len(group),
                 "resources": res.to_dict(),
             }
-            recorded(array, [j for p in group for j in p])
+            recorded(array, [j for p in group for j in p], job_name)
             log.info("queued array %s (%d packs of small runs sharing a GPU)", array["job_id"], len(group))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:

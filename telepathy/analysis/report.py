@@ -31,7 +31,7 @@ import pandas as pd
 
 from telepathy import analysis
 from telepathy.analysis.tables import jsonable, plain, to_markdown
-from telepathy.results import gpus_held, record_cost
+from telepathy.results import gpus_held, read_result, record_cost
 
 SEEDS_NEEDED = 3  # independent seeds an experiment needs for its CI (a deterministic method needs one)
 UTIL_TARGET = 80.0  # % average GPU utilisation the plan aims for
@@ -63,7 +63,7 @@ def computed_estimate_gb(run: dict) -> float:
 
     from telepathy import resources
 
-    config = json.loads(Path(run["run_dir"], analysis.RESULT_FILE).read_text())["config"]
+    config = (read_result(Path(run["run_dir"])) or {})["config"]
     return float(resources.estimate(OmegaConf.create(config)).total_gb)
 
 

@@ -23,7 +23,7 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from omegaconf.errors import OmegaConfBaseException
@@ -36,6 +36,7 @@ from telepathy.results import (
     RESULT_FILE,
     SCHEMA_VERSION,
     identity_block,
+    load_result,
     run_identity,
 )
 from telepathy.results import STATUSES as RECORD_STATUSES
@@ -191,11 +192,6 @@ def _hydra_config(run_dir: Path) -> dict:
         return OmegaConf.to_container(cfg, resolve=False)
 
 
-def _not_json(name: str) -> NoReturn:
-    """NaN / Infinity are not JSON; telepathy.results writes null plus a reason instead."""
-    raise json.JSONDecodeError(f"{name} is not strict JSON", name, 0)
-
-
 def _check_record(rec: object) -> str | None:
     """Reason the record is not a usable result.json, or None."""
     if not isinstance(rec, dict):
@@ -221,22 +217,19 @@ def read_run(run_dir: str | Path) -> dict:
     row = {"run_dir": str(run_dir), "run_id": run_dir.name}
     flat = {}
     rec = {}
-    if not path.exists():
+    read = load_result(run_dir)  # the one reader of result.json (telepathy/results.py)
+    if read.status == "missing":
         row["status"] = "missing"
         config = _hydra_config(run_dir)
         _flatten(config, "config", flat)
     else:
-        problem = None
-        try:
-            rec = json.loads(path.read_text(), parse_constant=_not_json)
-            problem = _check_record(rec)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            problem = f"invalid JSON: {e}"
-        except OSError as e:  # e.g. a result.json that is a directory, or not readable
-            problem = f"cannot read: {type(e).__name__}: {e.strerror or e}"
+        rec = read.record
+        problem = read.problem
+        if problem is None and _check_record(rec) is not None:
+            problem = f"{path}: {_check_record(rec)}"
         if problem:
-            warnings.warn(f"malformed {path}: {problem}", stacklevel=2)
-            row.update({"status": "malformed", "error.type": "MalformedResult", "error.message": f"{path}: {problem}"})
+            warnings.warn(f"malformed {problem}", stacklevel=2)
+            row.update({"status": "malformed", "error.type": "MalformedResult", "error.message": problem})
             rec, config = {}, _hydra_config(run_dir)
             _flatten(config, "config", flat)
         else:

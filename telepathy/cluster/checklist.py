@@ -14,23 +14,16 @@ view (``status.collect``). Their wording and thresholds are ``telepathy.analysis
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from telepathy.analysis.report import SEEDS_NEEDED, SUCCESS_CHECKS, UTIL_TARGET
 from telepathy.cluster.plan import PLAN_FILE
+from telepathy.results import load_result
 
 
 def latest_plan(output_dir: Path) -> Path | None:
     found = sorted(Path(output_dir).glob(f"plans/*/{PLAN_FILE}"))
     return found[-1] if found else None
-
-
-def _record(run_dir: str) -> dict | None:
-    try:
-        return json.loads((Path(run_dir) / "result.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _seconds(iso: str) -> float:
@@ -68,8 +61,9 @@ def compare(plan: dict, rows: list[dict], phase: str | None = None) -> dict:
     oom_dirs = {r["run_dir"] for r in rows if r.get("oom")}
     per_job, phases = [], {}
     for j in jobs:
-        rec = _record(j["run_dir"]) if j["run_dir"] else None
-        status = (rec or {}).get("status", "missing")
+        read = load_result(j["run_dir"]) if j["run_dir"] else None
+        rec = read.record if read else None
+        status = read.status if read else "missing"  # "malformed": a result.json damaged on disk
         tel = (rec or {}).get("telemetry") or {}
         oom = bool(((rec or {}).get("error") or {}).get("oom")) or j["run_dir"] in oom_dirs
         shared_with = j.get("shared_with") or (owner.get(j["run_dir"]) if j.get("shared") else None)
@@ -141,7 +135,7 @@ def checklist(plan: dict, per_job: list[dict]) -> list[tuple[str, bool, str]]:
     utils = [r["gpu_util_pct"] for r in per_job if r["gpu_util_pct"] is not None]
     util = sum(utils) / len(utils) if utils else None
     ooms = sum(r["oom"] for r in per_job)
-    valid = sum(r["status"] not in ("missing",) for r in per_job)
+    valid = sum(r["status"] not in ("missing", "malformed") for r in per_job)
     seeds: dict[str, set] = {}
     for r in done:
         if r["seedless_hash"]:

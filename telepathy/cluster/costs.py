@@ -363,8 +363,14 @@ def load_calibration(runs_dir: Path | None, table: Path | None = CALIBRATION_FIL
 
 
 def calibrate_from_record(cal: Calibration, record: dict) -> None:
-    """Add one completed run: ``train_s`` → train, ``eval_s`` → eval + decode, the rest → load + features."""
+    """Add one completed run: ``train_s`` → train, ``eval_s`` → eval + decode, the rest → load + features.
+
+    A run resumed from a checkpoint (``training.resumed_from``) timed only the steps of its last
+    attempt (``train_s`` of a run resumed at its final step is near 0) and may have read the
+    features an earlier attempt cached: only its evaluation, which the last attempt ran whole,
+    calibrates (and its memory peak and start-up)."""
     timing, cfg = record.get("timing") or {}, OmegaConf.create(record.get("config") or {})
+    resumed = (record.get("training") or {}).get("resumed_from") is not None
     device = device_kind(record.get("env") or {})
     if device not in DEVICES or "total_s" not in timing:
         return
@@ -387,6 +393,8 @@ def calibrate_from_record(cal: Calibration, record: dict) -> None:
     measured = {"train": float(timing.get("train_s") or 0), "eval": float(timing.get("eval_s") or 0)}
     measured["prep"] = max(0.0, float(timing["total_s"]) - measured["train"] - measured["eval"])
     groups = {"train": ["train"], "eval": ["eval", "decode"], "prep": ["load", "features"]}
+    if resumed:  # the last attempt's train and prep stages are not the run's
+        groups = {"eval": groups["eval"]}
     for name, stages in groups.items():
         predicted = sum(pred[s] for s in stages)
         if predicted <= 0 or measured[name] <= 0:

@@ -20,10 +20,15 @@ A run's state is one of
                  checkpoint: preempted, its SLURM job ended (cancelled, time limit,
                  node failure) mid-run, or ``(stale)``: its process is gone or its
                  heartbeat (``<run dir>/heartbeat.json``, telepathy/runlock.py) is old;
+* ``cancelled``  its SLURM job was cancelled before the run wrote anything (a pending array
+                 task cancelled with its array, too); a relaunch queues it again;
+* ``malformed``  its result.json is damaged on disk (the detail names the file and line);
+                 a relaunch redoes it from its last checkpoint, keeping its attempts;
 * ``unknown``    no result and no scheduler information.
 
 Runs under ``<outputs>/runs`` that no manifest mentions (single local runs) are
-listed at the end.
+listed at the end. A launch killed during an ``sbatch`` left that array as an intent in its
+manifest (``sweep.record_intent``): its jobs are found in squeue/sacct by their job name.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from telepathy.cluster.sweep import MANIFEST
-from telepathy.results import RESULT_FILE
+from telepathy.cluster.sweep import MANIFEST, MANIFEST_COPY, ManifestError, expand_tasks, intent_jobs, read_manifest
+from telepathy.fsutil import iter_jsonl, read_json
+from telepathy.results import LOG_FILE, RESULT_FILE, load_result, read_result
 
 log = logging.getLogger("telepathy")
 
@@ -86,11 +92,15 @@ def squeue_states() -> dict[str, str] | None:
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:
-    """Final SLURM state of finished jobs (the latest record of a requeued job)."""
+    """Final SLURM state of finished jobs (the latest record of a requeued job). Array tasks that
+    never started are listed by sacct together (``123_[0-2]``, or ``123`` just after a scancel),
+    so each array is asked for by its own id too and those lines are spread over its tasks."""
     if not job_ids:
         return {}
-    out = _run(["sacct", "-n", "-P", "-o", "JobID,State", "-j", ",".join(sorted(set(job_ids)))])
-    states = {}
+    bases = {str(i).split("_")[0] for i in job_ids}
+    out = _run(["sacct", "-n", "-P", "-o", "JobID,State", "-j", ",".join(sorted(set(map(str, job_ids)) | bases))])
+    states: dict[str, str] = {}
+    whole: dict[str, str] = {}  # array id -> state of a line that stands for all its unstarted tasks
     for line in (out or "").splitlines():
         if "|" in line:
             job_id, state = line.strip().split("|", 1)
@@ -100,29 +110,81 @@ def sacct_states(job_ids: list[str]) -> dict[str, str]:
                 if state == OOM_STATE and base in states:
                     states[base] = OOM_STATE
                 continue
-            states[job_id] = state
+            array, _, task = job_id.partition("_")
+            if task.startswith("["):
+                for k in expand_tasks(task, 1 << 20):
+                    states.setdefault(f"{array}_{k}", state)
+            elif not task:
+                whole[array] = state
+                states[job_id] = state
+            else:
+                states[job_id] = state
+    for job_id in map(str, job_ids):
+        base = job_id.split("_")[0]
+        if job_id not in states and base in whole:
+            states[job_id] = whole[base]
     return states
 
 
+# every state sacct accounts: without --state, a window (-S/-E) leaves out jobs that never started
+SACCT_STATES = "PD,R,RQ,RS,RV,S,CA,CD,DL,F,NF,OOM,PR,TO,BF"
+
+
+def jobs_named(name: str, since: float | None) -> dict[str, str] | None:
+    """``{job id: state}`` of the jobs SLURM knows under job name ``name`` (queued, running, or
+    ended since ``since``); None when squeue is not available."""
+    live = _run(["squeue", "-h", "-r", f"--name={name}", "-o", "%i|%T"])
+    if live is None:
+        return None
+    found = dict(line.strip().split("|", 1) for line in live.splitlines() if "|" in line)
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime((since or time.time()) - 3600))
+    acct = _run(
+        ["sacct", "-a", "-n", "-P", "-X", f"--name={name}", "-S", start, "-E", "now"]
+        + [f"--state={SACCT_STATES}", "-o", "JobID,State"]
+    )
+    for line in (acct or "").splitlines():
+        if "|" in line:
+            job_id, state = line.strip().split("|", 1)
+            found.setdefault(job_id, state.split()[0])
+    return found
+
+
+def _recovered(manifest: dict) -> list[dict]:
+    """The jobs of arrays whose sbatch was under way when their launch stopped (``intents``), as
+    SLURM knows them by job name; without squeue, each run once with state ``intent``."""
+    jobs = []
+    for intent in manifest.get("intents") or []:
+        found = jobs_named(str(intent.get("name")), intent.get("created_at"))
+        if found is None:
+            why = "its sbatch was under way when the launch stopped; no squeue here to say whether it was queued"
+            jobs += [{**e, "state": "intent", "reason": why} for task in intent.get("tasks") or [] for e in task]
+        else:
+            jobs += intent_jobs(intent, found)
+    return jobs
+
+
 def manifests(output_dir: Path) -> list[dict]:
-    """Every launch manifest under ``<output_dir>/sweeps``, oldest first."""
+    """Every launch manifest under ``<output_dir>/sweeps`` (and ``/benchmarks``), oldest first, with
+    the jobs of any array its launch queued without recording (``_recovered``). A manifest that
+    cannot be read (nor its copy) is kept, without jobs, with ``damaged``: the one line saying why."""
     found = []
-    paths = [*Path(output_dir).glob("sweeps/**/" + MANIFEST), *Path(output_dir).glob("benchmarks/**/" + MANIFEST)]
-    for path in sorted(paths):
+    dirs = {
+        path.parent
+        for pattern in ("sweeps/**/", "benchmarks/**/")
+        for name in (MANIFEST, MANIFEST_COPY)
+        for path in Path(output_dir).glob(pattern + name)
+    }
+    for folder in sorted(dirs):
+        path = folder / MANIFEST
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
+            manifest = read_manifest(path)
+        except ManifestError as err:
+            log.warning("%s", err)
+            manifest = {"jobs": [], "damaged": str(err), "sweep_dir": str(folder)}
         manifest["path"] = str(path)
+        manifest["jobs"] = [*manifest.get("jobs", []), *_recovered(manifest)]
         found.append(manifest)
     return sorted(found, key=lambda m: (m.get("created_at", ""), m["path"]))
-
-
-def _read_result(run_dir: str) -> dict | None:
-    try:
-        return json.loads((Path(run_dir) / RESULT_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def alive_runs(output_dir: Path) -> dict[str, str]:
@@ -142,7 +204,10 @@ def run_state(job: dict, live: dict[str, str] | None, finished: dict[str, str]) 
     """(state, detail) of one manifest entry."""
     if job.get("state") == "duplicate":
         return "skipped", job.get("reason", "duplicate of another job of the sweep")
-    record = _read_result(job["run_dir"]) or {}
+    if job.get("state") == "intent":
+        return "unknown", job.get("reason", "")
+    read = load_result(job["run_dir"])
+    record = read.record or {}
     status = record.get("status")
     job_id = job.get("slurm_job_id")
     if status == "completed":
@@ -159,6 +224,8 @@ def run_state(job: dict, live: dict[str, str] | None, finished: dict[str, str]) 
     if job_id and live is not None and job_id in live:
         earlier = " (queued by an earlier launch)" if job.get("state") == "active" else ""
         return LIVE.get(live[job_id], "running"), live[job_id].lower() + _progress(job["run_dir"]) + earlier
+    if read.problem is not None:
+        return "malformed", f"{read.problem}; a relaunch redoes it from its last checkpoint, keeping its attempts"
     if job.get("kind") == "benchmark" and finished.get(job_id) == "COMPLETED":
         return "completed", "benchmark job finished"
     if job_id and finished.get(job_id) == OOM_STATE:
@@ -167,6 +234,11 @@ def run_state(job: dict, live: dict[str, str] | None, finished: dict[str, str]) 
     if status in ("running", "interrupted"):
         return _started_state(
             job["run_dir"], status, finished.get(job_id) if job_id else None, gone=bool(job_id) and live is not None
+        )
+    if job_id and finished.get(job_id) == "CANCELLED":
+        return (
+            "cancelled",
+            f"SLURM job {job_id} was cancelled before the run wrote anything; a relaunch queues it again",
         )
     if job_id and job_id in finished and finished[job_id] not in LIVE:
         return "failed", f"SLURM job ended {finished[job_id]} without a result"
@@ -208,19 +280,12 @@ def _started_state(run_dir: str, status: str, ended: str | None, gone: bool) -> 
 
 def progress(run_dir: Path) -> dict | None:
     """``{"step", "max_steps", "eta_s"}`` of a training run from its log.jsonl (None before the first step)."""
-    path = Path(run_dir) / "log.jsonl"
+    path = Path(run_dir) / LOG_FILE
     try:
-        lines = path.read_text().splitlines()[-200:]
+        rows = [row for _, row, why in iter_jsonl(path) if why is None and isinstance(row, dict)][-200:]
     except OSError:
         return None
-    rows = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "examples_per_s" in row and "step" in row:
-            rows.append(row)
+    rows = [row for row in rows if "examples_per_s" in row and "step" in row]
     if not rows:
         return None
     step = int(rows[-1]["step"])
@@ -228,7 +293,7 @@ def progress(run_dir: Path) -> dict | None:
     # seconds per step from the logged throughput; batch size cancels if it is constant
     per_step = [1.0 / r["examples_per_s"] for r in recent if r.get("examples_per_s")]
     try:
-        trainer = json.loads((Path(run_dir) / "result.json").read_text())["config"]["trainer"]
+        trainer = (read_result(Path(run_dir)) or {})["config"]["trainer"]
         max_steps, batch = int(trainer["max_steps"]), int(trainer["batch_size"]) * int(trainer.get("grad_accum", 1))
     except (OSError, KeyError, ValueError, TypeError):
         return {"step": step, "max_steps": None, "eta_s": None}
@@ -256,7 +321,7 @@ def record_oom(run_dir: str, record: dict, job_id: str) -> None:
     if not record or record.get("status") not in ("running", "interrupted"):
         return
     write_json(
-        Path(run_dir) / "result.json",
+        Path(run_dir) / RESULT_FILE,
         {
             **record,
             "status": "failed",
@@ -275,6 +340,20 @@ def collect(output_dir: Path) -> list[dict]:
     finished = sacct_states([i for i in ids if live is None or i not in live]) if ids else {}
     rows, seen = [], set()
     for manifest in found:
+        if manifest.get("damaged"):  # its jobs are not known: one row says which manifest and why
+            rows.append(
+                {
+                    "phase": "-",
+                    "sweep": manifest.get("sweep_dir"),
+                    "launcher": None,
+                    "run": MANIFEST,
+                    "run_dir": manifest.get("sweep_dir"),
+                    "state": "unknown",
+                    "detail": f"{manifest['damaged']}; its jobs are not known (squeue lists queued ones)",
+                    "slurm_job_id": None,
+                    "resources": None,
+                }
+            )
         for job in manifest.get("jobs", []):
             state, detail = run_state(job, live, finished)
             seen.add(job["run_dir"])
@@ -368,7 +447,11 @@ class MultirunSummary(Callback):
         manifest = sweep_dir / MANIFEST
         launcher = None
         if not jobs and manifest.exists():
-            written = json.loads(manifest.read_text())
+            try:
+                written = read_manifest(manifest)
+            except ManifestError as err:  # the summary is a courtesy: say why there is none
+                log.warning("no multirun summary: %s", err)
+                written = {}
             jobs, launcher = written.get("jobs", []), written.get("launcher")
         # jobs queued on SLURM (the launcher returns once they are queued): ask squeue where they stand
         live = squeue_states() if any(job.get("slurm_job_id") for job in jobs) else None
@@ -412,7 +495,15 @@ def _plan_report(output_dir: Path, plan_arg: str, rows: list[dict], phase: str |
             file=sys.stderr,
         )
         return 2
-    report = checklist.compare(json.loads(path.read_text()), rows, phase)
+    try:
+        plan = read_json(path)
+    except ValueError as err:  # not UTF-8 / not JSON: the file and line, in one line
+        print(
+            f"error: --plan={plan_arg}: {err}; allowed: a plan.json written by python -m telepathy plan",
+            file=sys.stderr,
+        )
+        return 2
+    report = checklist.compare(plan, rows, phase)
     print(json.dumps(report, default=str) if as_json else f"plan {path}\n" + checklist.render(report))
     return 0
 

@@ -9,12 +9,17 @@ the plan, and by ``python -m telepathy status``, which reads the manifest back.
   whose earlier SLURM job is still queued or running, or a second job with the same run dir;
 * ``group`` puts the jobs to queue into one array per resource class;
 * ``describe`` is the dry-run table (every job, its resources, GPU-hours);
-* ``write_manifest`` records what was queued (run dirs, SLURM job ids, resources).
+* ``record_intent`` records an array in the manifest before its ``sbatch``, under a job name
+  of its own, so that a launcher killed during that ``sbatch`` leaves the array findable
+  (``status`` asks squeue/sacct for that name); ``write_manifest`` then records what was
+  queued (run dirs, SLURM job ids, resources) and drops the intent;
+* ``read_manifest`` is the one reader of ``jobs.json``: it is written twice (``jobs.json`` and
+  the copy ``.jobs.json.bak``), so one damaged file (truncated, not UTF-8) is read from the
+  other, and a manifest neither can give is one line naming the file and line, never skipped.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -27,7 +32,12 @@ from typing import Any
 from omegaconf import OmegaConf
 
 MANIFEST = "jobs.json"
+MANIFEST_COPY = ".jobs.json.bak"  # the same manifest, written after it: what survives one damaged file
 MANIFEST_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A jobs.json (and its copy) that cannot be read; the message names the file and line."""
 
 
 class LaunchError(ValueError):
@@ -220,7 +230,10 @@ def phase(config) -> str | None:
 
 
 def describe(planned: list[PlannedJob], header: str) -> str:
-    """The dry-run table: every job with its state and resources, then one line per array and the totals."""
+    """The dry-run table: every job with its state and resources, then one line per array and the totals
+    (secret values of overrides redacted: the table goes to the console and the launch log)."""
+    from telepathy.results import redact
+
     rows = [("#", "state", "gpus", "cpus", "mem", "time", "est GB", "GPU-h", "run", "overrides")]
     for j in planned:
         r = j.resources
@@ -238,7 +251,7 @@ def describe(planned: list[PlannedJob], header: str) -> str:
                 "/".join(f"{g:.1f}" for g in r.device_gb),
                 f"{r.gpu_hours:.1f}",
                 Path(j.run_dir).name,
-                " ".join(_filter(j.overrides)),
+                " ".join(redact(_filter(j.overrides))),
             )
         )
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]) - 1)]
@@ -265,14 +278,51 @@ def describe(planned: list[PlannedJob], header: str) -> str:
     return "\n".join(lines)
 
 
-def write_manifest(
-    sweep_dir: Path, planned: list[PlannedJob], arrays: list[dict], phase_name: str | None, launcher: str
-) -> Path:
-    """Add this launch's arrays and jobs to ``<sweep_dir>/jobs.json`` (atomic write)."""
+def read_manifest(path: Path) -> dict:
+    """The manifest at ``path`` (a sweep's ``jobs.json``); when it is damaged, its copy
+    ``.jobs.json.bak`` with a warning naming the damaged file. ManifestError (one line: file,
+    line, why) when neither can be read."""
+    import logging
+
+    from telepathy.fsutil import read_json
+
+    path = Path(path)
+    problems = []
+    for candidate in (path, path.with_name(MANIFEST_COPY)):
+        try:
+            manifest = read_json(candidate, error=ManifestError)
+        except FileNotFoundError:
+            continue
+        except (OSError, ManifestError) as err:
+            problems.append(str(err) if isinstance(err, ManifestError) else f"{candidate}: {err}")
+            continue
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("jobs", []), list):
+            problems.append(f"{candidate}: not a launch manifest (no list of jobs)")
+            continue
+        if problems:
+            logging.getLogger("telepathy").warning("%s; read its copy %s", problems[0], candidate.name)
+        return manifest
+    if not problems:
+        raise FileNotFoundError(str(path))
+    raise ManifestError(f"{'; '.join(problems)} (no readable copy)")
+
+
+def _write(sweep_dir: Path, manifest: dict) -> Path:
+    """Write the manifest and then its copy, each atomically (secrets redacted by the writer)."""
     from telepathy.results import write_json
 
     path = sweep_dir / MANIFEST
-    manifest = {
+    write_json(path, manifest)
+    write_json(sweep_dir / MANIFEST_COPY, manifest)
+    return path
+
+
+def _manifest(sweep_dir: Path, phase_name: str | None, launcher: str) -> dict:
+    """This sweep's manifest so far (a sweeper that launches in batches has one for the whole sweep)."""
+    path = sweep_dir / MANIFEST
+    if path.exists() or (sweep_dir / MANIFEST_COPY).exists():
+        return read_manifest(path)
+    return {
         "schema_version": MANIFEST_VERSION,
         "phase": phase_name,
         "launcher": launcher,
@@ -282,25 +332,90 @@ def write_manifest(
         "arrays": [],
         "jobs": [],
     }
-    if path.exists():  # a sweeper that launches in batches: one manifest for the whole sweep
-        manifest = json.loads(path.read_text())
-    manifest["arrays"] += arrays
-    manifest["jobs"] += [
+
+
+def record_intent(
+    sweep_dir: Path, name: str, label: str, tasks: list[list[PlannedJob]], phase_name: str | None, launcher: str
+) -> None:
+    """Record, before its ``sbatch``, an array about to be submitted as job name ``name``: task k
+    runs ``tasks[k]`` (one run, or a pack of several). ``write_manifest`` drops it once the array
+    is recorded; if the launcher dies first, ``status`` finds the array by its name."""
+    manifest = _manifest(sweep_dir, phase_name, launcher)
+    manifest.setdefault("intents", []).append(
         {
-            "idx": j.idx,
-            "state": "queued" if j.state == "queue" else j.state,
-            "reason": j.reason,
-            "kind": j.kind,
-            "run_dir": j.run_dir,
-            "overrides": j.overrides,
-            "shares": j.shares,
-            "slurm_job_id": j.slurm_job_id,
-            "resources": {**j.resources.to_dict(), "class": j.resources.class_name},
+            "name": name,
+            "class": label,
+            "created_at": time.time(),
+            "tasks": [[_entry(j) for j in members] for members in tasks],
         }
-        for j in planned
-    ]
-    write_json(path, manifest)
-    return path
+    )
+    _write(sweep_dir, manifest)
+
+
+def _entry(j: PlannedJob) -> dict:
+    return {
+        "idx": j.idx,
+        "state": "queued" if j.state == "queue" else j.state,
+        "reason": j.reason,
+        "kind": j.kind,
+        "run_dir": j.run_dir,
+        "overrides": j.overrides,
+        "shares": j.shares,
+        "slurm_job_id": j.slurm_job_id,
+        "resources": {**j.resources.to_dict(), "class": j.resources.class_name},
+    }
+
+
+def write_manifest(
+    sweep_dir: Path,
+    planned: list[PlannedJob],
+    arrays: list[dict],
+    phase_name: str | None,
+    launcher: str,
+    done_intent: str | None = None,
+) -> Path:
+    """Add this launch's arrays and jobs to ``<sweep_dir>/jobs.json`` (atomic write, then its copy);
+    ``done_intent``: the job name of the array now recorded, whose intent is dropped."""
+    manifest = _manifest(sweep_dir, phase_name, launcher)
+    manifest["arrays"] += arrays
+    manifest["jobs"] += [_entry(j) for j in planned]
+    if done_intent is not None:
+        manifest["intents"] = [i for i in manifest.get("intents", []) if i.get("name") != done_intent]
+    return _write(sweep_dir, manifest)
+
+
+def intent_jobs(intent: dict, found: dict[str, str]) -> list[dict]:
+    """The manifest entries of an intent's array, given ``found`` = {job id: state} of the jobs
+    SLURM knows under the intent's name (``<array>_<task>``, ``<array>_[0-3,5]`` for pending
+    tasks sacct lists together, or a plain id: an array of one task is one job): every run of
+    every task found, with its job id."""
+    tasks = intent.get("tasks") or []
+    out = []
+    for job_id, state in found.items():
+        array, _, task = job_id.partition("_")
+        for k in expand_tasks(task, len(tasks)):
+            for entry in tasks[k]:
+                out.append(
+                    {
+                        **entry,
+                        "slurm_job_id": f"{array}_{k}" if task else job_id,  # one task: submitit's plain job
+                        "reason": f"queued by a launch that stopped during its sbatch ({intent.get('name')}, {state})",
+                    }
+                )
+    return sorted(out, key=lambda e: (e["slurm_job_id"], e.get("idx", 0)))
+
+
+def expand_tasks(task: str, n_tasks: int) -> list[int]:
+    """Array task indices of a job id's task part: ``3`` → [3], ``[0-2,5]`` → [0, 1, 2, 5],
+    empty (the whole array) → every task; only those below ``n_tasks``."""
+    if not task:
+        return list(range(n_tasks))
+    out = []
+    for part in task.strip("[]").split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            out += range(int(lo), int(hi or lo) + 1)
+    return [k for k in out if k < n_tasks]
 
 
 # --- launching safely: one launch per output root, one sweep dir per launch ---------------
