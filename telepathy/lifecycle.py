@@ -29,6 +29,7 @@ from telepathy import batching, data, methods, runlock, telemetry
 from telepathy import config as tconfig
 from telepathy.methods import RunContext
 from telepathy.models import placement
+from telepathy.resources import batch_plan
 from telepathy.results import (
     PREDICTIONS_FILE,
     RESULT_FILE,
@@ -148,7 +149,7 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
         "overrides": _overrides(),
         "env": environment(device=str(devices["receiver"])),
         "resources": _resources(cfg),
-        "batch": batching.plan(cfg),  # per-device batch, accumulation, effective batch (batch_by_size)
+        "batch": batch_plan(cfg),  # per-device batch, accumulation, effective batch, and why (resources.batch_plan)
         "reused_from": None,
     }
     started = now()
@@ -181,7 +182,7 @@ def _run(cfg: DictConfig, run_dir: Path, last_beat: dict | None = None) -> dict 
 
     write_json(run_dir / RESULT_FILE, record("running", **base, attempts=attempts("running", None), started_at=started))
     sampler = telemetry.start(cfg, run_dir)  # GPU / host usage → telemetry.jsonl, summary in the record
-    batching.apply(cfg)
+    batching.apply(cfg, base["batch"])
 
     def ended(status: str, error: dict, **fields) -> None:
         """The record of an attempt that did not complete (its time still counts: ``attempts``)."""

@@ -63,6 +63,20 @@ class RunContext:
             self._models[role] = load_model(tconfig.model_config(self.cfg, role), device)
         return self._models[role]
 
+    def release(self, role: str) -> None:
+        """Drop a model the method no longer needs, so its device memory is free for what follows (the
+        bridge trains with the receiver alone once the sender's features are computed)."""
+        lm = self._models.pop(role, None)
+        if lm is None:
+            return
+        device = lm.device
+        del lm
+        import gc
+
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def sender_features(
         self, lm: LoadedModel, ids: list[list[int]], layer: int | list[int], split: str
     ) -> list[torch.Tensor] | dict[int, list[torch.Tensor]]:
