@@ -1,4 +1,4 @@
-"""Label scoring side by side: multi-token verbalisers in one pass against single-token ones (and the old pass per label).
+"""Label scoring side by side: multi-token verbalisers in one pass, single-token ones, and the old pass per label.
 
     python -m benchmarks.label_scoring --out outputs/label_scoring.json [--repeats 5] [-- overrides]
 
@@ -32,7 +32,16 @@ import torch
 import torch.nn.functional as F
 
 # TREC's six classes as multi-word phrases (2-4 tokens each under Gemma's SentencePiece vocabulary)
-PHRASES = "abbreviation or acronym,entity or thing,description or definition,human or person,location or place,number or quantity"
+PHRASES = ",".join(
+    [
+        "abbreviation or acronym",
+        "entity or thing",
+        "description or definition",
+        "human or person",
+        "location or place",
+        "number or quantity",
+    ]
+)
 
 
 def compose(overrides: list[str]):
@@ -95,10 +104,10 @@ def measure(cfg, phrases: list[str], repeats: int) -> dict:
                 for kind, batch in (("bridge", lambda: bridge_prompts(soft[:eval_b])), ("text", lambda: texts)):
                     prompts = batch()
                     cells.setdefault(("eval", kind, name), []).append(
-                        _median_ms(lambda: scorer(prompts, label_ids), 1) / len(prompts)
+                        _median_ms(lambda f=scorer, x=prompts, y=label_ids: f(x, y), 1) / len(prompts)
                     )
             cells.setdefault(("train", "bridge", name), []).append(
-                _median_ms(lambda: train_step(scorer, label_ids), 1) / train_b
+                _median_ms(lambda f=scorer, y=label_ids: train_step(f, y), 1) / train_b
             )
     rows = []
     for (stage, kind, name), values in cells.items():
@@ -119,10 +128,8 @@ def measure(cfg, phrases: list[str], repeats: int) -> dict:
 
 
 def host() -> dict:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
-        platform.processor(),
-    )
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if "model name" in line), platform.processor())
     return {"cpu": cpu, "threads": torch.get_num_threads(), "loadavg": os.getloadavg(), "torch": torch.__version__}
 
 

@@ -39,7 +39,7 @@ def test_every_method_declares_its_work(name):
 @needs_data
 def test_a_method_without_a_work_profile_is_refused_in_one_line():
     cfg = compose("budget=tiny", "method=zeroshot", "~method.work")
-    with pytest.raises(ConfigError, match=r"^method.work=None is not allowed for method.name='zeroshot'; allowed: a work"):
+    with pytest.raises(ConfigError, match=r"^method.work=None is not allowed for method.name='zeroshot'; allowed: "):
         costs.job_work(cfg)
 
 
@@ -73,8 +73,8 @@ def test_decoding_pays_a_step_overhead_and_multi_token_labels_one_more_pass():
     wall, _ = costs._call_seconds(step, costs.DEVICES["h100"])
     assert wall >= costs.DECODE_STEP_S + step.layers * costs.OPS_PER_LAYER["decode"] * costs.DEVICES["h100"]["op_s"]
     labels = ["abbreviation or acronym", "entity or thing", "description", "human", "location", "number"]
-    single = compose(*P1[1:], "method=zeroshot", "budget=paper_1k", "receiver=mistral7b")
-    multi = compose(*P1[1:], "method=zeroshot", "budget=paper_1k", "receiver=mistral7b", f"task.labels=[{','.join(labels)}]")
+    run = [*P1[1:], "method=zeroshot", "budget=paper_1k", "receiver=mistral7b"]
+    single, multi = compose(*run), compose(*run, f"task.labels=[{','.join(labels)}]")
     one, many = costs.job_work(single)["eval"], costs.job_work(multi)["eval"]
     assert many.calls == one.calls  # the prompt is not encoded again per label ...
     assert many.groups[0].ops_factor == 2 * one.groups[0].ops_factor  # ... one continuation pass, for all labels
