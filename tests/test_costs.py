@@ -12,7 +12,6 @@ import pytest
 from helpers import REPO, compose, needs_data
 from telepathy import methods, resources
 from telepathy.cluster import costs
-from telepathy.cluster.plan import Job, gpu_busy, makespan, phase_busy, prepare_line, schedule
 from telepathy.config import ConfigError
 
 P1 = ["+phase=p1_seeds", "task=trec", "seed=42"]
@@ -58,10 +57,8 @@ def test_the_dispatch_floor_is_ops_per_layer_times_the_per_op_cost():
     # before: 40 us per layer + 5 ms per call, about 10x below what eager Hugging Face code costs
     cfg = compose("+pair=small", "method=zeroshot", "task=sst2", "budget=paper")  # Qwen2.5-1.5B, 28 layers
     work = costs.job_work(cfg)["eval"]
-    spec = costs.DEVICES["h100"]
-    floor = work.calls * (28 * costs.OPS_PER_LAYER["forward"] * spec["op_s"] + spec["call_s"])
-    assert floor > 3 * work.calls * (28 * 40e-6)
-    assert costs.default_seconds("eval", work, "h100") >= floor * 0.999
+    # at least 53 top-level aten ops per layer of a forward (torch profiler), each >= 5 us of host time
+    assert costs.default_seconds("eval", work, "h100") >= work.calls * 28 * 53 * 5e-6
     wall, busy = costs.stage_seconds("eval", work, "h100")
     assert busy < 0.5 * wall  # small batches of a 1.5B model: the GPU waits for the CPU
 
@@ -101,6 +98,8 @@ def test_a_prediction_has_a_range_a_gpu_busy_fraction_and_the_slurm_dispatch():
 
 
 def test_gpu_bound_jobs_sharing_a_gpu_slow_each_other_down():
+    from telepathy.cluster.plan import Job, gpu_busy, makespan, phase_busy, schedule
+
     # before: packed jobs ran as fast as alone, and the three most GPU-bound jobs shared GPU 0
     alone = [Job(f"j{i}", "p", 100, mem_gb=10, packable=True, busy=0.0) for i in range(2)]
     busy = [Job(f"b{i}", "p", 100, mem_gb=10, packable=True, busy=0.5) for i in range(2)]
@@ -112,6 +111,8 @@ def test_gpu_bound_jobs_sharing_a_gpu_slow_each_other_down():
 
 
 def test_the_downloads_are_a_line_of_their_own():
+    from telepathy.cluster.plan import prepare_line
+
     rows = [{"weights": {"llama31_8b": 16e9, "mistral7b": 14e9}}, {"weights": {"mistral7b": 14e9}}]
     outside, text = prepare_line(rows, {"download_gb_s": 0.5, "prepare_in_window": False})
     assert outside == 0 and "2 models, 30.0 GB" in text and "0:01:00" in text and "before the window" in text

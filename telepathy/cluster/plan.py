@@ -469,7 +469,7 @@ def gantt_png(slots: list[Slot], n_gpus: int, window_s: float, path: Path, prepa
     if in_view:
         handles.append(plt.Line2D([0], [0], color="red", linestyle="--"))
         labels.append("window")
-    ax.legend(handles, labels, loc="lower right", fontsize=7)
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
