@@ -459,8 +459,9 @@ def onepass_checks(lm, facts) -> dict:
     }
 
 
-def packed_worker(name: str, smoke: bool, tokenizer_dir: str | None, seconds: float) -> None:
-    """One member of a pack: the small receiver scoring batches for ``seconds``; prints batches/s."""
+def packed_worker(name: str, smoke: bool, tokenizer_dir: str | None, seconds: float, start_at: float) -> None:
+    """One member of a pack: the small receiver scoring batches from ``start_at`` (the same moment in every
+    member, after each has built its model) for ``seconds``; prints batches/s."""
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.float32 if smoke else torch.bfloat16
     lm, facts, _ = build(name, smoke, device, dtype, load_tok(tokenizer_dir))
@@ -472,6 +473,7 @@ def packed_worker(name: str, smoke: bool, tokenizer_dir: str | None, seconds: fl
     with torch.no_grad():
         io.label_scores(prompts, labels)
         _sync(device)
+        time.sleep(max(0.0, start_at - time.time()))
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             io.label_scores(prompts, labels).cpu()
@@ -483,7 +485,9 @@ def packed_path(name: str, smoke: bool, tokenizer_dir: str | None, seconds: floa
     """1, 2 and 3 processes of the scoring loop on one GPU at once: each one's rate against one alone."""
     out = {"model": name, "seconds": seconds}
     for k in (1, 2, 3):
+        start_at = time.time() + (15 if smoke else 40)  # every member builds its model first, then all start at once
         cmd = [sys.executable, "-m", "benchmarks.gpu_calibrate", "--packed-worker", name, "--seconds", str(seconds)]
+        cmd += ["--start-at", str(start_at)]
         cmd += ["--smoke"] if smoke else []
         cmd += ["--tokenizer", tokenizer_dir] if tokenizer_dir else []
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=costs.REPO) for _ in range(k)]
@@ -554,9 +558,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", help="a tokenizer folder (default: SmolLM2's from the demo package)")
     parser.add_argument("--packed-worker", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=8.0, help=argparse.SUPPRESS)
+    parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.packed_worker:
-        packed_worker(args.packed_worker, args.smoke, args.tokenizer, args.seconds)
+        packed_worker(args.packed_worker, args.smoke, args.tokenizer, args.seconds, args.start_at)
         return 0
     if args.out is None:
         parser.error("--out is required")
@@ -584,41 +589,6 @@ def main(argv=None) -> int:
         entries.extend(r for r in rows if not r.get("reference"))
         reference.extend(r for r in rows if r.get("reference"))
 
-    for name in names:
-        if not clock.allows(f"{name}: build", 30):
-            continue
-        lm, facts, build_s = build(name, args.smoke, device, dtype, tok)
-        builds.append({"model": str(facts.name), "build_s": round(build_s, 3), "vocab": int(facts.vocab_size)})
-        dispatch.append(dispatch_path(lm, facts, kind, repeat))
-        if name in ("mistral7b", "qwen25_15b") and clock.allows(f"{name}: label scoring", 20):
-            log(scoring_paths(lm, facts, kind, configs["bridge"], repeat))
-        if name == "mistral7b" and clock.allows("mistral7b: bridge micro-step", 30):
-            log(train_paths(lm, facts, kind, configs["bridge"], repeat, memory, args.smoke))
-        if name == "qwen25_15b" and clock.allows("qwen25_15b: XSum bridge micro-step", 20):
-            log(train_paths(lm, facts, kind, configs["xsum"], repeat, memory, args.smoke, loss="tokens"))
-        if name in ("llama31_8b", "llama32_1b") and clock.allows(f"{name}: features", 20):
-            log(features_path(lm, facts, kind, 16, repeat))
-        if name == "llama31_8b" and clock.allows("llama31_8b: text relay generate", 40):
-            log(generate_path(lm, facts, kind, 16, 96, 48, max(1, repeat // 2)))
-        if name == "qwen25_15b" and clock.allows("qwen25_15b: XSum generate", 40):
-            log(generate_path(lm, facts, kind, 16, 512, 64, max(1, repeat // 2)))
-        if name == "llama32_1b" and clock.allows("llama32_1b: load + LLMLingua per item", 60):
-            loads.append(load_path(lm, facts, kind, device))
-            lingua.append(llmlingua_path(lm, facts, kind, 4 if args.smoke else 20))
-        if name == "llama32_1b" and clock.allows("one-pass scorer checks", 20):
-            checks.append(onepass_checks(lm, facts))
-            if device.type == "cuda":  # float32 as well: the path's own error, not bf16's
-                lm.model.float()
-                lm.dtype = torch.float32
-                checks.append(onepass_checks(lm, facts))
-        if name == "mistral7b" and clock.allows("mistral7b: one-pass check + LoRA micro-step", 40):
-            checks.append(onepass_checks(lm, facts))
-            log(lora_path(lm, facts, kind, configs["lora"], repeat))
-        del lm
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    if "qwen25_15b" in names and clock.allows("packed processes", 90 if not args.smoke else 30):
-        packed.append(packed_path("qwen25_15b", args.smoke, args.tokenizer, 2.0 if args.smoke else 10.0))
     result.update(
         entries=entries,
         reference=reference,
@@ -630,8 +600,81 @@ def main(argv=None) -> int:
         checks=checks,
         packed=packed,
         skipped=clock.skipped,
-        seconds=round(time.time() - clock.t0, 1),
+        errors=[],
     )
+
+    def step(title: str, need_s: float, fn) -> None:
+        """Run one measurement if the time box has room; a failure is recorded, and the rest still runs."""
+        if not clock.allows(title, need_s):
+            return
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - one broken path must not lose every other measurement
+            import traceback
+
+            result["errors"].append({"step": title, "error": f"{type(err).__name__}: {err}"[:2000]})
+            print(f"{title}: FAILED {type(err).__name__}: {err}\n{traceback.format_exc()[-3000:]}", flush=True)
+        result["seconds"] = round(time.time() - clock.t0, 1)
+        write_json(args.out, result)  # after every step: a run stopped by its time limit keeps what it measured
+
+    def both_dtypes(lm, facts):
+        checks.append(onepass_checks(lm, facts))
+        if device.type == "cuda":  # float32 as well: the path's own error, not bf16's
+            lm.model.float()
+            lm.dtype = torch.float32
+            checks.append(onepass_checks(lm, facts))
+
+    bridge, xsum, lora = configs["bridge"], configs["xsum"], configs["lora"]
+    half, items = max(1, repeat // 2), 4 if args.smoke else 20
+
+    def measure(name: str, lm, facts) -> None:
+        """Every path this model takes in the plan (its role in P1-P6)."""
+        if name in ("mistral7b", "qwen25_15b"):
+            step(f"{name}: label scoring", 20, lambda: log(scoring_paths(lm, facts, kind, bridge, repeat)))
+        if name == "mistral7b":
+            step("bridge micro-step", 30, lambda: log(train_paths(lm, facts, kind, bridge, repeat, memory, args.smoke)))
+        if name == "qwen25_15b":
+            step(
+                "XSum bridge micro-step",
+                20,
+                lambda: log(train_paths(lm, facts, kind, xsum, repeat, memory, args.smoke, loss="tokens")),
+            )
+        if name in ("llama31_8b", "llama32_1b"):
+            step(f"{name}: features", 20, lambda: log(features_path(lm, facts, kind, 16, repeat)))
+        if name == "llama31_8b":
+            step("text relay generate", 40, lambda: log(generate_path(lm, facts, kind, 16, 96, 48, half)))
+        if name == "qwen25_15b":
+            step("XSum generate", 40, lambda: log(generate_path(lm, facts, kind, 16, 512, 64, half)))
+        if name == "llama32_1b":
+            step("load from disk", 40, lambda: loads.append(load_path(lm, facts, kind, device)))
+            step("LLMLingua per item", 40, lambda: lingua.append(llmlingua_path(lm, facts, kind, items)))
+            step("one-pass scorer checks (bf16 + float32)", 20, lambda: both_dtypes(lm, facts))
+        if name == "mistral7b":
+            step("one-pass scorer check (mistral7b)", 20, lambda: checks.append(onepass_checks(lm, facts)))
+            step("LoRA micro-step", 30, lambda: log(lora_path(lm, facts, kind, lora, repeat)))
+
+    def make(name: str, built: dict) -> None:
+        lm, facts, build_s = build(name, args.smoke, device, dtype, tok)
+        built.update(lm=lm, facts=facts)
+        builds.append({"model": str(facts.name), "build_s": round(build_s, 3), "vocab": int(facts.vocab_size)})
+        dispatch.append(dispatch_path(lm, facts, kind, repeat))
+
+    for name in names:
+        built: dict = {}
+        step(f"{name}: build + per-op cost", 30, lambda n=name, b=built: make(n, b))
+        if "lm" in built:
+            measure(name, built.pop("lm"), built["facts"])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if "qwen25_15b" in names:
+        seconds = 2.0 if args.smoke else 10.0
+        need = 60 if args.smoke else 160
+        step(
+            "packed processes",
+            need,
+            lambda: packed.append(packed_path("qwen25_15b", args.smoke, args.tokenizer, seconds)),
+        )
+    result["seconds"] = round(time.time() - clock.t0, 1)
     write_json(args.out, result)
     print(
         json.dumps(
