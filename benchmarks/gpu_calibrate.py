@@ -578,7 +578,6 @@ def main(argv=None) -> int:
     tok = load_tok(args.tokenizer)
     configs = {k: compose(v) for k, v in PHASES.items()}
     result = {"device": kind, "host": host(), "transfer": TRANSFER_NOTE, "dtype": str(dtype).replace("torch.", "")}
-    entries, reference, memory, builds, dispatch, loads, checks, lingua, packed = [], [], [], [], [], [], [], [], []
     names = args.models.split(",")
     repeat = 1 if args.smoke else args.repeat
 
@@ -589,19 +588,10 @@ def main(argv=None) -> int:
         entries.extend(r for r in rows if not r.get("reference"))
         reference.extend(r for r in rows if r.get("reference"))
 
-    result.update(
-        entries=entries,
-        reference=reference,
-        memory=memory,
-        builds=builds,
-        dispatch=dispatch,
-        loads=loads,
-        llmlingua=lingua,
-        checks=checks,
-        packed=packed,
-        skipped=clock.skipped,
-        errors=[],
-    )
+    result["skipped"] = clock.skipped
+    sections = ("entries", "reference", "memory", "builds", "dispatch", "loads", "llmlingua", "checks", "packed")
+    result.update({key: [] for key in (*sections, "errors")})
+    entries, reference, memory, builds, dispatch, loads, lingua, checks, packed = (result[k] for k in sections)
 
     def step(title: str, need_s: float, fn) -> None:
         """Run one measurement if the time box has room; a failure is recorded, and the rest still runs."""

@@ -17,11 +17,18 @@ bridge), 2-GPU jobs on two free GPUs, and *packable* jobs (1 GPU, estimate at mo
 ``gpu_mem_gb / cluster.pack_max``) sharing a GPU up to ``cluster.pack_max`` at a time. A
 lower-priority job fills a GPU a higher one cannot use yet (greedy backfill).
 
-Output: the jobs with their predicted durations and where each number comes from (default
-or calibrated), a Gantt table and PNG (one lane per GPU), the makespan, per-GPU occupancy,
-and a verdict: fits ``cluster.window_h`` or not, and if not, which cuts would make it fit
-(fewer steps, fewer grid points of one phase, a phase after the window). ``plan.json`` in
-the output folder holds it all; ``python -m telepathy status --plan`` compares it with what ran.
+A packable job also needs a GPU-busy fraction of at most ``cluster.pack_busy_max``, and a packed
+job stretches by its neighbours' busy share (``packing_slowdown``). Every job is also predicted in a
+``low`` and a ``high`` scenario, and both are scheduled.
+
+Output: the jobs with their predicted durations, ranges and GPU-busy fractions and where each number
+comes from (default or calibrated), the downloads (``telepathy.prepare``) as a line of their own, a
+Gantt table and PNG (one lane per GPU; solid = GPU-busy share), the makespan and its range, per-GPU
+occupancy (time held) and predicted GPU-busy share, per-phase busy fractions with the verdict for the
+seed's "> 80 %" (``cluster.busy_target``), and a verdict: fits ``cluster.window_h`` or not, and if
+not, which cuts would make it fit (fewer steps, fewer grid points of one phase, a phase after the
+window). ``plan.json`` in the output folder holds it all; ``python -m telepathy status --plan``
+compares it with what ran.
 """
 
 from __future__ import annotations
