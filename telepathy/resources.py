@@ -293,18 +293,28 @@ def batch_plan(cfg) -> dict:
     the bridge keeps the receiver, its sender is released once the features are computed; LoRA and
     prompt tuning the receiver) gets the largest split of the effective batch whose training memory
     (``training_gb``) fits one ``cluster.gpu_mem_gb`` GPU: ``rule: memory``. Otherwise (nothing
-    declared, or two models resident) the plan's table by model size: ``rule: table``. The effective
-    batch never changes, so neither does the result; ``batch_by_size=off`` trains as given.
+    declared, or two models resident) the plan's table by model size: ``rule: table``. Either way at most
+    ``resources.max_per_device`` (the split a smaller card gets, to check a result does not depend on it).
+    The effective batch never changes, so neither does the result; ``batch_by_size=off`` trains as given.
     """
     table = batching.plan(cfg)
     resident = _get(cfg, "method.work.train_resident", None)
     enabled = bool(_get(cfg, "batch_by_size.enabled", False))
+    most = _get(cfg, "resources.max_per_device", None)
+    if most is not None:
+        check_range(cfg, "resources.max_per_device", lo=1, integer=True)
+    effective = table["effective"]
+    split = [d for d in range(effective, 0, -1) if effective % d == 0 and (most is None or d <= int(most))]
     if resident is None or not enabled or len(set(resident)) > 1:
-        return {**table, "rule": "table" if enabled else "as given"}
+        per_device = max(d for d in split if d <= table["per_device"])
+        return {
+            **table,
+            "per_device": per_device,
+            "grad_accum": effective // per_device,
+            "rule": "table" if enabled else "as given",
+        }
     resident = [str(r) for r in resident]
     gpu_mem = float(_get(cfg, "cluster.gpu_mem_gb", 80))
-    effective = table["effective"]
-    split = [d for d in range(effective, 0, -1) if effective % d == 0]
     per_device = next((d for d in split if training_gb(cfg, d, resident) <= gpu_mem), 1)
     return {
         **table,

@@ -126,13 +126,13 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_a_run_learns_the_same_whatever_the_micro_batch_split(outputs):
-    """The effective batch of 4 as 4 x 1 and, with a per-device cap of 2 (``batch_by_size``: the split
-    a smaller GPU gets), as 2 x 2: every step's loss and gradient norm agree, so a result does not
+    """The effective batch of 4 as 4 x 1 and, with a per-device cap of 2 (``resources.max_per_device``: the
+    split a smaller GPU gets), as 2 x 2: every step's loss and gradient norm agree, so a result does not
     depend on the card. The previous default (bridge.centre_grad) differed by 14% at step 1 here."""
     rows = {}
     for cap in (4, 2):
         out = outputs / f"cap{cap}"
-        run_train(*TINY, f"batch_by_size.sizes=[{{name:cap,max_params:null,dual:{cap},single:{cap}}}]", outputs=out)
+        run_train(*TINY, f"resources.max_per_device={cap}", outputs=out)
         (record,) = results(out)
         assert record["batch"]["per_device"] == cap and record["batch"]["effective"] == 4
         log = [json.loads(line) for line in (Path(record["run_dir"]) / "log.jsonl").read_text().splitlines()]
