@@ -141,3 +141,12 @@ def test_a_run_learns_the_same_whatever_the_micro_batch_split(outputs):
     for whole, split in zip(rows[4], rows[2]):
         assert split["loss"] == pytest.approx(whole["loss"], rel=1e-4)
         assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
+
+
+def test_a_bridge_trains_at_the_split_its_resident_memory_allows_not_the_two_model_table(outputs):
+    # before: the size table's dual-model cap (2 here, as the 8B pair's) split the batch although the
+    # sender leaves the device once its features are computed; the record said per-device 2
+    run_train(*TINY, "batch_by_size.sizes=[{name:t,max_params:null,dual:2,single:2}]", outputs=outputs)
+    (record,) = results(outputs)
+    assert (record["batch"]["per_device"], record["batch"]["grad_accum"]) == (4, 1)
+    assert record["batch"]["rule"] == "memory" and record["batch"]["resident"] == ["receiver"]
