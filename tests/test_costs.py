@@ -129,3 +129,12 @@ def test_an_h200_calibration_applies_to_an_h100_plan_and_says_so():
     before, after = costs.predict(cfg, "h100"), costs.predict(cfg, "h100", cal)
     assert after.sources["eval"] == "calibrated on h200 (1)"
     assert math.isclose(after.seconds["eval"], 2 * before.seconds["eval"], rel_tol=1e-6)
+
+
+@needs_data
+def test_a_generation_tasks_quick_evals_are_a_forward_not_a_generation():
+    cfg = compose("+phase=p5_xsum", "method=bridge", "seed=42")
+    decode = costs.job_work(cfg)["decode"]
+    batches = math.ceil(min(costs.token_stats(cfg)["test"]["rows"], cfg.task.test_samples) / cfg.eval.batch_size)
+    per_batch = int(cfg.task.max_target_tokens)
+    assert decode.calls == 2 * batches * per_batch  # the bridge's summaries and the receiver's own, test items only

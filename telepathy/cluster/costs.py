@@ -388,10 +388,12 @@ def job_work(cfg, stats: dict | None = None) -> dict[str, Work]:
         elif p["items"] == "train+test":
             items, t_in = n_train + n_test, (n_train * t_train + n_test * t_test) / max(1, n_train + n_test)
         else:
-            probe = 0
+            items, t_in = n_test, t_test
             if p["items"] == "test+probe" and trains and cfg.trainer.eval_every:
+                # the quick evals on held-out training items: scored as the test items are, or, for a
+                # generation task, the summary's cross-entropy (a forward over the targets, no decoding)
                 probe = int(cfg.trainer.max_steps) // int(cfg.trainer.eval_every) * int(cfg.trainer.eval_samples)
-            items, t_in = n_test + probe, t_test
+                _inference_pass(work, cfg, p, m, stats, _read_tokens(cfg, p, t_train), probe, eval_batch, probe=True)
         _inference_pass(work, cfg, p, m, stats, _read_tokens(cfg, p, t_in), items, eval_batch)
     return work
 
@@ -415,10 +417,13 @@ def _train_pass(w: Work, cfg, p: dict, m, stats: dict, t_in: float, micro: int, 
     w.add(calls, model_key(m))
 
 
-def _inference_pass(work: dict, cfg, p: dict, m, stats: dict, t_in: float, items: float, batch: int) -> None:
+def _inference_pass(
+    work: dict, cfg, p: dict, m, stats: dict, t_in: float, items: float, batch: int, probe: bool = False
+) -> None:
     stage = work[p["stage"]]
     per_item = bool(p.get("per_item"))
-    ans = _answer(cfg, stats, training=False) if p.get("answers") else {"tokens": 0, "rows": 0, "calls": 0, "decode": 0}
+    nothing = {"tokens": 0, "rows": 0, "calls": 0, "decode": 0}
+    ans = _answer(cfg, stats, training=probe) if p.get("answers") else nothing
     if per_item:  # one text at a time, in chunks (LLMLingua); each chunk also scores its tokens
         chunks = max(1, math.ceil((t_in - PROMPT_OVERHEAD) / LLMLINGUA_CHUNK))
         tokens = (t_in - PROMPT_OVERHEAD) / chunks
