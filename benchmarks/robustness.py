@@ -15,7 +15,7 @@ run learns (issue 20: CI's AMD EPYC with AVX-512 collapsed where an AVX2 machine
   ``avx2`` sets ATEN_CPU_CAPABILITY=avx2 (torch's own kernels), MKL_ENABLE_INSTRUCTIONS=AVX2 (its
   matrix products) and ONEDNN_MAX_CPU_ISA=AVX2, as on a machine without AVX-512;
 - ``--micro``: the per-device batch (the effective batch, ``trainer.batch_size``, is kept by
-  gradient accumulation: ``batch_by_size`` with that cap), as a smaller GPU would split it.
+  gradient accumulation: ``resources.max_per_device``), as a smaller GPU would split it.
 
 A run *collapsed* when its readout answers a single class or its accuracy is below the test
 split's majority rate + ``--margin`` (the floor of docs/results.md; the record's
@@ -60,7 +60,7 @@ def cell_name(threads: int, kernel: str, micro: int) -> str:
 
 def micro_override(micro: int) -> str:
     """The per-device cap that splits the effective batch into micro-batches of ``micro``."""
-    return f"batch_by_size.sizes=[{{name:mb{micro},max_params:null,dual:{micro},single:{micro}}}]"
+    return f"resources.max_per_device={micro}"
 
 
 def run_one(out: Path, threads: int, kernel: str, micro: int, seed: int, overrides: list[str]) -> None:

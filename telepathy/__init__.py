@@ -13,7 +13,8 @@ The run core, in the order a run meets it:
     hydra_glue  the ``${telepathy.run_dir:}`` resolver: checks before the run dir exists; one-line errors
     lifecycle   validate, find the run dir, skip / reuse / run ``method=``, write result.json on every exit
     methods/    the contract, the registry, ``RunContext``, the train-then-evaluate shell, every method
-    config      shared checks, M, run ids (a leaf); batching: per-device batch by model size
+    config      shared checks, M, run ids (a leaf); batching: per-device batch by model size (the table;
+                resources.batch_plan sizes a training run from its resident memory)
     models, data, features (sender states + cache), bridge (the Perceiver), prompting (how any model
     reads text and soft tokens, and how its answer is read), training (the one loop), checkpoint,
     evaluation, metrics, stats, compression (measured), results (the record), runlock, shared_runs,

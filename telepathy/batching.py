@@ -8,6 +8,10 @@ makes up the rest. ``training.fit`` draws ``batch_size`` consecutive examples of
 seeded stream per micro-batch, so a step sees the same examples whatever the split: the
 result does not depend on the card a job lands on. ``apply`` writes the split into the
 config just before a run starts (after its id is fixed), and result.json records it.
+
+This table is the seed's rule. A run whose method declares what stays on the device while it
+trains (``method.work.train_resident``) is sized from memory instead: ``resources.batch_plan``
+takes the largest split that fits (the table is for two resident models, or none declared).
 """
 
 from __future__ import annotations
@@ -84,9 +88,10 @@ def plan(cfg) -> dict:
     }
 
 
-def apply(cfg) -> dict:
-    """Set ``trainer.batch_size`` (per device) and ``trainer.grad_accum`` from ``plan``; return the plan."""
-    out = plan(cfg)
+def apply(cfg, out: dict | None = None) -> dict:
+    """Set ``trainer.batch_size`` (per device) and ``trainer.grad_accum`` from ``out`` (default ``plan``,
+    the table; runs pass ``resources.batch_plan``, which sizes it from memory); return the plan."""
+    out = out or plan(cfg)
     with open_dict(cfg):
         cfg.trainer.batch_size = out["per_device"]
         cfg.trainer.grad_accum = out["grad_accum"]

@@ -30,6 +30,7 @@ from telepathy import config as tconfig
 from telepathy.compression import latents
 from telepathy.methods import RunContext
 from telepathy.models import placement
+from telepathy.resources import batch_plan
 from telepathy.results import (
     FLAGS,
     LOG_FILE,
@@ -222,7 +223,7 @@ def _run(cfg: DictConfig, run_dir: Path, lease: runlock.Lease | None = None) -> 
         "overrides": _overrides(),
         "env": environment(device=str(devices["receiver"])),
         "resources": _resources(cfg),
-        "batch": batching.plan(cfg),  # per-device batch, accumulation, effective batch (batch_by_size)
+        "batch": batch_plan(cfg),  # per-device batch, accumulation, effective batch, and why (resources.batch_plan)
         "reused_from": None,
     }
     started = now()
@@ -261,10 +262,8 @@ def _run(cfg: DictConfig, run_dir: Path, lease: runlock.Lease | None = None) -> 
         lease.note(attempts=prior, gpus=gpus)
     write_json(run_dir / RESULT_FILE, record("running", **base, attempts=attempts("running", None), started_at=started))
     sampler = telemetry.start(cfg, run_dir)  # GPU / host usage → telemetry.jsonl, summary in the record
-    tracker = tracking.start(
-        cfg, run_dir
-    )  # logger=: the config now, log.jsonl rows as they come, the record at the end
-    batching.apply(cfg)
+    tracker = tracking.start(cfg, run_dir)  # logger=: the config now, log.jsonl rows as they come, the record last
+    batching.apply(cfg, base["batch"])
 
     def closed(history: list[dict]) -> None:
         if lease is not None:

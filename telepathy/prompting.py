@@ -8,13 +8,18 @@ token (when its tokenizer adds one) or its chat template frames every sequence.
 
 Readouts:
 * ``score_labels``: log-likelihood of each label verbaliser after the prompt, argmax.
-  Single-token verbalisers take one forward pass; multi-token ones one per label.
+  The prompt is encoded once: every label's first token is read at its last position, and the
+  further tokens of multi-token verbalisers (Mistral's SentencePiece splits " abbreviation" into
+  4 pieces) continue from the prompt's KV cache in one more pass over all labels at once, so the
+  prompt is never encoded again per label (``label_scores_per_label`` is the old K-pass path,
+  kept as the reference the tests and ``benchmarks/label_scoring.py`` compare with).
 * ``generate`` + ``parse_label``: greedy text, then a strict parser that accepts an
   output only if it starts with exactly one label (case-insensitive).
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -122,11 +127,20 @@ class PromptIO:
     # --- forward pieces -----------------------------------------------------------
     def hidden(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Final hidden states, with position ids that ignore padding on either side."""
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model.get_decoder()(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
-        )
-        return out.last_hidden_state
+        return self._decode(embeds, mask)[0]
+
+    def _decode(self, embeds: torch.Tensor, mask: torch.Tensor, position_ids=None, cache=None, keep_cache=False):
+        """(final hidden states, KV cache or None) of the decoder; ``cache``: a prompt's cache to continue from
+        (``mask`` then covers the cached positions and the new ones)."""
+        if position_ids is None:
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        decoder = self.model.get_decoder()
+        kwargs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": position_ids}
+        if cache is not None:
+            kwargs[_cache_argument(decoder)] = cache
+        out = decoder(**kwargs, use_cache=keep_cache or cache is not None)
+        kept = (out["cache"] if "cache" in out else out.get("past_key_values")) if keep_cache else None
+        return out.last_hidden_state, kept
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits for selected hidden rows only: the 262k-word head of Gemma
@@ -156,13 +170,65 @@ class PromptIO:
         return -torch.cat(self.continuation_logprobs(prefixes, label_ids)).mean()
 
     def label_scores(self, prefixes: list[list], label_ids: list[list[int]]) -> torch.Tensor:
-        """[B, K] summed log-likelihood of each label's verbaliser after each prefix (differentiable)."""
-        if all(len(ids) == 1 for ids in label_ids):  # one forward pass scores every label
-            embeds, mask, lengths = self.embed(prefixes, pad_side="right")
-            h = self.hidden(embeds, mask)
-            last = h[torch.arange(len(prefixes)), torch.tensor(lengths, device=h.device) - 1]
-            logp = F.log_softmax(self.logits(last), dim=-1)
-            return logp[:, [ids[0] for ids in label_ids]]
+        """[B, K] summed log-likelihood of each label's verbaliser after each prefix (differentiable).
+
+        One encoding of each prompt: the first token of every label is scored at the prompt's last
+        position; the later tokens of the multi-token labels are one more pass over all of them
+        at once, continuing from the prompt's KV cache (gradients reach the soft tokens through
+        the cache). Equal to ``label_scores_per_label`` (float summation order aside)."""
+        embeds, mask, lengths = self.embed(prefixes, pad_side="right")
+        multi = [k for k, ids in enumerate(label_ids) if len(ids) > 1]
+        if multi and not self._cache_continues(mask.shape[1] + max(len(label_ids[k]) for k in multi)):
+            return self.label_scores_per_label(prefixes, label_ids)
+        h, cache = self._decode(embeds, mask, keep_cache=bool(multi))
+        ends = torch.tensor(lengths, device=h.device)
+        last = h[torch.arange(len(prefixes), device=h.device), ends - 1]
+        scores = F.log_softmax(self.logits(last), dim=-1)[:, [ids[0] for ids in label_ids]]
+        if not multi:
+            return scores
+        rest = self._continuation_logprobs(cache, mask, ends, [label_ids[k] for k in multi])
+        return scores.index_add(1, torch.tensor(multi, device=scores.device), rest.to(scores.dtype))
+
+    def _continuation_logprobs(self, cache, mask: torch.Tensor, ends: torch.Tensor, labels: list[list[int]]):
+        """[B, K'] log p(tokens 2.. of each of K' labels | prompt, the label's earlier tokens): the B
+        prompts' cache repeated K' times, each copy reading one label's tokens but its last."""
+        n, k = mask.shape[0], len(labels)
+        width = max(len(ids) for ids in labels) - 1
+        device = mask.device
+        ids = torch.zeros(k, width, dtype=torch.long, device=device)
+        keep = torch.zeros(k, width, dtype=mask.dtype, device=device)
+        rows, cols, targets = [], [], []
+        for j, label in enumerate(labels):
+            ids[j, : len(label) - 1] = torch.tensor(label[:-1], device=device)
+            keep[j, : len(label) - 1] = 1
+            for t in range(1, len(label)):
+                rows.append(j)
+                cols.append(t - 1)
+                targets.append(label[t])
+        cache.batch_repeat_interleave(k)
+        embeds = self.embed_layer(ids).unsqueeze(0).expand(n, -1, -1, -1).reshape(n * k, width, -1)
+        full_mask = torch.cat([mask.repeat_interleave(k, 0), keep.repeat(n, 1)], dim=1)
+        positions = ends.repeat_interleave(k)[:, None] + torch.arange(width, device=device)[None]
+        h, _ = self._decode(embeds, full_mask, position_ids=positions, cache=cache)
+        flat_rows = (torch.arange(n, device=device)[:, None] * k + torch.tensor(rows, device=device)[None]).reshape(-1)
+        flat_cols = torch.tensor(cols, device=device).repeat(n)
+        logp = F.log_softmax(self.logits(h[flat_rows, flat_cols]), dim=-1)
+        token_logp = logp[torch.arange(len(flat_rows), device=device), torch.tensor(targets, device=device).repeat(n)]
+        return torch.zeros(n * k, device=device, dtype=token_logp.dtype).index_add(0, flat_rows, token_logp).view(n, k)
+
+    def _cache_continues(self, length: int) -> bool:
+        """Can a continuation read the right-padded prompt's cache as one sequence? Not once a sliding
+        window (Gemma 3's local layers, Mistral v0.1) is shorter than padded prompt + label: those layers
+        count distance in cache slots, padding included (the per-label path is then used, exactly)."""
+        text_cfg = self.model.config.get_text_config()
+        window = getattr(text_cfg, "sliding_window", None)
+        types = getattr(text_cfg, "layer_types", None)
+        sliding = window and (types is None or "sliding_attention" in types)
+        return not sliding or length <= int(window)
+
+    def label_scores_per_label(self, prefixes: list[list], label_ids: list[list[int]]) -> torch.Tensor:
+        """``label_scores`` the old way: one receiver pass over prompt + label per label (K passes when a
+        verbaliser has several tokens). The reference the one-pass scorer is tested and timed against."""
         per_label = [
             torch.stack([lp.sum() for lp in self.continuation_logprobs(prefixes, [ids] * len(prefixes))])
             for ids in label_ids
@@ -201,6 +267,11 @@ class PromptIO:
             pad_token_id=self.tok.pad_token_id,
         )
         return [self.tok.decode(row, skip_special_tokens=True) for row in out]
+
+
+def _cache_argument(decoder) -> str:
+    """The decoder's KV-cache keyword: ``cache`` in transformers >= 5.2x, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
 def label_token_ids(io: PromptIO, labels: list[str], prefix: str = " ") -> list[list[int]]:

@@ -207,11 +207,10 @@ def generation_tokens(cfg) -> int:
 
 def estimate(cfg, per_device_batch: int | None = None) -> Estimate:
     """GPU memory of ``cfg``'s run; training activations at the per-device batch of
-    ``batching.plan`` (or at ``per_device_batch``)."""
+    ``batch_plan`` (or at ``per_device_batch``)."""
     roles = models_used(cfg)
     # what the method does to memory, from its config's ``memory:`` block (conf/method/*.yaml)
     backprop = bool(_get(cfg, "method.memory.backprop", False))
-    trained_fraction = float(_get(cfg, "method.memory.receiver_trained_fraction", 0.0))
     demos_per_class = int(_get(cfg, "method.memory.demos_per_class", 0))
     keep_all_layers = bool(_get(cfg, "method.memory.keep_all_layers", False))
     overhead = int(_get(cfg, "resources.prompt_tokens", 32))
@@ -220,12 +219,10 @@ def estimate(cfg, per_device_batch: int | None = None) -> Estimate:
     # (eval.generation.max_new_tokens, else task.max_target_tokens), after the text or the soft tokens
     gen_tokens = generation_tokens(cfg)
     text_tokens += gen_tokens
-    train_batch = per_device_batch or batching.plan(cfg)["per_device"]
+    train_batch = per_device_batch or batch_plan(cfg)["per_device"]
     eval_batch = int(_get(cfg, "eval.batch_size", train_batch))
 
-    soft = uses_soft_tokens(cfg)
-    feeds_bridge = soft and "sender" in roles
-    sender_gb = sender_act = receiver_gb = receiver_act = bridge_gb = 0.0
+    sender_gb = sender_act = receiver_gb = receiver_act = 0.0
     for entry in dict.fromkeys(roles):
         model = model_config(cfg, entry)
         if entry == "sender":
@@ -237,27 +234,109 @@ def estimate(cfg, per_device_batch: int | None = None) -> Estimate:
             continue
         # the receiver and any named model live on the receiver's device
         receiver_gb += _weights_gb(model)
-        if entry == "receiver" and feeds_bridge:
-            tokens = num_latents(cfg) + overhead + gen_tokens  # soft tokens instead of the text
-        elif entry == "receiver" and soft:
-            tokens = text_tokens + num_latents(cfg)  # prompt tuning: M learned tokens + the text
-        else:  # the text, after demos_per_class solved examples of every label (few-shot)
-            n_labels = len(_get(cfg, "task.labels", []) or [None])
-            tokens = (demos_per_class * n_labels + 1) * text_tokens
+        tokens = _reader_tokens(cfg, entry, demos_per_class)
         act = _forward_activations_gb(model, eval_batch, tokens, keep_all_layers=keep_all_layers)
         if entry == "receiver" and backprop:
             act = max(act, _backward_activations_gb(model, train_batch, tokens))
-            bridge_gb += trained_fraction * built_shape(model).num_params * TRAINABLE_BYTES_PER_PARAM / GB
         receiver_act += act
-    if feeds_bridge:
-        bridge_gb += bridge_params(cfg) * TRAINABLE_BYTES_PER_PARAM / GB
-    elif soft:  # prompt tuning: M trained receiver-sized vectors, with gradients and AdamW state
-        bridge_gb += num_latents(cfg) * built_shape(cfg.receiver).hidden_size * TRAINABLE_BYTES_PER_PARAM / GB
+    return Estimate(sender_gb, receiver_gb, _trainable_gb(cfg), sender_act, receiver_act, _margin(cfg))
 
+
+def _margin(cfg) -> float:
     margin = float(_get(cfg, "resources.margin", 1.25))
     if margin < 1:
         raise ConfigError(f"resources.margin={margin} is not allowed; allowed: a number >= 1")
-    return Estimate(sender_gb, receiver_gb, bridge_gb, sender_act, receiver_act, margin)
+    return margin
+
+
+def _reader_tokens(cfg, entry: str, demos_per_class: int = 0) -> int:
+    """Positions a model on the receiver's device reads per item: soft tokens instead of the text (the
+    bridge), M learned tokens + the text (prompt tuning), or the text after the demonstrations."""
+    overhead = int(_get(cfg, "resources.prompt_tokens", 32))
+    gen_tokens = generation_tokens(cfg)
+    text_tokens = int(cfg.task.max_input_tokens) + overhead + gen_tokens
+    soft = uses_soft_tokens(cfg)
+    if entry == "receiver" and soft and "sender" in models_used(cfg):
+        return num_latents(cfg) + overhead + gen_tokens
+    if entry == "receiver" and soft:
+        return text_tokens + num_latents(cfg)
+    n_labels = len(_get(cfg, "task.labels", []) or [None])
+    return (demos_per_class * n_labels + 1) * text_tokens
+
+
+def _trainable_gb(cfg) -> float:
+    """What trains, with its gradients and AdamW state: the bridge, LoRA's adapters, a soft prompt."""
+    out = 0.0
+    if bool(_get(cfg, "method.memory.backprop", False)):
+        fraction = float(_get(cfg, "method.memory.receiver_trained_fraction", 0.0))
+        out += fraction * built_shape(cfg.receiver).num_params * TRAINABLE_BYTES_PER_PARAM / GB
+    if uses_soft_tokens(cfg) and "sender" in models_used(cfg):
+        out += bridge_params(cfg) * TRAINABLE_BYTES_PER_PARAM / GB
+    elif uses_soft_tokens(cfg):  # prompt tuning: M trained receiver-sized vectors
+        out += num_latents(cfg) * built_shape(cfg.receiver).hidden_size * TRAINABLE_BYTES_PER_PARAM / GB
+    return out
+
+
+def training_gb(cfg, per_device_batch: int, resident: list[str]) -> float:
+    """GPU memory while the run trains, with the margin: the ``resident`` models' weights, what trains
+    (with gradients and AdamW state) and the receiver's activations kept for backward at this batch."""
+    weights = sum(_weights_gb(model_config(cfg, entry)) for entry in dict.fromkeys(resident))
+    tokens = _reader_tokens(cfg, "receiver")
+    act = _backward_activations_gb(cfg.receiver, per_device_batch, tokens)
+    return _margin(cfg) * (weights + _trainable_gb(cfg) + act)
+
+
+def batch_plan(cfg) -> dict:
+    """The per-device batch the run trains with (``batching.plan``'s fields, + ``rule`` and ``training_gb``).
+
+    A method that declares what stays on the device while it trains (``method.work.train_resident``:
+    the bridge keeps the receiver, its sender is released once the features are computed; LoRA and
+    prompt tuning the receiver) gets the largest split of the effective batch whose training memory
+    (``training_gb``) fits one ``cluster.gpu_mem_gb`` GPU: ``rule: memory``. Otherwise (nothing
+    declared, or two models resident) the plan's table by model size: ``rule: table``. Either way at most
+    ``resources.max_per_device`` (the split a smaller card gets, to check a result does not depend on it).
+    The effective batch never changes, so neither does the result; ``batch_by_size=off`` trains as given.
+    """
+    table = batching.plan(cfg)
+    resident = _get(cfg, "method.work.train_resident", None)
+    enabled = bool(_get(cfg, "batch_by_size.enabled", False))
+    most = _get(cfg, "resources.max_per_device", None)
+    if most is not None:
+        check_range(cfg, "resources.max_per_device", lo=1, integer=True)
+    effective = table["effective"]
+    split = [d for d in range(effective, 0, -1) if effective % d == 0 and (most is None or d <= int(most))]
+    if resident is None or not enabled or len(set(resident)) > 1:
+        per_device = max(d for d in split if d <= table["per_device"])
+        return {
+            **table,
+            "per_device": per_device,
+            "grad_accum": effective // per_device,
+            "rule": "table" if enabled else "as given",
+        }
+    resident = [str(r) for r in resident]
+    gpu_mem = float(_get(cfg, "cluster.gpu_mem_gb", 80))
+    per_device = next((d for d in split if training_gb(cfg, d, resident) <= gpu_mem), 1)
+    return {
+        **table,
+        "per_device": per_device,
+        "grad_accum": effective // per_device,
+        "rule": "memory",
+        "resident": resident,
+        "training_gb": round(training_gb(cfg, per_device, resident), 2),
+        "table_per_device": table["per_device"],
+    }
+
+
+def describe_batch(out: dict) -> str:
+    """One line: the split and why (the dry run prints it per job)."""
+    text = f"per-device {out['per_device']} x accumulation {out['grad_accum']} = {out['effective']}"
+    if out.get("rule") == "memory":
+        return (
+            f"{text} (memory: {'+'.join(out['resident'])} + trainable + activations = {out['training_gb']:.1f} GB "
+            f"with margin; the size table would give {out['table_per_device']})"
+        )
+    size = out["size"] or "no"
+    return f"{text} ({out.get('rule', 'table')}: {size} size class, {out['column']}-model cap {out['cap']})"
 
 
 # per-process host memory besides weights and features: Python, torch, transformers, tokenizers
@@ -318,6 +397,7 @@ class Resources:
     placement: dict = field(default_factory=dict)
     estimate_gb: float = 0.0
     device_gb: tuple = ()
+    batch: dict = field(default_factory=dict)  # the training split (batch_plan) of a method that trains
 
     @property
     def resource_class(self) -> tuple[int, int, int, int]:
@@ -384,4 +464,11 @@ def plan(cfg) -> Resources:
         placement=placement,
         estimate_gb=est.total_gb,
         device_gb=device_gb,
+        batch=batch_plan(cfg) if trains(cfg) else {},
     )
+
+
+def trains(cfg) -> bool:
+    """Does the method train (a ``steps`` pass in ``method.work``)?"""
+    passes = _get(cfg, "method.work.passes", None) or []
+    return any(p.get("items") == "steps" for p in passes)

@@ -48,3 +48,37 @@ def test_fewer_rows_than_asked_are_logged_and_recorded(caplog):
     assert len(train) == 500 and len(test) == 10
     assert "asked for 1000 rows (task.train_samples), it has 500: using all 500" in caplog.text
     assert [(s["split"], s["requested"], s["used"]) for s in data.SHORTFALLS] == [("train", 1000, 500)]
+
+
+def test_a_run_that_trains_with_one_model_resident_gets_the_largest_split_that_fits():
+    # before: the 8B -> 7B bridge trained 2 x 8 (the table's dual-model row), though with the sender's
+    # features computed only the receiver and the bridge are on the device while it trains
+    from telepathy import resources
+
+    cfg = compose("budget=paper", "sender=llama31_8b", "receiver=mistral7b")
+    out = resources.batch_plan(cfg)
+    assert (out["per_device"], out["grad_accum"], out["rule"], out["table_per_device"]) == (16, 1, "memory", 2)
+    assert "memory: receiver + trainable + activations" in resources.describe_batch(out)
+    small = compose("budget=paper", "sender=llama31_8b", "receiver=mistral7b", "cluster.gpu_mem_gb=19")
+    d = resources.batch_plan(small)["per_device"]
+    bigger = min(x for x in (2, 4, 8, 16) if x > d)
+    assert resources.training_gb(small, d, ["receiver"]) <= 19 < resources.training_gb(small, bigger, ["receiver"])
+    # a method that says nothing of what stays resident keeps the seed's table
+    table = resources.batch_plan(compose("budget=paper", "sender=llama31_8b", "receiver=mistral7b", "~method.work"))
+    assert (table["per_device"], table["rule"]) == (2, "table")
+    batching.apply(cfg, out)
+    assert (cfg.trainer.batch_size, cfg.trainer.grad_accum) == (16, 1) and resources.batch_plan(cfg) == out
+
+
+def test_the_dry_run_shows_each_training_jobs_split_and_why():
+    from hydra_plugins.telepathy_launcher.launcher import batch_lines
+    from telepathy import resources
+    from telepathy.cluster.sweep import PlannedJob
+
+    bridge = compose("+phase=p1_seeds", "method=bridge", "task=trec")
+    zeroshot = compose("+phase=p1_seeds", "method=zeroshot", "task=trec")
+    jobs = [PlannedJob(i, [], f"r{i}", "queue", resources.plan(c)) for i, c in enumerate([bridge, zeroshot])]
+    assert batch_lines(jobs).strip().splitlines() == [
+        "batch #0: per-device 16 x accumulation 1 = 16 (memory: receiver + trainable + activations = 20.5 GB "
+        "with margin; the size table would give 2)"
+    ]

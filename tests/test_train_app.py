@@ -169,13 +169,13 @@ def test_ctrl_c_checkpoints_after_the_step_and_says_how_to_resume_in_one_line(tm
 
 
 def test_a_run_learns_the_same_whatever_the_micro_batch_split(outputs):
-    """The effective batch of 4 as 4 x 1 and, with a per-device cap of 2 (``batch_by_size``: the split
-    a smaller GPU gets), as 2 x 2: every step's loss and gradient norm agree, so a result does not
+    """The effective batch of 4 as 4 x 1 and, with a per-device cap of 2 (``resources.max_per_device``: the
+    split a smaller GPU gets), as 2 x 2: every step's loss and gradient norm agree, so a result does not
     depend on the card. The previous default (bridge.centre_grad) differed by 14% at step 1 here."""
     rows = {}
     for cap in (4, 2):
         out = outputs / f"cap{cap}"
-        run_train(*TINY, f"batch_by_size.sizes=[{{name:cap,max_params:null,dual:{cap},single:{cap}}}]", outputs=out)
+        run_train(*TINY, f"resources.max_per_device={cap}", outputs=out)
         (record,) = results(out)
         assert record["batch"]["per_device"] == cap and record["batch"]["effective"] == 4
         log = [json.loads(line) for line in (Path(record["run_dir"]) / "log.jsonl").read_text().splitlines()]
@@ -184,3 +184,12 @@ def test_a_run_learns_the_same_whatever_the_micro_batch_split(outputs):
     for whole, split in zip(rows[4], rows[2]):
         assert split["loss"] == pytest.approx(whole["loss"], rel=1e-4)
         assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
+
+
+def test_a_bridge_trains_at_the_split_its_resident_memory_allows_not_the_two_model_table(outputs):
+    # before: the size table's dual-model cap (2 here, as the 8B pair's) split the batch although the
+    # sender leaves the device once its features are computed; the record said per-device 2
+    run_train(*TINY, "batch_by_size.sizes=[{name:t,max_params:null,dual:2,single:2}]", outputs=outputs)
+    (record,) = results(outputs)
+    assert (record["batch"]["per_device"], record["batch"]["grad_accum"]) == (4, 1)
+    assert record["batch"]["rule"] == "memory" and record["batch"]["resident"] == ["receiver"]

@@ -53,6 +53,18 @@ log = logging.getLogger(__name__)
 PER_CLASS_KEYS = {"gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min"}
 
 
+def batch_lines(planned: list[PlannedJob]) -> str:
+    """One line per queued job that trains: its per-device batch and why (``resources.batch_plan``)."""
+    from telepathy.resources import describe_batch
+
+    lines = [
+        f"batch #{j.idx}: {describe_batch(j.resources.batch)}"
+        for j in planned
+        if j.state == "queue" and getattr(j.resources, "batch", None)
+    ]
+    return "".join(f"\n{line}" for line in lines)
+
+
 class _TelepathyMixin:
     """``launch`` replaced: plan with telepathy.cluster.sweep, then one submitit array per resource class."""
 
@@ -116,7 +128,7 @@ class _TelepathyMixin:
                 f"{'DRY RUN (nothing submitted): ' if dry else ''}{len(planned)} jobs"
                 f"{' of phase ' + phase if phase else ''} via {self._EXECUTOR}"
             )
-            summary = sweep.describe(planned, header)
+            summary = sweep.describe(planned, header) + batch_lines(planned)
             if dry:
                 print(summary, flush=True)
                 return [_job_return(j, "dry_run") for j in planned]

@@ -6,7 +6,8 @@
     status     ``python -m telepathy status``: queued / running / completed / failed per run;
                the multirun summary (``MultirunSummary``, a Hydra callback of conf/train.yaml)
     checklist  ``status --plan``: the plan against what ran, and the plan's success metrics
-    costs      how long a run takes on a device (FLOPs and bytes, calibrated by finished runs)
+    costs      how long a run takes on a device and how busy it keeps it, from the work its method declares
+               (FLOPs, bytes and calls per stage, per-op dispatch; calibrated by finished runs)
     plan       ``python -m telepathy plan``: predict, schedule, and say whether the plan fits
     control    ``python -m telepathy control``: hold, release or cancel a phase's jobs
 

@@ -1,33 +1,58 @@
-"""How long a run takes on a device: a FLOP/byte cost model, calibrated by measured runs.
+"""How long a run takes on a device, and how busy it keeps the GPU: a cost model of the work each
+method declares, calibrated by measured runs.
 
 Why a model and not the time limit: the dry run's GPU-hours are GPUs x time limit, an upper
 bound that says nothing about whether a phase fits a 24-hour window. This module predicts
-each run's duration per *stage* from its config alone:
+each run's duration per *stage* (``load``, ``features``, ``train``, ``eval``, ``decode``) from its
+config alone, and how much of it the GPU is busy.
 
-* ``load``     ``SETUP_S`` per run (tokenizers, data, model construction) + weights bytes /
-               ``LOAD_BYTES_PER_S`` (disk → device);
-* ``features`` the frozen sender's forward over every train + test prompt (2·N FLOPs per token,
-               N the parameters a token is multiplied by: ``resources.Shape.body_params``, no
-               embeddings, no output head, which runs only where a label or output is read);
-* ``train``    steps x batch x tokens the receiver reads, forward + backward to its input
-               (4·N FLOPs per token: no weight gradients through a frozen model);
-* ``eval``     the scoring / reading forwards on the test items (2·N per token);
-* ``decode``   greedy generation (XSum, text relay): memory-bandwidth bound, one read of the
-               weights per generated token per batch;
-* start-up     ``STARTUP_S`` per job (python, imports, config) before the run's own clock starts.
+**What a run does** is the method's own declaration, ``method.work`` in ``conf/method/<name>.yaml``
+(the latency benchmark's ``work`` in ``conf/latency.yaml``); this module never branches on a
+method's name, and a method without a ``work`` block cannot be planned (one line says so). Each
+*pass* names a stage, the model, what that model reads per item (``reads``: ``text`` = the task
+prompt with the input, ``soft`` = primer + M soft tokens + answer prompt, ``text+soft``, ``demos`` =
+k solved examples per class + the query, ``compressed`` = the text at LLMLingua's budget, ``prompt``
+= the answer prompt alone; plus ``tokens`` more), which items (``train+test``, ``test``,
+``test+probe``, ``steps`` = the training micro-batches of the batch plan, ``timed`` = the latency
+benchmark's batches), and what more it does: ``backward: input`` (to the soft tokens, or LoRA's
+adapters, through a frozen model), ``adapters`` (the projections LoRA wraps: their ops),
+``answers`` (the task's answer: every label verbaliser scored in one pass, or generated text),
+``generate: N`` greedy tokens, ``per_item`` (batch 1, chunks of at most 200 tokens, ``host_s`` of
+Python per item: LLMLingua), ``when`` (a config key that turns it on).
 
-Token counts are measured from the data (``token_stats``: the task's prompts tokenized with
-``cluster.plan_tokenizer``, capped like the run caps them) and cached in
+**Seconds of one call** (a forward, a training micro-step, a decoding step) =
+``max(GPU time, dispatch time) + host time``, where
+
+* GPU time = ``max(FLOPs / (peak x efficiency), bytes / (bandwidth x efficiency))``: 2·N FLOPs per
+  token forward (N: ``resources.Shape.body_params``, no embeddings, no output head), + 2·V·d per row
+  the head scores (one per item, one more per further label token or target token); forward +
+  backward to the input is 2x that; every call reads every weight once (twice for a micro-step),
+  a decoding step also the KV cache;
+* dispatch time = the CPU's per-op cost of eager PyTorch / Hugging Face code: ``OPS_PER_LAYER`` ops
+  per layer (53 top-level aten ops in a Llama/Mistral/Qwen forward, counted with the profiler;
+  about 2.6x that forward + backward; Gemma 3 about 1.8x) x ``op_s`` per op + ``call_s`` per call
+  (tokenising, embedding, padding); a decoding step adds ``decode_step_s`` (``generate``'s logits
+  processing, stopping criteria, cache bookkeeping);
+* on a GPU the CPU queues kernels while the GPU runs them, so the larger of the two counts; on the
+  CPU they add up.
+
+A job = SLURM dispatch (``cluster.dispatch_s``) + start-up (``STARTUP_S``) + load (``SETUP_S`` + weight
+bytes / ``LOAD_BYTES_PER_S``) + its stages. Its **GPU-busy fraction** is GPU time / duration: what
+``nvidia-smi``'s utilisation would show, the seed's "> 80 %" criterion. ``predict(..., scenario=)``
+gives ``low`` / ``expected`` / ``high`` durations (``SCENARIOS``: efficiencies and per-op costs
+off by the factors of their spread; a calibrated stage only +-15 %). ``lower_bound`` is the
+physics alone: every call at the device's peak FLOP/s or bandwidth, nothing else.
+
+Token counts are measured from the data (``token_stats``: the task's prompts and label verbalisers
+tokenized with ``cluster.plan_tokenizer``, capped like the run caps them) and cached in
 ``$TELEPATHY_CACHE/plan/`` so that planning a phase is fast.
 
-A stage's seconds = work / (device peak x efficiency of that kind of work), or a per-layer
-launch floor for tiny batches, whichever is larger. Device peaks are published figures
-(``DEVICES``); the efficiencies are defaults. **Calibration** replaces guesses with
-measurements: every completed run's result.json (``timing.train_s``, ``eval_s``,
-``total_s``, ``telemetry.startup_s``; its device) gives a ratio measured / default-predicted per (model, device,
-stage), and so does the table ``benchmarks/gpu_calibrate.py`` writes
-(``benchmarks/calibration.json``). The planner prefers a calibrated ratio over the default
-and says which numbers are which (``Prediction.sources``).
+**Calibration** replaces defaults with measurements: every completed run's result.json
+(``timing.train_s``, ``eval_s``, ``total_s``, ``telemetry.startup_s``; its device) gives a ratio
+measured / default-predicted per (model, device, stage), and so does the table
+``benchmarks/gpu_calibrate.py`` writes (``benchmarks/calibration.json``; an H200's table applies to
+an H100 plan through ``TRANSFER``). The planner prefers a calibrated ratio over the default and says
+which numbers are which (``Prediction.sources``).
 """
 
 from __future__ import annotations
@@ -46,23 +71,43 @@ from telepathy.config import ConfigError, num_latents
 REPO = Path(__file__).resolve().parents[2]
 CALIBRATION_FILE = REPO / "benchmarks" / "calibration.json"
 
-# Published dense bf16 peak FLOP/s and memory bandwidth (bytes/s) per device kind. "cpu" is this
-# project's 2-core test machine order of magnitude (fp32); calibration corrects it. The floor of a
-# stage for small models: per forward/backward call, a kernel launch per layer plus Python overhead.
+# Published dense bf16 peak FLOP/s and memory bandwidth (bytes/s) per device kind; ``op_s``: seconds
+# of CPU per eager PyTorch op (dispatch + kernel launch; measured by benchmarks/gpu_calibrate.py);
+# ``call_s``: host seconds per call besides the ops (building the prompts, padding, the final sync);
+# ``overlap``: the GPU runs while the CPU dispatches (a CPU "device" does both in turn). "cpu" is
+# this project's 2-core test machine, order of magnitude (fp32); calibration corrects it.
 DEVICES = {
-    "h100": {"flops": 989e12, "bandwidth": 3.35e12, "mem_gb": 80, "layer_launch_s": 40e-6, "call_overhead_s": 5e-3},
-    "h200": {"flops": 989e12, "bandwidth": 4.8e12, "mem_gb": 141, "layer_launch_s": 40e-6, "call_overhead_s": 5e-3},
-    "a100": {"flops": 312e12, "bandwidth": 2.0e12, "mem_gb": 80, "layer_launch_s": 50e-6, "call_overhead_s": 5e-3},
-    "l40s": {"flops": 362e12, "bandwidth": 0.864e12, "mem_gb": 48, "layer_launch_s": 50e-6, "call_overhead_s": 5e-3},
-    "cpu": {"flops": 5e10, "bandwidth": 1e10, "mem_gb": 16, "layer_launch_s": 2e-4, "call_overhead_s": 2e-2},
+    "h100": {"flops": 989e12, "bandwidth": 3.35e12, "mem_gb": 80, "op_s": 8e-6, "call_s": 2e-3, "overlap": True},
+    "h200": {"flops": 989e12, "bandwidth": 4.8e12, "mem_gb": 141, "op_s": 8e-6, "call_s": 2e-3, "overlap": True},
+    "a100": {"flops": 312e12, "bandwidth": 2.0e12, "mem_gb": 80, "op_s": 9e-6, "call_s": 2e-3, "overlap": True},
+    "l40s": {"flops": 362e12, "bandwidth": 0.864e12, "mem_gb": 48, "op_s": 9e-6, "call_s": 2e-3, "overlap": True},
+    "cpu": {"flops": 5e10, "bandwidth": 1e10, "mem_gb": 16, "op_s": 4e-6, "call_s": 2e-3, "overlap": False},
 }
-# fraction of the peak each kind of work reaches (MFU-style defaults; calibration replaces them)
-EFFICIENCY = {"features": 0.5, "train": 0.3, "eval": 0.5, "decode": 0.6}
+# How a measurement on one device kind stands in for another when that one has none: the ratio
+# measured / default is a property of the code on that architecture (same Hopper SMs, same host
+# code), and the default already carries each device's own peak FLOP/s and bandwidth. So an H200's
+# ratios apply to an H100 plan as they are (its bandwidth is 1.43x the H100's: memory-bound stages are
+# already predicted that much slower by the default), and each use says so ("calibrated on h200").
+TRANSFER = {"h100": ("h200",), "h200": ("h100",)}
+# fraction of the peak each kind of call reaches (MFU-style defaults; calibration replaces them)
+EFFICIENCY = {"forward": 0.5, "train": 0.35, "decode": 0.6, "bandwidth": 0.7}  # decode: of the bandwidth
+# top-level aten ops of one decoder layer (torch profiler, eager transformers 5: Llama/Mistral/Qwen
+# forward 53, forward + backward to the input ~140, a decoding step ~60); Gemma 3 has more norms
+OPS_PER_LAYER = {"forward": 53, "train": 140, "decode": 60}
+FAMILY_OPS = {"gemma3": 1.8}
+ADAPTER_OPS = 5  # a LoRA'd projection: dropout, A, B, scale, add (forward; x 2.6 with backward)
+DECODE_STEP_S = 4e-4  # generate's per-step work besides the forward (logits processors, stopping, cache)
 LOAD_BYTES_PER_S = 2e9  # weights from a parallel file system into the device
 SETUP_S = 5.0  # per run: build the models, load tokenizers and data (tiny models: all of "load")
 STARTUP_S = 30.0  # python + torch + data loading before a run's clock starts
 STAGES = ("load", "features", "train", "eval", "decode")
-PROMPT_OVERHEAD = 32  # primer / answer prompt / label tokens around the text or soft tokens
+PROMPT_OVERHEAD = 32  # primer / answer prompt / chat framing around the text or soft tokens
+LLMLINGUA_CHUNK = 200  # llmlingua_compressor: at most this many tokens per forward
+# (efficiency factor, per-op/per-call/fixed seconds factor) of each scenario; calibrated stages: CALIBRATED_SPREAD
+SCENARIOS = {"low": (1.4, 0.6), "expected": (1.0, 1.0), "high": (0.6, 1.8)}
+CALIBRATED_SPREAD = {"low": 0.85, "expected": 1.0, "high": 1.15}
+READS = ("text", "soft", "text+soft", "demos", "compressed", "prompt")
+ITEMS = ("train+test", "test", "test+probe", "steps", "timed")
 
 
 # ------------------------------------------------------------------------------------ tokens
@@ -71,8 +116,9 @@ def _cache_dir() -> Path:
 
 
 def token_stats(cfg) -> dict:
-    """Rows and mean prompt / target tokens of the task's train and test splits, measured with the
-    tokenizer of ``conf/model/<cluster.plan_tokenizer>`` (cached per task, data files and tokenizer)."""
+    """Rows and prompt / target token counts of the task's train and test splits and the tokens of each
+    label verbaliser, measured with the tokenizer of ``conf/model/<cluster.plan_tokenizer>`` (cached per
+    task, data files, labels and tokenizer)."""
     from telepathy.data import _read_rows, data_root, format_prompt
 
     task = cfg.task
@@ -83,10 +129,13 @@ def token_stats(cfg) -> dict:
             "(token counts are measured from the data; set TELEPATHY_DATA)"
         )
     tok_name = str(OmegaConf.select(cfg, "cluster.plan_tokenizer", default="smollm2_135m"))
+    labels = [str(label) for label in (task.get("labels") or [])]
     files = [root / task.local_dir / f"{task.splits[s]}.jsonl" for s in ("train", "test")]
     stamp = [(str(f), f.stat().st_size, int(f.stat().st_mtime)) if f.exists() else str(f) for f in files]
     key = hashlib.sha1(
-        json.dumps([task.name, task.prompt, task.get("target_column"), stamp, tok_name]).encode()
+        json.dumps(
+            [task.name, task.prompt, task.get("target_column"), stamp, tok_name, labels, task.get("label_prefix")]
+        ).encode()
     ).hexdigest()[:12]
     path = _cache_dir() / f"tokens-{task.name}-{key}.json"
     try:
@@ -109,6 +158,10 @@ def token_stats(cfg) -> dict:
             entry["target_tokens"] = [len(ids) for ids in tokenizer(targets, add_special_tokens=False)["input_ids"]]
         out[split] = entry
     summary = {"tokenizer": tok_name, **{s: _summarise_lengths(out[s]) for s in ("train", "test")}}
+    prefix = str(task.get("label_prefix") or "")
+    summary["label_tokens"] = {
+        label: len(tokenizer(prefix + label, add_special_tokens=False).input_ids) for label in labels
+    }
     write_json(path, summary)
     return summary
 
@@ -137,14 +190,36 @@ def capped_mean(hist, cap: int | None) -> float:
 
 # ------------------------------------------------------------------------------------ work
 @dataclass
+class Calls:
+    """``n`` identical calls of one model: FLOPs and bytes each, its depth and the kind of call."""
+
+    n: float
+    kind: str  # forward | train | decode
+    flops: float
+    bytes: float
+    layers: int
+    ops_factor: float = 1.0  # the family's ops per layer relative to Llama's (+ adapters)
+    host_s: float = 0.0  # host seconds per call the GPU waits for (LLMLingua's Python per text)
+
+
+@dataclass
 class Work:
-    """What one stage does: FLOPs (compute-bound), bytes read (bandwidth-bound), forward calls."""
+    """What one stage does: its calls (``groups``), and their totals: FLOPs, bytes, calls."""
 
     flops: float = 0.0
     bytes: float = 0.0
     calls: float = 0.0
     layers: int = 0
     model: str = ""
+    groups: list = field(default_factory=list)
+
+    def add(self, calls: Calls, model: str) -> None:
+        self.groups.append(calls)
+        self.flops += calls.n * calls.flops
+        self.bytes += calls.n * calls.bytes
+        self.calls += calls.n
+        self.layers = max(self.layers, calls.layers)
+        self.model = self.model or model
 
 
 def _n(model_cfg) -> float:
@@ -175,117 +250,260 @@ def _flops_per_token(model_cfg) -> float:
     return 2.0 * built_shape(model_cfg).body_params
 
 
+def _head_flops(model_cfg) -> float:
+    """2·V·d: the output head applied to one row (a label or target token the loss or readout reads)."""
+    from telepathy.resources import built_shape
+
+    shape = built_shape(model_cfg)
+    return 2.0 * shape.vocab_size * shape.hidden_size
+
+
 def _layers(model_cfg) -> int:
     over = model_cfg.get("config_overrides") or {}
     return int(over.get("num_hidden_layers", model_cfg.num_layers))
 
 
+def _kv_bytes_per_token(model_cfg) -> float:
+    """KV-cache bytes of one token over all layers (keys and values, bf16)."""
+    from telepathy.resources import built_shape
+
+    shape = built_shape(model_cfg)
+    heads = int(model_cfg.get("num_attention_heads") or 1)
+    kv = int(model_cfg.get("num_key_value_heads") or heads)
+    head_dim = int(model_cfg.get("head_dim") or shape.hidden_size // heads)
+    return 2 * shape.num_layers * kv * head_dim * 2
+
+
+def work_profile(cfg) -> list[dict]:
+    """The passes the run's method (or the latency app) declares, with ``when`` applied; one line if none."""
+    has_method = OmegaConf.select(cfg, "method.name") is not None
+    key = "method.work" if has_method else "work"
+    node = OmegaConf.select(cfg, key)
+    if node is None or not node.get("passes"):
+        name = OmegaConf.select(cfg, "method.name")
+        where = f"method.name={name!r}; allowed: a work: block with its passes in conf/method/{name}.yaml"
+        if not has_method:
+            where = "this app; allowed: a work: block with its passes in its config"
+        raise ConfigError(f'{key}=None is not allowed for {where} (docs/cluster.md, "Will my plan fit?")')
+    passes = []
+    for i, p in enumerate(OmegaConf.to_container(node.passes, resolve=True)):
+        for field_name, allowed in (("stage", ("features", "train", "eval")), ("reads", READS), ("items", ITEMS)):
+            if p.get(field_name) not in allowed:
+                value = p.get(field_name)
+                raise ConfigError(
+                    f"{key}.passes[{i}].{field_name}={value!r} is not allowed; allowed: {', '.join(allowed)}"
+                )
+        if p.get("backward") not in (None, "input"):
+            raise ConfigError(f"{key}.passes[{i}].backward={p['backward']!r} is not allowed; allowed: input (or none)")
+        if p.get("when") is None or bool(OmegaConf.select(cfg, str(p["when"]), default=False)):
+            passes.append(p)
+    return passes
+
+
+def training_resident(cfg) -> list[str] | None:
+    """The models the method keeps on the device while it trains (``method.work.train_resident``), or
+    None when it declares none (it does not train, or keeps everything it loaded)."""
+    listed = OmegaConf.select(cfg, "method.work.train_resident", default=None)
+    return None if listed is None else [str(x) for x in listed]
+
+
+def _label_tokens(cfg, stats: dict) -> list[int]:
+    """Tokens of each label verbaliser (``task.label_prefix`` + label), as the plan tokenizer splits them."""
+    counts = stats.get("label_tokens") or {}
+    return [int(counts.get(str(label), 1)) for label in (cfg.task.get("labels") or [])]
+
+
+def _answer(cfg, stats: dict, training: bool) -> dict:
+    """What reading the task's answer adds per item: ``tokens`` more positions, ``rows`` the head
+    scores, ``calls`` more forward calls per batch, ``decode`` greedy steps per batch."""
+    task = cfg.task
+    if task.type == "generation":
+        if training:
+            target = capped_mean(stats["train"].get("target_hist", []), task.get("max_target_tokens"))
+            return {"tokens": target + 1, "rows": target + 1, "calls": 0, "decode": 0}
+        gen = OmegaConf.select(cfg, "eval.generation.max_new_tokens", default=None) or task.get("max_target_tokens")
+        return {"tokens": 0, "rows": 1, "calls": 0, "decode": int(gen or 0)}
+    if str(OmegaConf.select(cfg, "eval.readout", default="score")) == "generate" and not training:
+        return {"tokens": 0, "rows": 1, "calls": 0, "decode": int(OmegaConf.select(cfg, "eval.max_new_tokens") or 0)}
+    # every label scored from one encoding of the prompt (prompting.PromptIO.label_scores): the first
+    # token of each at the prompt's last position, the later ones in one continuation pass
+    further = sum(n - 1 for n in _label_tokens(cfg, stats))
+    return {"tokens": further, "rows": 1 + further, "calls": 1 if further else 0, "decode": 0}
+
+
+def _read_tokens(cfg, p: dict, t_text: float) -> float:
+    reads = p["reads"]
+    m = num_latents(cfg)
+    if reads == "text":
+        base = t_text
+    elif reads == "soft":
+        base = m + PROMPT_OVERHEAD
+    elif reads == "text+soft":
+        base = t_text + m
+    elif reads == "demos":
+        shots = int(OmegaConf.select(cfg, "method.shots", default=1))
+        base = t_text * (shots * max(1, len(cfg.task.get("labels") or [])) + 1)
+    elif reads == "compressed":
+        budget = str(OmegaConf.select(cfg, "method.budget", default="rate"))
+        kept = m if budget == "match_bridge" else (t_text - PROMPT_OVERHEAD) * float(cfg.method.rate)
+        base = kept + PROMPT_OVERHEAD
+    else:  # prompt
+        base = PROMPT_OVERHEAD
+    return base + float(p.get("tokens") or 0)
+
+
 def job_work(cfg, stats: dict | None = None) -> dict[str, Work]:
-    """The work of each stage of the run ``cfg`` describes (train.py runs and latency benchmark jobs)."""
-    from telepathy.config import model_config, models_used, uses_soft_tokens
+    """The work of each stage of the run ``cfg`` describes (train.py runs and latency benchmark jobs),
+    from the passes its method declares (``work_profile``) and the batch plan it will run with."""
+    from telepathy.config import model_config
+    from telepathy.resources import batch_plan
 
     stats = stats or token_stats(cfg)
-    task, method = cfg.task, str(OmegaConf.select(cfg, "method.name", default="latency"))
+    task = cfg.task
     cap = int(task.max_input_tokens)
-    t_in = capped_mean(stats["test"]["prompt_hist"], cap) + PROMPT_OVERHEAD
-    t_train_in = capped_mean(stats["train"]["prompt_hist"], cap) + PROMPT_OVERHEAD
-    generation = task.type == "generation"
-    gen_tokens = (
-        int(OmegaConf.select(cfg, "eval.generation.max_new_tokens", default=None) or task.get("max_target_tokens") or 0)
-        if generation
-        else 0
-    )
-    target = capped_mean(stats["train"].get("target_hist", []), task.get("max_target_tokens")) if generation else 2
+    t_test = capped_mean(stats["test"]["prompt_hist"], cap) + PROMPT_OVERHEAD
+    t_train = capped_mean(stats["train"]["prompt_hist"], cap) + PROMPT_OVERHEAD
     n_train = min(stats["train"]["rows"], task.get("train_samples") or stats["train"]["rows"])
     n_test = min(stats["test"]["rows"], task.get("test_samples") or stats["test"]["rows"])
-    eval_batch = int(OmegaConf.select(cfg, "eval.batch_size", default=16))
+    timed = OmegaConf.select(cfg, "method.name") is None
+    eval_batch = int(cfg.batch_size if timed else OmegaConf.select(cfg, "eval.batch_size", default=16))
+    passes = work_profile(cfg)
     work = {s: Work() for s in STAGES}
-
-    if method == "latency":  # benchmarks/latency.py: three paths on iterations (+ warm-up) batches
-        sender, receiver = cfg.sender, cfg.receiver
-        items = (int(cfg.iterations) + int(cfg.warmup_batches)) * int(cfg.batch_size)
-        _add(work["load"], bytes=_weight_bytes(sender) + _weight_bytes(receiver))
-        _fwd(work["eval"], sender, items * t_in, items / int(cfg.batch_size))
-        _fwd(
-            work["eval"],
-            receiver,
-            items * (t_in + num_latents(cfg) + int(cfg.relay.max_new_tokens)),
-            3 * items / int(cfg.batch_size),
-        )
-        _dec(work["decode"], sender, items / int(cfg.batch_size) * int(cfg.relay.max_new_tokens))
-        return work
-
-    roles = list(dict.fromkeys(models_used(cfg)))
-    models = {r: model_config(cfg, r) for r in roles}
+    models = {}
+    for p in passes:
+        models.setdefault(str(p["model"]), model_config(cfg, str(p["model"])))
     for m in models.values():
-        _add(work["load"], bytes=_weight_bytes(m))
-    reader = models.get("receiver") or next(iter(models.values()))
-    soft = uses_soft_tokens(cfg)
-    steps = int(cfg.trainer.max_steps) if method in ("bridge", "prompt_tuning", "lora") else 0
-    per_step = int(cfg.trainer.batch_size) * int(cfg.trainer.grad_accum)
-    m_tokens = num_latents(cfg) if soft else 0
-
-    if method == "bridge":
-        _fwd(work["features"], models["sender"], (n_train + n_test) * t_train_in, (n_train + n_test) / eval_batch)
-        read = m_tokens + PROMPT_OVERHEAD + target
-        quick = (steps // max(1, int(cfg.trainer.eval_every or steps or 1))) * int(cfg.trainer.eval_samples)
-        _fwd(work["eval"], reader, (n_test + quick) * read, (n_test + quick) / eval_batch)
-        if bool(OmegaConf.select(cfg, "eval.receiver_zeroshot", default=True)):
-            _fwd(work["eval"], reader, n_test * t_in, n_test / eval_batch)
-            _dec(work["decode"], reader, n_test / eval_batch * gen_tokens)
-    elif method in ("prompt_tuning", "lora"):
-        read = t_train_in + m_tokens + target
-        _fwd(work["eval"], reader, n_test * (t_in + m_tokens), n_test / eval_batch)
-    elif method == "linear_probe":
-        _fwd(work["features"], reader, (n_train + n_test) * t_train_in, (n_train + n_test) / eval_batch)
-    elif method == "text_relay":
-        relay = int(cfg.method.max_new_tokens)
-        _fwd(work["eval"], models["sender"], n_test * t_in, n_test / eval_batch)
-        _dec(work["decode"], models["sender"], n_test / eval_batch * relay)
-        _fwd(work["eval"], reader, n_test * (relay + PROMPT_OVERHEAD), n_test / eval_batch)
-    elif method == "llmlingua":
-        scorer = models[str(cfg.method.compressor)] if str(cfg.method.compressor) in models else reader
-        _fwd(work["features"], scorer, n_test * t_in, n_test / eval_batch)
-        _fwd(work["eval"], reader, n_test * t_in * float(cfg.method.get("rate", 0.125)), n_test / eval_batch)
-    elif method == "fewshot":
-        shots = int(cfg.method.shots) * max(1, len(task.get("labels") or []))
-        _fwd(work["eval"], reader, n_test * t_in * (shots + 1), n_test / eval_batch)
-    else:  # zeroshot, ensemble and anything that reads the prompt once per model
-        for m in models.values():
-            _fwd(work["eval"], m, n_test * t_in, n_test / eval_batch)
-    if steps:
-        tokens = steps * per_step * read
-        # forward + backward to the input of the frozen receiver: 2·N + 2·N per token
-        _fwd(work["train"], reader, 2 * tokens, 3 * steps * int(cfg.trainer.grad_accum))
-    if generation:  # the run's own output (bridge, baselines): up to gen_tokens greedy steps per batch
-        _dec(work["decode"], reader, n_test / eval_batch * gen_tokens)
+        work["load"].add(Calls(0, "forward", 0, 0, 0), model_key(m))
+        work["load"].bytes += _weight_bytes(m)
+    trains = any(p["stage"] == "train" for p in passes)
+    split = batch_plan(cfg) if trains else None
+    for p in passes:
+        m = models[str(p["model"])]
+        if p["items"] == "steps":
+            micro = int(cfg.trainer.max_steps) * int(split["grad_accum"])
+            _train_pass(work["train"], cfg, p, m, stats, t_train, micro, int(split["per_device"]))
+            continue
+        if p["items"] == "timed":
+            items, t_in = (int(cfg.iterations) + int(cfg.warmup_batches)) * eval_batch, t_test
+        elif p["items"] == "train+test":
+            items, t_in = n_train + n_test, (n_train * t_train + n_test * t_test) / max(1, n_train + n_test)
+        else:
+            items, t_in = n_test, t_test
+            if p["items"] == "test+probe" and trains and cfg.trainer.eval_every:
+                # the quick evals on held-out training items: scored as the test items are, or, for a
+                # generation task, the summary's cross-entropy (a forward over the targets, no decoding)
+                probe = int(cfg.trainer.max_steps) // int(cfg.trainer.eval_every) * int(cfg.trainer.eval_samples)
+                _inference_pass(work, cfg, p, m, stats, _read_tokens(cfg, p, t_train), probe, eval_batch, probe=True)
+        _inference_pass(work, cfg, p, m, stats, _read_tokens(cfg, p, t_in), items, eval_batch)
     return work
 
 
-def _add(w: Work, flops=0.0, bytes=0.0, calls=0.0, model=None, layers=0) -> None:  # noqa: A002
-    w.flops += flops
-    w.bytes += bytes
-    w.calls += calls
-    w.layers = max(w.layers, layers)
-    if model and not w.model:
-        w.model = model
-
-
-def _fwd(w: Work, model_cfg, tokens: float, calls: float) -> None:
-    _add(
-        w,
-        flops=_flops_per_token(model_cfg) * tokens,
-        calls=calls,
-        model=model_key(model_cfg),
-        layers=_layers(model_cfg),
+def _ops(model_cfg, p: dict) -> float:
+    """Ops per layer relative to a Llama layer's: the family's, plus LoRA's on each adapted projection."""
+    return (
+        FAMILY_OPS.get(str(model_cfg.get("family")), 1.0)
+        + len(p.get("adapters") or []) * ADAPTER_OPS / OPS_PER_LAYER["forward"]
     )
 
 
-def _dec(w: Work, model_cfg, steps: float) -> None:
-    """Each decoding step reads every weight once (batch-size independent while memory-bound)."""
-    if steps <= 0:
+def _train_pass(w: Work, cfg, p: dict, m, stats: dict, t_in: float, micro: int, batch: int) -> None:
+    """``micro`` micro-steps of ``batch`` items: forward + backward to the input (2 x 2·N per token);
+    LoRA's adapter weight gradients are a small part (their FLOPs are left out, their ops are not)."""
+    ans = _answer(cfg, stats, training=True)
+    tokens = batch * (_read_tokens(cfg, p, t_in) + ans["tokens"])
+    rows = batch * ans["rows"]
+    flops = 2 * (_flops_per_token(m) * tokens + _head_flops(m) * rows)
+    calls = Calls(micro, "train", flops, 2 * _weight_bytes(m), _layers(m), _ops(m, p) * (1 + ans["calls"]))
+    w.add(calls, model_key(m))
+
+
+def _inference_pass(
+    work: dict, cfg, p: dict, m, stats: dict, t_in: float, items: float, batch: int, probe: bool = False
+) -> None:
+    stage = work[p["stage"]]
+    per_item = bool(p.get("per_item"))
+    nothing = {"tokens": 0, "rows": 0, "calls": 0, "decode": 0}
+    ans = _answer(cfg, stats, training=probe) if p.get("answers") else nothing
+    if per_item:  # one text at a time, in chunks (LLMLingua); each chunk also scores its tokens
+        chunks = max(1, math.ceil((t_in - PROMPT_OVERHEAD) / LLMLINGUA_CHUNK))
+        tokens = (t_in - PROMPT_OVERHEAD) / chunks
+        flops = _flops_per_token(m) * tokens + _head_flops(m) * tokens
+        call = Calls(items * chunks, "forward", flops, _weight_bytes(m), _layers(m), _ops(m, p))
+        call.host_s = float(p.get("host_s") or 0) / chunks
+        stage.add(call, model_key(m))
         return
-    _add(w, bytes=_weight_bytes(model_cfg) * steps, calls=steps, model=model_key(model_cfg), layers=_layers(model_cfg))
+    calls = math.ceil(items / batch)
+    tokens = batch * (t_in + ans["tokens"])
+    rows = batch * max(1, ans["rows"])
+    flops = _flops_per_token(m) * tokens + _head_flops(m) * rows
+    stage.add(
+        Calls(
+            calls, "forward", flops, _weight_bytes(m) * (1 + ans["calls"]), _layers(m), _ops(m, p) * (1 + ans["calls"])
+        ),
+        model_key(m),
+    )
+    steps = ans["decode"] + int(p.get("generate") or 0)
+    if steps:  # greedy decoding: every step reads every weight and the batch's KV cache once
+        context = t_in + steps / 2
+        step = Calls(
+            calls * steps,
+            "decode",
+            (_flops_per_token(m) + _head_flops(m)) * batch,
+            _weight_bytes(m) + batch * context * _kv_bytes_per_token(m),
+            _layers(m),
+            _ops(m, p),
+        )
+        work["decode"].add(step, model_key(m))
+
+
+# ------------------------------------------------------------------------------------ seconds
+def _call_seconds(c: Calls, spec: dict, scale: tuple = (1.0, 1.0)) -> tuple[float, float]:
+    """(wall seconds, GPU-busy seconds) of one call on a device ``spec``; ``scale``: a scenario's
+    (efficiency, per-op) factors."""
+    eff, op = scale
+    compute = c.flops / (spec["flops"] * min(1.0, EFFICIENCY[c.kind] * eff)) if c.flops else 0.0
+    bw_eff = EFFICIENCY["decode" if c.kind == "decode" else "bandwidth"]
+    memory = c.bytes / (spec["bandwidth"] * min(1.0, bw_eff * eff)) if c.bytes else 0.0
+    gpu = max(compute, memory)
+    if not c.layers:
+        return 0.0, 0.0
+    dispatch = op * (c.layers * OPS_PER_LAYER[c.kind] * c.ops_factor * spec["op_s"] + spec["call_s"])
+    if c.kind == "decode":
+        dispatch += op * DECODE_STEP_S
+    wall = (max(gpu, dispatch) if spec["overlap"] else gpu + dispatch) + op * c.host_s
+    return wall, gpu
+
+
+def stage_seconds(stage: str, work: Work, device: str, scenario: str = "expected") -> tuple[float, float]:
+    """(seconds, GPU-busy seconds) of one stage on ``device`` from the defaults (no calibration)."""
+    spec = DEVICES[device]
+    eff, op = SCENARIOS[scenario]
+    if stage == "load":
+        return op * SETUP_S + work.bytes / (LOAD_BYTES_PER_S * eff) if work.groups or work.bytes else 0.0, 0.0
+    wall = busy = 0.0
+    for c in work.groups:
+        w, g = _call_seconds(c, spec, (eff, op))
+        wall, busy = wall + c.n * w, busy + c.n * g
+    return wall, busy
+
+
+def default_seconds(stage: str, work: Work, device: str) -> float:
+    """Expected seconds of one stage on ``device`` from the defaults (the base a calibration ratio scales)."""
+    return stage_seconds(stage, work, device)[0]
+
+
+def lower_bound(cfg, device: str, stats: dict | None = None) -> dict:
+    """Seconds per stage if every call ran at the device's published peak FLOP/s or bandwidth (the
+    larger), with no dispatch, start-up or host time: what no code can beat."""
+    spec = DEVICES[device]
+    out = {}
+    for stage, work in job_work(cfg, stats).items():
+        if stage == "load":
+            continue
+        total = sum(c.n * max(c.flops / spec["flops"], c.bytes / spec["bandwidth"]) for c in work.groups)
+        if total:
+            out[stage] = total
+    return out
 
 
 # ------------------------------------------------------------------------------------ calibration
@@ -296,17 +514,6 @@ def device_kind(record_env: dict) -> str:
         if kind != "cpu" and kind in names:
             return kind
     return "cpu" if not names else names.split()[-1]
-
-
-def default_seconds(stage: str, work: Work, device: str) -> float:
-    spec = DEVICES[device]
-    if stage == "load":
-        return SETUP_S + work.bytes / LOAD_BYTES_PER_S
-    if stage == "decode":
-        compute = work.bytes / (spec["bandwidth"] * EFFICIENCY["decode"])
-    else:
-        compute = work.flops / (spec["flops"] * EFFICIENCY[stage])
-    return max(compute, work.calls * (work.layers * spec["layer_launch_s"] + spec["call_overhead_s"]))
 
 
 @dataclass
@@ -415,31 +622,61 @@ def _main_model(cfg) -> str:
 @dataclass
 class Prediction:
     seconds: dict  # stage -> seconds
-    sources: dict  # stage -> "default" | "calibrated (n)"
+    sources: dict  # stage -> "default" | "calibrated (n)" | "calibrated on h200 (n)"
     startup_s: float = STARTUP_S
+    busy: dict = field(default_factory=dict)  # stage -> GPU-busy seconds
+    dispatch_s: float = 0.0  # SLURM: the job's submission to its start on a free GPU (cluster.dispatch_s)
 
     @property
     def total_s(self) -> float:
-        return self.startup_s + sum(self.seconds.values())
+        return self.dispatch_s + self.startup_s + sum(self.seconds.values())
+
+    @property
+    def busy_s(self) -> float:
+        return sum(self.busy.values())
+
+    @property
+    def busy_fraction(self) -> float:
+        """GPU-busy seconds / the job's duration on its GPU (start-up and loading included)."""
+        return self.busy_s / self.total_s if self.total_s else 0.0
 
     @property
     def calibrated(self) -> bool:
         return any(v.startswith("calibrated") for v in self.sources.values())
 
 
-def predict(cfg, device: str, cal: Calibration | None = None, stats: dict | None = None) -> Prediction:
-    """Seconds per stage of the run ``cfg`` on ``device`` (calibrated where a ratio is known)."""
+def _ratio(cal: Calibration, model: str, device: str, stage: str) -> tuple[float | None, str]:
+    """The calibrated ratio of (model, device, stage), else of a device it transfers from (``TRANSFER``)."""
+    for kind in (device, *TRANSFER.get(device, ())):
+        ratio = cal.ratio((model, kind, stage))
+        if ratio:
+            n = len(cal.ratios[(model, kind, stage)])
+            return ratio, f"calibrated ({n})" if kind == device else f"calibrated on {kind} ({n})"
+    return None, "default"
+
+
+def predict(
+    cfg, device: str, cal: Calibration | None = None, stats: dict | None = None, scenario: str = "expected"
+) -> Prediction:
+    """Seconds (and GPU-busy seconds) per stage of the run ``cfg`` on ``device``, calibrated where a
+    ratio is known; ``scenario``: ``low`` / ``expected`` / ``high`` (``SCENARIOS``)."""
     if device not in DEVICES:
         raise ConfigError(f"cluster.device={device!r} is not allowed; allowed: {', '.join(DEVICES)}")
+    if scenario not in SCENARIOS:
+        raise ValueError(f"scenario={scenario!r}; allowed: {', '.join(SCENARIOS)}")
     cal = cal or Calibration()
-    seconds, sources = {}, {}
+    seconds, busy, sources = {}, {}, {}
     for stage, work in job_work(cfg, stats).items():
-        base = default_seconds(stage, work, device)
+        base, gpu = stage_seconds(stage, work, device, scenario)
         if base <= 0:
             continue
-        key = (work.model or _main_model(cfg), device, stage)  # the same key calibrate_from_record uses
-        ratio = cal.ratio(key)
-        seconds[stage] = base * (ratio or 1.0)
-        sources[stage] = f"calibrated ({len(cal.ratios[key])})" if ratio else "default"
-    startup = cal.ratio(("*", device, "startup"))
-    return Prediction(seconds, sources, STARTUP_S * (startup or 1.0))
+        # the same key calibrate_from_record uses
+        ratio, source = _ratio(cal, work.model or _main_model(cfg), device, stage)
+        if ratio:  # a measured ratio scales the expected seconds; the spread around it is narrow
+            base = stage_seconds(stage, work, device)[0] * ratio * CALIBRATED_SPREAD[scenario]
+            gpu = min(gpu * ratio, base)
+        seconds[stage], busy[stage], sources[stage] = base, gpu, source
+    startup, _ = _ratio(cal, "*", device, "startup")
+    factor = SCENARIOS[scenario][1]
+    dispatch = float(OmegaConf.select(cfg, "cluster.dispatch_s", default=0) or 0) * factor
+    return Prediction(seconds, sources, STARTUP_S * (startup or factor), busy, dispatch)

@@ -17,11 +17,18 @@ bridge), 2-GPU jobs on two free GPUs, and *packable* jobs (1 GPU, estimate at mo
 ``gpu_mem_gb / cluster.pack_max``) sharing a GPU up to ``cluster.pack_max`` at a time. A
 lower-priority job fills a GPU a higher one cannot use yet (greedy backfill).
 
-Output: the jobs with their predicted durations and where each number comes from (default
-or calibrated), a Gantt table and PNG (one lane per GPU), the makespan, per-GPU occupancy,
-and a verdict: fits ``cluster.window_h`` or not, and if not, which cuts would make it fit
-(fewer steps, fewer grid points of one phase, a phase after the window). ``plan.json`` in
-the output folder holds it all; ``python -m telepathy status --plan`` compares it with what ran.
+A packable job also needs a GPU-busy fraction of at most ``cluster.pack_busy_max``, and a packed
+job stretches by its neighbours' busy share (``packing_slowdown``). Every job is also predicted in a
+``low`` and a ``high`` scenario, and both are scheduled.
+
+Output: the jobs with their predicted durations, ranges and GPU-busy fractions and where each number
+comes from (default or calibrated), the downloads (``telepathy.prepare``) as a line of their own, a
+Gantt table and PNG (one lane per GPU; solid = GPU-busy share), the makespan and its range, per-GPU
+occupancy (time held) and predicted GPU-busy share, per-phase busy fractions with the verdict for the
+seed's "> 80 %" (``cluster.busy_target``), and a verdict: fits ``cluster.window_h`` or not, and if
+not, which cuts would make it fit (fewer steps, fewer grid points of one phase, a phase after the
+window). ``plan.json`` in the output folder holds it all; ``python -m telepathy status --plan``
+compares it with what ran.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ class Job:
     train_s: float = 0.0  # part of duration_s that scales with trainer.max_steps
     params: tuple = ()  # (key, value) sweep parameters: for "fewer grid points"
     run_dir: str = ""
+    busy: float = 0.0  # predicted GPU-busy fraction of its duration (costs.Prediction.busy_fraction)
+    range_s: tuple = ()  # (low, high) predicted durations (costs.SCENARIOS)
 
 
 @dataclass
@@ -62,6 +71,12 @@ class Slot:
     gpus: tuple
     start: float
     end: float
+    stretch: float = 1.0  # packing slowdown: its duration on a shared GPU / alone
+
+    @property
+    def busy_s(self) -> float:
+        """GPU-busy seconds (the same work however long packing stretches it)."""
+        return self.job.busy * self.job.duration_s
 
 
 def schedule(jobs: list[Job], n_gpus: int, gpu_mem_gb: float, pack_max: int = 1) -> list[Slot]:
@@ -93,7 +108,8 @@ def schedule(jobs: list[Job], n_gpus: int, gpu_mem_gb: float, pack_max: int = 1)
             gpus = _place(job, on_gpu, gpu_mem_gb, pack_max)
             if gpus is None:
                 continue
-            slot = Slot(job, gpus, t, t + job.duration_s)
+            stretch = packing_slowdown(job, [x.job for g in gpus for x in on_gpu[g]])
+            slot = Slot(job, gpus, t, t + job.duration_s * stretch, stretch)
             pending.remove(job)
             running.append(slot)
             slots.append(slot)
@@ -130,8 +146,31 @@ def _place(job: Job, on_gpu: dict, gpu_mem_gb: float, pack_max: int) -> tuple | 
     return tuple(choice) if choice else None
 
 
+def packing_slowdown(job: Job, sharing: list[Job]) -> float:
+    """How much longer ``job`` takes beside the jobs already on its GPU: its kernels wait behind theirs
+    for the share of the time they keep the GPU busy, so its GPU-bound part (``busy``) stretches by
+    1 + their summed busy fractions; its dispatch-bound part runs on its own CPU cores and does not.
+    An approximation made when the job is placed (the jobs already there are not re-timed)."""
+    return 1.0 + job.busy * sum(x.busy for x in sharing)
+
+
 def makespan(slots: list[Slot]) -> float:
     return max((s.end for s in slots), default=0.0)
+
+
+def gpu_busy(slots: list[Slot], n_gpus: int) -> list[float]:
+    """Per GPU: predicted GPU-busy seconds of its jobs / the makespan (a 2-GPU job counts half on each)."""
+    span = makespan(slots) or 1.0
+    return [sum(s.busy_s / len(s.gpus) for s in slots if g in s.gpus) / span for g in range(n_gpus)]
+
+
+def phase_busy(slots: list[Slot]) -> dict[str, float]:
+    """Per phase: its jobs' GPU-busy seconds / the GPU-seconds they hold (GPUs x duration)."""
+    held: dict[str, list[float]] = {}
+    for s in slots:
+        busy, total = held.setdefault(s.job.phase, [0.0, 0.0])
+        held[s.job.phase] = [busy + s.busy_s, total + len(s.gpus) * (s.end - s.start)]
+    return {p: b / t if t else 0.0 for p, (b, t) in sorted(held.items())}
 
 
 def occupancy(slots: list[Slot], n_gpus: int) -> list[float]:
@@ -214,6 +253,11 @@ def check(cfg) -> None:
     check_range(cfg, "cluster.window_h", lo=0.01)
     check_range(cfg, "cluster.pack_max", lo=1, integer=True)
     check_choice(cfg, "cluster.device", list(DEVICES))
+    check_range(cfg, "cluster.dispatch_s", lo=0)
+    check_range(cfg, "cluster.download_gb_s", lo=1e-6)
+    check_range(cfg, "cluster.pack_busy_max", lo=0, hi=1)
+    check_range(cfg, "cluster.busy_target", lo=0, hi=1)
+    check_choice(cfg, "cluster.prepare_in_window", [True, False])
     for name, spec in (OmegaConf.select(cfg, "cluster.phases") or {}).items():
         check_range(cfg, f"cluster.phases.{name}.priority", integer=True)
         unknown = [p for p in (spec.get("after") or []) if p not in group_options("phase")]
@@ -290,12 +334,17 @@ def phase_jobs(
                 done += 1
                 continue
             seen[rdir] = phase
-        pred = costs.predict(cfg, device, cal)
+        stats = costs.token_stats(cfg)
+        pred = costs.predict(cfg, device, cal, stats)
+        low, high = (costs.predict(cfg, device, cal, stats, scenario=x).total_s for x in ("low", "high"))
         mem_ratio = cal.ratio((costs.model_key(cfg.receiver), device, "memory"))
         estimate_gb = mem_gb
         if mem_ratio:  # measured peaks of this model on this device / their estimates, with the margin kept
             mem_gb = mem_gb * mem_ratio
-        packable = gpus == 1 and mem_gb <= gpu_mem_gb / pack_max
+        # only jobs that leave the GPU mostly idle share it: GPU-bound ones would slow each other down
+        busy_max = float(OmegaConf.select(cfg, "cluster.pack_busy_max", default=1.0))
+        packable = gpus == 1 and mem_gb <= gpu_mem_gb / pack_max and pred.busy_fraction <= busy_max
+        batch = resources.batch_plan(cfg) if "train" in pred.seconds else None
         job = Job(
             name=f"{phase}: {name}",
             phase=phase,
@@ -308,6 +357,8 @@ def phase_jobs(
             train_s=pred.seconds.get("train", 0.0),
             params=params,
             run_dir=rdir,
+            busy=pred.busy_fraction,
+            range_s=(low, high),
         )
         jobs.append(job)
         rows.append(
@@ -324,9 +375,47 @@ def phase_jobs(
                 "run_s": round(sum(pred.seconds.values()), 1),
                 "stages_s": {k: round(v, 1) for k, v in pred.seconds.items()},
                 "sources": pred.sources,
+                "range_s": [round(low, 1), round(high, 1)],
+                "busy": round(pred.busy_fraction, 3),
+                "busy_s": {k: round(v, 1) for k, v in pred.busy.items()},
+                "lower_bound_s": {k: round(v, 2) for k, v in costs.lower_bound(cfg, device, stats).items()},
+                "dispatch_s": round(pred.dispatch_s, 1),
+                "startup_s": round(pred.startup_s, 1),
+                "batch": batch and {k: batch[k] for k in ("per_device", "grad_accum", "rule")},
+                "weights": _weights(cfg),
             }
         )
     return jobs, rows, done
+
+
+def _weights(cfg) -> dict:
+    """{model: weight bytes} of the hub models the job loads (what ``telepathy.prepare`` downloads)."""
+    from telepathy.cluster import costs
+    from telepathy.config import model_config, models_used
+
+    roles = models_used(cfg) if OmegaConf.select(cfg, "method.name") else ["sender", "receiver"]
+    out = {}
+    for entry in dict.fromkeys(roles):
+        model = model_config(cfg, entry)
+        if model.get("hub_id") and not model.get("random_init") and not model.get("path"):
+            out[str(model.name)] = costs._weight_bytes(model)
+    return out
+
+
+def prepare_line(rows: list[dict], cl) -> tuple[float, str]:
+    """Seconds to download every hub model the plan loads (``python -m telepathy.prepare``), and the line
+    that says so; inside the window when ``cluster.prepare_in_window`` (the jobs then start after it)."""
+    models: dict[str, float] = {}
+    for r in rows:
+        models.update(r.get("weights") or {})
+    rate = float(cl.get("download_gb_s") or 0.2) * 1e9
+    seconds = sum(models.values()) / rate
+    where = "inside the window: every job starts after it" if cl.get("prepare_in_window") else "before the window"
+    text = (
+        f"prepare (python -m telepathy.prepare): {len(models)} models, {sum(models.values()) / 1e9:.1f} GB at "
+        f"{rate / 1e9:g} GB/s (cluster.download_gb_s) = {_hms(seconds)}, {where} (cluster.prepare_in_window)"
+    )
+    return (seconds if cl.get("prepare_in_window") else 0.0), text
 
 
 # ------------------------------------------------------------------------------------ output
@@ -338,16 +427,21 @@ def gantt_table(slots: list[Slot], n_gpus: int) -> str:
     return "\n".join(lines)
 
 
-def gantt_png(slots: list[Slot], n_gpus: int, window_s: float, path: Path) -> Path:
-    """One lane per GPU; jobs sharing a GPU are drawn as thinner bars stacked in its lane."""
+def gantt_png(slots: list[Slot], n_gpus: int, window_s: float, path: Path, prepare_s: float = 0.0) -> Path:
+    """One lane per GPU; jobs sharing a GPU are drawn as thinner bars stacked in its lane. Each bar's
+    solid part is its predicted GPU-busy share, the pale rest the time the GPU waits (start-up,
+    loading, dispatch). The axis spans the schedule (minutes below 2 h), not a window it does not reach:
+    a 25-minute plan on a 24-hour axis is a blank picture; the window is drawn when it is in view."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    span = max(makespan(slots), 1.0)
+    unit, scale = ("minutes", 60.0) if span < 2 * 3600 else ("hours", 3600.0)
     phases = sorted({s.job.phase for s in slots})
     colours = {p: plt.cm.tab10(i % 10) for i, p in enumerate(phases)}
-    fig, ax = plt.subplots(figsize=(12, 1 + 0.8 * n_gpus))
+    fig, ax = plt.subplots(figsize=(12, 1.4 + 0.8 * n_gpus))
     for g in range(n_gpus):
         lane = sorted((s for s in slots if g in s.gpus), key=lambda s: s.start)
         tracks: list[float] = []  # end time of each sub-track
@@ -360,26 +454,39 @@ def gantt_png(slots: list[Slot], n_gpus: int, window_s: float, path: Path) -> Pa
             placed.append((s, k))
         height = 0.8 / max(1, len(tracks))
         for s, k in placed:
-            ax.barh(
-                g - 0.4 + (k + 0.5) * height,
-                (s.end - s.start) / 3600,
-                left=s.start / 3600,
-                height=height,
-                color=colours[s.job.phase],
-                edgecolor="black",
-                linewidth=0.3,
-            )
-    ax.axvline(window_s / 3600, color="red", linestyle="--", label="window")
+            y, width = g - 0.4 + (k + 0.5) * height, (s.end - s.start) / scale
+            colour = colours[s.job.phase]
+            ax.barh(y, width, left=s.start / scale, height=height, color=colour, alpha=0.3, edgecolor="black", lw=0.3)
+            ax.barh(y, width * min(1.0, s.job.busy), left=s.start / scale, height=height * 0.6, color=colour)
+    if prepare_s:
+        ax.axvspan(0, prepare_s / scale, color="grey", alpha=0.25, label="prepare (downloads)")
+    in_view = window_s <= 1.3 * span
+    if in_view:
+        ax.axvline(window_s / scale, color="red", linestyle="--")
+    ax.set_xlim(0, (max(window_s, span) if in_view else span) * 1.03 / scale)
     ax.set_yticks(range(n_gpus), [f"GPU {g}" for g in range(n_gpus)])
-    ax.set_xlabel("hours")
+    ax.set_xlabel(unit)
+    window = f"window {window_s / 3600:g} h" + (
+        "" if in_view else f" (off the axis: the plan uses {span / window_s:.0%})"
+    )
+    ax.set_title(f"makespan {_hms(span)}; {window}; solid = predicted GPU-busy share", fontsize=9)
     ax.invert_yaxis()
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[p]) for p in phases]
-    ax.legend(handles + [ax.lines[0]], phases + ["window"], loc="upper right", fontsize=7)
+    labels = list(phases)
+    if in_view:
+        handles.append(plt.Line2D([0], [0], color="red", linestyle="--"))
+        labels.append("window")
+    ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _shift(slots: list[Slot], offset: float) -> list[Slot]:
+    """The schedule ``offset`` seconds later (everything waits for the downloads inside the window)."""
+    return [replace(s, start=s.start + offset, end=s.end + offset) for s in slots]
 
 
 def _hms(seconds: float) -> str:
@@ -424,12 +531,19 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
             spec = OmegaConf.to_container(node, resolve=True) if node is not None else {}
             j, r, d = phase_jobs(name, rest, device, cal, gpu_mem, pack_max, spec, seen, shared)
             jobs, rows, done = jobs + j, rows + r, done + d
-    slots = schedule(jobs, n_gpus, gpu_mem, pack_max)
+    offset, prepare = prepare_line(rows, cl)
+    slots = _shift(schedule(jobs, n_gpus, gpu_mem, pack_max), offset)
     span = makespan(slots)
     occ = occupancy(slots, n_gpus)
+    spans = {"expected": span}
+    for i, scenario in enumerate(("low", "high")):
+        varied = [replace(j, duration_s=j.range_s[i], train_s=j.train_s * j.range_s[i] / j.duration_s) for j in jobs]
+        spans[scenario] = offset + makespan(schedule(varied, n_gpus, gpu_mem, pack_max))
+    target = float(cl.get("busy_target") or 0.8)
     by_name = {s.job.name: s for s in slots}
     for row in rows:
-        row.update(start_s=round(by_name[row["job"]].start, 1), gpu=list(by_name[row["job"]].gpus))
+        slot = by_name[row["job"]]
+        row.update(start_s=round(slot.start, 1), gpu=list(slot.gpus), packing_slowdown=round(slot.stretch, 3))
     phase_span = {p: max(s.end for s in slots if s.job.phase == p) for p in {s.job.phase for s in slots}}
     result = {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -443,8 +557,14 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
             "pack_max": pack_max,
         },
         "makespan_s": round(span, 1),
+        "makespan_range_s": {k: round(v, 1) for k, v in spans.items()},
         "fits": span <= window_s,
+        "fits_high": spans["high"] <= window_s,
+        "prepare": prepare,
         "occupancy": [round(o, 3) for o in occ],
+        "gpu_busy": [round(b, 3) for b in gpu_busy(slots, n_gpus)],
+        "phase_busy": {k: round(v, 3) for k, v in phase_busy(slots).items()},
+        "busy_target": target,
         "phase_end_s": {p: round(v, 1) for p, v in sorted(phase_span.items())},
         "completed_skipped": done,
         "calibration": cal.to_table(),
@@ -456,7 +576,7 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
     write_json(out_dir / PLAN_FILE, result)
     write_text(out_dir / "gantt.md", gantt_table(slots, n_gpus) + "\n")
     if slots:
-        gantt_png(slots, n_gpus, window_s, out_dir / "gantt.png")
+        gantt_png(slots, n_gpus, window_s, out_dir / "gantt.png", offset)
     result["out_dir"] = str(out_dir)
     return result
 
@@ -469,13 +589,19 @@ def render(plan: dict) -> str:
         "",
     ]
     width = max([len(r["job"]) for r in plan["jobs"]] + [3])
-    lines.append(f"{'job':<{width}}  gpus  est GB  pack  predicted  start     stages (s; * = calibrated)")
+    lines.append(
+        f"{'job':<{width}}  gpus  est GB  pack  predicted (low-high)          busy  start     "
+        "stages (s; * = calibrated)"
+    )
     for r in plan["jobs"]:
         stages = " ".join(f"{k}={v:g}{'*' if r['sources'][k] != 'default' else ''}" for k, v in r["stages_s"].items())
         pack = "yes" if r["packable"] else "no"
+        low, high = r.get("range_s") or (r["predicted_s"], r["predicted_s"])
+        batch = f" batch {r['batch']['per_device']}x{r['batch']['grad_accum']}" if r.get("batch") else ""
         lines.append(
             f"{r['job']:<{width}}  {r['gpus']:<4}  {r['mem_gb']:<6.1f}  {pack:<4}  "
-            f"{_hms(r['predicted_s']):>9}  {_hms(r['start_s']):>8}  {stages}"
+            f"{_hms(r['predicted_s']):>8} ({_hms(low)}-{_hms(high)})  {r.get('busy', 0):>4.0%}  "
+            f"{_hms(r['start_s']):>8}  {stages}{batch}"
         )
     n_cal = sum(1 for r in plan["jobs"] if any(v != "default" for v in r["sources"].values()))
     lines += [
@@ -488,12 +614,32 @@ def render(plan: dict) -> str:
         f"  shared: {r['job']} is planned and costed in {r['shared_with']} (0 GPU-h here)"
         for r in plan.get("shared", [])
     ]
+    if plan.get("prepare"):
+        lines.append(f"  {plan['prepare']}")
+    target = plan.get("busy_target", 0.8)
     for p, end in plan["phase_end_s"].items():
-        lines.append(f"  {p:<14} done at {_hms(end)}")
+        busy = plan.get("phase_busy", {}).get(p)
+        tail = f"; GPU busy {busy:.0%} of its GPU time" if busy is not None else ""
+        lines.append(f"  {p:<14} done at {_hms(end)}{tail}")
     occ = ", ".join(f"GPU{g} {o:.0%}" for g, o in enumerate(plan["occupancy"]))
-    lines.append(f"makespan {_hms(plan['makespan_s'])} ({plan['makespan_s'] / 3600:.1f} h); occupancy {occ}")
+    rng = plan.get("makespan_range_s") or {}
+    span_text = f"makespan {_hms(plan['makespan_s'])} ({plan['makespan_s'] / 3600:.1f} h)"
+    if rng:
+        span_text += f", range {_hms(rng['low'])} to {_hms(rng['high'])} (low / high scenarios)"
+    lines.append(f"{span_text}; GPUs held: {occ}")
+    if plan.get("gpu_busy"):
+        busy = ", ".join(f"GPU{g} {b:.0%}" for g, b in enumerate(plan["gpu_busy"]))
+        phases = plan.get("phase_busy", {})
+        below = [p for p, b in phases.items() if b <= target]
+        meets = "no" if below else "yes"
+        lines.append(f"predicted GPU busy (of the makespan): {busy}")
+        lines.append(
+            f"seed's > {target:.0%} GPU utilisation: {meets}"
+            + (f" (below it: {', '.join(f'{p} {phases[p]:.0%}' for p in below)})" if below else "")
+        )
     verdict = "FITS" if plan["fits"] else "DOES NOT FIT"
-    lines.append(f"verdict: {verdict} the {c['window_h']:g} h window")
+    high = "" if plan.get("fits_high", plan["fits"]) else " (the high scenario does not)"
+    lines.append(f"verdict: {verdict} the {c['window_h']:g} h window{high}")
     lines += [f"  cut: {cut}" for cut in plan["cuts"]]
     lines.append(f"plan.json, gantt.md, gantt.png in {plan['out_dir']}")
     return "\n".join(lines)

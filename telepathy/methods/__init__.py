@@ -11,7 +11,11 @@
 
 A method is a module of this package that satisfies ``Method``: a ``DETERMINISTIC`` flag,
 ``validate(cfg)`` for its own config keys and ``run(cfg, ctx) -> MethodOutput``; adding one is
-its file, its ``conf/method/<name>.yaml`` and its line in ``REGISTRY``. The run lifecycle
+its file, its ``conf/method/<name>.yaml`` and its line in ``REGISTRY``. The yaml also declares the
+method's work (``work:``: its passes — which model reads what, on which items, with backward, label
+scoring or generation — and ``train_resident``, what stays on the device while it trains): the planner
+(``telepathy.cluster.costs``) costs that declaration and never the method's name, and the batch plan
+(``resources.batch_plan``) sizes training from it. The run lifecycle
 (``telepathy.lifecycle``) only talks to methods through this contract, so it can write, reuse
 and report every method's record the same way. ``validate(cfg)`` here is the one entry for
 config checks: the shared ones (``telepathy.config.validate``), then the method's own.
@@ -63,6 +67,20 @@ class RunContext:
             device = self.devices.get(role, self.devices["receiver"])
             self._models[role] = load_model(tconfig.model_config(self.cfg, role), device)
         return self._models[role]
+
+    def release(self, role: str) -> None:
+        """Drop a model the method no longer needs, so its device memory is free for what follows (the
+        bridge trains with the receiver alone once the sender's features are computed)."""
+        lm = self._models.pop(role, None)
+        if lm is None:
+            return
+        device = lm.device
+        del lm
+        import gc
+
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def sender_features(
         self, lm: LoadedModel, ids: list[list[int]], layer: int | list[int], split: str

@@ -67,9 +67,9 @@ def validate(cfg) -> None:
                 "bridge.centre_grad=true is the previous bridge's ablation and replaces the reference set; "
                 "allowed: bridge.centre_grad=true with bridge.reference_items=0, or bridge.centre_grad=false"
             )
-        from telepathy import batching  # a micro-batch of one input has no part that differs: no gradient at all
+        from telepathy.resources import batch_plan  # a micro-batch of one input has no part that differs
 
-        per_device = batching.plan(cfg)["per_device"]
+        per_device = batch_plan(cfg)["per_device"]
         if per_device < 2:
             raise ConfigError(
                 f"bridge.centre_grad=true needs micro-batches of >= 2 inputs; trainer.batch_size and "
@@ -91,12 +91,13 @@ def run(cfg, ctx) -> MethodOutput:
     train_feats = ctx.sender_features(sender, train_ids, layer, split="train")
     test_feats = ctx.sender_features(sender, test_ids, layer, split="test")
     mean_tokens = sum(len(x) for x in test_ids) / len(test_ids)
+    sender_size, sender_params = sender.hidden_size, sender.num_params()
+    del sender  # the features are all it gives: it leaves the device before training (method.work.train_resident)
+    ctx.release("sender")
 
     # 2. the bridge, initialised from the run's seed
     torch.manual_seed(cfg.seed)
-    bridge = build_bridge(
-        cfg, sender.hidden_size, receiver.hidden_size, m, target_rms=embedding_rms_median(receiver.model)
-    )
+    bridge = build_bridge(cfg, sender_size, receiver.hidden_size, m, target_rms=embedding_rms_median(receiver.model))
     # input statistics of the items it trains on (train_then_evaluate holds out the same probe items)
     fit_items = holdout(train, cfg.trainer, cfg.data.sample_seed)[0]
     init_output(bridge, cfg, receiver, fit_items)
@@ -117,7 +118,7 @@ def run(cfg, ctx) -> MethodOutput:
         params={
             "bridge": count_params(bridge),
             "trainable": count_params(bridge, trainable_only=True),
-            "sender": sender.num_params(),
+            "sender": sender_params,
             "receiver": receiver.num_params(),
         },
     )
