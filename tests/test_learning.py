@@ -1,9 +1,15 @@
 """A bridge between the real demo models learns: SST-2 accuracy clearly above the majority class.
 
-Real weights (SmolLM2-135M → Gemma-3-270M), CPU, about two minutes on 2 cores. With the
-token loss (``trainer.loss=tokens``) this budget collapsed to one class on some machines and
-seeds (benchmarks/README.md, "Robustness of short runs").
+Real weights (SmolLM2-135M → Gemma-3-270M), CPU, the robustness table's budget (60 steps of 8),
+three seeds in one multirun. Its bar is sized from the measured rates (benchmarks/README.md §3):
+the recipe learned on every one of its runs there, seeds x thread counts x CPU kernels x micro-
+batches, with the smallest margin over the test majority well above the bar; the median of three
+seeds fails only if two runs miss it. Every run must also predict both classes. The previous
+recipes failed here on some machines: the one before this collapsed to one class on CI's AVX-512
+EPYC (issue 20), the token loss before that on most seeds.
 """
+
+import statistics
 
 import pytest
 
@@ -12,13 +18,18 @@ from helpers import needs_data, results, run_train
 
 pytestmark = [needs_data, pytest.mark.slow]
 
+SEEDS = (42, 1, 2)
+MEDIAN_MARGIN = 0.15  # over the test split's majority rate (0.55 on these 120 items)
 
-@pytest.mark.timeout(1800)  # 2-4 min alone; make test runs it beside another worker's tests
-def test_bridge_on_sst2_beats_the_majority_class(outputs):
-    run_train(*TEST_BUDGET, outputs=outputs)  # the robustness table's budget (benchmarks/robustness.py)
-    (record,) = results(outputs)
-    metrics = record["metrics"]
-    assert record["status"] == "completed" and metrics["n_test"] == 120
-    diagnostics = record["bridge"]["diagnostics"]
-    assert not diagnostics["single_class"] and diagnostics["predicted_classes"] == 2, diagnostics
-    assert metrics["accuracy"] >= metrics["majority_accuracy"] + 0.15, (metrics, diagnostics)
+
+@pytest.mark.timeout(2400)  # ~1 min a seed alone; make test runs it beside another worker's tests
+def test_bridge_on_sst2_beats_the_majority_class_on_every_seed(outputs):
+    run_train("-m", f"seed={','.join(map(str, SEEDS))}", *TEST_BUDGET, outputs=outputs, timeout=2400)
+    records = results(outputs)
+    assert sorted(r["seed"] for r in records) == sorted(SEEDS) and all(r["status"] == "completed" for r in records)
+    for r in records:
+        assert r["metrics"]["n_test"] == 120
+        diagnostics = r["bridge"]["diagnostics"]
+        assert not diagnostics["single_class"] and diagnostics["predicted_classes"] == 2, (r["seed"], diagnostics)
+    margins = {r["seed"]: r["metrics"]["accuracy"] - r["metrics"]["majority_accuracy"] for r in records}
+    assert statistics.median(margins.values()) >= MEDIAN_MARGIN, margins
