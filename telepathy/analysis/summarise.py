@@ -444,3 +444,45 @@ def compare_settings(
     if len(df):
         df["p_holm"] = holm(df["p"].to_numpy())
     return df
+
+
+def compare_to_reference(
+    runs: pd.DataFrame,
+    predictions: pd.DataFrame | None,
+    summary: pd.DataFrame,
+    metric: str = "accuracy",
+    reference: dict[str, str] | None = None,
+    n_boot: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Ablations across the table's columns (P6: one pair of models against another): every experiment
+    against the experiment of the same task and method whose columns match ``reference`` ({column:
+    value}, e.g. {"sender": "smollm2_135m", "receiver": "gemma3_270m"}), paired on the items both have as in
+    ``compare_to_baseline``: Δ, its CI resampling items (jointly) and each side's seeds, p of the mean
+    difference; Holm over this table. Rows carry the reference's columns as ``baseline.*``."""
+    value_col = item_column(metric)
+    if not reference or predictions is None or not len(predictions) or value_col not in predictions:
+        return pd.DataFrame()
+    members = _groups(runs)
+    groups = summary.to_dict("records")
+    rows = []
+    for ref in groups:
+        if not all(not is_missing(ref.get(k)) and str(ref[k]) == str(v) for k, v in reference.items()):
+            continue
+        for g in groups:
+            if g is ref or g["task"] != ref["task"] or g["method"] != ref["method"]:
+                continue
+            row = {
+                **{k: g[k] for k in EXPERIMENT_KEYS},
+                "differs": g["differs"],
+                **{f"baseline.{k}": ref[k] for k in EXPERIMENT_KEYS + ["differs"] if k != "task"},
+            }
+            a = _strata(members[_group_key(g)], predictions, value_col)
+            b = _strata(members[_group_key(ref)], predictions, value_col)
+            row.update(paired_comparison(a, b, value_col == "correct", n_boot, confidence, seed))
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["p_holm"] = holm(df["p"].to_numpy())
+    return df

@@ -268,6 +268,23 @@ def check(cfg) -> None:
             )
 
 
+def phase_spec(cfg, name: str) -> dict:
+    """A phase's plan entry (``priority``, ``after``, ``app``): ``cluster.phases.<name>``. A paper phase at
+    another scale (``conf/phase/<scale>/<phase>.yaml``, e.g. ``demo/p4_latency``) takes its paper phase's
+    entry, its ``after`` naming the phases of the same scale (``demo/p1_seeds``); a phase the list does not
+    name gets the defaults ({}: priority 99, no ``after``, the train app)."""
+    node = OmegaConf.select(cfg, "cluster.phases")
+    phases = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    if name in phases:
+        return dict(phases[name] or {})
+    scale, _, base = name.rpartition("/")
+    if not scale or base not in phases:
+        return {}
+    spec = dict(phases[base] or {})
+    spec["after"] = [f"{scale}/{p}" for p in spec.get("after") or []]
+    return spec
+
+
 def _compose(config_name: str, overrides: list[str], hydra_cfg: bool = False):
     from hydra import compose
 
@@ -494,8 +511,15 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[Path] | None = None) -> dict:
-    """Plan the phases named by ``+phase=`` in ``overrides``; write plan.json + Gantt; return the plan."""
+def run(
+    overrides: list[str],
+    out_dir: Path | None = None,
+    calibrate_from: list[Path] | None = None,
+    narrow: dict[str, list[str]] | None = None,
+) -> dict:
+    """Plan the phases named by ``+phase=`` in ``overrides``; write plan.json + Gantt; return the plan.
+    ``narrow``: {phase: overrides} applied to that phase only, after ``overrides`` (one slice of each
+    phase, as scripts/paper.py launches them)."""
     from hydra import initialize_config_dir
 
     from telepathy.cluster import costs
@@ -524,12 +548,10 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
         for extra in sources[1:]:
             cal.merge(costs.load_calibration(extra, table=None))
         jobs, rows, done, seen, shared = [], [], 0, {}, []
-        for name in sorted(
-            names, key=lambda n: (int(OmegaConf.select(top, f"cluster.phases.{n}.priority", default=99)), n)
-        ):
-            node = OmegaConf.select(top, f"cluster.phases.{name}")  # a phase cluster.phases does not list: defaults
-            spec = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-            j, r, d = phase_jobs(name, rest, device, cal, gpu_mem, pack_max, spec, seen, shared)
+        for name in sorted(names, key=lambda n: (int(phase_spec(top, n).get("priority", 99)), n)):
+            spec = phase_spec(top, name)
+            own = [*rest, *(narrow or {}).get(name, [])]
+            j, r, d = phase_jobs(name, own, device, cal, gpu_mem, pack_max, spec, seen, shared)
             jobs, rows, done = jobs + j, rows + r, done + d
     offset, prepare = prepare_line(rows, cl)
     slots = _shift(schedule(jobs, n_gpus, gpu_mem, pack_max), offset)
@@ -549,6 +571,7 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "phases": names,
         "overrides": rest,
+        "narrow": narrow or {},
         "cluster": {
             "gpus": n_gpus,
             "gpu_mem_gb": gpu_mem,
