@@ -85,7 +85,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 # ---------------------------------------------------------------- clean slate
+# A bring-up is a fresh cluster: the controller's saved jobs and the node's spool are dropped.
+# Jobs recovered from an earlier bring-up (a copied or rebooted machine, a killed session) have no
+# processes left, yet hold the node "allocated" until their time limits pass.
 bash "$HERE/down.sh" >&2 || true
+rm -rf "$STATE/spool"
 
 mkdir -p "$STATE"/{etc,run,log,spool/ctld,spool/d,gpu,db}
 # /etc/hosts must resolve the node name for NodeAddr/SlurmctldHost checks
@@ -148,7 +152,7 @@ SQL
 start slurmdbd slurmdbd -D
 wait_for slurmdbd 60 sacctmgr -i -n list cluster
 sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
-start slurmctld slurmctld -D -i -f "$CONF"
+start slurmctld slurmctld -D -c -i -f "$CONF"
 wait_for slurmctld 60 scontrol ping
 start slurmd slurmd -D -f "$CONF" -N "$NODE"
 
