@@ -37,7 +37,6 @@ options (``budget=tiny``, ``trainer.max_steps=10``) go to every phase.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil

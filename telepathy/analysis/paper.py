@@ -1,7 +1,7 @@
 """The paper's tables and figures, from a folder of stored records and nothing else.
 
     python -m telepathy paper docs/paper/records --out docs/paper [--n-boot 2000]
-    python -m telepathy paper docs/paper/records --out DIR --check docs/paper   # regenerate, compare, exit 1 on a difference
+    python -m telepathy paper docs/paper/records --check docs/paper   # rebuild, compare; exit 1 on a difference
 
 ``scripts/paper.py`` (``make paper``) launches the six phases, and its last job copies each run's records
 into ``<out>/records`` (the layout below) and calls ``build``. Everything the page shows is computed here
@@ -326,7 +326,7 @@ def rouge_table(runs: pd.DataFrame, n_boot: int) -> tuple[dict, list[dict]]:
         "n",
         "− shuffled sender, ROUGE-L (pp) [95% CI]",
     ]
-    for name, e in sorted(out["groups"].items(), key=lambda kv: (kv[1]["method"] != "bridge", kv[0])):
+    for _, e in sorted(out["groups"].items(), key=lambda kv: (kv[1]["method"] != "bridge", kv[0])):
         cells = []
         for metric in ROUGE:
             m = e.get(metric)
@@ -632,7 +632,8 @@ def render_page(
         "and fails on any difference). Percentages are ×100; CIs are 95 %; each table's notes say what is resampled.",
         "",
         *sections,
-        f"## Wall time per phase: the planner's prediction against the run\n\n{to_markdown(wall_block['header'], wall_block['rows'], wall_block['notes'])}",
+        "## Wall time per phase: the planner's prediction against the run\n",
+        to_markdown(wall_block["header"], wall_block["rows"], wall_block["notes"]),
     ]
     return "\n".join(lines)
 
@@ -647,20 +648,18 @@ def check(records: Path, published: Path, n_boot: int) -> list[str]:
         fresh = Path(tmp)
         if (published / "README.md").exists():
             (fresh / "README.md").write_text((published / "README.md").read_text())  # its hand-written summary
-        built = build(records, fresh, n_boot)
+        build(records, fresh, n_boot)
         for name in ("README.md", "paper.json"):
             old = (published / name).read_text() if (published / name).exists() else None
-            if old != (fresh / name).read_text():
-                problems.append(
-                    f"{published / name} differs from what {records} gives: {_first_diff(old, (fresh / name).read_text())}"
-                )
+            new = (fresh / name).read_text()
+            if old != new:
+                problems.append(f"{published / name} differs from what {records} gives: {_first_diff(old, new)}")
         for png in sorted(p.name for p in fresh.glob("*.png")):
             if not (published / png).exists():
                 problems.append(f"{published / png} is missing ({records} gives it)")
         for png in sorted(p.name for p in published.glob("*.png")):
             if not (fresh / png).exists():
                 problems.append(f"{published / png} is not a figure {records} gives")
-        del built
     return problems
 
 
