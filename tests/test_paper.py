@@ -248,7 +248,9 @@ def scontrol(job_id: str) -> dict:
 
 
 def dependencies(field: str) -> set[tuple[str, str]]:
-    """scontrol's ``afterany:48_0(unfulfilled),afterok:49(unfulfilled)`` as {(kind, job id)}."""
+    """scontrol's ``afterany:48_0(unfulfilled),afterok:49(unfulfilled)`` as {(kind, job id)}; ``(null)``: none."""
+    if field == "(null)":
+        return set()
     return {(kind, job.split("(")[0]) for kind, job in (d.split(":", 1) for d in field.split(","))}
 
 
@@ -280,14 +282,31 @@ def test_make_paper_slice_chains_every_phase_on_slurm_and_a_relaunch_queues_noth
     A gate job holds the node while the launch queues, so that no job finishes before the dependencies are
     read (a tiny P1 would otherwise end before P4 is queued, and P4 would need no dependency)."""
     outputs, out = tmp_path / "outputs", tmp_path / "paper"
+    already = repo_jobs()
+    try:
+        chain(outputs, out, tmp_path)
+    finally:  # a failure leaves no job of this test behind
+        left = repo_jobs() - already
+        if left:
+            subprocess.run(["scancel", *sorted(left)], check=False)
+
+
+def chain(outputs: Path, out: Path, tmp_path: Path) -> None:
     gate = subprocess.run(
-        ["sbatch", "--parsable", "--job-name=paper-test-gate", "--cpus-per-task=8", "--time=20", "--wrap=sleep 900"],
+        [
+            "sbatch",
+            "--parsable",
+            "--job-name=paper-test-gate",
+            "--cpus-per-task=8",
+            "--time=20",
+            f"--output={tmp_path}/gate-%j.out",
+            "--wrap=sleep 900",
+        ],
         capture_output=True,
         text=True,
         check=True,
         env=run_env(outputs),
     ).stdout.strip()
-    queued: list[str] = []
     try:
         deadline = time.time() + 120
         while scontrol(gate)["JobState"] != "RUNNING":
@@ -295,9 +314,7 @@ def test_make_paper_slice_chains_every_phase_on_slurm_and_a_relaunch_queues_noth
             time.sleep(1)
         proc = launch(tmp_path)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-        state = json.loads((outputs / "paper" / "launches.json").read_text())
-        (first,) = state["launches"]
-        queued = [j for ids in first["queued"].values() for j in ids] + [first["tables_job"]]
+        (first,) = json.loads((outputs / "paper" / "launches.json").read_text())["launches"]
         for phase in paper.PHASES:
             assert first["queued"][f"demo/{phase}"], (phase, first["queued"])
 
@@ -319,32 +336,29 @@ def test_make_paper_slice_chains_every_phase_on_slurm_and_a_relaunch_queues_noth
         assert every <= {job for _, job in waits}, (every - {job for _, job in waits}, tables["Dependency"])
     finally:
         subprocess.run(["scancel", gate], check=False)
-    try:
-        deadline = time.time() + 900
-        while time.time() < deadline and repo_jobs() & set(queued):
-            time.sleep(5)
-        assert not repo_jobs() & set(queued), "the plan did not end within 15 minutes"
-        log = next((outputs / "paper").glob("tables-*.log")).read_text()
-        assert "paper: " in log and "README.md from" in log, log[-3000:]
 
-        # every phase's records were copied, and the page is what they give
-        built = json.loads((out / "paper.json").read_text())
-        assert all(built["phases"][p]["records"] > 0 for p in paper.PHASES), built["phases"]
-        assert all(built["phases"][p]["records"] == built["phases"][p]["listed"] for p in paper.PHASES)
-        trained = {c["compression"]: c["bridge_trained"] for c in built["phases"]["p4_latency"]["cells"]}
-        assert trained == {4.0: False, 8.0: True}  # c8 read P1's checkpoint (bridge_checkpoint=auto)
-        assert paper.check(out / "records", out, n_boot_of(out)) == []
-        assert not list((out / "records").rglob("*.pt")) and not list((out / "records").rglob("checkpoints"))
+    queued = every | {first["tables_job"]}
+    deadline = time.time() + 900
+    while time.time() < deadline and repo_jobs() & queued:
+        time.sleep(5)
+    assert not repo_jobs() & queued, "the plan did not end within 15 minutes"
+    log = next((outputs / "paper").glob("tables-*.log")).read_text()
+    assert "README.md from" in log, log[-3000:]
 
-        # the same command again: everything is done, nothing is queued, no second tables job
-        before = repo_jobs()
-        again = launch(tmp_path)
-        assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-        assert "paper: queued 0 jobs" in again.stdout and "no tables job" in again.stdout, again.stdout[-3000:]
-        assert not repo_jobs() - before
-        second = json.loads((outputs / "paper" / "launches.json").read_text())["launches"][-1]
-        assert second["tables_job"] is None and not any(second["queued"].values())
-    finally:
-        left = [j for j in queued if j in repo_jobs()]
-        if left:
-            subprocess.run(["scancel", *left], check=False)
+    # every phase's records were copied, and the page is what they give
+    built = json.loads((out / "paper.json").read_text())
+    assert all(built["phases"][p]["records"] > 0 for p in paper.PHASES), built["phases"]
+    assert all(built["phases"][p]["records"] == built["phases"][p]["listed"] for p in paper.PHASES)
+    trained = {c["compression"]: c["bridge_trained"] for c in built["phases"]["p4_latency"]["cells"]}
+    assert trained == {4.0: False, 8.0: True}  # c8 read P1's checkpoint (bridge_checkpoint=auto)
+    assert paper.check(out / "records", out, n_boot_of(out)) == []
+    assert not list((out / "records").rglob("*.pt")) and not list((out / "records").rglob("checkpoints"))
+
+    # the same command again: everything is done, nothing is queued, no second tables job
+    before = repo_jobs()
+    again = launch(tmp_path)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "paper: queued 0 jobs" in again.stdout and "no tables job" in again.stdout, again.stdout[-3000:]
+    assert not repo_jobs() - before
+    second = json.loads((outputs / "paper" / "launches.json").read_text())["launches"][-1]
+    assert second["tables_job"] is None and not any(second["queued"].values())
