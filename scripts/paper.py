@@ -31,7 +31,9 @@ a tables job still pending gets the new jobs added to its dependency instead of 
 queued when ``<out>/records`` already holds every finished record. ``--dry-run`` plans and shows every
 phase's jobs (``+dry_run=true``) and queues nothing. ``--slice`` narrows every phase to one slice (one
 task and one seed, four latency cells: ``SLICE``) to check the chain in minutes; overrides after the
-options (``budget=tiny``, ``trainer.max_steps=10``) go to every phase.
+options (``budget=tiny``, ``trainer.max_steps=10``) go to every phase. At ``budget=tiny`` add
+``sender.layer=1``: the demo phases read the sender at block 15 (SmolLM2) or 9 (Gemma), which a 2-layer
+model does not have (``--slice budget=tiny sender.layer=1``: about 6 minutes here, tests/test_paper.py).
 """
 
 from __future__ import annotations
