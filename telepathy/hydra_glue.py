@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from telepathy import config as tconfig
-from telepathy import methods, tracking
+from telepathy import methods, results, tracking
 from telepathy.data import DataError, local_split
 from telepathy.fsutil import DISK_ERRNOS
 from telepathy.models import ModelNotAvailableError, stand_in_config, unavailable_message
@@ -262,11 +262,11 @@ def config_changes(cfg) -> str | None:
     groups = before.pop("hydra")["runtime"]["choices"]
     before = tracking.flat(OmegaConf.to_container(OmegaConf.create(before), resolve=True))
     after = tracking.flat(OmegaConf.to_container(cfg, resolve=True))
+    secrets = results.secret_values(before, after, list(hydra_cfg.overrides.task))
+    before, after = results.redact(before, secrets), results.redact(after, secrets)  # the log is no safer than a record
     chosen = {g: o for g, o in hydra_cfg.runtime.choices.items() if not g.startswith("hydra/") and groups.get(g) != o}
     changed = [k for k in after if before.get(k, "<absent>") != after[k]]
-    lines = [
-        f"config: {len(changed)} values differ from the defaults (all of it: {hydra_cfg.output_subdir}/config.yaml)"
-    ]
+    lines = [f"config: {len(changed)} values differ from the defaults (all of it: {results.HYDRA_DIR}/config.yaml)"]
     if chosen:
         lines.append("  groups: " + " ".join(f"{g}={o}" for g, o in sorted(chosen.items())))
     lines += [
