@@ -65,11 +65,20 @@ def user_errors():
 
 
 def check_phase_is_swept(cfg) -> None:
-    """``+phase=...`` is a sweep: without ``-m`` Hydra ignores its sweep and would run one job of it."""
+    """``+phase=...`` is a sweep: without ``-m`` Hydra ignores its sweep and would run one job of it,
+    unless the command line gives every swept key one value (``method=bridge task=sst2 seed=42``): then
+    it is that job, as a member of a packed SLURM job runs (``telepathy/cluster/packing.py``)."""
     phase = OmegaConf.select(cfg, "hydra.runtime.choices.phase", default=None)
     if phase is None or str(OmegaConf.select(cfg, "hydra.mode", default="")) != "RunMode.RUN":
         return
     params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+    given = {}
+    for override in OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []:
+        key, sep, value = str(override).lstrip("+~").partition("=")
+        if sep:
+            given[key] = value
+    if params and all(k in given and "," not in given[k] for k in params):
+        return  # narrowed to one job on the command line (a packed job's member is one): it runs as asked
     sweep = " ".join(f"{k}={v}" for k, v in params.items())
     raise tconfig.ConfigError(
         f"+phase={phase} is a sweep ({sweep or 'its jobs'}) and runs with -m; allowed: "

@@ -85,6 +85,17 @@ def test_a_failing_job_is_a_row_of_the_end_table_and_the_sweep_goes_on(outputs, 
     assert "1 of 2 jobs failed" in table
 
 
+def test_a_phase_narrowed_to_one_job_runs_without_multirun(outputs):
+    """A packed SLURM job runs each member as ``train.py +phase=... method=... task=... seed=...`` without -m
+    (before: the phase check rejected it, every member exited 1 and the job still ended COMPLETED)."""
+    proc = run_train(*TINY, "+phase=p1_seeds", "method=zeroshot", "task=sst2", "seed=42", outputs=outputs, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = results(outputs)
+    assert (record["method"], record["task"], record["seed"], record["status"]) == ("zeroshot", "sst2", 42, "completed")
+    partly = run_train(*TINY, "+phase=p1_seeds", "task=sst2", outputs=outputs, check=False)  # method, seed still swept
+    assert partly.returncode == 1 and "+phase=p1_seeds is a sweep" in partly.stderr
+
+
 def test_an_added_key_no_config_or_code_reads_fails_in_one_line_naming_the_closest_key(outputs):
     # before: Hydra's hint for `trainer.lrr=1` is `+trainer.lrr=1`, which then ran, the key a no-op, with a new run id
     _fails_in_one_line(
