@@ -77,7 +77,7 @@ def check_phase_is_swept(cfg) -> None:
         key, sep, value = str(override).lstrip("+~").partition("=")
         if sep:
             given[key] = value
-    if params and all(k in given and "," not in given[k] for k in params):
+    if params and all("," not in given.get(str(k).lstrip("+~"), ",") for k in params):
         return  # narrowed to one job on the command line (a packed job's member is one): it runs as asked
     sweep = " ".join(f"{k}={v}" for k, v in params.items())
     raise tconfig.ConfigError(

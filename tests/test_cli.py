@@ -94,6 +94,8 @@ def test_a_phase_narrowed_to_one_job_runs_without_multirun(outputs):
     assert (record["method"], record["task"], record["seed"], record["status"]) == ("zeroshot", "sst2", 42, "completed")
     partly = run_train(*TINY, "+phase=p1_seeds", "task=sst2", outputs=outputs, check=False)  # method, seed still swept
     assert partly.returncode == 1 and "+phase=p1_seeds is a sweep" in partly.stderr
+    appended = run_train(*TINY, "+phase=p6_ablations", "+pair=small", "seed=42", outputs=outputs, check=False)
+    assert appended.returncode == 0, appended.stderr[-3000:]  # a swept key that adds a group: +pair
 
 
 def test_an_added_key_no_config_or_code_reads_fails_in_one_line_naming_the_closest_key(outputs):
