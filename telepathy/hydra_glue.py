@@ -72,12 +72,13 @@ def check_phase_is_swept(cfg) -> None:
     if phase is None or str(OmegaConf.select(cfg, "hydra.mode", default="")) != "RunMode.RUN":
         return
     params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
-    given = {}
-    for override in OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []:
-        key, sep, value = str(override).lstrip("+~").partition("=")
-        if sep:
-            given[key] = value
-    if params and all("," not in given.get(str(k).lstrip("+~"), ",") for k in params):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    typed = [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []]
+    given = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(typed) if not o.is_delete()}
+    if params and all(
+        k.lstrip("+~") in given and not given[k.lstrip("+~")].is_sweep_override() for k in map(str, params)
+    ):
         return  # narrowed to one job on the command line (a packed job's member is one): it runs as asked
     sweep = " ".join(f"{k}={v}" for k, v in params.items())
     raise tconfig.ConfigError(
