@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from telepathy.cluster import costs
-from telepathy.results import write_json
+from telepathy.results import RESULT_FILE, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 # a short demo budget; cache off: every run computes its sender features, so "prep" is measured, not a cache read
@@ -42,7 +42,7 @@ def run(overrides: list[str], out: Path) -> dict:
     proc = subprocess.run([sys.executable, "train.py", *overrides], cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"train.py {' '.join(overrides)} failed:\n{proc.stderr[-3000:]}")
-    found = sorted((out / "runs").glob("*/result.json"), key=lambda p: p.stat().st_mtime)
+    found = sorted((out / "runs").glob(f"*/{RESULT_FILE}"), key=lambda p: p.stat().st_mtime)
     return json.loads(found[-1].read_text())
 
 

@@ -17,9 +17,9 @@ run learns (issue 20: CI's AMD EPYC with AVX-512 collapsed where an AVX2 machine
 - ``--micro``: the per-device batch (the effective batch, ``trainer.batch_size``, is kept by
   gradient accumulation: ``resources.max_per_device``), as a smaller GPU would split it.
 
-A run *collapsed* when its readout answers a single class or its accuracy is below the test
-split's majority rate + ``--margin`` (the floor of docs/results.md; the record's
-``majority_accuracy`` scores the training split's majority label, a lower bar). Runs of one
+A run *collapsed* (did not learn) when its readout answers a single class or its accuracy is below
+the test split's majority rate (the record's ``majority_accuracy``) + ``--margin`` (the floor of
+docs/results.md). Runs of one
 thread go ``cores`` at a time, runs of two threads half as many (two 2-thread runs on 2 cores
 spin-wait each other); completed runs are skipped by train.py, so an interrupted table resumes.
 Output: the table on stdout and ``<out>/robustness.json``.
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_BUDGET = [
     "task.train_samples=480",
     "task.test_samples=120",
-    "trainer.max_steps=60",
+    "trainer.max_steps=120",
     "trainer.lr=1e-3",
     "trainer.eval_every=0",
     "eval.receiver_zeroshot=false",

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from telepathy import config as tconfig
-from telepathy import methods, tracking
+from telepathy import methods, results, tracking
 from telepathy.data import DataError, local_split
 from telepathy.fsutil import DISK_ERRNOS
 from telepathy.models import ModelNotAvailableError, stand_in_config, unavailable_message
@@ -65,11 +65,21 @@ def user_errors():
 
 
 def check_phase_is_swept(cfg) -> None:
-    """``+phase=...`` is a sweep: without ``-m`` Hydra ignores its sweep and would run one job of it."""
+    """``+phase=...`` is a sweep: without ``-m`` Hydra ignores its sweep and would run one job of it,
+    unless the command line gives every swept key one value (``method=bridge task=sst2 seed=42``): then
+    it is that job, as a member of a packed SLURM job runs (``telepathy/cluster/packing.py``)."""
     phase = OmegaConf.select(cfg, "hydra.runtime.choices.phase", default=None)
     if phase is None or str(OmegaConf.select(cfg, "hydra.mode", default="")) != "RunMode.RUN":
         return
     params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    typed = [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.task", default=None) or []]
+    given = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(typed) if not o.is_delete()}
+    if params and all(
+        k.lstrip("+~") in given and not given[k.lstrip("+~")].is_sweep_override() for k in map(str, params)
+    ):
+        return  # narrowed to one job on the command line (a packed job's member is one): it runs as asked
     sweep = " ".join(f"{k}={v}" for k, v in params.items())
     raise tconfig.ConfigError(
         f"+phase={phase} is a sweep ({sweep or 'its jobs'}) and runs with -m; allowed: "
@@ -262,11 +272,11 @@ def config_changes(cfg) -> str | None:
     groups = before.pop("hydra")["runtime"]["choices"]
     before = tracking.flat(OmegaConf.to_container(OmegaConf.create(before), resolve=True))
     after = tracking.flat(OmegaConf.to_container(cfg, resolve=True))
+    secrets = results.secret_values(before, after, list(hydra_cfg.overrides.task))
+    before, after = results.redact(before, secrets), results.redact(after, secrets)  # the log is no safer than a record
     chosen = {g: o for g, o in hydra_cfg.runtime.choices.items() if not g.startswith("hydra/") and groups.get(g) != o}
     changed = [k for k in after if before.get(k, "<absent>") != after[k]]
-    lines = [
-        f"config: {len(changed)} values differ from the defaults (all of it: {hydra_cfg.output_subdir}/config.yaml)"
-    ]
+    lines = [f"config: {len(changed)} values differ from the defaults (all of it: {results.HYDRA_DIR}/config.yaml)"]
     if chosen:
         lines.append("  groups: " + " ".join(f"{g}={o}" for g, o in sorted(chosen.items())))
     lines += [

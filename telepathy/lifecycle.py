@@ -33,6 +33,7 @@ from telepathy.models import placement
 from telepathy.resources import batch_plan
 from telepathy.results import (
     FLAGS,
+    HYDRA_DIR,
     LOG_FILE,
     PREDICTIONS_FILE,
     RESULT_FILE,
@@ -162,9 +163,6 @@ def main(cfg: DictConfig) -> dict | None:
     with runlock.hold(run_dir, float(OmegaConf.select(cfg, "run.heartbeat_s", default=30))) as lease:
         _save_hydra_config(cfg, run_dir)
         return _run(cfg, run_dir, lease)
-
-
-HYDRA_DIR = ".hydra"
 
 
 def _save_hydra_config(cfg: DictConfig, run_dir: Path) -> None:

@@ -33,6 +33,7 @@ SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 LOG_FILE = "log.jsonl"
+HYDRA_DIR = ".hydra"  # the run's config.yaml, hydra.yaml, overrides.yaml (secrets redacted: telepathy/lifecycle.py)
 # what a run's record may say about it (telepathy/lifecycle.py); readers add "missing" and "malformed"
 STATUSES = ("completed", "running", "failed", "interrupted")
 # the identity block: what makes two runs the same experiment (up to the seed); None = not used

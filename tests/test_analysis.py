@@ -588,22 +588,15 @@ def test_settings_of_one_method_are_compared_with_a_named_reference(tmp_path):
     """Issue 21 §5: two learning rates of the bridge are a paired comparison, not two rows only."""
     high, low = [1] * 16 + [0] * 4, [1] * 10 + [0] * 10
     for seed in (0, 1, 2):
-        write_run(
-            tmp_path,
-            seed=seed,
-            correct=high,
-            metrics={"accuracy": 0.8},
-            config_extra={"trainer": {"lr": 1e-3}},
-            name=f"hi-{seed}",
-        )
-        write_run(
-            tmp_path,
-            seed=seed,
-            correct=low,
-            metrics={"accuracy": 0.5},
-            config_extra={"trainer": {"lr": 2e-4}},
-            name=f"lo-{seed}",
-        )
+        for name, correct, acc, lr in (("hi", high, 0.8, 1e-3), ("lo", low, 0.5, 2e-4)):
+            write_run(
+                tmp_path,
+                seed=seed,
+                correct=correct,
+                metrics={"accuracy": acc},
+                config_extra={"trainer": {"lr": lr}},
+                name=f"{name}-{seed}",
+            )
     runs = analysis.load_runs(tmp_path)
     preds, summary = analysis.load_predictions(runs), analysis.summarise(runs)
     named = analysis.compare_settings(runs, preds, summary, reference={"trainer.lr": "0.0002"}, n_boot=500)

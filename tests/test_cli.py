@@ -77,9 +77,25 @@ def test_a_failing_job_is_a_row_of_the_end_table_and_the_sweep_goes_on(outputs, 
     assert (trec["status"], sst2["status"]) == ("failed", "completed")
     table = proc.stdout[proc.stdout.index("multirun summary (2 jobs)") :]
     assert "(1 completed, 1 failed)" in table
-    assert re.search(rf"failed .* {trec['run_id']}  DataError: {root}/trec/test", table), table  # the error, cut at 80
+    failed = re.search(rf"failed .* {trec['run_id']}  (DataError: \S+)", table)  # the error, cut at 80 characters
+    expected, shown = f"DataError: {root}/trec/test", failed and failed.group(1)
+    assert shown and len(shown) > len("DataError: "), table
+    assert shown.startswith(expected) or expected.startswith(shown), table
     assert re.search(rf"completed .* {sst2['run_id']}  accuracy=", table), table
     assert "1 of 2 jobs failed" in table
+
+
+def test_a_phase_narrowed_to_one_job_runs_without_multirun(outputs):
+    """A packed SLURM job runs each member as ``train.py +phase=... method=... task=... seed=...`` without -m
+    (before: the phase check rejected it, every member exited 1 and the job still ended COMPLETED)."""
+    proc = run_train(*TINY, "+phase=p1_seeds", "method=zeroshot", "task=sst2", "seed=42", outputs=outputs, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = results(outputs)
+    assert (record["method"], record["task"], record["seed"], record["status"]) == ("zeroshot", "sst2", 42, "completed")
+    partly = run_train(*TINY, "+phase=p1_seeds", "task=sst2", outputs=outputs, check=False)  # method, seed still swept
+    assert partly.returncode == 1 and "+phase=p1_seeds is a sweep" in partly.stderr
+    appended = run_train(*TINY, "+phase=p6_ablations", "+pair=small", "seed=42", outputs=outputs, check=False)
+    assert appended.returncode == 0, appended.stderr[-3000:]  # a swept key that adds a group: +pair
 
 
 def test_an_added_key_no_config_or_code_reads_fails_in_one_line_naming_the_closest_key(outputs):
@@ -96,7 +112,8 @@ def test_a_phase_without_multirun_fails_in_one_line_instead_of_running_one_job(o
     _fails_in_one_line(
         run_train(*TINY, "+phase=p1_seeds", outputs=outputs, check=False),
         outputs,
-        "+phase=p1_seeds is a sweep (method=bridge,zeroshot,zeroshot_sender task=sst2,agnews,trec seed=42,123,456)",
+        "+phase=p1_seeds is a sweep (method=bridge,zeroshot,zeroshot_sender,zeroshot_calibrated "
+        "task=sst2,agnews,trec seed=42,123,456)",
         "allowed: python train.py -m +phase=p1_seeds",
     )
 

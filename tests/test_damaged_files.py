@@ -345,7 +345,9 @@ def test_every_reader_of_a_record_names_a_non_utf8_result_json(tmp_path):
     plan = {"cluster": {"window_h": 1}, "jobs": [{"job": "j", "phase": "p", "run_dir": str(run), "start_s": 0}]}
     report = checklist.compare({**plan, "jobs": [{**plan["jobs"][0], "predicted_s": 1, "gpus": 1}]}, [])
     assert report["jobs"][0]["status"] == "malformed"
-    assert dict((name, ok) for name, ok, _ in report["checklist"])["valid JSON from every experiment"] is False
+    from telepathy.analysis.report import SUCCESS_CHECKS
+
+    assert dict((name, ok) for name, ok, _ in report["checklist"])[SUCCESS_CHECKS["valid"]] is False
     with pytest.warns(UserWarning, match="not UTF-8"):
         runs = analysis.load_runs(tmp_path / "out" / "runs")
     assert runs["status"].tolist() == ["malformed"] and runs["error.message"][0].startswith(where)

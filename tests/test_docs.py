@@ -24,6 +24,7 @@ that start with ``python``. What each kind gets, and why:
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 
@@ -173,6 +174,12 @@ def test_make_demo_passes_args_to_train_py():
     import subprocess
 
     proc = subprocess.run(
-        ["make", "-n", "demo", "ARGS=budget=tiny seed=1"], cwd=REPO, capture_output=True, text=True, timeout=60
+        ["make", "--no-print-directory", "-n", "demo", "ARGS=budget=tiny seed=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        # as a user types it, not under `make test` (whose MAKELEVEL makes make print its directory)
+        env={k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")},
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("train.py budget=tiny seed=1"), proc.stdout

@@ -142,11 +142,13 @@ def test_plan_cli_plans_a_phase_slice_on_the_cpu(tmp_path):
         "p1_seeds: method=bridge task=trec seed=42",
         "p1_seeds: method=zeroshot task=trec seed=42",
         "p1_seeds: method=zeroshot_sender task=trec seed=42",  # P1 scores both models zero-shot
+        "p1_seeds: method=zeroshot_calibrated task=trec seed=42",  # and the receiver calibrated
     ]
     # a run two phases share is planned and costed once, in the first; the other lists it as shared
     assert [(s["job"], s["shared_with"]) for s in plan["shared"]] == [
         ("p3_baselines: method=bridge task=trec", "p1_seeds"),
         ("p3_baselines: method=zeroshot task=trec", "p1_seeds"),
+        ("p3_baselines: method=zeroshot_calibrated task=trec", "p1_seeds"),
     ]
     assert not {s["run_dir"] for s in plan["shared"]} & {j["run_dir"] for j in plan["jobs"] if j["phase"] != "p1_seeds"}
     assert "shared: p3_baselines: method=bridge task=trec is planned and costed in p1_seeds" in proc.stdout

@@ -313,6 +313,27 @@ def _matches(a: dict, b: dict) -> bool:
     return a["task"] == b["task"]
 
 
+def _paired_row(g: dict, base: dict, members, predictions, value_col, n_boot, confidence, seed) -> dict:
+    """One row of a comparison table: experiment ``g`` (its columns), ``base`` as ``baseline.*`` and
+    ``paired_comparison`` of the two on the items both have."""
+    row = {
+        **{k: g[k] for k in EXPERIMENT_KEYS},
+        "differs": g["differs"],
+        **{f"baseline.{k}": base[k] for k in EXPERIMENT_KEYS + ["differs"] if k != "task"},
+    }
+    a = _strata(members[_group_key(g)], predictions, value_col)
+    b = _strata(members[_group_key(base)], predictions, value_col)
+    return {**row, **paired_comparison(a, b, value_col == "correct", n_boot, confidence, seed)}
+
+
+def _with_holm(rows: list[dict]) -> pd.DataFrame:
+    """The rows as a table, with Holm's correction over all of them (``p_holm``)."""
+    df = pd.DataFrame(rows)
+    if len(df):
+        df["p_holm"] = holm(df["p"].to_numpy())
+    return df
+
+
 def compare_to_baseline(
     runs: pd.DataFrame,
     predictions: pd.DataFrame | None,
@@ -344,19 +365,8 @@ def compare_to_baseline(
         for base in groups:
             if base["method"] != baseline_method or not _matches(g, base):
                 continue
-            row = {
-                **{k: g[k] for k in EXPERIMENT_KEYS},
-                "differs": g["differs"],
-                **{f"baseline.{k}": base[k] for k in EXPERIMENT_KEYS + ["differs"] if k not in ("task",)},
-            }
-            a = _strata(members[_group_key(g)], predictions, value_col)
-            b = _strata(members[_group_key(base)], predictions, value_col)
-            row.update(paired_comparison(a, b, value_col == "correct", n_boot, confidence, seed))
-            rows.append(row)
-    df = pd.DataFrame(rows)
-    if len(df):
-        df["p_holm"] = holm(df["p"].to_numpy())
-    return df
+            rows.append(_paired_row(g, base, members, predictions, value_col, n_boot, confidence, seed))
+    return _with_holm(rows)
 
 
 def sender_controls(
@@ -430,20 +440,9 @@ def compare_settings(
         for g in same:
             if g is ref:
                 continue
-            row = {
-                **{k: g[k] for k in EXPERIMENT_KEYS},
-                "differs": g["differs"],
-                **{f"baseline.{k}": ref[k] for k in EXPERIMENT_KEYS + ["differs"] if k != "task"},
-                "reference_named": bool(matching),
-            }
-            a = _strata(members[_group_key(g)], predictions, value_col)
-            b = _strata(members[_group_key(ref)], predictions, value_col)
-            row.update(paired_comparison(a, b, value_col == "correct", n_boot, confidence, seed))
-            rows.append(row)
-    df = pd.DataFrame(rows)
-    if len(df):
-        df["p_holm"] = holm(df["p"].to_numpy())
-    return df
+            row = _paired_row(g, ref, members, predictions, value_col, n_boot, confidence, seed)
+            rows.append({**row, "reference_named": bool(matching)})
+    return _with_holm(rows)
 
 
 def compare_to_reference(
@@ -473,16 +472,5 @@ def compare_to_reference(
         for g in groups:
             if g is ref or g["task"] != ref["task"] or g["method"] != ref["method"]:
                 continue
-            row = {
-                **{k: g[k] for k in EXPERIMENT_KEYS},
-                "differs": g["differs"],
-                **{f"baseline.{k}": ref[k] for k in EXPERIMENT_KEYS + ["differs"] if k != "task"},
-            }
-            a = _strata(members[_group_key(g)], predictions, value_col)
-            b = _strata(members[_group_key(ref)], predictions, value_col)
-            row.update(paired_comparison(a, b, value_col == "correct", n_boot, confidence, seed))
-            rows.append(row)
-    df = pd.DataFrame(rows)
-    if len(df):
-        df["p_holm"] = holm(df["p"].to_numpy())
-    return df
+            rows.append(_paired_row(g, ref, members, predictions, value_col, n_boot, confidence, seed))
+    return _with_holm(rows)
