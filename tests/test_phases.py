@@ -35,7 +35,12 @@ def grid(phase: str, app: str = "train") -> dict[str, list[str]]:
     """The phase's sweep: {key: [values]} as the sweeper reads ``hydra.sweeper.params``."""
     params = _compose(app, [f"+phase={phase}"], hydra=True).hydra.sweeper.params or {}
     parser = OverridesParser.create()
-    return {k: list(parser.parse_override(f"{k}={v}").sweep_string_iterator()) for k, v in params.items()}
+    parsed = {k: parser.parse_override(f"{k}={v}") for k, v in params.items()}
+    # a single value (a scale narrowing the paper phase's sweep to one task) is a sweep of one
+    return {
+        k: list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for k, o in parsed.items()
+    }
 
 
 def jobs(phase: str, *narrow: str, app: str = "train") -> list:

@@ -322,7 +322,7 @@ def phase_jobs(
     also P3's): such a run is planned, and costs, once, in the phase that plans it first; this
     phase lists it in ``shared`` (``shared_with`` that phase)."""
     from telepathy import resources
-    from telepathy.cluster import costs
+    from telepathy.cluster import costs, sweep
     from telepathy.config import run_dir
     from telepathy.methods import validate
     from telepathy.results import read_result
@@ -351,6 +351,22 @@ def phase_jobs(
                 done += 1
                 continue
             seen[rdir] = phase
+            # a deterministic method's other seeds: the launcher queues one job and copies its record
+            # (cluster.sweep.share_deterministic), so the plan costs it once too
+            key = sweep._share_key(cfg)
+            if key is not None and f"deterministic:{key}" in seen:
+                if shared is not None:
+                    shared.append(
+                        {
+                            "job": f"{phase}: {name}",
+                            "phase": phase,
+                            "run_dir": rdir,
+                            "shared_with": seen[f"deterministic:{key}"],
+                        }
+                    )
+                continue
+            if key is not None:
+                seen[f"deterministic:{key}"] = phase
         stats = costs.token_stats(cfg)
         pred = costs.predict(cfg, device, cal, stats)
         low, high = (costs.predict(cfg, device, cal, stats, scenario=x).total_s for x in ("low", "high"))
