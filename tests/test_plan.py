@@ -158,6 +158,29 @@ def test_plan_cli_plans_a_phase_slice_on_the_cpu(tmp_path):
     assert "verdict: FITS" in proc.stdout and "on defaults only" in proc.stdout
 
 
+def test_a_deterministic_methods_seeds_are_costed_once_as_the_launcher_queues_them(tmp_path):
+    """The launcher queues one zero-shot job for all seeds (cluster.sweep.share_deterministic) and copies
+    its record to the others; the plan used to cost every seed (the demo paper's P1: 18 zero-shot jobs
+    predicted, 6 queued)."""
+    args = [sys.executable, "-m", "telepathy", "plan", "+phase=p1_seeds", "budget=tiny", "task=trec"]
+    args += ["seed=42,123,456", "cluster.device=cpu", "cluster.gpus=2", "--out", str(tmp_path / "plan")]
+    proc = subprocess.run(args, cwd=REPO, env=run_env(tmp_path / "out"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    costed = sorted(j["job"].split(": ")[1] for j in plan["jobs"])
+    assert costed == sorted(
+        [f"method=bridge task=trec seed={s}" for s in (42, 123, 456)]
+        + [f"method={m} task=trec seed=42" for m in ("zeroshot", "zeroshot_sender", "zeroshot_calibrated")]
+    )
+    shared = sorted((s["job"].split(": ")[1], s["shared_with"]) for s in plan["shared"])
+    assert shared == sorted(
+        (f"method={m} task=trec seed={s}", "p1_seeds")
+        for m in ("zeroshot", "zeroshot_sender", "zeroshot_calibrated")
+        for s in (123, 456)
+    )
+    assert len({s["run_dir"] for s in plan["shared"]}) == 6  # each seed keeps its own run dir (its copied record)
+
+
 def test_plan_cli_rejects_a_bad_cluster_value_in_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "telepathy", "plan", "+phase=p1_seeds", "cluster.gpus=0"],
