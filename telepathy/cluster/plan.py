@@ -293,16 +293,20 @@ def _compose(config_name: str, overrides: list[str], hydra_cfg: bool = False):
 
 def expand(phase: str, config_name: str, overrides: list[str]) -> tuple[list[list[str]], set[str]]:
     """The job override lists of ``train.py -m +phase=<phase> <overrides>`` (command line wins),
-    and the keys the sweep varies (the phase's parameters and any comma list of the command line)."""
+    and the keys the sweep varies (the phase's parameters and any comma list of the command line).
+
+    In the order Hydra's basic sweeper gives a launched job: the phase's parameters first, then the
+    command line (``+phase=...`` among it), so a job composes here as it will run. The order matters
+    where both add config: a swept ``+pair=...`` is merged before the phase, whose own values win."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     base = _compose(config_name, [f"+phase={phase}"], hydra_cfg=True)
     params = {str(k): str(v) for k, v in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()}
     user = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
-    sweep = [f"{k}={v}" for k, v in params.items() if k not in user] + list(overrides)
+    sweep = [f"{k}={v}" for k, v in params.items()] + [f"+phase={phase}", *overrides]
     parsed = OverridesParser.create().parse_overrides(sweep)
-    keys = set(params) | {k for k, o in user.items() if "," in o}
+    keys = {k.lstrip("+~") for k in params} | {k for k, o in user.items() if "," in o}
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch], keys
 
 
@@ -331,7 +335,7 @@ def phase_jobs(
     jobs, rows, done = [], [], 0
     job_list, keys = expand(phase, app, overrides)
     for job_overrides in job_list:
-        cfg = _compose(app, [f"+phase={phase}", *job_overrides])
+        cfg = _compose(app, job_overrides)
         params = tuple(
             (k.lstrip("+~"), v)
             for k, v in (o.split("=", 1) for o in job_overrides if "=" in o)
