@@ -6,12 +6,17 @@
 # make demo    python train.py: the offline demo run (ARGS="budget=tiny seed=1": its overrides)
 # make lint    ruff: lint and format check (pyproject.toml [tool.ruff]); make format applies both
 # make rehearsal  all six phases, narrowed, at budget=tiny on the SLURM cluster of SLURM_CONF, then aggregate
+# make paper   the paper: all six phases at SCALE (demo: the demo pair, conf/phase/demo/) on the SLURM cluster
+#              of SLURM_CONF, chained by SLURM dependencies, then the tables and figures in docs/paper
+#              (scripts/paper.py; ARGS="--slice budget=tiny sender.layer=1": a minutes-long check of the chain)
 PYTHON ?= python
 export TELEPATHY_DATA ?= $(abspath ../shared/data)
 # parallel test processes: 2 overlaps one test's subprocess start-up and SLURM polling with another's compute
 TEST_WORKERS ?= 2
+# make paper's scale: conf/phase/<SCALE>/ (scripts/paper.py SCALES)
+SCALE ?= demo
 
-.PHONY: setup lock test test-fast lint format demo rehearsal slurm-up slurm-down
+.PHONY: setup lock test test-fast lint format demo rehearsal paper slurm-up slurm-down
 
 setup:
 	# torch first, pinned: its CPU wheel is on local disk here; an unpinned torch pulls a CUDA build
@@ -49,6 +54,9 @@ demo:
 
 rehearsal:
 	$(PYTHON) scripts/rehearsal.py
+
+paper:
+	$(PYTHON) scripts/paper.py --scale $(SCALE) $(ARGS)
 
 slurm-up:
 	bash scripts/slurm/up.sh

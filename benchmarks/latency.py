@@ -250,6 +250,7 @@ def measure(run, warmup: list[Example], timed: list[Example], batch_size: int, d
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
+    started_at, t0 = now(), time.perf_counter()
     validate_latency(cfg)
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     devices = placement(cfg)
@@ -323,6 +324,7 @@ def main(cfg: DictConfig) -> dict:
                 metrics=results[name],
                 latency=info,
                 env=environment(device=str(devices["receiver"])),
+                timing={"started_at": started_at, "total_s": time.perf_counter() - t0},  # the whole job, every path
                 finished_at=now(),
             ),
         )

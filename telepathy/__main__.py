@@ -5,6 +5,7 @@
     control    hold, release or cancel a phase's SLURM jobs             telepathy/cluster/control.py
     aggregate  tables with CIs, paired tests and plots of finished runs telepathy/analysis/aggregate.py
     report     a phase's completion, GPU-hours, memory and checks       telepathy/analysis/report.py
+    paper      the paper's tables and figures from stored records       telepathy/analysis/paper.py
 
 ``python -m telepathy <command> --help`` shows a command's options; installed (``make setup``),
 ``telepathy <command>`` is the same (``[project.scripts]`` in pyproject.toml points here).
@@ -23,6 +24,7 @@ COMMANDS = {
     "control": "telepathy.cluster.control",
     "aggregate": "telepathy.analysis.aggregate",
     "report": "telepathy.analysis.report",
+    "paper": "telepathy.analysis.paper",
 }
 USAGE = "usage: python -m telepathy {" + ",".join(COMMANDS) + "} [args]\n\n" + __doc__.split("\n\n")[1]
 

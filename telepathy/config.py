@@ -32,8 +32,10 @@ class ConfigError(ValueError):
 
 
 def group_options(group: str) -> list[str]:
-    """The option names of a config group, read from ``conf/<group>/*.yaml``."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """The option names of a config group, read from ``conf/<group>/**/*.yaml``: a file in a subfolder is
+    the option ``<subfolder>/<name>`` (``+phase=demo/p1_seeds``, a paper phase at the demo scale)."""
+    folder = CONF_DIR / group
+    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
 
 
 def _fail(key: str, value, allowed) -> None:

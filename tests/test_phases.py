@@ -35,7 +35,12 @@ def grid(phase: str, app: str = "train") -> dict[str, list[str]]:
     """The phase's sweep: {key: [values]} as the sweeper reads ``hydra.sweeper.params``."""
     params = _compose(app, [f"+phase={phase}"], hydra=True).hydra.sweeper.params or {}
     parser = OverridesParser.create()
-    return {k: list(parser.parse_override(f"{k}={v}").sweep_string_iterator()) for k, v in params.items()}
+    parsed = {k: parser.parse_override(f"{k}={v}") for k, v in params.items()}
+    # a single value (a scale narrowing the paper phase's sweep to one task) is a sweep of one
+    return {
+        k: list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        for k, o in parsed.items()
+    }
 
 
 def jobs(phase: str, *narrow: str, app: str = "train") -> list:
@@ -231,16 +236,24 @@ def test_a_run_too_big_even_at_batch_1_stops_with_the_estimate():
 
 # which app runs each phase file: benchmarks/latency.py for P4, train.py for the rest
 PHASE_APPS = {"p4_latency": "latency"}
+# every phase file, the paper's (p1_seeds) and those of another scale (demo/p1_seeds: `make paper SCALE=demo`)
+PHASE_FILES = sorted(
+    p.relative_to(REPO / "conf" / "phase").with_suffix("").as_posix() for p in (REPO / "conf" / "phase").rglob("*.yaml")
+)
+# what a scale's phases launch with (scripts/paper.py SCALES): its cluster config, whose gpu_mem_gb a job must fit
+SCALE_CLUSTER = {"demo": ("cluster=paper_demo", "smollm2_135m")}
 
 
-@pytest.mark.parametrize("phase", sorted(p.stem for p in (REPO / "conf" / "phase").glob("*.yaml")))
+@pytest.mark.parametrize("phase", PHASE_FILES)
 def test_every_job_of_every_phase_passes_the_checks_a_launch_runs_first(phase):
     # the in-process dry run of `-m +phase=<phase>`: every job of the full sweep composes, passes
     # the validation that runs before a run dir exists (train.py) and gets a cluster request
-    app = PHASE_APPS.get(phase, "train")
+    scale, _, base = phase.rpartition("/")
+    cluster, sender = SCALE_CLUSTER[scale] if scale else (None, PAPER_PAIR[0])
+    app = PHASE_APPS.get(base, "train")
     seeds = grid(phase, app).get("seed")
     # one seed of each: the seed selects no config group, so the others compose the same (seconds saved)
-    every = jobs(phase, *([f"seed={seeds[0]}"] if seeds else []), app=app)
+    every = jobs(phase, *([f"seed={seeds[0]}"] if seeds else []), *([cluster] if cluster else []), app=app)
     assert every, phase
     for cfg in every:
         if app == "train":
@@ -251,4 +264,4 @@ def test_every_job_of_every_phase_passes_the_checks_a_launch_runs_first(phase):
             from telepathy.config import validate_latency
 
             validate_latency(cfg)
-            assert cfg.bridge_checkpoint == "auto" and cfg.sender.name == PAPER_PAIR[0]
+            assert cfg.bridge_checkpoint == "auto" and cfg.sender.name == sender

@@ -4,6 +4,7 @@ import itertools
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -156,6 +157,55 @@ def test_plan_cli_plans_a_phase_slice_on_the_cpu(tmp_path):
     assert (tmp_path / "plan" / "gantt.png").stat().st_size > 0
     assert "| GPU |" in (tmp_path / "plan" / "gantt.md").read_text()
     assert "verdict: FITS" in proc.stdout and "on defaults only" in proc.stdout
+
+
+def test_a_deterministic_methods_seeds_are_costed_once_as_the_launcher_queues_them(tmp_path):
+    """The launcher queues one zero-shot job for all seeds (cluster.sweep.share_deterministic) and copies
+    its record to the others; the plan used to cost every seed (the demo paper's P1: 18 zero-shot jobs
+    predicted, 6 queued)."""
+    args = [sys.executable, "-m", "telepathy", "plan", "+phase=p1_seeds", "budget=tiny", "task=trec"]
+    args += ["seed=42,123,456", "cluster.device=cpu", "cluster.gpus=2", "--out", str(tmp_path / "plan")]
+    proc = subprocess.run(args, cwd=REPO, env=run_env(tmp_path / "out"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    costed = sorted(j["job"].split(": ")[1] for j in plan["jobs"])
+    assert costed == sorted(
+        [f"method=bridge task=trec seed={s}" for s in (42, 123, 456)]
+        + [f"method={m} task=trec seed=42" for m in ("zeroshot", "zeroshot_sender", "zeroshot_calibrated")]
+    )
+    shared = sorted((s["job"].split(": ")[1], s["shared_with"]) for s in plan["shared"])
+    assert shared == sorted(
+        (f"method={m} task=trec seed={s}", "p1_seeds")
+        for m in ("zeroshot", "zeroshot_sender", "zeroshot_calibrated")
+        for s in (123, 456)
+    )
+    assert len({s["run_dir"] for s in plan["shared"]}) == 6  # each seed keeps its own run dir (its copied record)
+
+
+@needs_data
+def test_the_plan_composes_each_job_in_the_order_hydras_sweeper_launches_it(tmp_path):
+    """Hydra's basic sweeper puts the phase's parameters before the command line: a job of
+    ``-m +phase=demo/p6_ablations`` runs as ``+pair=<pair> seed=<s> +phase=demo/p6_ablations``, so the
+    phase's own ``sender.layer`` wins over a pair file's. The plan composed ``+phase`` first: it predicted
+    the demo paper's SmolLM2 → Gemma P6 runs as P1's (block 15, shared, not costed) while the launch
+    ran them at the phase's layer, as runs of their own."""
+    from telepathy.config import run_dir
+
+    args = [sys.executable, "-m", "telepathy", "plan", "+phase=demo/p1_seeds,demo/p6_ablations", "seed=42"]
+    args += ["cluster=paper_demo", "--out", str(tmp_path / "plan")]
+    proc = subprocess.run(args, cwd=REPO, env=run_env(tmp_path / "out"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    planned = {Path(r["run_dir"]).name for r in [*plan["jobs"], *plan["shared"]] if r["phase"] == "demo/p6_ablations"}
+    from omegaconf import OmegaConf
+
+    pairs = OmegaConf.load(REPO / "conf/phase/demo/p6_ablations.yaml").hydra.sweeper.params["+pair"].split(",")
+    launched = {run_dir(compose(f"+pair={p}", "seed=42", "+phase=demo/p6_ablations")).name for p in pairs}
+    assert planned == launched
+    # and every job is named by what its phase sweeps, the pair included
+    assert sorted(r["job"] for r in plan["jobs"] if r["phase"] == "demo/p6_ablations") == sorted(
+        f"demo/p6_ablations: pair={p} seed=42" for p in pairs
+    )
 
 
 def test_plan_cli_rejects_a_bad_cluster_value_in_one_line(tmp_path):

@@ -3,9 +3,10 @@
     runs       find run dirs, load result.json / predictions / logs into DataFrames
     summarise  one row per experiment (mean and CI across seeds), paired comparisons
     tables     Markdown / LaTeX tables, JSON-safe values
-    plots      accuracy vs compression, training curves, latency
+    plots      accuracy vs compression, training curves, latency, probes by layer, latency heat map
     aggregate  ``python -m telepathy aggregate``: summary.json / .md / .tex and plots of a sweep
     report     ``python -m telepathy report``: a phase's resources, GPU-hours and checks
+    paper      ``python -m telepathy paper``: the paper's tables and figures from a folder of stored records
 
 The statistics (seed-level CIs, Holm, McNemar, sign test, cluster bootstrap, permutation
 test) are ``telepathy.stats``, a leaf of the run core that the run's metrics use too.
@@ -33,6 +34,7 @@ from telepathy.analysis.runs import (
 from telepathy.analysis.summarise import (
     compare_settings,
     compare_to_baseline,
+    compare_to_reference,
     metric_column,
     sender_controls,
     summarise,
@@ -58,6 +60,7 @@ __all__ = [
     "RunReadError",
     "compare_settings",
     "compare_to_baseline",
+    "compare_to_reference",
     "find_run_dirs",
     "holm",
     "is_missing",

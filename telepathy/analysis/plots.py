@@ -311,3 +311,92 @@ def training_curves(logs: pd.DataFrame, stem: str | Path | None = None, scale: f
     if stem:
         save(fig, stem)
     return fig
+
+
+def probes_by_layer(points: list[dict], stem: str | Path | None = None, scale: float = 100.0) -> Figure:
+    """Linear-probe accuracy against relative depth (block / blocks), one panel per task, one line per
+    probed model (shades of the probe's colour, a marker each), the 95% CI as a band, and the test
+    split's majority rate as the floor (dotted). ``points``: ``telepathy.analysis.paper.probe_table``'s rows."""
+    if not points:
+        raise ValueError("no probe results to plot")
+    df = pd.DataFrame(points)
+    tasks = sorted(df["task"].unique())
+    models = sorted(df["model"].unique(), key=_order)
+    colour_of = {m: shade(colour("linear_probe"), i, len(models)) for i, m in enumerate(models)}
+    markers = dict(zip(models, "os^Dv"))
+    fig = Figure(figsize=(3.6 * len(tasks), 3.5), layout="constrained")
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    handles: dict[str, Line2D] = {}
+    for ax, task in zip(axes, tasks):
+        t = df[df["task"] == task]
+        for model in models:
+            g = t[t["model"] == model].sort_values("depth")
+            if not len(g):
+                continue
+            x = (g["depth"] * 100).to_numpy(float)
+            label = f"{model} ({int(g['num_layers'].iloc[0])} blocks)"
+            (handles[label],) = ax.plot(
+                x, g["accuracy"] * scale, marker=markers.get(model, "o"), color=colour_of[model], label=label
+            )
+            ax.fill_between(x, g["ci_low"] * scale, g["ci_high"] * scale, color=colour_of[model], alpha=0.18, lw=0)
+        floor = float(t["majority"].iloc[0]) * scale
+        ax.axhline(floor, color="0.45", ls=":", lw=1.2)
+        handles["majority class (test split)"] = Line2D([], [], color="0.45", ls=":", lw=1.2)
+        ax.set_title(task)
+        ax.set_xlabel("relative depth of the probed block (%)")
+        ax.set_ylabel("probe accuracy (%)" if scale == 100 else "probe accuracy")
+        ax.set_xlim(0, 105)
+        ax.set_ylim(0, scale * 1.02)
+    _legend_below(fig, handles, ncol=3)
+    if stem:
+        save(fig, stem)
+    return fig
+
+
+def latency_heatmap(cells: list[dict], stem: str | Path | None = None) -> Figure:
+    """Two heat maps over compression factor (rows) x batch size (columns), each cell annotated: the bridge
+    path's median latency per call (ms), and the text relay's median over the bridge's on a log colour scale
+    centred on 1 (blue, the bridge's colour: the bridge answers faster; red, the relay's: the relay does).
+    ``cells``: ``telepathy.analysis.paper.latency_cells``'s rows."""
+    import numpy as np
+
+    if not cells:
+        raise ValueError("no latency cells to plot")
+    df = pd.DataFrame(cells)
+    comps = sorted(df["compression"].unique())
+    batches = sorted(df["batch_size"].unique())
+
+    def grid(col: str):
+        out = np.full((len(comps), len(batches)), np.nan)
+        for c in cells:
+            out[comps.index(c["compression"]), batches.index(c["batch_size"])] = c[col]
+        return out
+
+    fig = Figure(figsize=(9.0, 0.55 * len(comps) + 2.4), layout="constrained")
+    ax_ms, ax_ratio = fig.subplots(1, 2)
+    ms = grid("bridge_p50_ms")
+    image = ax_ms.imshow(ms, cmap="Blues", aspect="auto", origin="lower")
+    fig.colorbar(image, ax=ax_ms, shrink=0.85, label="ms")
+    ratio = grid("relay_over_bridge")
+    span = max(1.0, float(np.nanmax(np.abs(np.log2(ratio)))))
+    image = ax_ratio.imshow(np.log2(ratio), cmap="RdBu", vmin=-span, vmax=span, aspect="auto", origin="lower")
+    bar = fig.colorbar(image, ax=ax_ratio, shrink=0.85, label="relay / bridge")
+    ticks = [t for t in range(-int(span), int(span) + 1)]
+    bar.set_ticks(ticks, labels=[f"{2**t}×" if t >= 0 else f"1/{2**-t}×" for t in ticks])
+    for ax, values, fmt, level in ((ax_ms, ms, "{:.0f}", 0.6 * np.nanmax(ms)), (ax_ratio, ratio, "{:.1f}×", None)):
+        for i in range(len(comps)):
+            for j in range(len(batches)):
+                v = values[i, j]
+                if np.isnan(v):
+                    continue
+                dark = v > level if level is not None else abs(math.log2(v)) > 0.6 * span
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=8, color="white" if dark else "black")
+        ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+        ax.set_yticks(range(len(comps)), [f"{c:g}" for c in comps])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("compression factor")
+    ax_ms.set_title("bridge: median latency per call (ms)", fontsize=9)
+    ax_ratio.set_title("text relay / bridge, median latency (> 1: the bridge is faster)", fontsize=9)
+    if stem:
+        save(fig, stem)
+    return fig

@@ -443,3 +443,34 @@ def compare_settings(
             row = _paired_row(g, ref, members, predictions, value_col, n_boot, confidence, seed)
             rows.append({**row, "reference_named": bool(matching)})
     return _with_holm(rows)
+
+
+def compare_to_reference(
+    runs: pd.DataFrame,
+    predictions: pd.DataFrame | None,
+    summary: pd.DataFrame,
+    metric: str = "accuracy",
+    reference: dict[str, str] | None = None,
+    n_boot: int = 10_000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Ablations across the table's columns (P6: one pair of models against another): every experiment
+    against the experiment of the same task and method whose columns match ``reference`` ({column:
+    value}, e.g. {"sender": "smollm2_135m", "receiver": "gemma3_270m"}), paired on the items both have as in
+    ``compare_to_baseline``: Δ, its CI resampling items (jointly) and each side's seeds, p of the mean
+    difference; Holm over this table. Rows carry the reference's columns as ``baseline.*``."""
+    value_col = item_column(metric)
+    if not reference or predictions is None or not len(predictions) or value_col not in predictions:
+        return pd.DataFrame()
+    members = _groups(runs)
+    groups = summary.to_dict("records")
+    rows = []
+    for ref in groups:
+        if not all(not is_missing(ref.get(k)) and str(ref[k]) == str(v) for k, v in reference.items()):
+            continue
+        for g in groups:
+            if g is ref or g["task"] != ref["task"] or g["method"] != ref["method"]:
+                continue
+            rows.append(_paired_row(g, ref, members, predictions, value_col, n_boot, confidence, seed))
+    return _with_holm(rows)

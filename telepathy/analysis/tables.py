@@ -197,9 +197,12 @@ def markers(g: dict) -> str:
     return f" {out}" if out else ""
 
 
-def _row_name(g: dict) -> str:
+def _row_name(g: dict, vary: tuple = ()) -> str:
+    """A row as the notes name it: task, method, compression, the ``vary`` columns (those in which the
+    table's rows differ: two pairs of models are two names) and the settings it differs in."""
     name = " ".join(plain(g[k]) for k in ("task", "method") if not is_missing(g.get(k)))
     name += f" c{plain(g['compression'])}" if not is_missing(g.get("compression")) else ""
+    name += "".join(f" {k}={plain(g[k])}" for k in vary if not is_missing(g.get(k)))
     return name + (f" ({settings_cell(g['differs'])})" if settings_cell(g.get("differs")) else "")
 
 
@@ -208,22 +211,23 @@ def marker_notes(summary: pd.DataFrame) -> list[str]:
     from telepathy.results import FLAGS
 
     groups = summary.to_dict("records")
+    vary = tuple(k for k in ("sender", "receiver") if k in summary and summary[k].dropna().map(plain).nunique() > 1)
     notes = []
     flagged = [g for g in groups if FLAGGED in markers(g)]
     if flagged:
         named = sorted({f for g in flagged for fl in g["flagged"].values() for f in fl})
         runs = "; ".join(
-            f"{_row_name(g)}: " + ", ".join(f"seed {s} {'+'.join(fl)}" for s, fl in sorted(g["flagged"].items()))
+            f"{_row_name(g, vary)}: " + ", ".join(f"seed {s} {'+'.join(fl)}" for s, fl in sorted(g["flagged"].items()))
             for g in flagged
         )
         meaning = "; ".join(f"{f} = {FLAGS.get(f, f)}" for f in named)
         notes.append(f"{FLAGGED} flagged runs, counted in the mean: {runs}. ({meaning}.)")
     if any(NO_COMPRESSION in markers(g) for g in groups):
-        rows = "; ".join(_row_name(g) for g in groups if NO_COMPRESSION in markers(g))
+        rows = "; ".join(_row_name(g, vary) for g in groups if NO_COMPRESSION in markers(g))
         notes.append(f"{NO_COMPRESSION} M at or above the text's length (measured × ≤ 1: no compression): {rows}.")
     if any(MIXED_REVISIONS in markers(g) for g in groups):
         mixed = [g for g in groups if MIXED_REVISIONS in markers(g)]
-        rows = "; ".join(f"{_row_name(g)} ({', '.join(g['revisions'])})" for g in mixed)
+        rows = "; ".join(f"{_row_name(g, vary)} ({', '.join(g['revisions'])})" for g in mixed)
         notes.append(f"{MIXED_REVISIONS} runs of several code revisions pooled: {rows}.")
     return notes
 
@@ -278,7 +282,7 @@ def comparison_table(
     )
     base_keys = [
         k
-        for k in ("compression", "num_latents", "layer", "model")
+        for k in ("sender", "receiver", "compression", "num_latents", "layer", "model")
         if comparisons[f"baseline.{k}"].dropna().map(plain).nunique() > 1
     ]
     rows = []

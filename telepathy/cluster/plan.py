@@ -268,6 +268,23 @@ def check(cfg) -> None:
             )
 
 
+def phase_spec(cfg, name: str) -> dict:
+    """A phase's plan entry (``priority``, ``after``, ``app``): ``cluster.phases.<name>``. A paper phase at
+    another scale (``conf/phase/<scale>/<phase>.yaml``, e.g. ``demo/p4_latency``) takes its paper phase's
+    entry, its ``after`` naming the phases of the same scale (``demo/p1_seeds``); a phase the list does not
+    name gets the defaults ({}: priority 99, no ``after``, the train app)."""
+    node = OmegaConf.select(cfg, "cluster.phases")
+    phases = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    if name in phases:
+        return dict(phases[name] or {})
+    scale, _, base = name.rpartition("/")
+    if not scale or base not in phases:
+        return {}
+    spec = dict(phases[base] or {})
+    spec["after"] = [f"{scale}/{p}" for p in spec.get("after") or []]
+    return spec
+
+
 def _compose(config_name: str, overrides: list[str], hydra_cfg: bool = False):
     from hydra import compose
 
@@ -276,16 +293,20 @@ def _compose(config_name: str, overrides: list[str], hydra_cfg: bool = False):
 
 def expand(phase: str, config_name: str, overrides: list[str]) -> tuple[list[list[str]], set[str]]:
     """The job override lists of ``train.py -m +phase=<phase> <overrides>`` (command line wins),
-    and the keys the sweep varies (the phase's parameters and any comma list of the command line)."""
+    and the keys the sweep varies (the phase's parameters and any comma list of the command line).
+
+    In the order Hydra's basic sweeper gives a launched job: the phase's parameters first, then the
+    command line (``+phase=...`` among it), so a job composes here as it will run. The order matters
+    where both add config: a swept ``+pair=...`` is merged before the phase, whose own values win."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     base = _compose(config_name, [f"+phase={phase}"], hydra_cfg=True)
     params = {str(k): str(v) for k, v in (OmegaConf.select(base, "hydra.sweeper.params") or {}).items()}
     user = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
-    sweep = [f"{k}={v}" for k, v in params.items() if k not in user] + list(overrides)
+    sweep = [f"{k}={v}" for k, v in params.items()] + [f"+phase={phase}", *overrides]
     parsed = OverridesParser.create().parse_overrides(sweep)
-    keys = set(params) | {k for k, o in user.items() if "," in o}
+    keys = {k.lstrip("+~") for k in params} | {k for k, o in user.items() if "," in o}
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch], keys
 
 
@@ -305,7 +326,7 @@ def phase_jobs(
     also P3's): such a run is planned, and costs, once, in the phase that plans it first; this
     phase lists it in ``shared`` (``shared_with`` that phase)."""
     from telepathy import resources
-    from telepathy.cluster import costs
+    from telepathy.cluster import costs, sweep
     from telepathy.config import run_dir
     from telepathy.methods import validate
     from telepathy.results import read_result
@@ -314,7 +335,7 @@ def phase_jobs(
     jobs, rows, done = [], [], 0
     job_list, keys = expand(phase, app, overrides)
     for job_overrides in job_list:
-        cfg = _compose(app, [f"+phase={phase}", *job_overrides])
+        cfg = _compose(app, job_overrides)
         params = tuple(
             (k.lstrip("+~"), v)
             for k, v in (o.split("=", 1) for o in job_overrides if "=" in o)
@@ -334,6 +355,22 @@ def phase_jobs(
                 done += 1
                 continue
             seen[rdir] = phase
+            # a deterministic method's other seeds: the launcher queues one job and copies its record
+            # (cluster.sweep.share_deterministic), so the plan costs it once too
+            key = sweep._share_key(cfg)
+            if key is not None and f"deterministic:{key}" in seen:
+                if shared is not None:
+                    shared.append(
+                        {
+                            "job": f"{phase}: {name}",
+                            "phase": phase,
+                            "run_dir": rdir,
+                            "shared_with": seen[f"deterministic:{key}"],
+                        }
+                    )
+                continue
+            if key is not None:
+                seen[f"deterministic:{key}"] = phase
         stats = costs.token_stats(cfg)
         pred = costs.predict(cfg, device, cal, stats)
         low, high = (costs.predict(cfg, device, cal, stats, scenario=x).total_s for x in ("low", "high"))
@@ -494,8 +531,15 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[Path] | None = None) -> dict:
-    """Plan the phases named by ``+phase=`` in ``overrides``; write plan.json + Gantt; return the plan."""
+def run(
+    overrides: list[str],
+    out_dir: Path | None = None,
+    calibrate_from: list[Path] | None = None,
+    narrow: dict[str, list[str]] | None = None,
+) -> dict:
+    """Plan the phases named by ``+phase=`` in ``overrides``; write plan.json + Gantt; return the plan.
+    ``narrow``: {phase: overrides} applied to that phase only, after ``overrides`` (one slice of each
+    phase, as scripts/paper.py launches them)."""
     from hydra import initialize_config_dir
 
     from telepathy.cluster import costs
@@ -524,12 +568,10 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
         for extra in sources[1:]:
             cal.merge(costs.load_calibration(extra, table=None))
         jobs, rows, done, seen, shared = [], [], 0, {}, []
-        for name in sorted(
-            names, key=lambda n: (int(OmegaConf.select(top, f"cluster.phases.{n}.priority", default=99)), n)
-        ):
-            node = OmegaConf.select(top, f"cluster.phases.{name}")  # a phase cluster.phases does not list: defaults
-            spec = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-            j, r, d = phase_jobs(name, rest, device, cal, gpu_mem, pack_max, spec, seen, shared)
+        for name in sorted(names, key=lambda n: (int(phase_spec(top, n).get("priority", 99)), n)):
+            spec = phase_spec(top, name)
+            own = [*rest, *(narrow or {}).get(name, [])]
+            j, r, d = phase_jobs(name, own, device, cal, gpu_mem, pack_max, spec, seen, shared)
             jobs, rows, done = jobs + j, rows + r, done + d
     offset, prepare = prepare_line(rows, cl)
     slots = _shift(schedule(jobs, n_gpus, gpu_mem, pack_max), offset)
@@ -549,6 +591,7 @@ def run(overrides: list[str], out_dir: Path | None = None, calibrate_from: list[
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "phases": names,
         "overrides": rest,
+        "narrow": narrow or {},
         "cluster": {
             "gpus": n_gpus,
             "gpu_mem_gb": gpu_mem,

@@ -44,7 +44,15 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from telepathy.cluster.sweep import MANIFEST, MANIFEST_COPY, ManifestError, expand_tasks, intent_jobs, read_manifest
+from telepathy.cluster.sweep import (
+    BENCHMARK_DONE,
+    MANIFEST,
+    MANIFEST_COPY,
+    ManifestError,
+    expand_tasks,
+    intent_jobs,
+    read_manifest,
+)
 from telepathy.fsutil import iter_jsonl, read_json
 from telepathy.results import LOG_FILE, RESULT_FILE, load_result, read_result
 
@@ -206,6 +214,10 @@ def run_state(job: dict, live: dict[str, str] | None, finished: dict[str, str]) 
         return "skipped", job.get("reason", "duplicate of another job of the sweep")
     if job.get("state") == "intent":
         return "unknown", job.get("reason", "")
+    if job.get("kind") == "benchmark" and (Path(job["run_dir"]) / BENCHMARK_DONE).exists():
+        if job.get("state") == "skipped":
+            return "skipped", "already completed at launch"
+        return "completed", "benchmark job finished"
     read = load_result(job["run_dir"])
     record = read.record or {}
     status = record.get("status")

@@ -95,7 +95,7 @@ def plan_job(idx: int, overrides: list[str], cfg, rerun: bool, alive: dict[str, 
     from telepathy.results import read_result
 
     if OmegaConf.select(cfg, "method.name") is None:
-        return plan_benchmark_job(idx, overrides, cfg)
+        return plan_benchmark_job(idx, overrides, cfg, rerun, alive)
     validate(cfg)
     rdir = str(run_dir(cfg))
     job = PlannedJob(
@@ -118,9 +118,18 @@ def plan_job(idx: int, overrides: list[str], cfg, rerun: bool, alive: dict[str, 
     return job
 
 
-def plan_benchmark_job(idx: int, overrides: list[str], cfg) -> PlannedJob:
-    """A job of another Hydra app on the same conf/ tree (benchmarks/latency.py): no method,
-    so no run id to skip on; it gets one GPU, the per-GPU CPUs and its host-RAM estimate."""
+# what a benchmark job (benchmarks/latency.py) writes last into its job dir, once every path's result.json is in
+BENCHMARK_DONE = "summary.json"
+
+
+def plan_benchmark_job(
+    idx: int, overrides: list[str], cfg, rerun: bool = False, alive: dict[str, str] | None = None
+) -> PlannedJob:
+    """A job of another Hydra app on the same conf/ tree (benchmarks/latency.py): no method, so no run
+    id; it gets one GPU, the per-GPU CPUs and its host-RAM estimate. Its job dir is its identity: by
+    default a new one per launch (the sweep dir has the time in it); where the app fixes it
+    (``hydra.sweep.subdir``, e.g. conf/phase/demo/p4_latency.yaml) a relaunch skips a job whose dir holds
+    ``BENCHMARK_DONE`` and one whose earlier SLURM job is still queued or running, as for runs."""
     from telepathy.config import validate_latency
     from telepathy.resources import Resources, mem_request_gb
 
@@ -139,9 +148,17 @@ def plan_benchmark_job(idx: int, overrides: list[str], cfg) -> PlannedJob:
         placement={"sender": "cuda:0", "receiver": "cuda:0"},
     )
     job_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
-    return PlannedJob(
+    job = PlannedJob(
         idx=idx, overrides=list(overrides), run_dir=str(job_dir), state="queue", resources=plan, kind="benchmark"
     )
+    if rerun:
+        return job
+    if (job_dir / BENCHMARK_DONE).exists():
+        job.state, job.reason = "skipped", f"completed: {BENCHMARK_DONE} is there (+rerun=all to run it again)"
+    elif str(job_dir) in (alive or {}):
+        job.state, job.reason = "active", f"SLURM job {alive[str(job_dir)]} is still queued or running"
+        job.slurm_job_id = alive[str(job_dir)]
+    return job
 
 
 def plan(
