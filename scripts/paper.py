@@ -167,7 +167,9 @@ def squeue_state(job_id: str) -> str | None:
 
 def newest_record(outputs: Path) -> float:
     """mtime of the newest result.json of the plan (runs and latency cells): 0 when there is none."""
-    found = [*outputs.glob("runs/*/result.json"), *outputs.glob("benchmarks/latency/**/result.json")]
+    from telepathy.results import RESULT_FILE
+
+    found = [*outputs.glob(f"runs/*/{RESULT_FILE}"), *outputs.glob(f"benchmarks/latency/**/{RESULT_FILE}")]
     return max((p.stat().st_mtime for p in found), default=0.0)
 
 
@@ -380,7 +382,7 @@ def collect(scale: str, outputs: Path, out: Path) -> Path:
     from telepathy.analysis.paper import INDEX, LATENCY, LATENCY_PATHS, PLAN, RECORD_FILES, RUNS
     from telepathy.cluster.status import manifests
     from telepathy.fsutil import read_json
-    from telepathy.results import write_json
+    from telepathy.results import RESULT_FILE, write_json
 
     final, tmp = out / "records", out / "records.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -394,7 +396,7 @@ def collect(scale: str, outputs: Path, out: Path) -> Path:
             src = Path(job["run_dir"])
             if job.get("kind") == "benchmark":
                 rel = f"{LATENCY}/{src.name}"
-                files = ["summary.json", *(f"{path}/result.json" for path in LATENCY_PATHS)]
+                files = ["summary.json", *(f"{path}/{RESULT_FILE}" for path in LATENCY_PATHS)]
             else:
                 rel = f"{RUNS}/{src.name}"
                 files = list(RECORD_FILES)
@@ -406,7 +408,7 @@ def collect(scale: str, outputs: Path, out: Path) -> Path:
                 if (src / f).exists():
                     (tmp / rel / f).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(src / f, tmp / rel / f)
-                    if f.endswith("result.json"):
+                    if f.endswith(RESULT_FILE):
                         env = read_json(src / f).get("env") or {}
                         if env.get("git_rev"):
                             revisions.add(str(env["git_rev"])[:10] + ("+dirty" if env.get("git_dirty") else ""))

@@ -37,12 +37,13 @@ from telepathy import analysis
 from telepathy.analysis import aggregate, plots
 from telepathy.analysis.runs import is_missing
 from telepathy.analysis.tables import comparison_table, jsonable, metric_table, plain, to_markdown
+from telepathy.results import PREDICTIONS_FILE, RESULT_FILE
 
 INDEX = "index.json"
 PLAN = "plan.json"
 RUNS = "runs"
 LATENCY = "latency"
-RECORD_FILES = ("result.json", "predictions.jsonl")  # what is copied of a run dir: what the tables read
+RECORD_FILES = (RESULT_FILE, PREDICTIONS_FILE)  # what is copied of a run dir: what the tables read
 LATENCY_PATHS = ("bridge", "text_relay", "direct")
 SUMMARY_START = "<!-- summary: written by hand; `python -m telepathy paper` keeps it -->"
 SUMMARY_END = "<!-- end of summary -->"
@@ -405,9 +406,9 @@ def timing(records: Path, index: dict, plan: dict | None) -> tuple[dict, dict]:
         for rel in listed:
             if owner.setdefault(rel, name) != name:
                 continue
-            paths = [records / rel / "result.json"]
+            paths = [records / rel / RESULT_FILE]
             if rel.startswith(f"{LATENCY}/"):
-                paths = [records / rel / "bridge" / "result.json"]  # one process timed all three paths
+                paths = [records / rel / "bridge" / RESULT_FILE]  # one process timed all three paths
             for path in paths:
                 if path.exists():
                     span = record_span(read_json(path))
