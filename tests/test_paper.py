@@ -346,7 +346,7 @@ def chain(outputs: Path, out: Path, tmp_path: Path) -> None:
         time.sleep(5)
     assert not repo_jobs() & queued, "the plan did not end within 15 minutes"
     log = next((outputs / "paper").glob("tables-*.log")).read_text()
-    assert "README.md from" in log, log[-3000:]
+    assert "paper: " in log and "README.md from" in log, log[-3000:]
 
     # every phase's records were copied, and the page is what they give
     built = json.loads((out / "paper.json").read_text())

@@ -357,7 +357,7 @@ def phase_jobs(
             seen[rdir] = phase
             # a deterministic method's other seeds: the launcher queues one job and copies its record
             # (cluster.sweep.share_deterministic), so the plan costs it once too
-            key = sweep._share_key(cfg)
+            key = sweep.share_key(cfg)
             if key is not None and f"deterministic:{key}" in seen:
                 if shared is not None:
                     shared.append(

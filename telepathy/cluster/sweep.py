@@ -104,7 +104,7 @@ def plan_job(idx: int, overrides: list[str], cfg, rerun: bool, alive: dict[str, 
         run_dir=rdir,
         state="queue",
         resources=resources.plan(cfg),
-        share_key=_share_key(cfg),
+        share_key=share_key(cfg),
         seed=cfg.get("seed"),
     )
     if rerun:
@@ -195,7 +195,7 @@ def plan(
     return planned
 
 
-def _share_key(cfg) -> str | None:
+def share_key(cfg) -> str | None:
     """The seedless config hash of a run whose method gives the same result for every seed."""
     from telepathy import methods
     from telepathy.config import config_hash
